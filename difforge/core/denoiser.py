@@ -1,0 +1,156 @@
+"""The one denoiser contract inside difforge, and the adapters that bring networks to it.
+
+Contract: `denoiser(x, sigma, cond=None) -> x0_hat`, with x = x0 + sigma * eps in VE space (Karras
+et al. 2022, Eq. 2), sigma a float32 tensor of shape (B,), x and x0_hat float32 of shape (B, ...).
+`cond` is None or a mapping of per-sample tensors (e.g. {"labels": (B,) int64}).
+
+Adapters are the only place a prediction type or a network's time input is known; samplers never
+branch on them. The precision boundary sits at the network call: the input is cast to the
+network's dtype, the output back to float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from difforge.core.errors import InvalidArgumentError, check_choice
+from difforge.core.parameterization import PREDICTIONS, target, to_x0, x0_loss_weight
+from difforge.core.processes import NoiseProcess, append_dims
+
+Cond = Mapping[str, Tensor] | None
+NetCall = Callable[[Tensor, Tensor, Cond], Any]
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor: ...
+
+
+def _unwrap(out: Any) -> Tensor:
+    """Accept a tensor, or an output object with `.sample` (diffusers models), or a 1-tuple."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, tuple) and len(out) >= 1 and isinstance(out[0], Tensor):
+        return out[0]
+    raise InvalidArgumentError(f"network returned {type(out).__name__}, expected a tensor")
+
+
+def _net_dtype(net: Any, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    if isinstance(net, nn.Module):
+        p = next(net.parameters(), None)
+        if p is not None and p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class ModelDenoiser(nn.Module):
+    """Wrap a network trained on `process` to predict eps, x0, v or flow velocity.
+
+    Args:
+        net: callable `net(x_in, t, cond)`; its output may be a tensor or have `.sample`.
+        process: the noise process the network was trained on (gives t and the input scale).
+        prediction: one of "eps", "x0", "v", "velocity".
+        time_scale: multiplies the time input (e.g. 1000 for flow nets trained on t in [0, 1000]).
+        dtype: the network's compute dtype (defaults to its parameters' dtype).
+    """
+
+    def __init__(
+        self,
+        net: NetCall,
+        process: NoiseProcess,
+        prediction: str,
+        *,
+        time_scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        check_choice("prediction", prediction, PREDICTIONS)
+        self.net = net
+        self.process = process
+        self.prediction = prediction
+        self.time_scale = float(time_scale)
+        self.net_dtype = _net_dtype(net, dtype)
+
+    def network_output(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+        s = append_dims(sigma, x.ndim)
+        x_in = (x * self.process.input_scale(s)).to(self.net_dtype)
+        t = (self.process.sigma_to_t(sigma) * self.time_scale).to(torch.float32)
+        return _unwrap(self.net(x_in, t, cond)).float()
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+        out = self.network_output(x, sigma, cond)
+        return to_x0(self.prediction, x, append_dims(sigma, x.ndim), out)
+
+    def loss_terms(self, x0: Tensor, sigma: Tensor, eps: Tensor, cond: Cond = None):
+        """(network output, its regression target, x0-space weight 1/c_out^2) at x = x0 + sigma eps."""
+        s = append_dims(sigma, x0.ndim)
+        out = self.network_output(x0 + s * eps, sigma, cond)
+        return out, target(self.prediction, x0, eps, s), x0_loss_weight(self.prediction, sigma)
+
+
+class EDMPrecond(nn.Module):
+    """EDM preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras et al. 2022, Eq. 7).
+
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+    c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4 (Table 1), sd = sigma_data.
+    """
+
+    def __init__(self, net: NetCall, sigma_data: float = 0.5, *, dtype: torch.dtype | None = None):
+        super().__init__()
+        if not (sigma_data > 0 and math.isfinite(sigma_data)):
+            raise InvalidArgumentError(f"sigma_data must be positive and finite, got {sigma_data}")
+        self.net = net
+        self.sigma_data = float(sigma_data)
+        self.net_dtype = _net_dtype(net, dtype)
+
+    def _coefficients(self, sigma: Tensor, ndim: int):
+        sd2 = self.sigma_data**2
+        s = append_dims(sigma, ndim)
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data * (s**2 + sd2).rsqrt()
+        c_in = (s**2 + sd2).rsqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+        c_skip, c_out, c_in, c_noise = self._coefficients(sigma, x.ndim)
+        f = _unwrap(self.net((c_in * x).to(self.net_dtype), c_noise.float(), cond)).float()
+        return c_skip * x + c_out * f
+
+    def loss_terms(self, x0: Tensor, sigma: Tensor, eps: Tensor, cond: Cond = None):
+        """F's output, its target (x0 - c_skip x) / c_out, and the x0-space weight 1/c_out^2 (Eq. 8)."""
+        c_skip, c_out, c_in, c_noise = self._coefficients(sigma, x0.ndim)
+        x = x0 + append_dims(sigma, x0.ndim) * eps
+        f = _unwrap(self.net((c_in * x).to(self.net_dtype), c_noise.float(), cond)).float()
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        return f, (x0 - c_skip * x) / c_out, weight
+
+
+class CountingDenoiser:
+    """Counts denoiser evaluations (NFE) of one sampling call; create one per call."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+        self.nfe += 1
+        return self.denoiser(x, sigma, cond)
+
+
+def diffusers_unet_call(unet: Any, label_key: str = "labels") -> NetCall:
+    """A `NetCall` for a diffusers `UNet2DModel`: passes cond[label_key] as `class_labels`."""
+
+    def call(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        labels = None if cond is None else cond.get(label_key)
+        return unet(x, t, class_labels=labels).sample
+
+    return call

@@ -1,0 +1,111 @@
+"""Sigma grids for sampling: n noise levels from sigma_max down to sigma_min, then a final 0."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from difforge.core.errors import InvalidArgumentError, check_choice
+from difforge.core.processes import DiscreteVP, NoiseProcess
+
+GridKind = Literal["karras", "exponential", "uniform"]
+GRID_KINDS: tuple[str, ...] = ("karras", "exponential", "uniform")
+Spacing = Literal["leading", "trailing", "linspace"]
+SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
+
+
+def _append_zero(s: Tensor) -> Tensor:
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho (Karras 2022, Eq. 5)."""
+    ramp = (
+        torch.linspace(0, 1, n, dtype=torch.float64)
+        if n > 1
+        else torch.zeros(1, dtype=torch.float64)
+    )
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """Evenly spaced in log sigma (the grid of DPM-Solver's logSNR spacing)."""
+    if n == 1:
+        return _append_zero(torch.tensor([sigma_max], dtype=torch.float64))
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).double().exp())
+
+
+def uniform_timesteps(process: DiscreteVP, n: int, spacing: str = "leading") -> Tensor:
+    """Evenly spaced training timesteps, largest first (DDIM's grid; diffusers' `timestep_spacing`).
+
+    leading: (0, T//n, 2T//n, ...) reversed (Song et al. 2021 DDIM, diffusers' DDIM default);
+    trailing: round(T, T - T/n, ...) - 1 (Lin et al. 2024, Tab. 2); linspace: linspace(T-1, 0, n).
+    """
+    check_choice("timestep spacing", spacing, SPACINGS)
+    T = process.num_timesteps
+    if n > T:
+        raise InvalidArgumentError(f"steps ({n}) cannot exceed the process's {T} timesteps")
+    if spacing == "leading":
+        return (torch.arange(n, dtype=torch.float64) * (T // n)).flip(0)
+    if spacing == "trailing":
+        return (torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1)[:n]
+    return torch.linspace(T - 1, 0, n, dtype=torch.float64)
+
+
+def sigmas_from_timesteps(process: NoiseProcess, timesteps: Tensor) -> Tensor:
+    """The sigma grid visiting exactly these timesteps (largest first), with a final 0."""
+    return _append_zero(process.t_to_sigma(torch.as_tensor(timesteps, dtype=torch.float64)))
+
+
+def get_sigmas(
+    kind: str,
+    n: int,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    *,
+    process: NoiseProcess | None = None,
+    rho: float = 7.0,
+    spacing: str = "leading",
+) -> Tensor:
+    """A grid of n sampling noise levels plus a final 0: float64, shape (n + 1,), decreasing.
+
+    Args:
+        kind: "karras" (Karras 2022 Eq. 5, with `rho`), "exponential" (even in log sigma) or
+            "uniform" (evenly spaced timesteps of `process`; for a DiscreteVP process `spacing`
+            picks leading / trailing / linspace, as diffusers' `timestep_spacing`).
+        n: number of sampling steps (>= 1).
+        sigma_min, sigma_max: range; default to the process's range when a process is given.
+    """
+    check_choice("sigma grid", kind, GRID_KINDS)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidArgumentError(f"steps must be an integer >= 1, got {n!r}")
+    if process is not None:
+        sigma_min = process.sigma_min if sigma_min is None else sigma_min
+        sigma_max = process.sigma_max if sigma_max is None else sigma_max
+    if sigma_min is None or sigma_max is None:
+        raise InvalidArgumentError("give sigma_min and sigma_max, or a process to take them from")
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise InvalidArgumentError(
+            f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+        )
+    if kind == "karras":
+        if not (rho > 0 and math.isfinite(rho)):
+            raise InvalidArgumentError(f"rho must be positive and finite, got {rho}")
+        return karras_sigmas(n, sigma_min, sigma_max, rho)
+    if kind == "exponential":
+        return exponential_sigmas(n, sigma_min, sigma_max)
+    if process is None:
+        raise InvalidArgumentError("the 'uniform' grid needs the process whose timesteps it spaces")
+    if isinstance(process, DiscreteVP):
+        return sigmas_from_timesteps(process, uniform_timesteps(process, n, spacing))
+    t_hi, t_lo = (
+        process.sigma_to_t(torch.tensor(sigma_max)),
+        process.sigma_to_t(torch.tensor(sigma_min)),
+    )
+    return sigmas_from_timesteps(
+        process, torch.linspace(float(t_hi), float(t_lo), n, dtype=torch.float64)
+    )

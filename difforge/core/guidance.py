@@ -68,6 +68,7 @@ class CFGDenoiser:
         self.uncond = uncond
         self.rescale = float(rescale)
         self.interval = (float(lo), float(hi))
+        self._plain = bool((self.scale == 1).all()) and self.rescale == 0  # decided once, no sync
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
         if cond is None:
@@ -76,11 +77,10 @@ class CFGDenoiser:
         w = self.scale.to(x.device).expand(x.shape[0])
         active = (sigma > lo) & (sigma <= hi)
         w = torch.where(active, w, torch.ones_like(w))
-        if lo == 0.0 and hi == math.inf:
-            skip_uncond = bool((self.scale == 1).all())
-        else:
-            skip_uncond = not bool(active.any()) or bool((self.scale == 1).all())
-        if skip_uncond:
+        # Outside a guidance interval the unconditional half is skipped; deciding that reads sigma
+        # (one host sync per step on a GPU), so it is only done when an interval is set.
+        limited = lo > 0.0 or hi < math.inf
+        if self._plain or (limited and not bool(active.any())):
             return self.denoiser(x, sigma, cond)
         both = self.denoiser(
             torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_cond(cond, self.uncond)

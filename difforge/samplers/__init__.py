@@ -1,0 +1,45 @@
+"""difforge.samplers: one pure function per algorithm, a registry, and `sample`.
+
+Every sampler has the signature `fn(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
+**knobs) -> x`, with x the initial noise already scaled to sigmas[0]. No state lives on objects,
+so one loaded model serves any number of concurrent calls.
+"""
+
+from difforge.core.sigmas import GRID_KINDS, get_sigmas
+from difforge.samplers.base import StepInfo
+from difforge.samplers.ddim import sample_ddim, sample_ddpm
+from difforge.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from difforge.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
+from difforge.samplers.ipndm import sample_ipndm
+from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise
+from difforge.samplers.registry import (
+    SAMPLERS,
+    SampleResult,
+    expected_nfe,
+    get_sampler,
+    sample,
+    sampler_knobs,
+)
+
+__all__ = [
+    "GRID_KINDS",
+    "SAMPLERS",
+    "GeneratorNoise",
+    "NoiseSource",
+    "PerSampleNoise",
+    "SampleResult",
+    "StepInfo",
+    "expected_nfe",
+    "get_sampler",
+    "get_sigmas",
+    "sample",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_ipndm",
+    "sampler_knobs",
+]

@@ -1,0 +1,59 @@
+"""What every sampler shares: sigma checks, the denoiser call, the per-step callback."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from difforge.core.denoiser import Cond, Denoiser
+from difforge.core.errors import InvalidArgumentError
+from difforge.samplers.noise import NoiseSource
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback sees after step i: x is the new state, denoised the x0_hat used."""
+
+    i: int
+    sigma: float
+    sigma_next: float
+    x: Tensor
+    denoised: Tensor
+
+
+Callback = Callable[[StepInfo], None]
+
+
+def sigma_list(sigmas: Tensor | list[float]) -> list[float]:
+    """The grid as Python floats: one host copy before the loop, no device syncs inside it."""
+    values = sigmas.tolist() if isinstance(sigmas, Tensor) else [float(s) for s in sigmas]
+    if len(values) < 2:
+        raise InvalidArgumentError("sigmas need at least two entries (one step)")
+    if any(not math.isfinite(s) or s < 0 for s in values):
+        raise InvalidArgumentError(f"sigmas must be finite and non-negative, got {values}")
+    if any(b > a for a, b in itertools.pairwise(values)):
+        raise InvalidArgumentError("sigmas must be non-increasing")
+    if values[0] == 0:
+        raise InvalidArgumentError("the first sigma must be positive")
+    return values
+
+
+def denoise(denoiser: Denoiser, x: Tensor, sigma: float, cond: Cond) -> Tensor:
+    """D(x; sigma) with sigma broadcast to a (B,) float32 tensor on x's device."""
+    return denoiser(x, torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device), cond)
+
+
+def require_noise(noise: NoiseSource | None, sampler: str) -> NoiseSource:
+    if noise is None:
+        raise InvalidArgumentError(f"sampler {sampler!r} is stochastic: pass a noise source")
+    return noise
+
+
+def emit(callback: Callback | None, i: int, s: list[float], x: Tensor, denoised: Tensor) -> None:
+    if callback is not None:
+        callback(StepInfo(i, s[i], s[i + 1], x, denoised))

@@ -1,0 +1,76 @@
+"""DPM-Solver++ in data prediction (Lu et al. 2022, "DPM-Solver++", Alg. 2), in VE space where
+lambda = -log sigma. One history tensor lives in a local variable, never on an object."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from difforge.core.denoiser import Cond, Denoiser
+from difforge.samplers.base import Callback, denoise, emit, require_noise, sigma_list
+from difforge.samplers.noise import NoiseSource
+
+
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    cond: Cond = None,
+    noise: NoiseSource | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M): multistep second order; first order on the first and the last step."""
+    s = sigma_list(sigmas)
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = denoise(denoiser, x, s[i], cond)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])  # lambda_next - lambda
+            d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                d = denoised * (1 + 1 / (2 * r)) - old_denoised * (1 / (2 * r))
+            x = x * (s[i + 1] / s[i]) - d * math.expm1(-h)
+            h_last = h
+        old_denoised = denoised
+        emit(callback, i, s, x, denoised)
+    return x
+
+
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    cond: Cond = None,
+    noise: NoiseSource | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """SDE-DPM-Solver++(2M), midpoint form (Lu et al. 2022, App. / diffusers "sde-dpmsolver++")."""
+    s = sigma_list(sigmas)
+    if eta > 0:
+        require_noise(noise, "dpmpp_2m_sde")
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = denoise(denoiser, x, s[i], cond)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])
+            eta_h = eta * h
+            x = x * (s[i + 1] / s[i] * math.exp(-eta_h)) + denoised * (-math.expm1(-h - eta_h))
+            if old_denoised is not None:
+                r = h_last / h
+                x = x + (denoised - old_denoised) * (0.5 * -math.expm1(-h - eta_h) / r)
+            if eta > 0:
+                x = x + noise(x) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+            h_last = h
+        old_denoised = denoised
+        emit(callback, i, s, x, denoised)
+    return x

@@ -1,0 +1,70 @@
+"""Noise sources: where a sampler's randomness comes from, seeded per sample.
+
+One generator per sample (as EDM's per-image RNG): sample i's noise depends only on its own seed
+and on how many draws came before, never on which other samples share its batch. Noise is drawn
+on the CPU and moved to the device, so a seed gives the same noise on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from difforge.core.errors import InvalidArgumentError
+
+MAX_SEED = 2**64 - 1
+
+
+class NoiseSource(Protocol):
+    """`noise(like)` returns standard normal noise with the shape, dtype and device of `like`."""
+
+    def __call__(self, like: Tensor) -> Tensor: ...
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = list(seeds)
+    if not seeds:
+        raise InvalidArgumentError("need at least one seed (one per sample)")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not (0 <= s <= MAX_SEED):
+            raise InvalidArgumentError(f"seeds must be integers in [0, 2**64 - 1], got {s!r}")
+    return seeds
+
+
+class PerSampleNoise:
+    """Independent torch generators, one per sample, for one sampling call.
+
+    Args:
+        seeds: one seed per sample, in batch order.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = check_seeds(seeds)
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    def draw(self, shape: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+        """Standard normal noise of shape (len(seeds), *shape), float32."""
+        out = torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+        return out.to(device) if device is not None else out
+
+    def __call__(self, like: Tensor) -> Tensor:
+        if like.shape[0] != len(self.generators):
+            raise InvalidArgumentError(
+                f"noise for a batch of {like.shape[0]} asked of a source with "
+                f"{len(self.generators)} seeds"
+            )
+        return self.draw(like.shape[1:], like.device).to(like.dtype)
+
+
+class GeneratorNoise:
+    """All samples from one torch.Generator: cheaper, but a sample's noise depends on its batch."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, like: Tensor) -> Tensor:
+        out = torch.randn(like.shape, generator=self.generator, device=self.generator.device)
+        return out.to(device=like.device, dtype=like.dtype)

@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.run_all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -127,13 +127,21 @@ class DiscreteVP:
         return (1 - w) * self.sigmas[lo] + w * self.sigmas[lo + 1]
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        table = self.sigmas.to(device=torch.as_tensor(sigma).device)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=table.device)
-        sigma = sigma.clamp(table[0], table[-1])
-        hi = torch.searchsorted(table, sigma).clamp(1, self.num_timesteps - 1)
-        lo = hi - 1
-        w = (sigma - table[lo]) / (table[hi] - table[lo])
-        return lo.to(torch.float64) + w
+        # Inverse of the piecewise-linear t_to_sigma; few ops, since it runs once per network call.
+        sigma = torch.as_tensor(sigma)
+        table, inv_step = self._tables(sigma.device)
+        s = sigma.to(torch.float64)
+        lo = (torch.searchsorted(table, s, right=True) - 1).clamp_(0, self.num_timesteps - 2)
+        t = lo + (s - table[lo]) * inv_step[lo]
+        return t.clamp_(0, self.num_timesteps - 1)
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(sigmas, 1 / (sigma_{t+1} - sigma_t)) on `device`, built once per device."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if device not in cache:
+            inv = 1 / (self.sigmas[1:] - self.sigmas[:-1])
+            cache[device] = (self.sigmas.to(device), inv.to(device))
+        return cache[device]
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """alpha_bar(t) = 1 / (1 + sigma(t)^2)."""

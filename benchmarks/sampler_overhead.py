@@ -1,0 +1,182 @@
+"""Time per sampling step spent outside the network: difforge samplers vs diffusers' loops.
+
+The same network (a diffusers UNet2DModel of about 1M parameters, 28x28x1, eps prediction on the
+DDPM linear schedule) drives every loop. A timer wraps the network call; per step,
+outside = (loop wall time - time inside the network) / steps. Runs alternate A and B in every
+round (difforge samplers and diffusers loops interleaved) so drift on a shared machine hits both.
+
+    python benchmarks/sampler_overhead.py [--steps 20] [--rounds 5] [--batches 1,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import write_result
+from difforge.core import DiscreteVP, ModelDenoiser, get_sigmas
+from difforge.samplers import SAMPLERS, expected_nfe, sample
+
+DIFFUSERS_PEERS = {
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+class TimedNet(torch.nn.Module):
+    """Wraps a network; accumulates the seconds spent inside its forward."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.inside = 0.0
+        self.calls = 0
+
+    def forward(self, x, t, cond=None):
+        start = time.perf_counter()
+        out = self.net(x, t).sample
+        self.inside += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def build_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,
+        norm_num_groups=8,
+    ).eval()
+
+
+def run_difforge(timed: TimedNet, name: str, batch: int, steps: int) -> dict:
+    proc = DiscreteVP()
+    den = ModelDenoiser(timed, proc, "eps")
+    sigmas = get_sigmas("karras", steps, process=proc)
+    timed.inside, timed.calls = 0.0, 0
+    start = time.perf_counter()
+    res = sample(den, sigmas, shape=(1, 28, 28), seeds=range(batch), sampler=name)
+    total = time.perf_counter() - start
+    assert res.nfe == timed.calls == expected_nfe(name, steps)
+    return {"total": total, "inside": timed.inside, "nfe": res.nfe}
+
+
+def run_diffusers(timed: TimedNet, cls_name: str, batch: int, steps: int) -> dict:
+    import diffusers
+
+    sched = getattr(diffusers, cls_name)(beta_schedule="linear", num_train_timesteps=1000)
+    timed.inside, timed.calls = 0.0, 0
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        sched.set_timesteps(steps)
+        x = torch.randn((batch, 1, 28, 28), generator=gen) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            eps = timed(sched.scale_model_input(x, t), t)
+            x = sched.step(eps, t, x).prev_sample
+    total = time.perf_counter() - start
+    return {"total": total, "inside": timed.inside, "nfe": timed.calls}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batches", default="1,64")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    timed = TimedNet(build_unet())
+    params = sum(p.numel() for p in timed.parameters())
+    runs = [("difforge", n) for n in SAMPLERS] + [("diffusers", n) for n in DIFFUSERS_PEERS]
+    table: dict = {}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        samples: dict = {run: [] for run in runs}
+        for r in range(args.rounds + 1):  # round 0 warms up and is discarded
+            order = runs if r % 2 == 0 else runs[::-1]
+            for lib, name in order:
+                if lib == "difforge":
+                    m = run_difforge(timed, name, batch, args.steps)
+                else:
+                    m = run_diffusers(timed, DIFFUSERS_PEERS[name], batch, args.steps)
+                if r > 0:
+                    samples[(lib, name)].append(m)
+        for (lib, name), ms in samples.items():
+            outside = [(m["total"] - m["inside"]) / args.steps for m in ms]
+            frac = [(m["total"] - m["inside"]) / m["total"] for m in ms]
+            table[f"{lib}:{name}:b{batch}"] = {
+                "library": lib,
+                "sampler": name,
+                "batch": batch,
+                "nfe": ms[0]["nfe"],
+                "outside_ms_per_step_median": 1e3 * statistics.median(outside),
+                "outside_fraction_median": statistics.median(frac),
+                "step_ms_median": 1e3 * statistics.median(m["total"] / args.steps for m in ms),
+            }
+        print(f"batch {batch}:")
+        for row in table.values():
+            if row["batch"] == batch:
+                print(
+                    f"  {row['library']:9s} {row['sampler']:16s} outside {row['outside_ms_per_step_median']:.3f} ms/step "
+                    f"({100 * row['outside_fraction_median']:.2f}% of the step), step {row['step_ms_median']:.1f} ms"
+                )
+    verdicts = {}
+    for key, row in table.items():
+        if row["library"] != "difforge":
+            continue
+        peer = table.get(f"diffusers:{row['sampler']}:b{row['batch']}")
+        verdicts[key] = {
+            "under_1pct_at_batch_1": row["outside_fraction_median"] < 0.01
+            if row["batch"] == 1
+            else None,
+            "not_slower_than_diffusers": None
+            if peer is None
+            else row["outside_ms_per_step_median"] <= peer["outside_ms_per_step_median"],
+        }
+    worst_b1 = (
+        max(
+            r["outside_fraction_median"]
+            for r in table.values()
+            if r["library"] == "difforge" and r["batch"] == 1
+        )
+        if any(r["batch"] == 1 for r in table.values())
+        else math.nan
+    )
+    summary = (
+        f"net {params / 1e6:.2f}M params, {args.steps} steps; worst difforge outside-network share at batch 1: "
+        f"{100 * worst_b1:.2f}%; difforge vs diffusers outside ms/step: "
+        + ", ".join(
+            f"{s}@b{b} {table[f'difforge:{s}:b{b}']['outside_ms_per_step_median']:.3f} vs {table[f'diffusers:{s}:b{b}']['outside_ms_per_step_median']:.3f}"
+            for b in [int(x) for x in args.batches.split(",")]
+            for s in DIFFUSERS_PEERS
+        )
+    )
+    out = write_result(
+        "sampler_overhead",
+        {
+            "params": params,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "rows": table,
+            "verdicts": verdicts,
+        },
+        summary,
+    )
+    print(summary)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

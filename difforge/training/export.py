@@ -1,0 +1,154 @@
+"""What a training run leaves behind besides checkpoints: the model folder, its card, the loss
+curve and sample grids."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from difforge.data.mnist import ImageDataset
+from difforge.model import Model, ModelConfig, code_version, save_model, save_samples_png
+from difforge.training.config import TrainConfig
+
+
+def model_config_for(config: TrainConfig, dataset: ImageDataset, name: str) -> ModelConfig:
+    """The ModelConfig of a network trained under `config` on `dataset`."""
+    c, h, w = dataset.images.shape[1:]
+    return ModelConfig(
+        name=name,
+        net=config.net,
+        process=config.process,
+        parameterization=config.parameterization,
+        sigma_data=config.sigma_data,
+        num_classes=dataset.num_classes if dataset.labels is not None else 0,
+        image_shape=(c, h, w),
+        sampling=config.sampling,
+    )
+
+
+def reproduce_command(name: str) -> str:
+    return f"difforge train --config train_config.json --out runs/{name}"
+
+
+def model_card(
+    model_config: ModelConfig, config: TrainConfig, provenance: Mapping[str, Any]
+) -> str:
+    """README.md of a model folder: what it is, where it came from, how to rebuild it."""
+    p = provenance
+    s = model_config.sampling
+    rows = [
+        ("dataset", f"`{config.dataset}` ({p['dataset_size']} images)"),
+        ("dataset content hash", f"`{p['dataset_hash']}`"),
+        ("network", f"{config.net.kind}, {p['parameters']:,} parameters"),
+        (
+            "parameterization",
+            f"{config.parameterization} on process `{json.dumps(config.process)}`",
+        ),
+        ("training steps", f"{p['step']} ({p['images_seen']:,} images, batch {config.batch_size})"),
+        ("final loss", f"{p['final_loss']:.4f}" if p.get("final_loss") is not None else "n/a"),
+        ("non-finite steps skipped", str(p["nonfinite_total"])),
+        ("weights", "EMA of the training weights"),
+        ("code version", f"`{p['code_version']}`"),
+        ("created", p["created"]),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    classes = model_config.num_classes
+    kind = f"class-conditional ({classes} classes)" if classes else "unconditional"
+    return f"""# {model_config.name}
+
+A {kind} diffusion model trained with difforge. Every image it produces is synthetic.
+
+| field | value |
+|---|---|
+{table}
+
+## Sampling defaults
+
+`{s.sampler}`, {s.steps} steps, `{s.grid}` sigma grid, guidance {s.guidance}.
+
+```
+difforge sample --model PATH --sampler {s.sampler} --steps {s.steps} --guidance {s.guidance} --seed 42 --n 16 --out grid.png
+```
+
+## Reproduce
+
+Save the training config below as `train_config.json`, then run
+
+```
+{reproduce_command(model_config.name)}
+```
+
+With the same code version and dataset content hash, training on the CPU is deterministic.
+
+```json
+{config.to_json()}
+```
+"""
+
+
+def export_model(
+    folder: Path,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    ema_weights: Mapping[str, Tensor],
+    provenance: Mapping[str, Any],
+) -> Path:
+    """Write the final model folder (EMA weights, config, card, manifest)."""
+    provenance = {**provenance, "code_version": code_version(), "created": _now()}
+    model_config = model_config.model_copy(update={"provenance": dict(provenance)})
+    card = model_card(model_config, config, provenance)
+    return save_model(folder, model_config, ema_weights, card)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def sample_grid(model: Model, path: Path, seeds_per_class: int = 2) -> Path:
+    """A labelled grid from the model's sampling defaults, fixed seeds, one column per class."""
+    n = max(model.num_classes, 1) * seeds_per_class if model.num_classes else 16
+    samples = model.sample(n=n, seed=0)
+    return save_samples_png(model, samples, path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after `step` (they belong to steps a resume will redo)."""
+    rows = read_metrics(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
+    """loss vs step (log scale) from metrics.jsonl, as a PNG; None when nothing was logged."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean over log interval)")
+    if min(r["loss"] for r in rows) > 0:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title(metrics_path.parent.name)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

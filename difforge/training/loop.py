@@ -1,0 +1,490 @@
+"""The training loop: one `Trainer` that owns the net, optimizer, EMA, RNGs and data order.
+
+Resume is exact on the CPU: a checkpoint holds every piece of state a step reads (weights,
+optimizer moments, EMA, all RNG states, the epoch and position in the data order, counters), and the
+learning rate is a pure function of the step. So 2N steps equal N steps + resume + N steps, bit for
+bit. A step whose loss or gradient is non-finite changes nothing but the counters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from difforge.core.errors import DifforgeError, InvalidArgumentError
+from difforge.core.processes import make_process
+from difforge.data.mnist import ImageDataset
+from difforge.model import Model, build_denoiser, build_network, load_weights_strict
+from difforge.training import checkpoint as ckpt
+from difforge.training.config import TrainConfig, config_diff
+from difforge.training.export import (
+    export_model,
+    model_config_for,
+    plot_loss_curve,
+    sample_grid,
+    truncate_metrics,
+)
+from difforge.training.losses import denoising_loss, drop_labels, sample_sigma
+from difforge.training.optim import (
+    EMA,
+    build_optimizer,
+    ema_beta,
+    load_optimizer_state,
+    lr_at,
+    optimizer_state,
+)
+
+
+class NonFiniteTrainingError(DifforgeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """The loop's counters; JSON in every checkpoint."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # pass over the data the next batch comes from
+    position: int = 0  # index into that epoch's permutation
+    images_seen: int = 0  # by optimizer updates (drives the EMA ramp)
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    window_loss: float = 0.0  # sum of losses since the last log line
+    window_steps: int = 0
+    last_loss: float | None = None  # mean loss of the last log window
+    elapsed_s: float = 0.0  # wall time spent training, over all resumes
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a `train` call ended."""
+
+    status: str  # "completed", "stopped" (until_step), "time_budget" or "interrupted"
+    step: int
+    loss: float | None  # mean loss of the last log window
+    run_dir: Path
+    model_dir: Path | None  # None when interrupted
+    checkpoint: Path | None
+    nonfinite_total: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _info(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+class Trainer:
+    """Trains `config` on `dataset`, writing checkpoints, metrics and artifacts into `run_dir`.
+
+    Args:
+        config: the training recipe.
+        dataset: images uint8 (N, C, H, W) with int64 labels (or None: unconditional).
+        run_dir: the run folder.
+        log: where human-readable messages go.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: ImageDataset,
+        run_dir: str | Path,
+        *,
+        log: Callable[[str], None] = _info,
+    ):
+        if config.batch_size > len(dataset):
+            raise InvalidArgumentError(
+                f"batch_size {config.batch_size} exceeds the dataset's {len(dataset)} images"
+            )
+        self.config, self.dataset, self.log = config, dataset, log
+        self.run_dir = Path(run_dir)
+        self.process = make_process(config.process)
+        self.model_config = model_config_for(config, dataset, self.run_dir.name)
+        self.num_classes = self.model_config.num_classes
+        self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1]
+        self.labels = dataset.labels
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        random.seed(config.seed)
+        self.net = build_network(config.net)
+        _check_net_fits(self.net, self.model_config)
+        self.denoiser = build_denoiser(self.model_config, self.net).train()
+        self.optimizer = build_optimizer(self.net.parameters(), config)
+        self.ema = EMA(self.net)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.state = TrainState()
+        self._perm: tuple[int, Tensor] | None = None
+        self._sampler_model: Model | None = None
+
+    # --- data order ---------------------------------------------------------------------------
+
+    def _permutation(self, epoch: int) -> Tensor:
+        """The epoch's data order: a function of (seed, epoch) only, so resume needs no state."""
+        if self._perm is None or self._perm[0] != epoch:
+            seed = int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0])
+            g = torch.Generator().manual_seed(seed)
+            self._perm = (epoch, torch.randperm(len(self.data), generator=g))
+        return self._perm[1]
+
+    def next_batch(self) -> tuple[Tensor, Tensor | None]:
+        """(x0 (B, C, H, W) float32, labels (B,) int64 or None); the last partial batch is dropped."""
+        b, s = self.config.batch_size, self.state
+        if s.position + b > len(self.data):
+            s.epoch, s.position = s.epoch + 1, 0
+        idx = self._permutation(s.epoch)[s.position : s.position + b]
+        s.position += b
+        return self.data[idx], None if self.labels is None else self.labels[idx]
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def train_step(self, x0: Tensor, labels: Tensor | None) -> StepOutcome:
+        """One AdamW step on one batch; a non-finite loss or gradient leaves all weights as they were."""
+        cfg, s = self.config, self.state
+        lr = lr_at(cfg, s.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sigma = sample_sigma(cfg, self.process, x0.shape[0], self.generator)  # (B,)
+        eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W)
+        cond = None
+        if labels is not None and self.num_classes:
+            cond = drop_labels(
+                {"labels": labels}, cfg.cond_dropout, self.num_classes, self.generator
+            )
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if cfg.precision == "bf16"
+            else nullcontext()
+        )
+        with autocast:
+            loss = denoising_loss(self.denoiser, x0, sigma, eps, cond, cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return self._skip(loss.item(), math.nan)
+        loss.backward()
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            return self._skip(loss.item(), grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.images_seen += x0.shape[0]
+        self.ema.update(self.net, ema_beta(cfg, s.images_seen))
+        s.nonfinite_streak = 0
+        s.window_loss += loss.item()
+        s.window_steps += 1
+        return StepOutcome(loss.item(), grad_norm, skipped=False)
+
+    def _skip(self, loss: float, grad_norm: float) -> StepOutcome:
+        self.optimizer.zero_grad(set_to_none=True)
+        s = self.state
+        s.nonfinite_total += 1
+        s.nonfinite_streak += 1
+        self.log(
+            f"step {s.step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'}; "
+            f"skipped ({s.nonfinite_streak} in a row, {s.nonfinite_total} in total)"
+        )
+        if s.nonfinite_streak >= self.config.max_nonfinite:
+            raise NonFiniteTrainingError(
+                f"stopped at step {s.step}: {s.nonfinite_streak} steps in a row had a non-finite "
+                "loss or gradient; lower optim.lr, enable optim.grad_clip, or check the data"
+            )
+        return StepOutcome(loss, grad_norm, skipped=True)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint_payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, JSON state) capturing everything the next step depends on."""
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors |= {f"ema.{k}": v for k, v in self.ema.net.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_state(self.optimizer)
+        rng_tensors, rng_json = ckpt.rng_state(self.generator)
+        state = {
+            "format": ckpt.FORMAT,
+            "step": self.state.step,
+            "config": self.config.model_dump(mode="json"),
+            "dataset": {
+                "spec": self.config.dataset,
+                "content_hash": self.dataset.content_hash,
+                "size": len(self.dataset),
+            },
+            "state": asdict(self.state),
+            "optimizer": opt_meta,
+            "rng": rng_json,
+            "lr": lr_at(self.config, self.state.step),
+        }
+        return tensors | opt_tensors | rng_tensors, state
+
+    def save_checkpoint(self) -> Path:
+        tensors, state = self.checkpoint_payload()
+        return ckpt.write_checkpoint(
+            self.run_dir, self.state.step, tensors, state, self.config.keep_last
+        )
+
+    def restore(self, path: Path, *, force: bool = False) -> None:
+        """Continue from checkpoint `path`; refuse a different config or dataset unless `force`."""
+        tensors, state = ckpt.read_checkpoint(path)
+        self._check_compatible(state, path, force)
+        load_weights_strict(self.net, ckpt.subset(tensors, "net."), f"{path} (net)")
+        load_weights_strict(self.ema.net, ckpt.subset(tensors, "ema."), f"{path} (ema)")
+        load_optimizer_state(self.optimizer, tensors, state["optimizer"])
+        ckpt.set_rng_state(self.generator, tensors, state["rng"])
+        self.state = TrainState(**state["state"])
+        self._perm = None
+
+    def _check_compatible(self, state: dict[str, Any], path: Path, force: bool) -> None:
+        problems = config_diff(state["config"], self.config.model_dump(mode="json"))
+        old_hash = state["dataset"]["content_hash"]
+        if old_hash != self.dataset.content_hash:
+            problems.append(f"dataset content hash: {old_hash} -> {self.dataset.content_hash}")
+        if not problems:
+            return
+        listing = "; ".join(problems)
+        if not force:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: the run differs from the checkpoint ({listing}); "
+                "pass --force to resume anyway, or use a new --out"
+            )
+        self.log(f"resuming despite differences (forced): {listing}")
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        max_minutes: float | None = None,
+        until_step: int | None = None,
+        progress: bool = True,
+    ) -> TrainResult:
+        """Train until max_steps (or `until_step`), the wall budget, or SIGINT/SIGTERM.
+
+        Every ending writes a checkpoint; all but an interruption also export the model folder.
+        """
+        start = time.monotonic()
+        deadline = None if max_minutes is None else start + 60.0 * max_minutes
+        cfg = self.config
+        last = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
+        status = "completed" if last == cfg.max_steps else "stopped"
+        window_start = start
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.state.step,
+            unit="step",
+            disable=not progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        with bar, _stop_on_signals() as stop:
+            while self.state.step < last:
+                if stop.is_set():
+                    status = "interrupted"
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    status = "time_budget"
+                    break
+                outcome = self.train_step(*self.next_batch())
+                if outcome.skipped:
+                    continue
+                bar.update(1)
+                if self.state.step % cfg.log_every == 0:
+                    now = time.monotonic()
+                    self._log_metrics(outcome, now - window_start, bar)
+                    window_start = now
+                self._periodic_outputs()
+        self.state.elapsed_s += time.monotonic() - start
+        return self._finish(status, time.monotonic() - start)
+
+    def _log_metrics(self, outcome: StepOutcome, seconds: float, bar: tqdm) -> None:
+        s = self.state
+        s.last_loss = s.window_loss / max(s.window_steps, 1)
+        row = {
+            "step": s.step,
+            "loss": s.last_loss,
+            "lr": lr_at(self.config, s.step - 1),
+            "grad_norm": outcome.grad_norm,
+            "ema_beta": ema_beta(self.config, s.images_seen),
+            "epoch": s.epoch,
+            "images_seen": s.images_seen,
+            "nonfinite_total": s.nonfinite_total,
+            "sec_per_step": seconds / max(s.window_steps, 1),
+            "time": time.time(),
+        }
+        s.window_loss, s.window_steps = 0.0, 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+
+    def _periodic_outputs(self) -> None:
+        step, cfg = self.state.step, self.config
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            self.write_sample_grid(self.run_dir / "samples" / f"step-{step:09d}.png")
+        if step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def write_sample_grid(self, path: Path) -> Path:
+        """A labelled grid from the current EMA weights; touches no training RNG."""
+        if self._sampler_model is None:
+            self._sampler_model = Model(self.model_config, self.ema.net, sha256="(training)")
+        with torch.random.fork_rng(devices=[]):
+            return sample_grid(self._sampler_model, path)
+
+    def _finish(self, status: str, seconds: float) -> TrainResult:
+        checkpoint = self.save_checkpoint()
+        model_dir = None
+        if status != "interrupted":
+            model_dir = self.export(self.run_dir / "model")
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        s = self.state
+        return TrainResult(
+            status,
+            s.step,
+            s.last_loss,
+            self.run_dir,
+            model_dir,
+            checkpoint,
+            s.nonfinite_total,
+            seconds,
+        )
+
+    def export(self, folder: Path) -> Path:
+        """Write the model folder from the EMA weights."""
+        from difforge.nets import count_parameters
+
+        s = self.state
+        provenance = {
+            "dataset": self.config.dataset,
+            "dataset_hash": self.dataset.content_hash,
+            "dataset_size": len(self.dataset),
+            "step": s.step,
+            "images_seen": s.images_seen,
+            "final_loss": s.last_loss,
+            "nonfinite_total": s.nonfinite_total,
+            "parameters": count_parameters(self.net),
+            "train_seconds": round(s.elapsed_s, 1),
+        }
+        return export_model(
+            folder, self.model_config, self.config, self.ema.net.state_dict(), provenance
+        )
+
+
+def _check_net_fits(net: torch.nn.Module, model_config) -> None:
+    """The net's declared input, image size and classes must match the dataset."""
+    c, h, _ = model_config.image_shape
+    cfg = getattr(net, "config", None)
+    checks = [("in_channels", c), ("image_size", h), ("num_classes", model_config.num_classes)]
+    wrong = [
+        f"net.config.{name} is {getattr(cfg, name)} but the dataset has {want}"
+        for name, want in checks
+        if cfg is not None and hasattr(cfg, name) and getattr(cfg, name) != want
+    ]
+    if wrong:
+        raise InvalidArgumentError("network does not fit the dataset: " + "; ".join(wrong))
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set an event (the loop then checkpoints and stops); a second SIGINT aborts."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def load_training_data(spec: str) -> ImageDataset:
+    """The dataset a config names (`difforge.data.load_dataset`)."""
+    try:
+        from difforge.data import load_dataset
+    except ImportError:  # the data registry is not there yet: MNIST only
+        name, _, split = spec.partition(":")
+        if name != "mnist":
+            raise InvalidArgumentError(
+                f"unknown dataset {spec!r}; allowed: mnist[:train|test]"
+            ) from None
+        from difforge.data.mnist import load_mnist
+
+        return load_mnist(split or "train")
+    return load_dataset(spec)
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    dataset: ImageDataset | None = None,
+    resume: bool = False,
+    force: bool = False,
+    max_minutes: float | None = None,
+    until_step: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = _info,
+) -> TrainResult:
+    """Train a model, or continue a run, and write its artifacts into `run_dir`.
+
+    Args:
+        config: the training recipe.
+        run_dir: the run folder (checkpoints/, metrics.jsonl, samples/, loss.png, model/).
+        dataset: use this dataset instead of loading `config.dataset` (its hash still counts).
+        resume: continue from the newest complete checkpoint in run_dir.
+        force: resume even if the config or the dataset's content hash changed.
+        max_minutes: wall-clock budget; on expiry, checkpoint, export and stop cleanly.
+        until_step: stop (checkpoint and export) after this step, before max_steps.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        TrainResult: how it ended, the final step and loss, and where the model is.
+    """
+    run_dir = Path(run_dir)
+    if max_minutes is not None and not max_minutes > 0:
+        raise InvalidArgumentError(f"max_minutes must be positive, got {max_minutes}")
+    existing = ckpt.list_checkpoints(run_dir)
+    if existing and not resume:
+        raise InvalidArgumentError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out"
+        )
+    dataset = dataset if dataset is not None else load_training_data(config.dataset)
+    trainer = Trainer(config, dataset, run_dir, log=log)
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        trainer.restore(latest, force=force)
+        truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+        log(f"resumed from {latest} (step {trainer.state.step})")
+    elif resume and existing:
+        raise ckpt.CheckpointError(f"{run_dir} holds no complete checkpoint to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json() + "\n")
+    return trainer.run(max_minutes=max_minutes, until_step=until_step, progress=progress)

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -60,6 +67,16 @@ class NetSpec(_Frozen):
 
     kind: str = "unet"
     config: dict[str, Any] = Field(default_factory=dict)  # the net's own config, as JSON
+
+    @model_validator(mode="after")
+    def _complete(self) -> NetSpec:
+        # Validate against the net's own config class and store every field, defaults included,
+        # so two specs that build the same net compare equal.
+        from difforge.nets import net_config_from_dict
+
+        full = net_config_from_dict(self.kind, self.config).to_dict()
+        object.__setattr__(self, "config", full)
+        return self
 
 
 class SamplingDefaults(_Frozen):

@@ -1,0 +1,184 @@
+"""The audit log: an append-only chain where each entry's hash covers the previous entry's hash.
+
+hash_n = sha256(canonical JSON of {seq, at, actor, action, name, version, details, prev_hash_(n-1)})
+
+Editing any field of any row breaks that row's hash; deleting or reordering rows breaks the
+links after it. Entries are only ever inserted, under the registry's write lock, so the chain
+stays linear; on SQLite and PostgreSQL a trigger also refuses UPDATE and DELETE. Someone who can
+rewrite the whole chain can hide an edit from `verify_chain` alone: publish `head` (the last
+hash) somewhere else to anchor it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+
+from difforge.registry.schema import audit_log
+
+GENESIS = "0" * 64
+
+
+def canonical_json(obj: Any) -> str:
+    """One fixed text for a JSON value (sorted keys, no spaces), so its hash is reproducible."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def default_actor() -> str:
+    """Who is acting: $DIFFORGE_ACTOR, else the login name."""
+    try:
+        return os.environ.get("DIFFORGE_ACTOR") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the audit log."""
+
+    seq: int
+    at: str
+    actor: str
+    action: str  # register, report, promote, promotion_refused, rollback, alias_set, ...
+    name: str | None
+    version: int | None
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+def entry_hash(
+    seq: int,
+    at: str,
+    actor: str,
+    action: str,
+    name: str | None,
+    version: int | None,
+    details: str,
+    prev_hash: str,
+) -> str:
+    """The chain hash of one entry; `details` is the stored canonical JSON text."""
+    body = {
+        "seq": seq,
+        "at": at,
+        "actor": actor,
+        "action": action,
+        "name": name,
+        "version": version,
+        "details": details,
+        "prev_hash": prev_hash,
+    }
+    return sha256_text(canonical_json(body))
+
+
+def append(
+    conn: Connection,
+    action: str,
+    *,
+    actor: str,
+    name: str | None = None,
+    version: int | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> AuditEntry:
+    """Add one entry at the end of the chain. Call inside a registry write transaction."""
+    last = conn.execute(
+        select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+    ).first()
+    seq, prev = (last.seq + 1, last.hash) if last else (1, GENESIS)
+    at, text = now(), canonical_json(dict(details or {}))
+    digest = entry_hash(seq, at, actor, action, name, version, text, prev)
+    row = {
+        "seq": seq,
+        "at": at,
+        "actor": actor,
+        "action": action,
+        "name": name,
+        "version": version,
+        "details": text,
+        "prev_hash": prev,
+        "hash": digest,
+    }
+    conn.execute(audit_log.insert().values(**row))
+    return AuditEntry(**{**row, "details": dict(details or {})})
+
+
+def _entry(row) -> AuditEntry:
+    try:
+        details = json.loads(row.details)
+    except (TypeError, ValueError):
+        details = {"unparsable": str(row.details)}
+    return AuditEntry(
+        row.seq,
+        row.at,
+        row.actor,
+        row.action,
+        row.name,
+        row.version,
+        details,
+        row.prev_hash,
+        row.hash,
+    )
+
+
+def entries(
+    conn: Connection, name: str | None = None, limit: int | None = None
+) -> list[AuditEntry]:
+    """Audit entries in order (oldest first), optionally one model's, optionally the last `limit`."""
+    q = select(audit_log)
+    if name is not None:
+        q = q.where(audit_log.c.name == name)
+    q = q.order_by(audit_log.c.seq.desc())
+    if limit is not None:
+        q = q.limit(limit)
+    return [_entry(r) for r in reversed(conn.execute(q).all())]
+
+
+def verify_chain(conn: Connection) -> tuple[list[str], int, str]:
+    """Walk the chain; returns (problems, number of entries, head hash)."""
+    problems: list[str] = []
+    prev, expected_seq, count = GENESIS, 1, 0
+    for row in conn.execute(select(audit_log).order_by(audit_log.c.seq)):
+        count += 1
+        if row.seq != expected_seq:
+            problems.append(f"audit entries {expected_seq}..{row.seq - 1} are missing")
+        if row.prev_hash != prev:
+            problems.append(f"audit entry {row.seq} does not link to entry {row.seq - 1}")
+        digest = entry_hash(
+            row.seq,
+            row.at,
+            row.actor,
+            row.action,
+            row.name,
+            row.version,
+            row.details,
+            row.prev_hash,
+        )
+        if digest != row.hash:
+            problems.append(
+                f"audit entry {row.seq} ({row.action}) was edited: its contents hash to "
+                f"{digest[:12]}..., the chain recorded {row.hash[:12]}..."
+            )
+        prev, expected_seq = row.hash, row.seq + 1
+    return problems, count, prev
+
+
+def last_seq(conn: Connection) -> int:
+    return conn.scalar(select(func.max(audit_log.c.seq))) or 0

@@ -128,6 +128,15 @@ def build_denoiser(config: ModelConfig, net: nn.Module) -> nn.Module:
     )
 
 
+def network_cost(net: nn.Module, image_shape: Sequence[int], num_classes: int) -> tuple[int, int]:
+    """(parameter count, FLOPs of one forward pass on one image) of a difforge net."""
+    from difforge.nets import count_parameters, flops_per_forward
+
+    x = torch.zeros(1, *image_shape)  # (1, C, H, W)
+    cond = {"labels": torch.zeros(1, dtype=torch.int64)} if num_classes else None
+    return count_parameters(net), flops_per_forward(net, x, torch.zeros(1), cond)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -421,6 +430,25 @@ class Model:
                     f"labels must be integers in [0, {self.num_classes - 1}], got {lab!r}"
                 )
         return labels, list(seeds)
+
+    def summary(self) -> dict[str, Any]:
+        """What `difforge info` prints: identity, shape, cost, sampling defaults, provenance."""
+        params, flops = network_cost(self.net, self.image_shape, self.num_classes)
+        c = self.config
+        return {
+            "name": self.name,
+            "path": str(self.path) if self.path else None,
+            "sha256": self.sha256,
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+            "net": c.net.kind,
+            "parameters": params,
+            "flops_per_forward": flops,
+            "parameterization": c.parameterization,
+            "process": c.process,
+            "sampling": c.sampling.model_dump(),
+            "provenance": c.provenance,
+        }
 
     def grid_metadata(self, samples: Samples) -> dict[str, str]:
         """PNG text chunks recording where a grid of `samples` came from."""

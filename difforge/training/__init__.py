@@ -21,6 +21,7 @@ from difforge.training.loop import (
     Trainer,
     TrainResult,
     TrainState,
+    describe,
     load_training_data,
     train,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Trainer",
     "config_diff",
     "denoising_loss",
+    "describe",
     "drop_labels",
     "ema_beta",
     "latest_checkpoint",

@@ -57,7 +57,8 @@ class TrainConfig(_Frozen):
     """Everything that determines a training run's result, bit for bit on the CPU."""
 
     net: NetSpec = Field(default_factory=NetSpec)
-    dataset: str = "mnist:train"  # a `difforge.data.load_dataset` spec
+    # A `difforge.data.load_dataset` spec: "mnist:train" or {"kind": "folder", "path": ...}.
+    dataset: str | dict[str, Any] = "mnist:train"
     process: dict[str, Any] = Field(default_factory=lambda: {"kind": "ve"})  # `make_process` dict
     # What the network predicts; "edm" = EDMPrecond (Karras et al. 2022, Eq. 7) on a VE process.
     parameterization: Parameterization = "edm"

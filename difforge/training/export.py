@@ -42,7 +42,7 @@ def model_card(
     p = provenance
     s = model_config.sampling
     rows = [
-        ("dataset", f"`{config.dataset}` ({p['dataset_size']} images)"),
+        ("dataset", f"`{json.dumps(config.dataset)}` ({p['dataset_size']} images)"),
         ("dataset content hash", f"`{p['dataset_hash']}`"),
         ("network", f"{config.net.kind}, {p['parameters']:,} parameters"),
         (

@@ -425,20 +425,46 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def load_training_data(spec: str) -> ImageDataset:
-    """The dataset a config names (`difforge.data.load_dataset`)."""
-    try:
-        from difforge.data import load_dataset
-    except ImportError:  # the data registry is not there yet: MNIST only
-        name, _, split = spec.partition(":")
-        if name != "mnist":
-            raise InvalidArgumentError(
-                f"unknown dataset {spec!r}; allowed: mnist[:train|test]"
-            ) from None
-        from difforge.data.mnist import load_mnist
+def load_training_data(spec: str | dict[str, Any]) -> ImageDataset:
+    """The image dataset a config names (`difforge.data.load_dataset`)."""
+    from difforge.data import load_dataset
 
-        return load_mnist(split or "train")
-    return load_dataset(spec)
+    dataset = load_dataset(spec)
+    if not isinstance(dataset, ImageDataset):
+        raise InvalidArgumentError(
+            f"dataset {json.dumps(spec)} is not an image dataset; training needs images"
+        )
+    return dataset
+
+
+def describe(config: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, Any]:
+    """What `--dry-run` prints: the dataset, the net's size and its cost per forward and step.
+
+    Builds the net and loads the dataset, so any config error surfaces here without training.
+    """
+    from difforge.model import network_cost
+
+    dataset = dataset if dataset is not None else load_training_data(config.dataset)
+    model_config = model_config_for(config, dataset, "dry-run")
+    with torch.random.fork_rng(devices=[]):
+        net = build_network(config.net)
+    _check_net_fits(net, model_config)
+    params, flops = network_cost(net, model_config.image_shape, model_config.num_classes)
+    return {
+        "dataset": config.dataset,
+        "dataset_size": len(dataset),
+        "dataset_hash": dataset.content_hash,
+        "image_shape": list(model_config.image_shape),
+        "num_classes": model_config.num_classes,
+        "net": config.net.kind,
+        "parameters": params,
+        "flops_per_forward": flops,
+        # forward + backward ~ 3 forwards (Kaplan et al. 2020, Sec. 2.1)
+        "flops_per_step": 3 * flops * config.batch_size,
+        "parameterization": config.parameterization,
+        "max_steps": config.max_steps,
+        "batch_size": config.batch_size,
+    }
 
 
 def train(

@@ -44,6 +44,160 @@ def friendly_errors(fn: Callable) -> Callable:
 # --- commands are registered below, one section per area --------------------------------------
 
 
+# --- train / sample / info (training engineer; library code in difforge.training, difforge.model)
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    """'0,1,2' -> [0, 1, 2]; None stays None."""
+    from difforge.core.errors import InvalidArgumentError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidArgumentError(
+            f"{what} must be comma-separated integers, got {text!r}"
+        ) from None
+
+
+@app.command("train")
+@friendly_errors
+def train_command(
+    config: str = typer.Option(
+        ..., "--config", help="Training config JSON (e.g. configs/mnist.json)."
+    ),
+    out: str = typer.Option(
+        ..., "--out", help="Run folder: checkpoints, metrics, samples, model/."
+    ),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Wall-clock budget; then checkpoint, export the model, stop."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the newest complete checkpoint."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Resume even if the config or dataset changed."
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Validate the config, build the net, print its size and cost; exit.",
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a diffusion model from a JSON config; the model lands in OUT/model."""
+    from difforge.training import describe, load_config, train
+
+    cfg = load_config(config)
+    if dry_run:
+        d = describe(cfg)
+        typer.echo(f"config ok: {config}")
+        typer.echo(
+            f"dataset: {d['dataset']}: {d['dataset_size']} images {d['image_shape']}, "
+            f"{d['num_classes']} classes, {d['dataset_hash']}"
+        )
+        typer.echo(
+            f"net: {d['net']}, {d['parameters']:,} parameters, "
+            f"{d['flops_per_forward'] / 1e6:,.1f} MFLOPs per forward (one image)"
+        )
+        typer.echo(
+            f"training: {d['max_steps']} steps of batch {d['batch_size']}, "
+            f"~{d['flops_per_step'] / 1e9:,.1f} GFLOPs per step"
+        )
+        return
+    result = train(cfg, out, resume=resume, force=force, max_minutes=max_minutes, progress=progress)
+    loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
+    typer.echo(
+        f"{result.status} at step {result.step} in {result.seconds:.0f}s; loss {loss}; "
+        f"non-finite steps skipped: {result.nonfinite_total}"
+    )
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    if result.model_dir is None:
+        typer.echo(f"resume with: difforge train --config {config} --out {out} --resume")
+        raise typer.Exit(130)
+    typer.echo(f"model: {result.model_dir}")
+
+
+@app.command("sample")
+@friendly_errors
+def sample_command(
+    model: str = typer.Option(
+        ..., "--model", help="Model folder (config.json, model.safetensors)."
+    ),
+    sampler: str | None = typer.Option(
+        None, "--sampler", help="Sampler name [default: the model's]."
+    ),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Sampling steps [default: the model's]."
+    ),
+    guidance: float | None = typer.Option(None, "--guidance", help="CFG scale; 1 = conditional."),
+    labels: str | None = typer.Option(None, "--labels", help="Comma-separated class labels."),
+    seed: int = typer.Option(42, "--seed", help="Image i uses seed + i."),
+    n: int | None = typer.Option(
+        None, "--n", help="Number of images [default: len(labels) or 16]."
+    ),
+    grid: str | None = typer.Option(
+        None, "--grid", help="Sigma grid: karras, exponential, uniform."
+    ),
+    out: str = typer.Option("grid.png", "--out", help="Output PNG (a labelled grid)."),
+) -> None:
+    """Sample a labelled image grid from a model, with provenance in the PNG's text chunks."""
+    from difforge.model import load, save_samples_png
+
+    m = load(model)
+    samples = m.sample(
+        labels=_int_list(labels, "--labels"),
+        n=n,
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        grid=grid,
+    )
+    path = save_samples_png(m, samples, out)
+    typer.echo(
+        f"wrote {path}: {len(samples.seeds)} images, {samples.sampler} {samples.steps} steps, "
+        f"guidance {samples.guidance:g}, {samples.nfe} NFE, seeds {samples.seeds[0]}..{samples.seeds[-1]}"
+    )
+
+
+@app.command("info")
+@friendly_errors
+def info_command(
+    model: str = typer.Option(..., "--model", help="Model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Summarise a model: identity, size, cost, sampling defaults and provenance."""
+    import json
+
+    from difforge.model import load
+
+    s = load(model).summary()
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+        return
+    p, d = s["provenance"], s["sampling"]
+    kind = f"{s['num_classes']} classes" if s["num_classes"] else "unconditional"
+    lines = [
+        f"{s['name']}  sha256 {s['sha256']}",
+        f"  {s['net']}: {s['parameters']:,} parameters, "
+        f"{s['flops_per_forward'] / 1e6:,.1f} MFLOPs per forward (one image)",
+        f"  images {s['image_shape']}, {kind}, "
+        f"{s['parameterization']} on {json.dumps(s['process'])}",
+        f"  sampling: {d['sampler']}, {d['steps']} steps, {d['grid']} grid, "
+        f"guidance {d['guidance']:g}",
+    ]
+    if p:
+        lines += [
+            f"  trained {p.get('step')} steps on {json.dumps(p.get('dataset'))} "
+            f"({p.get('dataset_hash')})",
+            f"  final loss {p.get('final_loss')}, code {p.get('code_version')}, "
+            f"created {p.get('created')}",
+        ]
+    typer.echo("\n".join(lines))
+
+
 # --- registry: difforge registry [--registry URL] [--artifacts DIR] COMMAND ------------------
 # (registry section: owned by the registry engineer; library code in difforge.registry)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from difforge.core.errors import SamplingCancelled
 from difforge.registry.config import Gates
 
 # canonical metric name -> the keys a report may use for it, first match wins
@@ -79,7 +80,8 @@ def _first(d: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) -> Any:
 
 def summarize_report(report: Mapping[str, Any]) -> ReportSummary:
     """The gate-relevant numbers of an evaluation report (missing ones are left out)."""
-    sources = [s for s in (report.get("metrics"), report.get("summary"), report) if s]
+    keys = ("metrics", "summary", "mean", "aggregate")  # where runners put (averaged) metrics
+    sources = [s for s in (*(report.get(k) for k in keys), report) if isinstance(s, Mapping)]
     metrics: dict[str, float] = {}
     for name, keys in METRIC_ALIASES.items():
         for src in sources:
@@ -90,19 +92,37 @@ def summarize_report(report: Mapping[str, Any]) -> ReportSummary:
     n = _first(report, (("num_samples",), ("sample_count",), ("settings", "num_samples")))
     extractor = _first(
         report,
-        (("feature_extractor_sha256",), ("extractor_sha256",), ("extractor", "sha256")),
+        (
+            ("feature_extractor_sha256",),
+            ("extractor_sha256",),
+            ("extractor", "sha256"),
+            ("feature_extractor", "sha256"),
+        ),
     )
-    model = _first(report, (("model_sha256",), ("model", "sha256"), ("model", "weights_sha256")))
-    seeds = _first(report, (("seeds",), ("settings", "seeds")))
-    if isinstance(seeds, int):
-        seeds = [seeds]
+    model = _first(
+        report,
+        (("model_sha256",), ("weights_sha256",), ("model", "sha256"), ("model", "weights_sha256")),
+    )
+    seeds = _first(report, (("seeds",), ("settings", "seeds"), ("settings", "seed")))
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    if not (isinstance(seeds, list) and all(_is_int(x) for x in seeds)):
+        seeds = None
     return ReportSummary(
         metrics,
-        int(n) if isinstance(n, int | float) and not isinstance(n, bool) else None,
-        extractor if isinstance(extractor, str) else None,
-        model if isinstance(model, str) else None,
-        tuple(int(s) for s in seeds) if isinstance(seeds, list) else None,
+        int(n) if _is_int(n) else None,
+        _digest(extractor),
+        _digest(model),
+        None if seeds is None else tuple(seeds),
     )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _digest(x: Any) -> str | None:
+    """A sha256 hex digest, with any "sha256:" prefix removed."""
+    return x.removeprefix("sha256:") if isinstance(x, str) else None
 
 
 @dataclass(frozen=True)
@@ -227,16 +247,18 @@ def smoke_sample(model, images: int = 2, steps: int = 4, seed: int = 0) -> GateR
     bad: list[str] = []
 
     def check(info) -> None:  # the uint8 output would hide NaN, so look at every step
-        if not bad and not (torch.isfinite(info.x).all() and torch.isfinite(info.denoised).all()):
+        if not (torch.isfinite(info.x).all() and torch.isfinite(info.denoised).all()):
             bad.append(f"step {info.i} (sigma {info.sigma:.4g})")
+            raise SamplingCancelled  # no need to push NaN through the remaining steps
 
     try:
         with torch.random.fork_rng(devices=[]):
             model.sample(n=images, steps=steps, seed=seed, callback=check)
+    except SamplingCancelled:
+        pass
     except Exception as e:  # a model that cannot sample must not be promoted
-        return GateResult(
-            "smoke_sample", False, f"smoke_sample: sampling raised {type(e).__name__}: {e}"
-        )
+        msg = f"smoke_sample: sampling raised {type(e).__name__}: {e}"
+        return GateResult("smoke_sample", False, msg)
     if bad:
         return GateResult("smoke_sample", False, f"smoke_sample: non-finite values at {bad[0]}")
     msg = f"smoke_sample: {images} images, {steps} steps, all finite"

@@ -514,6 +514,10 @@ class Registry:
             if cur is not None and cur.version == v and (cur.percent == percent):
                 return Promotion(info, to, cur.version, (), changed=False)
             prod = current.get("production")
+            if to == "canary" and prod is not None and prod.version == v:
+                raise InvalidArgumentError(
+                    f"{name} v{v} is production; a canary is another version"
+                )
             prod_summary = (
                 None
                 if prod is None or prod.version == v

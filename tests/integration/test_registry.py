@@ -38,12 +38,17 @@ NO_SMOKE = {"smoke_sample": False}
 
 
 def make_model(
-    folder: Path, seed: int, report: dict | None = None, *, scale: float = 1.0, name: str = "tiny"
+    folder: Path, seed: int, report: dict | None = None, *, poison: bool = False, name: str = "tiny"
 ) -> Path:
-    """A tiny class-conditional flow model folder, optionally with eval.json beside its files."""
+    """A tiny class-conditional flow model folder, optionally with eval.json beside its files.
+
+    poison: finite weights whose output overflows float32 when sampled (a NaN-producing model).
+    """
     torch.manual_seed(seed)
     net = build_net("unet", TINY)
-    weights = {k: v * scale if "norm" not in k else v for k, v in net.state_dict().items()}
+    weights = net.state_dict()
+    if poison:
+        weights["conv_out.bias"] = torch.full_like(weights["conv_out.bias"], 3e38)
     config = ModelConfig(
         name=name,
         net=NetSpec(kind="unet", config=TINY.to_dict()),
@@ -228,7 +233,7 @@ def test_fids_from_different_extractors_are_not_compared(reg, tmp_path):
 
 
 def test_smoke_sample_refuses_a_model_that_samples_nan(reg, tmp_path):
-    reg.register(make_model(tmp_path / "a", 0, report(10.0), scale=1e30), "m")  # overflows
+    reg.register(make_model(tmp_path / "a", 0, report(10.0), poison=True), "m")
     with pytest.raises(GateFailedError, match="smoke_sample: non-finite values at step 0"):
         reg.promote("m", 1)
     with pytest.raises(NotFoundError):
@@ -263,6 +268,8 @@ def test_canary_resolve_share_and_auto_rollback(reg, tmp_path):
     assert (res.production.version, res.canary.version, res.canary_percent) == (1, 2, 25.0)
     assert res.as_dict()["canary"] == (res.canary, 25.0)
     assert reg.set_canary_percent("m", 50).canary_percent == 50.0
+    with pytest.raises(ValueError, match="m v1 is production; a canary is another version"):
+        reg.promote("m", 1, to="canary", gates=NO_SMOKE)
     assert reg.auto_rollback_canary("m", "error rate", expected_version=1) is None  # stale
     demoted = reg.auto_rollback_canary("m", "canary error rate 9% vs 1%")
     assert demoted.version == 2

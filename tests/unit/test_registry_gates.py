@@ -46,6 +46,19 @@ def test_summary_reads_counts_hashes_and_seeds_and_skips_missing_metrics():
     assert ReportSummary.from_dict(s.to_dict()) == s
 
 
+def test_summary_reads_runner_layouts_defensively():
+    s = summarize_report(
+        {
+            "seeds": [{"seed": 0, "metrics": {"fid": 9.0}}],  # per-seed results, not seeds
+            "mean": {"fid": 10.0, "label_accuracy": 0.98},
+            "model_sha256": "sha256:" + "ab" * 32,
+            "feature_extractor": {"sha256": "cd" * 32},
+        }
+    )
+    assert s.metrics == {"fid": 10.0, "label_accuracy": 0.98} and s.seeds is None
+    assert (s.model_sha256, s.extractor_sha256) == ("ab" * 32, "cd" * 32)
+
+
 def test_every_gate_passes_with_its_margin():
     results = check_gates(
         GATES, summary(fid=20.0, label_accuracy=0.97, memorization=0.0), summary(fid=20.0)

@@ -108,6 +108,7 @@ class ModelConfig(_Frozen):
     time_scale: float = Field(1.0, gt=0)  # ModelDenoiser's time input multiplier
     num_classes: int = Field(0, ge=0)  # 0: unconditional; label num_classes = the null class
     image_shape: tuple[int, int, int]  # (C, H, W)
+    class_names: tuple[str, ...] = ()  # the name of each label, when the dataset has them
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     provenance: dict[str, Any] = Field(default_factory=dict)  # informational, not used to rebuild
 
@@ -440,6 +441,7 @@ class Model:
             "path": str(self.path) if self.path else None,
             "sha256": self.sha256,
             "num_classes": self.num_classes,
+            "class_names": list(c.class_names),
             "image_shape": list(self.image_shape),
             "net": c.net.kind,
             "parameters": params,
@@ -538,7 +540,10 @@ def save_grid_png(
 
 def save_samples_png(model: Model, samples: Samples, path: str | Path) -> Path:
     """A labelled grid of `samples` with the model's provenance in its text chunks."""
-    captions = None if samples.labels is None else [str(lab) for lab in samples.labels]
+    names = model.config.class_names
+    captions = None
+    if samples.labels is not None:
+        captions = [names[lab] if lab < len(names) else str(lab) for lab in samples.labels]
     nrow = min(len(samples.seeds), max(model.num_classes, 1)) if samples.labels else None
     return save_grid_png(
         path, samples.images, captions=captions, metadata=model.grid_metadata(samples), nrow=nrow

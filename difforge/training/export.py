@@ -27,6 +27,7 @@ def model_config_for(config: TrainConfig, dataset: ImageDataset, name: str) -> M
         sigma_data=config.sigma_data,
         num_classes=dataset.num_classes if dataset.labels is not None else 0,
         image_shape=(c, h, w),
+        class_names=tuple(getattr(dataset, "class_names", None) or ()),
         sampling=config.sampling,
     )
 

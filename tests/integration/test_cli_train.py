@@ -120,6 +120,7 @@ def test_info(workspace):
     assert "parameters" in result.stdout and "trained 6 steps" in result.stdout
     as_json = json.loads(invoke("info", "--model", workspace / "run" / "model", "--json").stdout)
     assert as_json["num_classes"] == 3 and as_json["parameters"] > 0
+    assert as_json["class_names"] == ["a", "b", "c"]  # the image folder's class sub-folders
 
 
 def test_resume_rules(workspace, tmp_path):

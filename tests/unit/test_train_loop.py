@@ -244,3 +244,28 @@ def test_run_outputs(tmp_path):
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "samples/step-000000010.png").is_file()
     assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 10
     assert result.loss == pytest.approx(rows[-1]["loss"])
+
+
+def test_bf16_autocast_trains(tmp_path):
+    trainer = Trainer(tiny_config(precision="bf16"), tiny_dataset(), tmp_path)
+    outcomes = [trainer.train_step(*trainer.next_batch()) for _ in range(3)]
+    assert not any(o.skipped for o in outcomes) and trainer.state.step == 3
+    assert all(p.dtype == torch.float32 for p in trainer.net.parameters())
+
+
+def test_unconditional_dataset(tmp_path):
+    data = tiny_dataset()
+    unlabelled = ImageDataset("bands-unlabelled", data.images, None, 0)
+    net = {"kind": "unet", "config": dict(TINY_NET["config"], num_classes=0)}
+    result = train(tiny_config(net=net, max_steps=2), tmp_path, dataset=unlabelled, progress=False)
+    import difforge
+
+    model = difforge.load(result.model_dir)
+    samples = model.sample(n=2, steps=2)
+    assert model.num_classes == 0 and samples.labels is None and samples.images.shape[0] == 2
+
+
+def test_a_net_that_does_not_fit_the_data_is_refused(tmp_path):
+    net = {"kind": "unet", "config": dict(TINY_NET["config"], num_classes=10)}
+    with pytest.raises(ValueError, match="num_classes is 10 but the dataset has 3"):
+        Trainer(tiny_config(net=net), tiny_dataset(), tmp_path)

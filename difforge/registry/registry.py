@@ -115,6 +115,10 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else canonical_json(value)
+
+
 class Registry:
     """A model registry on any SQLAlchemy database, with a content-addressed artifact store.
 
@@ -209,9 +213,7 @@ class Registry:
             "config": self.store.read_bytes(files[CONFIG_FILE]).decode(),
             "dataset_hash": prov.dataset_hash,
             "code_version": prov.code_version,
-            "training_config": None
-            if prov.training_config is None
-            else canonical_json(prov.training_config),
+            "training_config": _json_or_none(prov.training_config),
             "training_metrics": canonical_json(prov.training_metrics),
             "card": prov.card,
             "source": str(folder.resolve()),
@@ -294,11 +296,10 @@ class Registry:
     ) -> ReportSummary:
         """Attach an evaluation report (JSON path or dict) to a version; returns its summary."""
         info = self.get(name, ref)
-        source = "(passed in)" if isinstance(report, Mapping) else str(report)
-        if not isinstance(report, Mapping):
-            (r,) = load_reports(None, [report], info.weights_sha256)
+        if isinstance(report, Mapping):
+            r = make_report(report, "(passed in)", info.weights_sha256)
         else:
-            r = make_report(report, source, info.weights_sha256)
+            (r,) = load_reports(None, [report], info.weights_sha256)
         with write_transaction(self.engine) as conn:
             self._attach(conn, self._row(conn, name, info.version).id, name, info.version, r)
         return r.summary

@@ -81,6 +81,11 @@ class Resolution:
     canary_percent: float  # share of traffic for the canary, 0-100 (0 when there is none)
     revision: int  # the model's latest audit entry; poll and reload when it changes
 
+    @property
+    def canary_share(self) -> float:
+        """The canary's share of traffic as a fraction in [0, 1]."""
+        return self.canary_percent / 100.0
+
     def as_dict(self) -> dict[str, Any]:
         canary = None if self.canary is None else (self.canary, self.canary_percent)
         return {"production": self.production, "canary": canary}

@@ -267,6 +267,7 @@ def test_canary_resolve_share_and_auto_rollback(reg, tmp_path):
     res = reg.resolve("m")
     assert (res.production.version, res.canary.version, res.canary_percent) == (1, 2, 25.0)
     assert res.as_dict()["canary"] == (res.canary, 25.0)
+    assert res.canary_share == 0.25
     assert reg.set_canary_percent("m", 50).canary_percent == 50.0
     with pytest.raises(ValueError, match="m v1 is production; a canary is another version"):
         reg.promote("m", 1, to="canary", gates=NO_SMOKE)

@@ -31,8 +31,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
 )
+
+from difforge.registry.errors import RegistryError
 
 SCHEMA_VERSION = "1"
 LOCK_KEY = "write_lock"
@@ -145,7 +148,23 @@ def open_engine(url: str, lock_timeout_s: float = 60.0) -> Engine:
     return engine
 
 
+def _schema_version(conn: Connection) -> str | None:
+    if not inspect(conn).has_table(registry_meta.name):
+        return None
+    key = registry_meta.c.key
+    return conn.scalar(select(registry_meta.c.value).where(key == "schema_version"))
+
+
 def _create_schema(engine: Engine) -> None:
+    """Create the tables, triggers and meta rows, unless an existing registry already has them."""
+    with read_transaction(engine) as conn:
+        found = _schema_version(conn)
+    if found == SCHEMA_VERSION:
+        return  # the common case: no DDL, no lock
+    if found is not None:
+        raise RegistryError(
+            f"this registry has schema version {found}; this difforge reads {SCHEMA_VERSION}"
+        )
     with write_transaction(engine, lock=False) as conn:
         if engine.dialect.name == "postgresql":  # concurrent first opens must not race
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7230451)")

@@ -61,8 +61,26 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
         ) from None
 
 
-@app.command("train")
-@friendly_errors
+def _command(name: str) -> Callable:
+    """Register a command wrapped by friendly_errors; OS errors (disk full, a file where a
+    folder should be) also become one line."""
+
+    def register(fn: Callable) -> Callable:
+        @wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                if isinstance(e, FileNotFoundError | PermissionError):
+                    raise
+                fail(str(e) or type(e).__name__)
+
+        return app.command(name)(friendly_errors(wrapper))
+
+    return register
+
+
+@_command("train")
 def train_command(
     config: str = typer.Option(
         ..., "--config", help="Training config JSON (e.g. configs/mnist.json)."
@@ -119,8 +137,7 @@ def train_command(
     typer.echo(f"model: {result.model_dir}")
 
 
-@app.command("sample")
-@friendly_errors
+@_command("sample")
 def sample_command(
     model: str = typer.Option(
         ..., "--model", help="Model folder (config.json, model.safetensors)."
@@ -162,8 +179,7 @@ def sample_command(
     )
 
 
-@app.command("info")
-@friendly_errors
+@_command("info")
 def info_command(
     model: str = typer.Option(..., "--model", help="Model folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),

@@ -159,3 +159,9 @@ def test_bad_files_are_one_line(workspace, tmp_path):
     assert_one_line_error(result, "parameterization", "'eps', 'x0', 'v', 'velocity' or 'edm'")
     result = invoke("train", "--config", tmp_path / "nope.json", "--out", tmp_path / "r")
     assert_one_line_error(result, "config file not found")
+    (tmp_path / "afile").write_text("not a folder")
+    model = workspace / "run" / "model"
+    result = invoke(
+        "sample", "--model", model, "--steps", "1", "--out", tmp_path / "afile" / "g.png"
+    )
+    assert_one_line_error(result, "afile")

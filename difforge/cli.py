@@ -214,6 +214,9 @@ def info_command(
     typer.echo("\n".join(lines))
 
 
+# --- end of train / sample / info section -----------------------------------------------------
+
+
 # --- registry: difforge registry [--registry URL] [--artifacts DIR] COMMAND ------------------
 # (registry section: owned by the registry engineer; library code in difforge.registry)
 

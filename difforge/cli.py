@@ -437,6 +437,28 @@ def registry_report(
 # --- end of registry section -------------------------------------------------------------------
 
 
+# --- serve (serving engineer; library code in difforge.serving) --------------------------------
+
+
+@app.command("serve")
+@friendly_errors
+def serve_command(
+    model: str = typer.Option(..., "--model", help="Model folder to serve as production."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    config: str | None = typer.Option(
+        None, "--config", help="Service config JSON (limits, queue, keys, audit db)."
+    ),
+) -> None:
+    """Serve a model over HTTP: POST /v1/generate, /v1/models, /metrics, health, a web page."""
+    from difforge.serving import serve
+
+    serve(model, host=host, port=port, config_path=config)
+
+
+# --- end of serve section ----------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     app(args=argv if argv is not None else sys.argv[1:])

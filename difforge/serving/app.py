@@ -1,0 +1,218 @@
+"""The FastAPI app: thin routes over `Service`, and `serve()` for `difforge serve`.
+
+Routes validate, hand to the service, encode; errors become JSON with a field-level `detail`.
+
+    POST /v1/generate        images (PNG for one, JSON with base64 PNGs for several)
+    GET  /v1/models          served versions, defaults and limits
+    GET  /v1/requests/{id}   progress of a running request, or its audit record
+    GET  /v1/audit/verify    check the audit log's hash chain (admin)
+    GET  /v2/health/live     the process is up
+    GET  /v2/health/ready    the production model is loaded and warmed up
+    GET  /metrics            Prometheus (admin key or loopback)
+    GET  /                   a small web page to try the model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from difforge.serving.access import AccessDenied, Principal, is_loopback
+from difforge.serving.config import ServiceConfig, load_service_config
+from difforge.serving.idempotency import StoredResponse
+from difforge.serving.protocol import RequestInvalid, field_error, validation_body
+from difforge.serving.router import ModelRouter, ModelVersion
+from difforge.serving.service import GenerateCall, HTTPFailure, Service
+
+log = logging.getLogger("difforge.serving")
+
+
+class _Edge:
+    """Pure ASGI middleware: loopback-only enforcement and the request-duration histogram."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+        host = (scope.get("client") or (None,))[0]
+        if self.service.access.loopback_only and not is_loopback(host):
+            self.service.metrics.error("forbidden")
+            resp = JSONResponse({"detail": "this service answers loopback clients only"}, 403)
+            return await resp(scope, receive, send)
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.service.metrics.request_seconds.labels(
+                route, scope["method"], str(status[0])
+            ).observe(time.perf_counter() - start)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) past `limit` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    too_big = RequestInvalid(
+        [field_error((), f"body exceeds {limit} bytes", "body_too_large")], 413
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _stored(resp: StoredResponse) -> Response:
+    return Response(resp.body, resp.status, headers=resp.headers, media_type=resp.media_type)
+
+
+def create_app(service: Service) -> FastAPI:
+    """The ASGI app over `service`; its lifespan starts and stops the service."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="difforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.add_middleware(_Edge, service=service)
+    page = resources.files("difforge.serving").joinpath("static/index.html").read_text()
+
+    def principal(request: Request, scope: str) -> Principal:
+        host = request.client.host if request.client else None
+        return service.access.authorize(request.headers, host, scope)
+
+    @app.exception_handler(HTTPFailure)
+    async def _failure(request: Request, exc: HTTPFailure):
+        service.metrics.error(exc.reason)
+        return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(AccessDenied)
+    async def _denied(request: Request, exc: AccessDenied):
+        service.metrics.error(exc.reason)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"detail": exc.public_detail}, exc.status, headers=headers)
+
+    @app.exception_handler(RequestInvalid)
+    async def _invalid(request: Request, exc: RequestInvalid):
+        service.metrics.error("body_too_large" if exc.status == 413 else "validation")
+        return JSONResponse(validation_body(exc.errors), exc.status)
+
+    @app.post("/v1/generate")
+    async def generate(request: Request) -> Response:
+        who = principal(request, "generate")
+        body = await read_body(request, service.config.limits.max_body_bytes)
+        call = GenerateCall(
+            who,
+            body,
+            request_id=request.headers.get("x-request-id"),
+            idempotency_key=request.headers.get("idempotency-key"),
+            receive=request.receive,
+        )
+        return _stored(await service.generate(call))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        principal(request, "generate")
+        router = service.router
+        limits = service.config.limits
+        return {
+            "models": [{"role": role, **v.describe()} for role, v in router.versions()],
+            "canary_share": router.canary_share,
+            "limits": limits.model_dump(mode="json"),
+        }
+
+    @app.get("/v1/requests/{request_id}")
+    async def request_status(request_id: str, request: Request) -> dict:
+        status = service.request_status(request_id, principal(request, "any"))
+        if status is None:
+            raise HTTPFailure(404, "no such request", "not_found")
+        return status
+
+    @app.get("/v1/audit/verify")
+    async def audit_verify(request: Request) -> dict:
+        principal(request, "admin")
+        v = service.audit.verify()
+        return {
+            "ok": v.ok,
+            "rows": v.rows,
+            "first_bad_seq": v.first_bad_seq,
+            "reason": v.reason,
+            "head": service.audit.head(),
+        }
+
+    @app.get("/v2/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        ok = service.ready
+        return JSONResponse({"ready": ok}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        principal(request, "admin")
+        return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
+    """Load the model at `model_path` as the production version of a new Service."""
+    from difforge.model import load
+
+    return Service(config, ModelRouter(ModelVersion(load(model_path))))
+
+
+def serve(
+    model_path: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config_path: str | Path | None = None,
+) -> None:
+    """Load the model and config, then run the HTTP service until interrupted (`difforge serve`)."""
+    import uvicorn
+
+    config = load_service_config(config_path)
+    service = build_service(model_path, config)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    prod = service.router.production
+    log.info("serving %s (version %s) on http://%s:%d", prod.name, prod.id, host, port)
+    if config.loopback_only:
+        log.warning(
+            "no API keys configured: answering loopback clients only (127.0.0.0/8, ::1); "
+            "add api_keys to the config to serve other hosts"
+        )
+    else:
+        log.info("%d API key(s) configured", len(config.api_keys))
+    uvicorn.run(create_app(service), host=host, port=port, log_level="info")

@@ -1,0 +1,156 @@
+"""The service configuration: typed, frozen, loaded from JSON (`difforge serve --config serve.json`).
+
+Every limit a request is checked against lives here, with the queue, batching, rate-limit, access,
+audit and deadline settings. API keys are stored as sha256 hex digests with a key id and scopes;
+the key itself is never stored, logged or exported.
+
+    {
+      "limits": {"max_steps": 100, "max_n": 16, "max_batch_images": 8},
+      "queue_size": 64,
+      "batch_wait_ms": 10,
+      "rate_limit": {"per_second": 5, "burst": 10},
+      "api_keys": [{"id": "alice", "sha256": "<hex of sha256(key)>", "scopes": ["generate"]}],
+      "audit_db": "audit.sqlite3"
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from difforge.core.errors import InvalidArgumentError, check_choice
+
+Scope = Literal["generate", "admin"]
+InvarianceMode = Literal["pad", "per_sample", "off"]
+MAX_SEED = 2**32 - 1  # seeds accepted over HTTP (a uint32, as most clients can hold one exactly)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Limits(_Frozen):
+    """What one request may ask for; a violation is a 422 that costs no queue slot."""
+
+    max_steps: int = Field(100, ge=1)  # sampling steps per request
+    max_n: int = Field(16, ge=1)  # images per request
+    max_batch_images: int = Field(
+        8, ge=1
+    )  # forward rows per sampler call; guidance counts 2 per image
+    min_guidance: float = 0.0  # classifier-free guidance range, inclusive
+    max_guidance: float = 20.0
+    max_body_bytes: int = Field(16_384, ge=256)  # larger bodies get 413
+    allowed_samplers: tuple[str, ...] = (
+        "ddim",
+        "ddpm",
+        "dpmpp_2m",
+        "dpmpp_2m_sde",
+        "euler",
+        "euler_ancestral",
+        "heun",
+        "ipndm",
+    )
+
+    @field_validator("allowed_samplers")
+    @classmethod
+    def _known_samplers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from difforge.samplers import SAMPLERS
+
+        if not v:
+            raise ValueError("allow at least one sampler")
+        for name in v:
+            check_choice("sampler", name, SAMPLERS)
+        return v
+
+    @model_validator(mode="after")
+    def _guidance_range(self) -> Limits:
+        lo, hi = self.min_guidance, self.max_guidance
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ValueError(f"need finite min_guidance <= max_guidance, got {lo}, {hi}")
+        return self
+
+
+class RateLimit(_Frozen):
+    """A token bucket per API key: `per_second` requests on average, bursts of `burst`."""
+
+    per_second: float = Field(gt=0, allow_inf_nan=False)
+    burst: int = Field(ge=1)
+
+
+class ApiKey(_Frozen):
+    """One API key: its id (safe to log), the sha256 hex of the key, and what it may do."""
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scopes: tuple[Scope, ...] = ("generate",)
+    rate_limit: RateLimit | None = None  # overrides the service's default for this key
+
+
+class ServiceConfig(_Frozen):
+    """Everything `difforge serve` needs besides the model.
+
+    Batching: requests with the same model version, sampler, steps, grid, image shape, knobs and
+    guided-ness are merged into one sampler call of at most `limits.max_batch_images` forward rows,
+    waiting at most `batch_wait_ms` for company. `batch_invariance` decides how an image is kept
+    independent of its batch (see difforge.serving.invariance): "pad" runs every call at one fixed
+    shape (padding with throw-away rows), "per_sample" runs one image per call, "off" runs what
+    arrived (fastest; responses then say batch_invariant: false).
+    """
+
+    limits: Limits = Field(default_factory=Limits)
+    queue_size: int = Field(64, ge=1)  # requests waiting; one more gets 503 + Retry-After
+    batch_wait_ms: float = Field(10.0, ge=0, le=10_000, allow_inf_nan=False)
+    batch_invariance: InvarianceMode = "pad"
+    rate_limit: RateLimit | None = None  # default bucket for every key (None: unlimited)
+    api_keys: tuple[ApiKey, ...] = ()  # none: only loopback clients are answered
+    audit_db: str = "difforge-audit.sqlite3"  # SQLite file; ":memory:" keeps it in the process
+    default_deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_deadline_s: float = Field(600.0, gt=0, allow_inf_nan=False)
+    idempotency_entries: int = Field(1024, ge=1)  # remembered Idempotency-Key responses
+    idempotency_ttl_s: float = Field(3600.0, gt=0, allow_inf_nan=False)
+    torch_threads: int | None = Field(
+        None, ge=1
+    )  # intra-op threads of the sampler thread (None: torch's default)
+    warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_ids(cls, v: tuple[ApiKey, ...]) -> tuple[ApiKey, ...]:
+        ids = [k.id for k in v]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate API key ids: {', '.join(dupes)}")
+        return v
+
+    @property
+    def loopback_only(self) -> bool:
+        """No keys configured: the service answers loopback clients only."""
+        return not self.api_keys
+
+
+def hash_key(key: str) -> str:
+    """The sha256 hex digest stored in the config for API key `key`."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_service_config(path: str | Path | None) -> ServiceConfig:
+    """Read a ServiceConfig from JSON (None: all defaults).
+
+    Raises:
+        InvalidArgumentError: one line naming every bad field.
+    """
+    if path is None:
+        return ServiceConfig()
+    path = Path(path)
+    try:
+        return ServiceConfig.model_validate_json(path.read_text())
+    except ValidationError as e:
+        where = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
+        )
+        raise InvalidArgumentError(f"{path}: {where}") from None

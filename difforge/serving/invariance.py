@@ -1,0 +1,106 @@
+"""Is an image independent of the batch it was computed in? Measured, not assumed.
+
+Batched matrix kernels are not always batch-invariant in floating point (diffusers #2659): oneDNN
+and MKL pick blockings and thread splits by shape, so one sample's network output can change in
+its last bits with the batch size, and sometimes with its position in the batch. Over a sampling
+trajectory those bits grow into different uint8 pixels.
+
+Measured on this project's 2-core CPU (torch 2.13, tiny and MNIST-size U-Nets, one forward):
+  * every batch size > 1 differs from batch size 1 (max |diff| ~7e-7 per forward; after 8 dpmpp_2m
+    steps up to 5e-2 in data space, i.e. several uint8 levels on a trained model);
+  * at a FIXED batch size the output does not depend on the neighbours, and with 1 thread not on
+    the position either; with 2 threads it does for some sizes (5, 6, 7: rows >= 4 differ, the
+    second thread's share) and not for others (2, 3, 4, 8, 16).
+
+So the engine runs every sampler call at one fixed shape (`BatchPlan` mode "pad") and, before a
+model version serves, `probe` checks that shape end to end: a probe image computed at each
+position among different neighbours must come out bitwise identical. If it does not, the version
+falls back to one image per call ("per_sample", always invariant, no batching gain). The cost of
+"pad" is the padding rows: a lone request computes a full call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from difforge.model import Model
+from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
+
+
+@dataclass(frozen=True)
+class InvarianceReport:
+    """One probe of one call shape."""
+
+    rows: int  # images per sampler call
+    guided: bool
+    positions: tuple[int, ...]  # where the probe image was placed
+    differing: tuple[int, ...]  # positions whose output was not bitwise equal to position 0's
+    max_abs_diff: float  # over those positions, data space
+    alone_max_abs_diff: float  # the probe image at `rows` vs alone in a call of 1 (informational)
+
+    @property
+    def invariant(self) -> bool:
+        return not self.differing
+
+
+def probe_positions(rows: int) -> tuple[int, ...]:
+    """Every position for small calls; first, second, middle and last for large ones."""
+    if rows <= 8:
+        return tuple(range(rows))
+    return tuple(sorted({0, 1, rows // 2, rows - 1}))
+
+
+def probe(model: Model, key: BatchKey, rows: int) -> InvarianceReport:
+    """Place one probe image at each position of a `rows`-image call among other images.
+
+    Runs `key`'s sampler for its steps (keep them few: this runs at start-up).
+    """
+    classes = model.num_classes
+    label = 0 if classes else None
+    w = 3.0 if key.guided else 1.0
+    target = Row(seed=12345, label=label, guidance=w)
+
+    def neighbour(i: int, salt: int) -> Row:
+        lab = (i + salt) % classes if classes else None
+        return Row(seed=1000 * salt + i, label=lab, guidance=w + (0.5 if key.guided else 0))
+
+    positions = probe_positions(rows)
+    outputs = []
+    for p in positions:
+        batch = [neighbour(i, p + 1) for i in range(rows)]
+        batch[p] = target
+        x, _ = sample_rows(model, key, batch)
+        outputs.append(x[p])
+    ref = outputs[0]
+    diffs = [float((o - ref).abs().max()) for o in outputs]
+    alone, _ = sample_rows(model, key, [target])
+    return InvarianceReport(
+        rows=rows,
+        guided=key.guided,
+        positions=positions,
+        differing=tuple(
+            p for p, o in zip(positions, outputs, strict=True) if not torch.equal(o, ref)
+        ),
+        max_abs_diff=max(diffs),
+        alone_max_abs_diff=float((alone[0] - ref).abs().max()),
+    )
+
+
+def choose_plan(model: Model, keys: Sequence[BatchKey], mode: str, max_rows: int) -> BatchPlan:
+    """The BatchPlan a version serves with: "pad" if every probed shape is invariant, else
+    "per_sample"; "per_sample" and "off" are taken as asked (off is not probed)."""
+    plan = BatchPlan(mode, max_rows)
+    if mode != "pad":
+        return plan
+    reports = [probe(model, k, plan.micro(k.guided)) for k in keys]
+    ok = all(r.invariant for r in reports)
+    info = {
+        "requested": mode,
+        "invariant": ok,
+        "threads": torch.get_num_threads(),
+        "reports": [asdict(r) for r in reports],
+    }
+    return BatchPlan("pad" if ok else "per_sample", max_rows, info)

@@ -1,0 +1,130 @@
+"""Prometheus metrics of one service, in a registry of its own (two apps in one process never
+share counters). Names follow Prometheus conventions: base units in the name, `_total` counters.
+
+Labels are bounded: routes are path templates, versions are 12-hex prefixes of the weights'
+sha256, reasons come from a fixed set. No API key and no key id is ever a label.
+
+Cost per image is a query:
+    rate(difforge_image_cpu_seconds_sum[5m]) / rate(difforge_image_cpu_seconds_count[5m])
+(process CPU seconds of each sampler call, split evenly over its real images; padding rows are
+part of the cost they impose.)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+ERROR_REASONS = (
+    "validation",
+    "body_too_large",
+    "unauthorized",
+    "forbidden",
+    "rate_limited",
+    "queue_full",
+    "not_ready",
+    "shutdown",
+    "deadline",
+    "disconnect",
+    "idempotency_conflict",
+    "idempotency_mismatch",
+    "not_found",
+    "internal",
+)
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServiceMetrics:
+    """Every metric the service exports; `exposition()` is the body of GET /metrics."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.request_seconds = Histogram(
+            "difforge_http_request_duration_seconds",
+            "HTTP request latency by route template, method and status code.",
+            ["route", "method", "status"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "difforge_queue_wait_seconds",
+            "Time from acceptance to the start of the request's first sampler call.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            "difforge_batch_size_images",
+            "Real images (requests' images, padding excluded) per sampler call.",
+            ["version"],
+            buckets=_BATCH,
+            registry=r,
+        )
+        self.padding_images = Counter(
+            "difforge_batch_padding_images_total",
+            "Padding rows computed to keep sampler calls at a fixed, batch-invariant shape.",
+            ["version"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "difforge_denoising_step_seconds",
+            "Wall time of one denoising step of a sampler call.",
+            ["version", "sampler"],
+            buckets=_STEP,
+            registry=r,
+        )
+        self.nfe = Counter(
+            "difforge_nfe_total",
+            "Network function evaluations (batched forwards).",
+            ["version"],
+            registry=r,
+        )
+        self.images = Counter(
+            "difforge_images_total",
+            "Images returned to clients.",
+            ["version", "sampler"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "difforge_errors_total",
+            "Requests that ended in an error, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "difforge_queue_depth_requests", "Requests waiting for a sampler call.", registry=r
+        )
+        self.inflight = Gauge(
+            "difforge_inflight_requests", "Requests accepted and not yet answered.", registry=r
+        )
+        self.model_info = Gauge(
+            "difforge_model_info",
+            "Served model versions (value 1) with their name, version id and role.",
+            ["name", "version", "role"],
+            registry=r,
+        )
+        self.image_cpu_seconds = Histogram(
+            "difforge_image_cpu_seconds",
+            "Process CPU seconds of a sampler call attributed to each of its real images.",
+            ["version"],
+            buckets=(*_STEP, 10, 30),
+            registry=r,
+        )
+        for reason in ERROR_REASONS:
+            self.errors.labels(reason)  # exported as 0 from the start
+
+    def set_models(self, versions: list[tuple[str, str, str]]) -> None:
+        """(name, version, role) of every served version; replaces the previous set."""
+        self.model_info.clear()
+        for name, version, role in versions:
+            self.model_info.labels(name, version, role).set(1)
+
+    def error(self, reason: str) -> None:
+        self.errors.labels(reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

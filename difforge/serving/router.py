@@ -1,0 +1,161 @@
+"""Which model version answers a request: a production version, optionally a canary with a share
+of the traffic, and swaps that never fail a request.
+
+A request is routed once, when it is accepted, and keeps a reference to its `ModelVersion` until it
+is answered; a swap only changes which version *new* requests get, so requests already queued or
+running finish on the version they started with. A version is installed only after it has been
+loaded and warmed up (the service does that before calling `swap`/`set_canary`).
+
+The canary share is stable: the routing key (API key id + seed, or the request id when no seed was
+given) is hashed to a number in [0, 1), and requests under `share` go to the canary. The same key
+and seed always reach the same version for a given share.
+
+For the registry engineer: `ModelRouter` is the seam. Resolve an alias to a model folder, `load`
+it, `await service.install(model, role=...)` (warms it, then calls the methods below).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+from difforge.core.errors import InvalidArgumentError
+from difforge.model import Model
+from difforge.serving.batching import BatchPlan
+from difforge.serving.protocol import ModelFacts
+
+Role = Literal["production", "canary"]
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """A loaded model as the service holds it."""
+
+    model: Model
+    plan: BatchPlan | None = None  # set by warm-up; None: not ready
+    warmup_seconds: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """Short version id used in batch keys and metric labels: the weights' sha256 prefix."""
+        return self.model.sha256[:12]
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def ready(self) -> bool:
+        return self.plan is not None
+
+    def facts(self) -> ModelFacts:
+        s = self.model.config.sampling
+        return ModelFacts(self.model.num_classes, s.sampler, s.steps, s.guidance, s.grid)
+
+    def describe(self) -> dict:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "version": self.id,
+            "sha256": self.model.sha256,
+            "num_classes": cfg.num_classes,
+            "image_shape": list(cfg.image_shape),
+            "defaults": cfg.sampling.model_dump(),
+            "ready": self.ready,
+            "batching": None
+            if self.plan is None
+            else {"mode": self.plan.mode, "invariant": self.plan.invariant},
+        }
+
+
+def routing_fraction(routing_key: str) -> float:
+    """A stable number in [0, 1) for a routing key (first 8 bytes of its sha256)."""
+    digest = hashlib.sha256(routing_key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def check_compatible(a: Model, b: Model) -> None:
+    """Versions served side by side must accept the same requests."""
+    if a.num_classes != b.num_classes or tuple(a.image_shape) != tuple(b.image_shape):
+        raise InvalidArgumentError(
+            f"model {b.name!r} ({b.num_classes} classes, shape {tuple(b.image_shape)}) cannot "
+            f"serve beside {a.name!r} ({a.num_classes} classes, shape {tuple(a.image_shape)})"
+        )
+
+
+class ModelRouter:
+    """Holds the production version and an optional canary; thread-safe swaps.
+
+    Args:
+        production: the version that answers requests not sent to the canary.
+    """
+
+    def __init__(self, production: ModelVersion):
+        self._lock = threading.Lock()
+        self._production = production
+        self._canary: ModelVersion | None = None
+        self._share = 0.0
+
+    @property
+    def production(self) -> ModelVersion:
+        return self._production
+
+    @property
+    def canary(self) -> ModelVersion | None:
+        return self._canary
+
+    @property
+    def canary_share(self) -> float:
+        return self._share
+
+    def versions(self) -> list[tuple[Role, ModelVersion]]:
+        with self._lock:
+            out: list[tuple[Role, ModelVersion]] = [("production", self._production)]
+            if self._canary is not None:
+                out.append(("canary", self._canary))
+            return out
+
+    def route(self, routing_key: str) -> tuple[Role, ModelVersion]:
+        """The version for a request with this routing key."""
+        with self._lock:
+            prod, canary, share = self._production, self._canary, self._share
+        if canary is not None and routing_fraction(routing_key) < share:
+            return "canary", canary
+        return "production", prod
+
+    def swap(self, version: ModelVersion) -> ModelVersion:
+        """Make a ready `version` production; returns the old one (still finishing its requests)."""
+        self._require_ready(version)
+        with self._lock:
+            check_compatible(self._production.model, version.model)
+            old, self._production = self._production, version
+        return old
+
+    def set_canary(self, version: ModelVersion | None, share: float = 0.0) -> None:
+        """Send `share` of the traffic (0..1) to a ready `version`; None removes the canary."""
+        if not 0.0 <= share <= 1.0:
+            raise InvalidArgumentError(f"canary share must be in [0, 1], got {share}")
+        if version is not None:
+            self._require_ready(version)
+            check_compatible(self._production.model, version.model)
+        with self._lock:
+            self._canary, self._share = version, (share if version is not None else 0.0)
+
+    def promote_canary(self) -> ModelVersion:
+        """The canary becomes production (all traffic); returns the old production version."""
+        with self._lock:
+            if self._canary is None:
+                raise InvalidArgumentError("there is no canary to promote")
+            old, self._production = self._production, self._canary
+            self._canary, self._share = None, 0.0
+        return old
+
+    @staticmethod
+    def _require_ready(version: ModelVersion) -> None:
+        if not version.ready:
+            raise InvalidArgumentError(
+                f"model version {version.id} is not warmed up; install it through the service"
+            )

@@ -1,0 +1,432 @@
+"""The service: one object that owns the router, engine, access control, rate limiter, idempotency
+store, audit log and metrics, and carries a generation request through them.
+
+POST /v1/generate, in order (each step costs less than the next, so cheap rejections stay cheap):
+authorize (401/403) -> rate limit (429) -> read the body (413) -> idempotency claim (replay, 409,
+422) -> parse and validate (422) -> route to a model version -> enqueue (503) -> wait for the
+images, the deadline (504) or a disconnect -> encode -> audit -> answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from difforge.core.errors import DifforgeError
+from difforge.model import Model
+from difforge.serving.access import AccessControl, AccessDenied, Principal, RateLimiter
+from difforge.serving.audit import AuditEntry, AuditLog
+from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
+from difforge.serving.config import ServiceConfig
+from difforge.serving.encode import encode_images, json_body, pixels_sha256
+from difforge.serving.engine import Engine, Job, JobFailed, QueueFull
+from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse
+from difforge.serving.invariance import choose_plan
+from difforge.serving.metrics import ServiceMetrics
+from difforge.serving.protocol import Plan, RequestInvalid, parse_body, resolve
+from difforge.serving.router import ModelRouter, ModelVersion, Role
+
+log = logging.getLogger("difforge.serving")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+Receive = Callable[[], Awaitable[dict]]
+
+
+class HTTPFailure(DifforgeError):
+    """A request that ends in an error response (the app turns it into JSON)."""
+
+    def __init__(self, status: int, detail: Any, reason: str, headers: dict | None = None):
+        self.status, self.detail, self.reason = status, detail, reason
+        self.headers = headers or {}
+        super().__init__(str(detail))
+
+
+@dataclass
+class GenerateCall:
+    """What the route hands the service: who asks, the raw body and the relevant headers."""
+
+    principal: Principal
+    body: bytes
+    request_id: str | None = None  # X-Request-Id, optional
+    idempotency_key: str | None = None
+    receive: Receive | None = None  # the ASGI receive channel, to notice a disconnect
+    accepted: float = field(default_factory=time.monotonic)
+
+
+class Service:
+    """Everything behind the routes.
+
+    Args:
+        config: the service configuration.
+        router: the model versions (they are warmed up by `start`).
+    """
+
+    def __init__(self, config: ServiceConfig, router: ModelRouter):
+        self.config = config
+        self.router = router
+        self.metrics = ServiceMetrics()
+        self.engine = Engine(config, self.metrics)
+        self.access = AccessControl(config)
+        self.limiter = RateLimiter(config)
+        self.idempotency = IdempotencyStore(config.idempotency_entries, config.idempotency_ttl_s)
+        self.audit = AuditLog(config.audit_db)
+        self._warming: asyncio.Task | None = None
+        self._threads_before: int | None = None
+        self._publish_models()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the engine and warm every version in the background (ready when done)."""
+        await self.engine.start()
+        if self.config.torch_threads:
+            # Set on the sampler thread: that thread's OpenMP team is what runs the batches.
+            self._threads_before = await self.engine.call(_set_threads, self.config.torch_threads)
+        versions = [v for _, v in self.router.versions() if not v.ready]
+        self._warming = asyncio.create_task(self._warm_all(versions), name="difforge-warmup")
+
+    async def _warm_all(self, versions: list[ModelVersion]) -> None:
+        for version in versions:
+            try:
+                await self.warm(version)
+            except Exception:
+                log.exception("warm-up of model version %s failed", version.id)
+                raise
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until every version is warmed (raises if warm-up failed or took too long)."""
+        if self._warming is not None:
+            await asyncio.wait_for(asyncio.shield(self._warming), timeout)
+
+    async def stop(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()
+        if self._threads_before is not None:  # torch's thread count is process state: restore it
+            await self.engine.call(_set_threads, self._threads_before)
+        await self.engine.stop()
+        self.audit.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.router.production.ready and self._warming is not None and self._warming.done()
+
+    async def warm(self, version: ModelVersion) -> BatchPlan:
+        """Run the version once at every call shape and choose its batch plan (on the sampler thread)."""
+        t0 = time.perf_counter()
+        plan = await self.engine.call(self._warm_sync, version)
+        version.plan, version.warmup_seconds = plan, time.perf_counter() - t0
+        log.info("model %s (%s) ready: batching %s", version.name, version.id, plan.mode)
+        return plan
+
+    def _warm_sync(self, version: ModelVersion) -> BatchPlan:
+        model = version.model
+        keys = [
+            self._key(version, model.config.sampling.sampler, self.config.warmup_steps, False, ())
+        ]
+        if model.num_classes:
+            keys.append(self._key(version, keys[0].sampler, self.config.warmup_steps, True, ()))
+        probe_plan = BatchPlan(self.config.batch_invariance, self.config.limits.max_batch_images)
+        for key in keys:  # the first call at a shape pays one-off kernel set-up; do it now
+            rows = [
+                Row(
+                    seed=0,
+                    label=0 if model.num_classes else None,
+                    guidance=2.0 if key.guided else 1.0,
+                )
+            ]
+            sample_rows(model, key, rows, pad_to=probe_plan.micro(key.guided))
+        return choose_plan(model, keys, self.config.batch_invariance, probe_plan.max_rows)
+
+    async def install(
+        self, model: Model, role: Role = "production", share: float = 0.0
+    ) -> ModelVersion:
+        """Warm `model`, then make it production or the canary (with `share` of the traffic).
+
+        Requests already accepted finish on the version they were routed to; none fails.
+        """
+        version = ModelVersion(model)
+        await self.warm(version)
+        if role == "production":
+            self.router.swap(version)
+        else:
+            self.router.set_canary(version, share)
+        self._publish_models()
+        return version
+
+    def _publish_models(self) -> None:
+        self.metrics.set_models([(v.name, v.id, role) for role, v in self.router.versions()])
+
+    # -- generate --------------------------------------------------------------------------------
+
+    async def generate(self, call: GenerateCall) -> StoredResponse:
+        """Run one POST /v1/generate; raises HTTPFailure for every error response."""
+        principal = call.principal
+        wait = self.limiter.acquire(principal.key_id)
+        if wait is not None:
+            raise HTTPFailure(429, "rate limit exceeded for this key", "rate_limited", _retry(wait))
+        request_id = self._request_id(call.request_id)
+        idem = call.idempotency_key
+        if idem:
+            try:
+                stored = self.idempotency.claim(principal.key_id, idem, call.body)
+            except IdempotencyConflict as e:
+                reason = "idempotency_conflict" if e.status == 409 else "idempotency_mismatch"
+                raise HTTPFailure(e.status, str(e), reason) from None
+            if stored is not None:
+                return StoredResponse(
+                    stored.status,
+                    stored.body,
+                    stored.media_type,
+                    {**stored.headers, "Idempotent-Replayed": "true"},
+                )
+        try:
+            response = await self._generate(call, request_id)
+        except BaseException:
+            if idem:
+                self.idempotency.release(principal.key_id, idem)
+            raise
+        if idem:
+            self.idempotency.complete(principal.key_id, idem, response)
+        return response
+
+    def _request_id(self, given: str | None) -> str:
+        if given is None:
+            return uuid.uuid4().hex
+        if not _REQUEST_ID.match(given):
+            raise HTTPFailure(
+                422,
+                [
+                    {
+                        "loc": ["header", "x-request-id"],
+                        "msg": "8-64 of A-Z a-z 0-9 . _ -",
+                        "type": "value_error",
+                    }
+                ],
+                "validation",
+            )
+        if given in self.engine.jobs:
+            raise HTTPFailure(
+                409, "a request with this X-Request-Id is in progress", "idempotency_conflict"
+            )
+        return given
+
+    async def _generate(self, call: GenerateCall, request_id: str) -> StoredResponse:
+        prod = self.router.production
+        if not self.ready:
+            raise HTTPFailure(503, "the model is warming up", "not_ready", _retry(1.0))
+        try:
+            req = parse_body(call.body, self.config.limits)
+            plan = resolve(
+                req,
+                self.config.limits,
+                prod.facts(),
+                default_deadline_s=self.config.default_deadline_s,
+                max_deadline_s=self.config.max_deadline_s,
+            )
+        except RequestInvalid as e:
+            self._audit(call, request_id, "invalid", e.status, {"errors": e.errors}, None)
+            reason = "body_too_large" if e.status == 413 else "validation"
+            raise HTTPFailure(e.status, e.errors, reason, {"X-Request-Id": request_id}) from None
+        seed_key = f"{call.principal.key_id}:{plan.seeds[0]}"
+        role, version = self.router.route(seed_key)
+        job = self._job(request_id, version, role, plan, call.accepted)
+        job.key_id = call.principal.key_id
+        try:
+            future = self.engine.submit(job)
+        except QueueFull as e:
+            raise HTTPFailure(
+                503, "the queue is full", "queue_full", _retry(e.retry_after)
+            ) from None
+        await self._wait(job, future, call, plan)
+        return self._respond(call, job, plan)
+
+    def _key(
+        self, version: ModelVersion, sampler: str, steps: int, guided: bool, options
+    ) -> BatchKey:
+        cfg = version.model.config
+        return BatchKey(
+            version.id, sampler, steps, cfg.sampling.grid, tuple(cfg.image_shape), guided, options
+        )
+
+    def _job(
+        self, request_id: str, version: ModelVersion, role: str, plan: Plan, accepted: float
+    ) -> Job:
+        guided = plan.labels is not None and plan.guidance != 1.0
+        labels = plan.labels or (None,) * plan.n
+        rows = [
+            Row(seed=s, label=lab, guidance=plan.guidance)
+            for s, lab in zip(plan.seeds, labels, strict=True)
+        ]
+        deadline = None if plan.deadline_s is None else accepted + plan.deadline_s
+        key = self._key(version, plan.sampler, plan.steps, guided, plan.options)
+        return Job(request_id, version, role, key, rows, deadline=deadline, accepted=accepted)
+
+    async def _wait(self, job: Job, future: asyncio.Future, call: GenerateCall, plan: Plan) -> None:
+        """Until the images are done; cancels the job on deadline, disconnect or task cancel."""
+        watcher = asyncio.ensure_future(_disconnected(call.receive)) if call.receive else None
+        timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
+        try:
+            waiting = {future} if watcher is None else {future, watcher}
+            done, _ = await asyncio.wait(
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:  # the request task itself was cancelled: the client left
+            self._cancel(job, call, plan, "disconnect")
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if future in done and not future.cancelled():
+            exc = future.exception()
+            if exc is None:
+                return
+            self._audit(call, job.request_id, "error", 500, plan.params(), job)
+            raise HTTPFailure(500, "internal error", "internal", _rid(job)) from exc
+        reason = "disconnect" if watcher is not None and watcher in done else "deadline"
+        raise self._cancel(job, call, plan, job.cancel_reason or reason)
+
+    def _cancel(self, job: Job, call: GenerateCall, plan: Plan, reason: str) -> HTTPFailure:
+        """Cancel `job` (the engine drops or stops it), audit it, and return the error to answer."""
+        job.cancel(reason)
+        self.engine.wake()
+        if reason == "shutdown":
+            return HTTPFailure(503, "the service is shutting down", "shutdown", _retry(5.0))
+        status = 504 if reason == "deadline" else 499
+        outcome = "deadline_exceeded" if status == 504 else "cancelled"
+        self._audit(call, job.request_id, outcome, status, plan.params(), job)
+        return HTTPFailure(status, f"request cancelled: {reason}", reason, _rid(job))
+
+    def _respond(self, call: GenerateCall, job: Job, plan: Plan) -> StoredResponse:
+        images = [img for img in job.images if img is not None]
+        digest = pixels_sha256(images)
+        model = job.version.model
+        common = {
+            "model": model.name,
+            "model_sha256": model.sha256,
+            "model_version": job.version.id,
+            "sampler": plan.sampler,
+            "steps": plan.steps,
+            "guidance": plan.guidance,
+            "grid": plan.grid,
+            "options": dict(plan.options),
+            "request_id": job.request_id,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "synthetic": "true",
+            "software": "difforge",
+        }
+        encoded = encode_images(images, common, plan.seeds, plan.labels)
+        headers = {
+            "X-Request-Id": job.request_id,
+            "X-Output-SHA256": digest,
+            "X-Model-Version": job.version.id,
+        }
+        self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
+        self._audit(call, job.request_id, "ok", 200, plan.params(), job, digest)
+        if plan.response_format == "png":
+            return StoredResponse(200, encoded[0][1], "image/png", headers)
+        extra = {
+            "role": job.role,
+            "nfe": job.nfe,
+            "batch_images": job.call_images,
+            "batch_invariant": job.version.plan is not None and job.version.plan.invariant,
+        }
+        return StoredResponse(
+            200,
+            json_body(job.request_id, common, encoded, digest, extra),
+            "application/json",
+            headers,
+        )
+
+    def _audit(
+        self,
+        call: GenerateCall,
+        request_id: str,
+        status: str,
+        http: int,
+        params,
+        job: Job | None,
+        digest=None,
+    ):
+        version = job.version if job is not None else None
+        detail = {}
+        if job is not None:
+            detail = {
+                "steps_completed": job.step,
+                "calls": job.call_images,
+                "nfe": job.nfe,
+                "cancel": job.cancel_reason,
+            }
+        self.audit.append(
+            AuditEntry(
+                request_id=request_id,
+                status=status,
+                http_status=http,
+                params=params,
+                latency_ms=(time.monotonic() - call.accepted) * 1000,
+                key_id=call.principal.key_id,
+                model_name=version.name if version else None,
+                model_sha256=version.model.sha256 if version else None,
+                role=job.role if job else None,
+                output_sha256=digest,
+                detail=detail,
+            )
+        )
+
+    # -- admin -----------------------------------------------------------------------------------
+
+    def request_status(self, request_id: str, principal: Principal) -> dict | None:
+        """A running request's progress, or its audit record; None if absent or not the caller's."""
+        job = self.engine.jobs.get(request_id)
+        if job is not None:
+            if not (principal.may("admin") or principal.key_id == job.key_id):
+                return None
+            return {
+                "request_id": request_id,
+                "status": job.status,
+                "progress": round(job.progress, 4),
+            }
+        record = self.audit.get(request_id)
+        if record is None or not (principal.may("admin") or record["key_id"] == principal.key_id):
+            return None
+        return {
+            "request_id": request_id,
+            "status": record["status"],
+            "progress": 1.0,
+            "record": record,
+        }
+
+
+def _rid(job: Job) -> dict[str, str]:
+    return {"X-Request-Id": job.request_id}
+
+
+def _set_threads(n: int) -> int:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
+
+
+def _retry(seconds: float) -> dict[str, str]:
+    from difforge.serving.access import retry_after_header
+
+    return {"Retry-After": retry_after_header(seconds)}
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client has gone (http.disconnect on the ASGI receive channel)."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+__all__ = ["AccessDenied", "GenerateCall", "HTTPFailure", "JobFailed", "Service"]

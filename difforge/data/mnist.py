@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import struct
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,10 +13,18 @@ import numpy as np
 import torch
 
 from difforge.core.errors import DifforgeError, check_choice
-from difforge.data.hashing import content_hash
+from difforge.data.dataset import ImageDataset
 
 Split = Literal["train", "test"]
 SPLITS = ("train", "test")
+__all__ = [
+    "SPLITS",
+    "DatasetUnavailableError",
+    "ImageDataset",
+    "load_mnist",
+    "mnist_dir",
+    "read_idx",
+]
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -50,31 +57,6 @@ def read_idx(path: Path) -> np.ndarray:
     if arr.size != int(np.prod(shape)):
         raise DifforgeError(f"{path}: truncated IDX file ({arr.size} of {np.prod(shape)} values)")
     return arr.reshape(shape)
-
-
-@dataclass(frozen=True)
-class ImageDataset:
-    """Decoded images and labels in memory.
-
-    images: uint8 (N, C, H, W); labels: int64 (N,) or None; num_classes: 0 if unlabelled.
-    """
-
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    num_classes: int
-    content_hash: str = field(default="")
-
-    def __post_init__(self) -> None:
-        if not self.content_hash:
-            object.__setattr__(self, "content_hash", content_hash(self.images, self.labels))
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def as_float(self) -> torch.Tensor:
-        """Images as float32 in [-1, 1], shape (N, C, H, W)."""
-        return self.images.float().div(127.5).sub(1.0)
 
 
 @lru_cache(maxsize=2)

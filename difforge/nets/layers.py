@@ -1,0 +1,157 @@
+"""Building blocks shared by difforge's networks: noise embedding, FiLM residual blocks, attention.
+
+Architecture only: nothing here knows what c_noise means (DDPM timestep, flow time or EDM's
+ln(sigma)/4); it is embedded the same way whatever process produced it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Transformer sinusoidal features of a scalar per sample (Vaswani et al. 2017, Sec. 3.5).
+
+    Frequencies are geometric from 1 down to 1/max_period, as in DDPM/ADM and EDM's DDPM++
+    (which feeds it ln(sigma)/4). The band suits DDPM timesteps in [0, 1000] (slowest period
+    ~6e4 > 1000) and inputs of order 1 (EDM c_noise, flow t: the fastest channels still turn
+    by ~1 rad across the range), and every frequency is <= 1 so non-integer timesteps between
+    DDPM's integer ones never alias.
+
+    Args:
+        c_noise: (B,) float noise-level input.
+        dim: even embedding width.
+        max_period: slowest period, in units of c_noise.
+
+    Returns:
+        (B, dim) float32: [cos(f_i c), sin(f_i c)].
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=c_noise.device)
+        / half
+    )  # (half,)
+    args = c_noise.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, dim)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so its residual branch starts as the identity (ADM, Dhariwal & Nichol 2021)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class NoiseEmbedding(nn.Module):
+    """c_noise (B,) -> sinusoidal features -> 2-layer MLP -> (B, emb_dim)."""
+
+    def __init__(self, freq_dim: int, emb_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        feats = sinusoidal_embedding(c_noise, self.freq_dim)  # (B, freq_dim) float32
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))  # (B, emb_dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm residual block with noise-embedding scale/shift (AdaGN / FiLM; ADM, Sec. 3).
+
+    h = conv(SiLU(GN(x))); h = GN(h) * (1 + scale) + shift; out = skip(x) + conv(drop(SiLU(h))),
+    with (scale, shift) = Linear(SiLU(emb)) and the last conv zero-initialised.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out, 1, 1) x2
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))  # (B, out, H, W)
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, plus cross-attention to a context.
+
+    x = x + SelfAttn(GN(x)); if context is given: x = x + CrossAttn(GN(x), context), queries
+    from the image, keys/values from the (B, L, context_dim) context (Rombach et al. 2022,
+    Sec. 3.3). Both output projections are zero-initialised.
+    """
+
+    def __init__(self, ch: int, head_dim: int, groups: int, context_dim: int | None):
+        super().__init__()
+        self.heads = ch // head_dim
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = zero_module(nn.Linear(ch, ch))
+        self.cross = None
+        if context_dim is not None:
+            self.cross = nn.ModuleDict(
+                {
+                    "norm": nn.GroupNorm(groups, ch),
+                    "q": nn.Linear(ch, ch),
+                    "kv": nn.Linear(context_dim, 2 * ch),
+                    "proj": zero_module(nn.Linear(ch, ch)),
+                }
+            )
+
+    def _split(self, t: Tensor) -> Tensor:
+        B, T, C = t.shape
+        return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+        B, nh, T, hs = out.shape
+        return out.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(h).chunk(3, dim=2)  # (B, HW, C) x3
+        out = self.proj(self._attend(q, k, v))  # (B, HW, C)
+        x = x + out.transpose(1, 2).reshape(B, C, H, W)
+        if self.cross is not None and context is not None:
+            h = self.cross["norm"](x).flatten(2).transpose(1, 2)  # (B, HW, C)
+            k, v = self.cross["kv"](context.to(h.dtype)).chunk(2, dim=2)  # (B, L, C) x2
+            out = self.cross["proj"](self._attend(self.cross["q"](h), k, v))  # (B, HW, C)
+            x = x + out.transpose(1, 2).reshape(B, C, H, W)
+        return x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 convolution: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

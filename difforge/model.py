@@ -381,9 +381,10 @@ class Model:
         from difforge.samplers import sample
 
         d = self.config.sampling
-        sampler, steps = sampler or d.sampler, steps or d.steps
+        sampler = d.sampler if sampler is None else sampler
+        steps = d.steps if steps is None else steps
         guidance = d.guidance if guidance is None else float(guidance)
-        grid = grid or d.grid
+        grid = d.grid if grid is None else grid
         labels, seeds = self._labels_and_seeds(labels, n, seed, seeds)
         cond = uncond = None
         if labels is not None:

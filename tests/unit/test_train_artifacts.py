@@ -110,6 +110,7 @@ def test_sample_is_seeded_per_image(model_dir):
         ({"seeds": [1, 2], "n": 3}, "2 seeds for 3 images"),
         ({"n": 0}, "n must be a positive integer"),
         ({"sampler": "plms"}, "unknown sampler"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
     ],
 )
 def test_sample_rejects_bad_arguments(model_dir, kwargs, message):

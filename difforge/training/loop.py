@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.core.processes import make_process
-from difforge.data.mnist import ImageDataset
+from difforge.data.dataset import ImageDataset
 from difforge.model import Model, build_denoiser, build_network, load_weights_strict
 from difforge.training import checkpoint as ckpt
 from difforge.training.config import TrainConfig, config_diff

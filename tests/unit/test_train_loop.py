@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from difforge.data.mnist import ImageDataset
+from difforge.data import ImageDataset
 from difforge.training import (
     CheckpointError,
     NonFiniteTrainingError,

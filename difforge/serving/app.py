@@ -14,13 +14,15 @@ Routes validate, hand to the service, encode; errors become JSON with a field-le
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from difforge.serving.access import AccessDenied, Principal, is_loopback
@@ -98,12 +100,18 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="difforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.add_middleware(_Edge, service=service)
-    page = resources.files("difforge.serving").joinpath("static/index.html").read_text()
+    _add_error_handlers(app, service)
+    app.include_router(_api_routes(service))
+    app.include_router(_ops_routes(service))
+    return app
 
-    def principal(request: Request, scope: str) -> Principal:
-        host = request.client.host if request.client else None
-        return service.access.authorize(request.headers, host, scope)
 
+def _principal(service: Service, request: Request, scope: str) -> Principal:
+    host = request.client.host if request.client else None
+    return service.access.authorize(request.headers, host, scope)
+
+
+def _add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(HTTPFailure)
     async def _failure(request: Request, exc: HTTPFailure):
         service.metrics.error(exc.reason)
@@ -120,9 +128,14 @@ def create_app(service: Service) -> FastAPI:
         service.metrics.error("body_too_large" if exc.status == 413 else "validation")
         return JSONResponse(validation_body(exc.errors), exc.status)
 
-    @app.post("/v1/generate")
+
+def _api_routes(service: Service) -> APIRouter:
+    """What clients call: generate, models, request status."""
+    api = APIRouter()
+
+    @api.post("/v1/generate")
     async def generate(request: Request) -> Response:
-        who = principal(request, "generate")
+        who = _principal(service, request, "generate")
         body = await read_body(request, service.config.limits.max_body_bytes)
         call = GenerateCall(
             who,
@@ -133,55 +146,56 @@ def create_app(service: Service) -> FastAPI:
         )
         return _stored(await service.generate(call))
 
-    @app.get("/v1/models")
+    @api.get("/v1/models")
     async def models(request: Request) -> dict:
-        principal(request, "generate")
+        _principal(service, request, "generate")
         router = service.router
-        limits = service.config.limits
         return {
             "models": [{"role": role, **v.describe()} for role, v in router.versions()],
             "canary_share": router.canary_share,
-            "limits": limits.model_dump(mode="json"),
+            "limits": service.config.limits.model_dump(mode="json"),
         }
 
-    @app.get("/v1/requests/{request_id}")
+    @api.get("/v1/requests/{request_id}")
     async def request_status(request_id: str, request: Request) -> dict:
-        status = service.request_status(request_id, principal(request, "any"))
+        status = service.request_status(request_id, _principal(service, request, "any"))
         if status is None:
             raise HTTPFailure(404, "no such request", "not_found")
         return status
 
-    @app.get("/v1/audit/verify")
-    async def audit_verify(request: Request) -> dict:
-        principal(request, "admin")
-        v = service.audit.verify()
-        return {
-            "ok": v.ok,
-            "rows": v.rows,
-            "first_bad_seq": v.first_bad_seq,
-            "reason": v.reason,
-            "head": service.audit.head(),
-        }
+    return api
 
-    @app.get("/v2/health/live")
+
+def _ops_routes(service: Service) -> APIRouter:
+    """What operators call: health, metrics, audit verification, and the web page."""
+    ops = APIRouter()
+    page = resources.files("difforge.serving").joinpath("static/index.html").read_text()
+
+    @ops.get("/v1/audit/verify")
+    async def audit_verify(request: Request) -> dict:
+        _principal(service, request, "admin")
+        v = await asyncio.to_thread(service.audit.verify)  # reads every row: off the loop
+        return {**dataclasses.asdict(v), "head": service.audit.head()}
+
+    @ops.get("/v2/health/live")
     async def live() -> dict:
         return {"live": True}
 
-    @app.get("/v2/health/ready")
+    @ops.get("/v2/health/ready")
     async def ready() -> Response:
         ok = service.ready
         return JSONResponse({"ready": ok}, 200 if ok else 503)
 
-    @app.get("/metrics")
+    @ops.get("/metrics")
     async def metrics(request: Request) -> Response:
-        principal(request, "admin")
+        _principal(service, request, "admin")
         return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
 
-    @app.get("/", response_class=HTMLResponse)
+    @ops.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    return app
+    return ops
 
 
 def build_service(model_path: str | Path, config: ServiceConfig) -> Service:

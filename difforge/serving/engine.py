@@ -123,9 +123,13 @@ class Engine:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="difforge-batcher")
 
-    async def stop(self) -> None:
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every accepted request (running calls stop at their next step)."""
         for job in list(self.jobs.values()):
-            job.cancel("shutdown")
+            job.cancel(reason)
+
+    async def stop(self) -> None:
+        self.cancel_all("shutdown")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -5,12 +5,16 @@ and MKL pick blockings and thread splits by shape, so one sample's network outpu
 its last bits with the batch size, and sometimes with its position in the batch. Over a sampling
 trajectory those bits grow into different uint8 pixels.
 
-Measured on this project's 2-core CPU (torch 2.13, tiny and MNIST-size U-Nets, one forward):
-  * every batch size > 1 differs from batch size 1 (max |diff| ~7e-7 per forward; after 8 dpmpp_2m
-    steps up to 5e-2 in data space, i.e. several uint8 levels on a trained model);
+Measured on this project's 2-core AMD EPYC (torch 2.13, random-weight difforge U-Nets;
+`python -m benchmarks.serve_load --only-invariance --net {tiny,small,mnist}`):
+  * one forward at any batch size > 1 differs from the same image at batch size 1 (max |diff|
+    ~1e-6); over 8-10 guided dpmpp_2m steps that grows to 0.04-0.09 in data space (these random
+    nets' outputs were clamped, so no uint8 pixel changed in those runs; one uint8 level is
+    0.0078, so a pixel inside the range moves by up to ~10 levels). Uint8 rounding is no guarantee;
+    the engine does not rely on it;
   * at a FIXED batch size the output does not depend on the neighbours, and with 1 thread not on
-    the position either; with 2 threads it does for some sizes (5, 6, 7: rows >= 4 differ, the
-    second thread's share) and not for others (2, 3, 4, 8, 16).
+    the position either; with 2 threads it does for some sizes (5, 6, 7: rows >= 4, the second
+    thread's share, differ) and not for others (2, 3, 4, 8, 16).
 
 So the engine runs every sampler call at one fixed shape (`BatchPlan` mode "pad") and, before a
 model version serves, `probe` checks that shape end to end: a probe image computed at each

@@ -110,6 +110,7 @@ class Service:
     async def stop(self) -> None:
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()
+        self.engine.cancel_all("shutdown")
         if self._threads_before is not None:  # torch's thread count is process state: restore it
             await self.engine.call(_set_threads, self._threads_before)
         await self.engine.stop()

@@ -460,8 +460,21 @@ def serve_command(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
-    app(args=argv if argv is not None else sys.argv[1:])
+    """Console entry point: usage errors become one line too, with click's exit code 2."""
+    # typer vendors click; BadParameter is public, its base UsageError is reached through it.
+    usage_error = typer.BadParameter.__mro__[1]
+    try:
+        args = argv if argv is not None else sys.argv[1:]
+        rc = app(args=args, prog_name="difforge", standalone_mode=False)
+    except usage_error as e:
+        if e.format_message():  # empty when click already printed the help (no arguments)
+            where = e.ctx.command_path if getattr(e, "ctx", None) else "difforge"
+            typer.echo(f"error: {e.format_message()} (see: {where} --help)", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -221,24 +221,11 @@ class Service:
         return given
 
     async def _generate(self, call: GenerateCall, request_id: str) -> StoredResponse:
-        prod = self.router.production
+        plan = self._plan(call, request_id)  # before any 5xx: an invalid request is always a 4xx
         if not self.ready:
             raise HTTPFailure(503, "the model is warming up", "not_ready", _retry(1.0))
-        try:
-            req = parse_body(call.body, self.config.limits)
-            plan = resolve(
-                req,
-                self.config.limits,
-                prod.facts(),
-                default_deadline_s=self.config.default_deadline_s,
-                max_deadline_s=self.config.max_deadline_s,
-            )
-        except RequestInvalid as e:
-            self._audit(call, request_id, "invalid", e.status, {"errors": e.errors}, None)
-            reason = "body_too_large" if e.status == 413 else "validation"
-            raise HTTPFailure(e.status, e.errors, reason, {"X-Request-Id": request_id}) from None
-        seed_key = f"{call.principal.key_id}:{plan.seeds[0]}"
-        role, version = self.router.route(seed_key)
+        # Routing key: the same API key and seed always reach the same version (canary share).
+        role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
         job = self._job(request_id, version, role, plan, call.accepted)
         job.key_id = call.principal.key_id
         try:
@@ -249,6 +236,23 @@ class Service:
             ) from None
         await self._wait(job, future, call, plan)
         return self._respond(call, job, plan)
+
+    def _plan(self, call: GenerateCall, request_id: str) -> Plan:
+        """Parse and validate the body against the limits and the production model (versions
+        served side by side accept the same requests; see router.check_compatible)."""
+        try:
+            req = parse_body(call.body, self.config.limits)
+            return resolve(
+                req,
+                self.config.limits,
+                self.router.production.facts(),
+                default_deadline_s=self.config.default_deadline_s,
+                max_deadline_s=self.config.max_deadline_s,
+            )
+        except RequestInvalid as e:
+            self._audit(call, request_id, "invalid", e.status, {"errors": e.errors}, None)
+            reason = "body_too_large" if e.status == 413 else "validation"
+            raise HTTPFailure(e.status, e.errors, reason, {"X-Request-Id": request_id}) from None
 
     def _key(
         self, version: ModelVersion, sampler: str, steps: int, guided: bool, options

@@ -243,6 +243,8 @@ def test_health_and_readiness_follow_warm_up(model_dir):
                 assert (await c.get("/v2/health/ready")).status_code == 503
                 r = await c.post("/v1/generate", json={"labels": [1]})
                 assert r.status_code == 503 and "retry-after" in r.headers
+                invalid = await c.post("/v1/generate", json={"labels": [1], "steps": 0})
+                assert invalid.status_code == 422  # a bad request is a 4xx even while warming
                 gate.set()
                 await svc.wait_ready()
                 assert (await c.get("/v2/health/ready")).json() == {"ready": True}

@@ -325,7 +325,7 @@ class Service:
             "options": dict(plan.options),
             "request_id": job.request_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "synthetic": "true",
+            "synthetic": True,
             "software": "difforge",
         }
         encoded = encode_images(images, common, plan.seeds, plan.labels)

@@ -72,7 +72,8 @@ def test_several_images_come_as_json_with_the_same_provenance(model_dir):
             r = await c.post("/v1/generate", json={"labels": [1, 2, 3], "seed": 40})
             assert r.status_code == 200 and r.headers["content-type"] == "application/json"
             body = r.json()
-            assert body["synthetic"] == "true" and body["batch_invariant"] is True
+            assert body["synthetic"] is True and body["batch_invariant"] is True
+            assert all(img["synthetic"] is True for img in body["images"])
             assert [img["seed"] for img in body["images"]] == [40, 41, 42]
             assert [img["label"] for img in body["images"]] == [1, 2, 3]
             for img in body["images"]:

@@ -13,8 +13,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,mnist,serve,bench]'
 	touch $(STAMP)
 
+MODEL ?= models/mnist-cond
+PORT ?= 8000
+
 run: $(STAMP)
-	$(PY) -m difforge.cli main
+	$(PY) -m difforge.cli sample --model $(MODEL) --n 20 --seed 42 \
+		--sampler dpmpp_2m --steps 20 --guidance 3 --out runs/make-run/grid.png
+	@echo "sample grid: runs/make-run/grid.png"
+	@echo "starting the service: open http://127.0.0.1:$(PORT)/ (Ctrl-C stops it)"
+	$(PY) -m difforge.cli serve --model $(MODEL) --host 127.0.0.1 --port $(PORT)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -459,6 +459,138 @@ def serve_command(
 # --- end of serve section ----------------------------------------------------------------------
 
 
+# --- evaluate (evaluation engineer; library code in difforge.evaluation) -----------------------
+
+
+def _eval_mode_check(sweep: bool, given: dict[str, object]) -> None:
+    """Options of the other mode (report vs --nfe-sweep) are an error, not silently ignored."""
+    report_only = ("--sampler", "--steps", "--memorization/--no-memorization")
+    sweep_only = ("--samplers", "--reference-line", "--plot")
+    for flag in report_only if sweep else sweep_only:
+        if given.get(flag) is not None:
+            fail(f"{flag} {'does not apply to' if sweep else 'needs'} --nfe-sweep")
+
+
+def _reference_line(text: str) -> dict[str, object]:
+    """'heun:100' -> reference_sampler/steps; 'none' -> no reference line."""
+    from difforge.core.errors import InvalidArgumentError
+
+    if text.lower() == "none":
+        return {"reference_sampler": None}
+    name, _, steps = text.partition(":")
+    if not steps.isdigit():
+        raise InvalidArgumentError(f"--reference-line must be SAMPLER:STEPS or none, got {text!r}")
+    return {"reference_sampler": name, "reference_steps": int(steps)}
+
+
+def _echo_err(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+@_command("evaluate")
+def evaluate_command(
+    model: str = typer.Option(..., "--model", help="Model folder."),
+    out: str = typer.Option(..., "--out", help="Output JSON (report, or sweep with --nfe-sweep)."),
+    sampler: str | None = typer.Option(None, "--sampler", help="Sampler [default: the model's]."),
+    steps: int | None = typer.Option(None, "--steps", help="Steps [default: the model's]."),
+    guidance: float | None = typer.Option(None, "--guidance", help="CFG scale; 1 = conditional."),
+    grid: str | None = typer.Option(
+        None, "--grid", help="Sigma grid: karras, exponential, uniform."
+    ),
+    n: int | None = typer.Option(
+        None, "--n", help="Images per repeat / per sweep point [default: 10000 / 2000]."
+    ),
+    seeds: str | None = typer.Option(
+        None, "--seeds", help="One repeat per seed, at least 3 [0,1,2]; a sweep takes one [0]."
+    ),
+    labels: str = typer.Option("balanced", "--labels", help="Class labels: balanced or random."),
+    split: str = typer.Option("test", "--reference-split", help="MNIST split to compare against."),
+    memorization: bool | None = typer.Option(
+        None, "--memorization/--no-memorization", help="Memorization vs MNIST train [on]."
+    ),
+    nfe_sweep: str | None = typer.Option(
+        None, "--nfe-sweep", help="NFE budgets, e.g. 5,8,10,15,20,50: run a sweep instead."
+    ),
+    samplers: str | None = typer.Option(
+        None, "--samplers", help="Sweep: 'all' or comma-separated sampler names [all]."
+    ),
+    reference_line: str | None = typer.Option(
+        None, "--reference-line", help="Sweep: SAMPLER:STEPS reference, or none [heun:100]."
+    ),
+    plot: str | None = typer.Option(None, "--plot", help="Sweep: write FID/KID vs NFE (PNG)."),
+    batch_size: int = typer.Option(250, "--batch-size", help="Images per sampling call."),
+    extractor: str | None = typer.Option(
+        None, "--extractor", help="Feature network folder [default: the shipped MNIST one]."
+    ),
+    threads: int | None = typer.Option(None, "--threads", help="Torch + BLAS threads [unchanged]."),
+    cache_dir: str | None = typer.Option(
+        None, "--cache-dir", help="Reference statistics cache [~/.cache/difforge]."
+    ),
+) -> None:
+    """Evaluate a model (FID, KID, label accuracy, memorization over seed repeats), or sweep NFE."""
+    from difforge.evaluation import load_feature_extractor
+    from difforge.model import load
+
+    sweep = nfe_sweep is not None
+    _eval_mode_check(
+        sweep,
+        {"--sampler": sampler, "--steps": steps, "--memorization/--no-memorization": memorization,
+         "--samplers": samplers, "--reference-line": reference_line, "--plot": plot},
+    )  # fmt: skip
+    seed_list = _int_list(seeds, "--seeds")
+    common = {"guidance": guidance, "grid": grid, "labels": labels, "reference_split": split}
+    common |= {"batch_size": batch_size, "threads": threads, "cache_dir": cache_dir}
+    common |= {} if n is None else {"n": n}
+    if sweep:
+        common["nfe"] = tuple(_int_list(nfe_sweep, "--nfe-sweep") or ())
+        if samplers is not None:
+            common["samplers"] = "all" if samplers == "all" else tuple(samplers.split(","))
+        common |= {} if reference_line is None else _reference_line(reference_line)
+        if seed_list is not None and len(seed_list) != 1:
+            fail(f"a sweep draws every point from one seed, got --seeds {seeds}")
+        common |= {} if seed_list is None else {"seed": seed_list[0]}
+    else:
+        common |= {"sampler": sampler, "steps": steps}
+        common |= {} if seed_list is None else {"seeds": tuple(seed_list)}
+        common |= {} if memorization is None else {"memorization": memorization}
+    feats, m = load_feature_extractor(extractor), load(model)
+    if sweep:
+        _evaluate_sweep(m, feats, common, out, plot)
+    else:
+        _evaluate_report(m, feats, common, out)
+
+
+def _evaluate_report(m, feats, settings: dict, out: str) -> None:
+    from difforge.evaluation import evaluate_model
+
+    r = evaluate_model(m, extractor=feats, out=out, log=_echo_err, **settings)
+    s, met = r["sampler"], r["metrics"]
+    parts = [
+        f"{k} {met[k]['mean']:.4g} ± {met[k]['std']:.2g} (min {met[k]['min']:.4g})"
+        for k in ("fid", "kid_mean", "label_accuracy", "memorization_rate")
+        if met.get(k) and met[k]["mean"] is not None
+    ]
+    typer.echo(
+        f"wrote {out}: {r['num_repeats']} repeats x {r['num_samples']} images, {s['name']} "
+        f"{s['steps']} steps ({s['nfe']} NFE), guidance {s['guidance']:g}: " + "; ".join(parts)
+    )
+
+
+def _evaluate_sweep(m, feats, settings: dict, out: str, plot: str | None) -> None:
+    from difforge.evaluation import nfe_sweep
+
+    r = nfe_sweep(m, extractor=feats, out=out, plot=plot, log=_echo_err, **settings)
+    ref = r["reference_line"]
+    line = ""
+    if ref is not None:
+        line = f"; reference {ref['method']} {ref['nfe']} NFE: fid {ref['metrics']['fid']:.4g}"
+    wrote = out if plot is None else f"{out} and {plot}"
+    typer.echo(f"wrote {wrote}: {len(r['points'])} points of {r['num_samples']} images each{line}")
+
+
+# --- end of evaluate section -------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one line too, with click's exit code 2."""
     # typer vendors click; BadParameter is public, its base UsageError is reached through it.

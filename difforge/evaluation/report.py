@@ -255,7 +255,20 @@ def check_reference(reference: Any) -> None:
         )
 
 
+def check_trained_on_mnist(model: Model) -> None:
+    """The default references are MNIST's: refuse a model whose provenance names another dataset
+    (a model without provenance passes; the extractor still checks the image shape)."""
+    spec = model.config.provenance.get("dataset")
+    kind = spec.get("kind") if isinstance(spec, Mapping) else spec
+    if isinstance(kind, str) and not kind.lower().startswith("mnist"):
+        raise InvalidArgumentError(
+            f"model {model.name!r} was trained on {json.dumps(spec)}, but the default references "
+            "are MNIST; pass reference= (and train=) computed on its dataset"
+        )
+
+
 def load_against(
+    model: Model,
     config: EvalConfig,
     extractor: FeatureExtractor | None,
     reference: ReferenceStats | None,
@@ -264,6 +277,8 @@ def load_against(
 ) -> Against:
     """Fill in MNIST defaults for whatever was not given (see `evaluate_model`)."""
     check_reference(reference)
+    if reference is None or (config.memorization and train is None):
+        check_trained_on_mnist(model)
     extractor = extractor or load_feature_extractor()
     others = dict(other_references or {})
     if reference is None:
@@ -401,6 +416,8 @@ def describe_model(model: Model) -> dict[str, Any]:
         "num_classes": model.num_classes,
         "image_shape": list(model.image_shape),
         "parameterization": model.config.parameterization,
+        "trained_on": model.config.provenance.get("dataset"),
+        "dataset_hash": model.config.provenance.get("dataset_hash"),
     }
 
 
@@ -489,7 +506,7 @@ def evaluate_model(
     model = model if isinstance(model, Model) else load(model)
     log = log or (lambda _: None)
     with compute_threads(config.threads):
-        against = load_against(config, extractor, reference, other_references, train)
+        against = load_against(model, config, extractor, reference, other_references, train)
         check_model_fits(model, against.extractor, config.n, against.reference.feature_dim)
         sampling = resolve_sampling(
             model, config.sampler, config.steps, config.guidance, config.grid, config.knobs

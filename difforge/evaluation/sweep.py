@@ -40,6 +40,7 @@ from difforge.evaluation.report import (
     check_n,
     check_reference,
     check_seed,
+    check_trained_on_mnist,
     compute_threads,
     default_reference,
     describe_model,
@@ -333,6 +334,8 @@ def _inputs(
     extractor: FeatureExtractor | None,
     reference: ReferenceStats | None,
 ) -> PointInputs:
+    if reference is None:
+        check_trained_on_mnist(model)
     extractor = extractor or load_feature_extractor()
     reference = reference or default_reference(config.reference_split, extractor, config.cache_dir)
     check_model_fits(model, extractor, config.n, reference.feature_dim)

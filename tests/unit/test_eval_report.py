@@ -37,7 +37,9 @@ N = 150  # images per repeat: just above the 128 feature dimensions FID needs
 FAST = {"steps": 2, "guidance": 2.0, "n": N, "threads": 1}
 
 
-def make_tiny_model(folder: Path, *, seed: int = 0, image_size: int = 28) -> Path:
+def make_tiny_model(
+    folder: Path, *, seed: int = 0, image_size: int = 28, provenance: dict | None = None
+) -> Path:
     """A random class-conditional EDM U-Net (8 channels, one level) saved as a model folder."""
     cfg = UNetConfig(
         in_channels=1, out_channels=1, image_size=image_size, base_channels=8, channel_mults=(1,),
@@ -59,6 +61,7 @@ def make_tiny_model(folder: Path, *, seed: int = 0, image_size: int = 28) -> Pat
         num_classes=10,
         image_shape=(1, image_size, image_size),
         sampling=SamplingDefaults(sampler="dpmpp_2m", steps=4, guidance=2.0),
+        provenance=provenance or {},
     )
     return save_model(folder, config, net.state_dict(), "# tiny-mnist\n\nrandom weights\n")
 
@@ -237,3 +240,7 @@ def test_bad_calls_fail_before_sampling(model, against, tmp_path):
     small = load(make_tiny_model(tmp_path / "small", image_size=8))
     with pytest.raises(InvalidArgumentError, match=r"makes \(1, 8, 8\) images.*cannot read"):
         evaluate_model(small, **against)
+    folder = {"kind": "folder", "path": "digits/", "size": 28, "mode": "grayscale"}
+    other = load(make_tiny_model(tmp_path / "other", provenance={"dataset": folder}))
+    with pytest.raises(InvalidArgumentError, match=r"trained on .*folder.*default references"):
+        evaluate_model(other, extractor=against["extractor"])

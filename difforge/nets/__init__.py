@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from difforge.core.errors import check_choice
+from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.nets.unet import MNIST_UNET, UNet, UNetConfig
 
 NET_KINDS: tuple[str, ...] = ("unet",)
@@ -39,8 +39,12 @@ def build_net(kind: str, config: Mapping[str, Any] | NetConfig) -> nn.Module:
     The net carries `.kind` and `.config` (with `.config.to_dict()`), enough to rebuild it.
     """
     check_choice("net kind", kind, NET_KINDS)
-    if not isinstance(config, _CONFIGS[kind]):
+    if isinstance(config, Mapping):
         config = net_config_from_dict(kind, config)
+    elif not isinstance(config, _CONFIGS[kind]):
+        raise InvalidArgumentError(
+            f"a {kind} net needs a dict or {_CONFIGS[kind].__name__}, got {type(config).__name__}"
+        )
     return _NETS[kind](config)
 
 

@@ -39,23 +39,16 @@ class UNetConfig:
     out_channels: int = 1  # channels of the prediction (usually = in_channels)
     image_size: int = 28  # H = W of x; must be divisible by 2 ** (len(channel_mults) - 1)
     base_channels: int = 64  # channels at full resolution
-    channel_mults: tuple[int, ...] = (
-        1,
-        2,
-        2,
-    )  # channels = base * mult per level; halves H, W between levels
+    # channels of level i = base_channels * channel_mults[i]; H and W halve between levels
+    channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
-    attention_resolutions: tuple[int, ...] = (
-        7,
-    )  # feature-map sizes where attention runs (middle block included)
+    # feature-map sizes (H) where attention runs, the middle block included
+    attention_resolutions: tuple[int, ...] = (7,)
     head_dim: int = 32  # channels per attention head; heads = channels // head_dim
     dropout: float = 0.0  # dropout probability inside residual blocks
-    num_classes: int = (
-        0  # class labels 0..num_classes-1, plus a null class; 0 = unconditional (labels ignored)
-    )
-    context_dim: int | None = (
-        None  # width of the cross-attention context; None = no cross-attention
-    )
+    # classes 0..num_classes-1 plus the null class num_classes; 0 = unconditional (labels ignored)
+    num_classes: int = 0
+    context_dim: int | None = None  # cross-attention context width; None = no cross-attention
     norm_groups: int = 32  # GroupNorm groups; must divide every channel count
     emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
 
@@ -84,6 +77,8 @@ class UNetConfig:
             raise InvalidArgumentError(
                 f"attention_resolutions must be a tuple, got {self.attention_resolutions!r}"
             )
+        for r in self.attention_resolutions:
+            _check_int("attention_resolutions entry", r, minimum=1)
         if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
             raise InvalidArgumentError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -294,13 +289,17 @@ def _check_context(context: Tensor, batch: int, context_dim: int | None) -> None
 
 
 # Default for MNIST (28x28x1, 10 classes), chosen for quality per CPU-second: an hour of CPU
-# training is compute-bound, so the net spends its FLOPs where MNIST's structure is (14x14 and
-# 7x7, 32 and 64 channels, attention at 7x7 with 2 heads of 32) and keeps the 28x28 level thin.
-# 1.03M params, 0.208 GFLOP per image forward. Train step (fwd + bwd + Adam) at batch 64 on the
-# 2-core dev box, torch 2.13 CPU, 1 thread, process CPU time: 820 ms, against 1230 ms for base
-# 32 / (1, 2, 2) / 1 block (1.19M, 0.380 GFLOP), 1570 ms for base 24 / (1, 2, 4) / 2 blocks
-# (2.32M, 0.465 GFLOP) and 1950 ms for base 32 / (1, 2, 2) / 2 blocks (1.74M, 0.555 GFLOP).
-# About 7-8k steps (8 epochs) per hour on 2 uncontended threads; see the nets report.
+# training is compute-bound, so the FLOPs go where MNIST's structure is (32 channels at 14x14,
+# 64 at 7x7 with attention, 2 heads of 32) and the 28x28 level stays thin (16 channels).
+# 1.03M params, 0.208 GFLOP per image forward. Train step (fwd + bwd + Adam) at batch 64,
+# torch 2.13 CPU, process CPU time on one thread of the shared 2-core dev box (two runs):
+#   base 16, (1, 2, 4), 2 blocks: 1.03M params, 0.208 GFLOP,  790-820 ms   <- this config
+#   base 32, (1, 2, 2), 1 block:  1.19M params, 0.380 GFLOP, 1190-1230 ms
+#   base 24, (1, 2, 4), 2 blocks: 2.32M params, 0.465 GFLOP, 1480-1570 ms
+#   base 32, (1, 2, 2), 2 blocks: 1.74M params, 0.555 GFLOP, 1720-1950 ms
+#   base 48, (1, 2, 2), 2 blocks: 3.91M params, 1.244 GFLOP, 3550 ms
+#   base 64, (1, 2, 2), 1 block:  4.75M params, 1.514 GFLOP, 4280 ms
+# So ~4.5k steps (290k images, ~5 epochs) per hour on one free core, up to ~2x on two.
 MNIST_UNET = UNetConfig(
     in_channels=1,
     out_channels=1,

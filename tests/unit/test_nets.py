@@ -189,6 +189,11 @@ def test_config_json_round_trip():
         assert build_net("unet", d).config == config
 
 
+def test_lists_are_stored_as_tuples():
+    config = dataclasses.replace(TINY, channel_mults=[1, 2], attention_resolutions=[4])
+    assert config == TINY and hash(config) == hash(TINY)
+
+
 def test_from_dict_refuses_unknown_keys_and_lists_them():
     d = TINY.to_dict() | {"chanels": 3, "attn": 1}
     with pytest.raises(InvalidArgumentError, match=r"\['attn', 'chanels'\]"):
@@ -210,6 +215,7 @@ def test_from_dict_refuses_unknown_keys_and_lists_them():
         ({"in_channels": True}, "in_channels"),
         ({"num_res_blocks": 1.5}, "num_res_blocks"),
         ({"context_dim": 0}, "context_dim"),
+        ({"attention_resolutions": (4.0,)}, "attention_resolutions"),
     ],
 )
 def test_invalid_configs_raise(change, message):

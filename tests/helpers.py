@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -68,3 +69,30 @@ def gaussian_stds_ok(sample_std: float, true_std: float, n: int, rel_discretizat
         abs(sample_std - true_std)
         <= 4 * true_std / math.sqrt(2 * n) + rel_discretization * true_std
     )
+
+
+# A tiny class-conditional U-Net spec (8x8x1, 3 classes) for training/artifact/CLI tests.
+TINY_NET = {
+    "kind": "unet",
+    "config": {
+        "in_channels": 1,
+        "out_channels": 1,
+        "image_size": 8,
+        "base_channels": 8,
+        "channel_mults": [1, 2],
+        "num_res_blocks": 1,
+        "attention_resolutions": [],
+        "norm_groups": 4,
+        "head_dim": 8,
+        "num_classes": 3,
+    },
+}
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while a test runs: tiny nets are far faster so on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

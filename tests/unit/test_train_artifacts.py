@@ -18,30 +18,9 @@ from difforge.model import (
     save_model,
     save_samples_png,
 )
+from tests.helpers import TINY_NET, one_thread  # noqa: F401
 
-TINY_NET = {
-    "kind": "unet",
-    "config": {
-        "in_channels": 1,
-        "out_channels": 1,
-        "image_size": 8,
-        "base_channels": 8,
-        "channel_mults": [1, 2],
-        "num_res_blocks": 1,
-        "attention_resolutions": [],
-        "norm_groups": 4,
-        "head_dim": 8,
-        "num_classes": 3,
-    },
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

@@ -22,31 +22,9 @@ from difforge.training import (
     write_checkpoint,
 )
 from difforge.training.losses import denoising_loss, sample_sigma
+from tests.helpers import TINY_NET, one_thread  # noqa: F401
 
-TINY_NET = {
-    "kind": "unet",
-    "config": {
-        "in_channels": 1,
-        "out_channels": 1,
-        "image_size": 8,
-        "base_channels": 8,
-        "channel_mults": [1, 2],
-        "num_res_blocks": 1,
-        "attention_resolutions": [],
-        "norm_groups": 4,
-        "head_dim": 8,
-        "num_classes": 3,
-    },
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The shared CPU is oversubscribed; one intra-op thread is far faster for tiny nets.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dataset(n: int = 48, seed: int = 0) -> ImageDataset:

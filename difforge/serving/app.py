@@ -10,6 +10,13 @@ Routes validate, hand to the service, encode; errors become JSON with a field-le
     GET  /v2/health/ready    the production model is loaded and warmed up
     GET  /metrics            Prometheus (admin key or loopback)
     GET  /                   a small web page to try the model
+
+Served from a registry (`serve(registry=URL, name=NAME)`), admin key or loopback:
+
+    POST /v1/admin/promote   {version, to, gates?, percent?}  gated promotion, then traffic moves
+    POST /v1/admin/rollback  {alias?, reason?}                the alias's previous version
+    POST /v1/admin/canary    {version?, percent, gates?}      a new canary, or its share
+    GET  /v1/admin/registry  what is served, what failed to load, recent events
 """
 
 from __future__ import annotations
@@ -29,6 +36,14 @@ from difforge.serving.access import AccessDenied, Principal, is_loopback
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.idempotency import StoredResponse
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
+from difforge.serving.registry_source import (
+    CanaryBody,
+    PromoteBody,
+    RegistrySource,
+    RollbackBody,
+    open_service,
+    parse_admin,
+)
 from difforge.serving.router import ModelRouter, ModelVersion
 from difforge.serving.service import GenerateCall, HTTPFailure, Service
 
@@ -86,23 +101,35 @@ def _stored(resp: StoredResponse) -> Response:
     return Response(resp.body, resp.status, headers=resp.headers, media_type=resp.media_type)
 
 
-def create_app(service: Service) -> FastAPI:
-    """The ASGI app over `service`; its lifespan starts and stops the service."""
+def create_app(service: Service, source: RegistrySource | None = None) -> FastAPI:
+    """The ASGI app over `service`; its lifespan starts and stops the service.
+
+    Args:
+        service: the service.
+        source: the registry the service follows (adds the /v1/admin routes); None: a fixed model.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
         try:
+            if source is not None:
+                await source.start()
             yield
         finally:
+            if source is not None:
+                await source.stop()
             await service.stop()
 
     app = FastAPI(title="difforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
+    app.state.source = source
     app.add_middleware(_Edge, service=service)
     _add_error_handlers(app, service)
     app.include_router(_api_routes(service))
     app.include_router(_ops_routes(service))
+    if source is not None:
+        app.include_router(_admin_routes(service, source))
     return app
 
 
@@ -198,6 +225,37 @@ def _ops_routes(service: Service) -> APIRouter:
     return ops
 
 
+def _admin_routes(service: Service, source: RegistrySource) -> APIRouter:
+    """What operators call to move traffic between registry versions."""
+    admin = APIRouter()
+    limit = service.config.limits.max_body_bytes
+
+    @admin.post("/v1/admin/promote")
+    async def promote(request: Request) -> dict:
+        who = _principal(service, request, "admin")
+        body = parse_admin(PromoteBody, await read_body(request, limit))
+        return await source.promote(body, who)
+
+    @admin.post("/v1/admin/rollback")
+    async def rollback(request: Request) -> dict:
+        who = _principal(service, request, "admin")
+        body = parse_admin(RollbackBody, await read_body(request, limit))
+        return await source.rollback(body, who)
+
+    @admin.post("/v1/admin/canary")
+    async def canary(request: Request) -> dict:
+        who = _principal(service, request, "admin")
+        body = parse_admin(CanaryBody, await read_body(request, limit))
+        return await source.set_canary(body, who)
+
+    @admin.get("/v1/admin/registry")
+    async def registry_status(request: Request) -> dict:
+        _principal(service, request, "admin")
+        return source.status()
+
+    return admin
+
+
 def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
     """Load the model at `model_path` as the production version of a new Service."""
     from difforge.model import load
@@ -206,22 +264,42 @@ def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
 
 
 def serve(
-    model_path: str | Path,
+    model_path: str | Path | None = None,
     *,
+    registry: str | None = None,
+    name: str | None = None,
+    artifacts: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     config_path: str | Path | None = None,
 ) -> None:
-    """Load the model and config, then run the HTTP service until interrupted (`difforge serve`)."""
+    """Run the HTTP service until interrupted (`difforge serve`).
+
+    Args:
+        model_path: a model folder to serve as production; or
+        registry, name: a registry URL and model name: serve its production and canary versions
+            and follow the registry (admin routes, polling, automatic canary rollback).
+        artifacts: the registry's artifact directory (default: beside a SQLite registry).
+        host, port: where to listen.
+        config_path: the service config JSON (default: all defaults).
+    """
     import uvicorn
 
+    check_model_source(model_path, registry, name, artifacts)
     config = load_service_config(config_path)
-    service = build_service(model_path, config)
+    source = None
+    if registry is not None:
+        service, source = open_service(registry, name or "", config, artifacts)
+    else:
+        service = build_service(model_path or "", config)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     prod = service.router.production
-    log.info("serving %s (version %s) on http://%s:%d", prod.name, prod.id, host, port)
+    origin = (
+        "" if source is None else f" from registry model {name} v{prod.meta['registry_version']}"
+    )
+    log.info("serving %s (version %s%s) on http://%s:%d", prod.name, prod.id, origin, host, port)
     if config.loopback_only:
         log.warning(
             "no API keys configured: answering loopback clients only (127.0.0.0/8, ::1); "
@@ -229,4 +307,25 @@ def serve(
         )
     else:
         log.info("%d API key(s) configured", len(config.api_keys))
-    uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(service, source), host=host, port=port, log_level="info")
+
+
+def check_model_source(
+    model_path: str | Path | None,
+    registry: str | None,
+    name: str | None,
+    artifacts: str | Path | None = None,
+) -> None:
+    """Exactly one of a model folder or a registry and model name, else InvalidArgumentError."""
+    from difforge.core.errors import InvalidArgumentError
+
+    if (model_path is None) == (registry is None):
+        which = "both" if model_path is not None else "neither"
+        raise InvalidArgumentError(
+            "serve a model folder (--model PATH) or a registry model "
+            f"(--registry URL --name NAME), not {which}"
+        )
+    if registry is not None and not name:
+        raise InvalidArgumentError("--registry needs --name, the registered model to serve")
+    if registry is None and (name is not None or artifacts is not None):
+        raise InvalidArgumentError("--name and --artifacts apply with --registry only")

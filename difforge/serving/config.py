@@ -10,7 +10,8 @@ the key itself is never stored, logged or exported.
       "batch_wait_ms": 10,
       "rate_limit": {"per_second": 5, "burst": 10},
       "api_keys": [{"id": "alice", "sha256": "<hex of sha256(key)>", "scopes": ["generate"]}],
-      "audit_db": "audit.sqlite3"
+      "audit_db": "audit.sqlite3",
+      "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}}
     }
 """
 
@@ -24,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from difforge.core.errors import InvalidArgumentError, check_choice
+from difforge.registry.canary import RollbackMargins
 
 Scope = Literal["generate", "admin"]
 InvarianceMode = Literal["pad", "per_sample", "off"]
@@ -91,6 +93,21 @@ class ApiKey(_Frozen):
     rate_limit: RateLimit | None = None  # overrides the service's default for this key
 
 
+class RegistryFollow(_Frozen):
+    """How a service started from a registry (`difforge serve --registry`) follows it, and when
+    it rolls a canary back (see difforge.serving.registry_source)."""
+
+    poll_s: float = Field(5.0, gt=0, allow_inf_nan=False)  # how often the revision is polled
+    # a version that failed to load (e.g. a tampered artifact) is retried after this, doubling
+    # after each failure up to an hour; an admin route retries it at once
+    retry_failed_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    keep_previous: bool = True  # keep the replaced production warm: rollback without a reload
+    auto_rollback: bool = True  # demote a canary that does worse than production
+    check_s: float = Field(1.0, gt=0, allow_inf_nan=False)  # how often the canary is judged
+    window_s: float = Field(60.0, gt=0, allow_inf_nan=False)  # judged on the last window_s
+    margins: RollbackMargins = Field(default_factory=RollbackMargins)
+
+
 class ServiceConfig(_Frozen):
     """Everything `difforge serve` needs besides the model.
 
@@ -117,6 +134,7 @@ class ServiceConfig(_Frozen):
         None, ge=1
     )  # intra-op threads of the sampler thread (None: torch's default)
     warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
+    registry: RegistryFollow = Field(default_factory=RegistryFollow)  # serve --registry only
 
     @field_validator("api_keys")
     @classmethod

@@ -30,7 +30,12 @@ ERROR_REASONS = (
     "idempotency_mismatch",
     "not_found",
     "internal",
+    "gate_failed",
+    "integrity_failure",
+    "registry_conflict",
+    "registry_unavailable",
 )
+REGISTRY_EVENTS = ("install", "load_failed", "auto_rollback", "poll_error")
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -114,6 +119,18 @@ class ServiceMetrics:
             buckets=(*_STEP, 10, 30),
             registry=r,
         )
+        self.registry_events = Counter(
+            "difforge_registry_events_total",
+            "Changes and failures while following a registry (serve --registry), by event.",
+            ["event"],
+            registry=r,
+        )
+        self.registry_version = Gauge(
+            "difforge_registry_version",
+            "The registry version number each served role runs (serve --registry).",
+            ["name", "role", "version"],
+            registry=r,
+        )
         for reason in ERROR_REASONS:
             self.errors.labels(reason)  # exported as 0 from the start
 
@@ -122,6 +139,12 @@ class ServiceMetrics:
         self.model_info.clear()
         for name, version, role in versions:
             self.model_info.labels(name, version, role).set(1)
+
+    def set_registry_versions(self, name: str, served: list[tuple[str, str, int]]) -> None:
+        """(role, version id, registry version) of every served version of registry model `name`."""
+        self.registry_version.clear()
+        for role, version, number in served:
+            self.registry_version.labels(name, role, version).set(number)
 
     def error(self, reason: str) -> None:
         self.errors.labels(reason).inc()

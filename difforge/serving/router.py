@@ -10,8 +10,8 @@ The canary share is stable: the routing key (API key id + seed, or the request i
 given) is hashed to a number in [0, 1), and requests under `share` go to the canary. The same key
 and seed always reach the same version for a given share.
 
-For the registry engineer: `ModelRouter` is the seam. Resolve an alias to a model folder, `load`
-it, `await service.install(model, role=...)` (warms it, then calls the methods below).
+`await service.install(model, role=...)` warms a version, then calls the methods below;
+difforge.serving.registry_source drives it from the registry's production and canary aliases.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class ModelVersion:
             "batching": None
             if self.plan is None
             else {"mode": self.plan.mode, "invariant": self.plan.invariant},
+            **({"registry": dict(self.meta)} if self.meta else {}),
         }
 
 

@@ -38,6 +38,8 @@ from difforge.serving.router import ModelRouter, ModelVersion, Role
 log = logging.getLogger("difforge.serving")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+# failures that count against the version that served the request (not the client's doing)
+_VERSION_FAILURES = frozenset({"internal", "deadline"})
 Receive = Callable[[], Awaitable[dict]]
 
 
@@ -79,6 +81,9 @@ class Service:
         self.limiter = RateLimiter(config)
         self.idempotency = IdempotencyStore(config.idempotency_entries, config.idempotency_ttl_s)
         self.audit = AuditLog(config.audit_db)
+        # observer(job, ok, latency_s) for each request that succeeds, fails inside or misses its
+        # deadline: the per-version windows of canary rollback (difforge.serving.registry_source)
+        self.outcome_observers: list[Callable[[Job, bool, float], None]] = []
         self._warming: asyncio.Task | None = None
         self._threads_before: int | None = None
         self._publish_models()
@@ -148,20 +153,29 @@ class Service:
         return choose_plan(model, keys, self.config.batch_invariance, probe_plan.max_rows)
 
     async def install(
-        self, model: Model, role: Role = "production", share: float = 0.0
+        self, model: Model | ModelVersion, role: Role = "production", share: float = 0.0
     ) -> ModelVersion:
-        """Warm `model`, then make it production or the canary (with `share` of the traffic).
+        """Warm `model` (unless it is a version already warm), then make it production or the
+        canary (with `share` of the traffic).
 
         Requests already accepted finish on the version they were routed to; none fails.
         """
-        version = ModelVersion(model)
-        await self.warm(version)
+        version = model if isinstance(model, ModelVersion) else ModelVersion(model)
+        if not version.ready:
+            await self.warm(version)
         if role == "production":
             self.router.swap(version)
         else:
             self.router.set_canary(version, share)
         self._publish_models()
         return version
+
+    def remove_canary(self) -> ModelVersion | None:
+        """Send all traffic to production; returns the canary (it finishes its requests)."""
+        canary = self.router.canary
+        self.router.set_canary(None)
+        self._publish_models()
+        return canary
 
     def _publish_models(self) -> None:
         self.metrics.set_models([(v.name, v.id, role) for role, v in self.router.versions()])
@@ -234,8 +248,20 @@ class Service:
             raise HTTPFailure(
                 503, "the queue is full", "queue_full", _retry(e.retry_after)
             ) from None
-        await self._wait(job, future, call, plan)
-        return self._respond(call, job, plan)
+        try:
+            await self._wait(job, future, call, plan)
+        except HTTPFailure as e:
+            if e.reason in _VERSION_FAILURES:
+                self._outcome(job, False)
+            raise
+        response = self._respond(call, job, plan)
+        self._outcome(job, True)
+        return response
+
+    def _outcome(self, job: Job, ok: bool) -> None:
+        latency = time.monotonic() - job.accepted
+        for observe in self.outcome_observers:
+            observe(job, ok, latency)
 
     def _plan(self, call: GenerateCall, request_id: str) -> Plan:
         """Parse and validate the body against the limits and the production model (versions

@@ -10,7 +10,6 @@ import json
 
 import httpx
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from difforge.cli import app as cli_app
@@ -25,26 +24,26 @@ from difforge.serving import ApiKey, ServiceConfig, create_app, hash_key
 from difforge.serving.config import RegistryFollow
 from difforge.serving.registry_source import OutcomeWindows, open_service, registry_version
 from difforge.serving.router import routing_fraction
-from tests.integration.serving_fixtures import make_tiny_model, run, wrap_denoisers
+from tests.helpers import one_thread  # noqa: F401
+from tests.integration.serving_fixtures import (
+    SlowDenoiser,
+    make_tiny_model,
+    run,
+    wrap_denoisers,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAME = "tiny"
 FAST = {"torch_threads": 1, "warmup_steps": 1}
-# polling and judging are driven by hand (source.sync(), source.check_canary()) unless a test
-# is about the background loops; then they tick every few tens of milliseconds
+# the background loops effectively off (admin routes still sync at once), or, for the tests of
+# following the registry and of automatic rollback, ticking every few tens of milliseconds
 MANUAL = RegistryFollow(poll_s=3600, check_s=3600, retry_failed_s=3600)
 QUICK = RegistryFollow(
     poll_s=0.05, check_s=0.02, retry_failed_s=3600, margins=RollbackMargins(min_requests=6)
 )
 GEN_KEY, ADMIN_KEY = "gen-secret-5c1d", "admin-secret-e4f0"
 ONE_STEP = {"labels": [1], "steps": 1, "guidance": 1.0}  # one forward row per image
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +259,7 @@ def test_promote_under_concurrent_load_fails_no_request(reg):
         async with serving(reg, batch_wait_ms=2) as (source, c):
             svc = source.service
             old = svc.router.production.id
-            wrap_denoisers(svc, lambda d: SlowDown(d, 0.01))  # requests take a while
+            wrap_denoisers(svc, lambda d: SlowDenoiser(d, 0.01))  # requests take a while
             body = {"labels": [2], "steps": 4}
             tasks = [asyncio.create_task(c.post("/v1/generate", json=body)) for _ in range(8)]
             await until(lambda: svc.engine.jobs)
@@ -282,17 +281,6 @@ def test_promote_under_concurrent_load_fails_no_request(reg):
             assert len(rs) >= 12
 
     run(scenario())
-
-
-class SlowDown:
-    def __init__(self, denoiser, delay: float):
-        self.denoiser, self.delay = denoiser, delay
-
-    def __call__(self, x, sigma, cond=None):
-        import time
-
-        time.sleep(self.delay)
-        return self.denoiser(x, sigma, cond)
 
 
 def test_follows_changes_made_with_the_cli(reg):
@@ -335,7 +323,8 @@ def test_a_failing_canary_is_rolled_back_automatically(reg, caplog):
     reg.promote(NAME, 2, to="canary", percent=50)
 
     async def scenario():
-        async with serving(reg, QUICK) as (source, c):
+        judge_only = QUICK.model_copy(update={"poll_s": 3600})  # the service alone reacts
+        async with serving(reg, judge_only) as (source, c):
             svc = source.service
             canary = svc.router.canary
             assert registry_version(canary) == 2
@@ -357,8 +346,8 @@ def test_a_failing_canary_is_rolled_back_automatically(reg, caplog):
             assert {r.headers["x-model-version"] for r in again.values()} == {
                 svc.router.production.id
             }
-            await asyncio.sleep(0.2)  # a few polls: the demoted canary is not reinstalled
-            assert svc.router.canary is None
+            await source.sync()  # the registry agrees: nothing to reinstall
+            assert svc.router.canary is None and source.revision == res.revision
             metrics = (await c.get("/metrics")).text
             assert 'difforge_registry_events_total{event="auto_rollback"} 1.0' in metrics
 

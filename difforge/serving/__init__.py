@@ -19,6 +19,7 @@ from difforge.serving.config import (
 from difforge.serving.encode import pixels_sha256, png_text
 from difforge.serving.invariance import InvarianceReport, choose_plan, probe
 from difforge.serving.protocol import GenerateRequest, Plan
+from difforge.serving.registry_source import RegistrySource, open_service
 from difforge.serving.router import ModelRouter, ModelVersion
 from difforge.serving.service import Service
 
@@ -35,6 +36,7 @@ __all__ = [
     "ModelVersion",
     "Plan",
     "RateLimit",
+    "RegistrySource",
     "Row",
     "Service",
     "ServiceConfig",
@@ -44,6 +46,7 @@ __all__ = [
     "create_app",
     "hash_key",
     "load_service_config",
+    "open_service",
     "pixels_sha256",
     "png_text",
     "probe",

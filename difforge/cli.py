@@ -91,6 +91,9 @@ def train_command(
     max_minutes: float | None = typer.Option(
         None, "--max-minutes", help="Wall-clock budget; then checkpoint, export the model, stop."
     ),
+    until_step: int | None = typer.Option(
+        None, "--until-step", help="Stop (checkpoint, export) after this step, before max_steps."
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the newest complete checkpoint."
     ),
@@ -124,7 +127,15 @@ def train_command(
             f"~{d['flops_per_step'] / 1e9:,.1f} GFLOPs per step"
         )
         return
-    result = train(cfg, out, resume=resume, force=force, max_minutes=max_minutes, progress=progress)
+    result = train(
+        cfg,
+        out,
+        resume=resume,
+        force=force,
+        max_minutes=max_minutes,
+        until_step=until_step,
+        progress=progress,
+    )
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     typer.echo(
         f"{result.status} at step {result.step} in {result.seconds:.0f}s; loss {loss}; "

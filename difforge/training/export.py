@@ -32,8 +32,10 @@ def model_config_for(config: TrainConfig, dataset: ImageDataset, name: str) -> M
     )
 
 
-def reproduce_command(name: str) -> str:
-    return f"difforge train --config train_config.json --out runs/{name}"
+def reproduce_command(name: str, step: int, max_steps: int) -> str:
+    """The command that retrains this model; a run cut short (time budget) stops at its step."""
+    until = f" --until-step {step}" if step < max_steps else ""
+    return f"difforge train --config train_config.json --out runs/{name}{until}"
 
 
 def model_card(
@@ -81,7 +83,7 @@ difforge sample --model PATH --sampler {s.sampler} --steps {s.steps} --guidance 
 Save the training config below as `train_config.json`, then run
 
 ```
-{reproduce_command(model_config.name)}
+{reproduce_command(model_config.name, p["step"], config.max_steps)}
 ```
 
 With the same code version and dataset content hash, training on the CPU is deterministic.

@@ -413,7 +413,7 @@ def main() -> int:
     top = {n: max(lv["images_per_s"] for lv in results[n]["levels"]) for n in configs}
     ov = results["overload"]
     summary = (
-        f"{args.net} net, {args.steps} steps, guided, {duration:g} s/level: batched "
+        f"{args.model or args.net + ' net'}, {args.steps} steps, guided, {duration:g} s/level: batched "
         f"{top['batched']:.2f} img/s, unbatched {top['unbatched']:.2f}, offline "
         f"{results['offline']['images_per_s']:.2f}; overload: 503 p99 "
         f"{ov['rejected_latency_s']['p99'] or 0:.3f} s (client), "
@@ -422,7 +422,7 @@ def main() -> int:
         f"{ov['rss_kib_before']['VmRSS'] // 1024}->{ov['rss_kib_after']['VmRSS'] // 1024} MiB"
     )
     name = "serve_load_quick" if args.quick else "serve_load"
-    payload = {"net": args.net, "steps": args.steps, "duration_s": duration, "levels": levels,
+    payload = {"net": args.model or args.net, "steps": args.steps, "duration_s": duration, "levels": levels,
                "invariance": measured, "results": results}  # fmt: skip
     print(write_result(name, payload, summary))
     return 0

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import write_result
+from benchmarks.sampler_overhead import build_unet
 from difforge.data.mnist import load_mnist
 from difforge.evaluation import load_feature_extractor, mnist_reference
 from difforge.evaluation.evaluate import evaluate_images
@@ -36,23 +37,6 @@ from difforge.training import load_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
-
-
-def diffusers_unet():
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=28,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=32,
-        norm_num_groups=8,
-        num_class_embeds=10,
-    )
 
 
 class DiffusersRecipe:
@@ -63,7 +47,7 @@ class DiffusersRecipe:
         from diffusers.training_utils import EMAModel
 
         torch.manual_seed(seed)
-        self.unet = diffusers_unet()
+        self.unet = build_unet(num_class_embeds=10).train()
         self.sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=1e-4, weight_decay=1e-6)
         self.ema = EMAModel(self.unet.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75)

@@ -10,7 +10,9 @@ fresh server process is started on 127.0.0.1 and each level runs `levels[i]` clo
 (asyncio + httpx) for --duration seconds: one image per request, random label and seed, guidance
 on. Reported per level: images/s, latency p50/p95/p99, errors by status. "offline" runs the same
 sampler calls in-process (`sample_rows`, full batches) for --duration: the ceiling the server is
-measured against. The overload run sends 200 clients at a server with a queue of 8: rejected
+measured against. The kill run SIGKILLs the server under 16 clients, restarts it on the same audit
+log and polls readiness from process start (it must say not-ready until warm), then checks the
+audit hash chain. The overload run sends 200 clients at a server with a queue of 8: rejected
 requests must come back fast (503 latency), every accepted one must complete, and the server's
 RSS must stay bounded (VmRSS before/after, VmHWM).
 
@@ -96,13 +98,12 @@ def rss_kib(pid: int) -> dict[str, int]:
 class Server:
     """`difforge serve` in a subprocess, on a free loopback port."""
 
-    def __init__(self, model: Path, config: dict, workdir: Path):
+    def __init__(self, model: Path, config: dict, workdir: Path, audit_db: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.audit_db = audit_db or workdir / f"audit-{self.port}.db"
         cfg_path = workdir / f"serve-{self.port}.json"
-        cfg_path.write_text(
-            json.dumps({**config, "audit_db": str(workdir / f"audit-{self.port}.db")})
-        )
+        cfg_path.write_text(json.dumps({**config, "audit_db": str(self.audit_db)}))
         cmd = [sys.executable, "-m", "difforge.cli", "serve", "--model", str(model),
                "--port", str(self.port), "--config", str(cfg_path)]  # fmt: skip
         self.log = open(workdir / f"server-{self.port}.log", "w")  # noqa: SIM115
@@ -353,6 +354,69 @@ async def overload(model, config, duration, steps, drain, workdir) -> dict:
         server.stop()
 
 
+async def readiness_timeline(server: Server, timeout: float = 300) -> dict:
+    """Poll live and ready every 50 ms from process start until ready: does the service say
+    "not ready" while it loads and warms, and how long until each answers?"""
+    import httpx
+
+    t0, first_live, not_ready = time.monotonic(), None, 0
+    async with httpx.AsyncClient(timeout=5) as c:
+        while time.monotonic() - t0 < timeout:
+            try:
+                live = (await c.get(server.url + "/v2/health/live")).status_code == 200
+                ready = (await c.get(server.url + "/v2/health/ready")).status_code == 200
+            except httpx.TransportError:
+                live = ready = False
+            if live and first_live is None:
+                first_live = time.monotonic() - t0
+            if ready:
+                return {"live_after_s": first_live, "ready_after_s": time.monotonic() - t0,
+                        "not_ready_answers": not_ready}  # fmt: skip
+            not_ready += live
+            await asyncio.sleep(0.05)
+    raise TimeoutError("restarted server did not become ready")
+
+
+async def kill_run(model, config, steps, workdir) -> dict:
+    """SIGKILL the server under load (16 clients), restart it on the same audit log: no hang,
+    readiness false until warm, and the audit chain still verifies (and keeps growing)."""
+    from difforge.serving.audit import AuditLog
+
+    db = workdir / "audit-kill.db"
+    first = Server(model, config, workdir, audit_db=db)
+    await first.wait_ready()
+    load = asyncio.create_task(load_level(first.url, 16, 6.0, steps, 5.0))
+    await asyncio.sleep(4.0)
+    first.proc.kill()  # SIGKILL: no shutdown handler runs
+    first.proc.wait(10)
+    first.log.close()
+    t_kill = time.monotonic()
+    killed_level = await asyncio.wait_for(load, 60)  # the clients must not hang
+    clients_back_s = time.monotonic() - t_kill
+    log = AuditLog(db)
+    before = log.verify()
+    log.close()
+    second = Server(model, config, workdir, audit_db=db)
+    try:
+        timeline = await readiness_timeline(second)
+        after_level = await load_level(second.url, 4, 3.0, steps, 30.0)
+    finally:
+        second.stop()
+    log = AuditLog(db)
+    after = log.verify()
+    log.close()
+    out = {
+        "under_load": {k: killed_level[k] for k in ("images", "statuses", "errors")},
+        "clients_returned_after_kill_s": clients_back_s,
+        "audit_after_kill": {"ok": before.ok, "rows": before.rows, "reason": before.reason},
+        "restart": timeline,
+        "after_restart": {k: after_level[k] for k in ("images", "statuses", "errors")},
+        "audit_after_restart": {"ok": after.ok, "rows": after.rows, "reason": after.reason},
+    }
+    print(f"  kill      {json.dumps(out)}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per level")
@@ -410,8 +474,9 @@ def main() -> int:
         results["overload"] = asyncio.run(
             overload(model, small_queue, duration, args.steps, drain, workdir)
         )
+        results["kill"] = asyncio.run(kill_run(model, configs["batched"], args.steps, workdir))
     top = {n: max(lv["images_per_s"] for lv in results[n]["levels"]) for n in configs}
-    ov = results["overload"]
+    ov, kill = results["overload"], results["kill"]
     summary = (
         f"{args.model or args.net + ' net'}, {args.steps} steps, guided, {duration:g} s/level: batched "
         f"{top['batched']:.2f} img/s, unbatched {top['unbatched']:.2f}, offline "
@@ -420,6 +485,11 @@ def main() -> int:
         f"{ov['server_503_latency_cdf'].get('le_0.01', 0):.0%} under 10 ms (server), "
         f"accepted-not-completed {ov['accepted_not_completed']}, RSS "
         f"{ov['rss_kib_before']['VmRSS'] // 1024}->{ov['rss_kib_after']['VmRSS'] // 1024} MiB"
+        f"; kill: clients back {kill['clients_returned_after_kill_s']:.2f} s after SIGKILL, "
+        f"restart not-ready x{kill['restart']['not_ready_answers']} then ready at "
+        f"{kill['restart']['ready_after_s']:.1f} s, audit chain "
+        f"{'verifies' if kill['audit_after_restart']['ok'] else 'BROKEN'} "
+        f"({kill['audit_after_kill']['rows']} -> {kill['audit_after_restart']['rows']} rows)"
     )
     name = "serve_load_quick" if args.quick else "serve_load"
     payload = {"net": args.model or args.net, "steps": args.steps, "duration_s": duration, "levels": levels,

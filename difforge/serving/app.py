@@ -34,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from difforge.serving.access import AccessDenied, Principal, is_loopback
 from difforge.serving.config import ServiceConfig, load_service_config
+from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
 from difforge.serving.registry_source import (
@@ -257,10 +258,13 @@ def _admin_routes(service: Service, source: RegistrySource) -> APIRouter:
 
 
 def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
-    """Load the model at `model_path` as the production version of a new Service."""
+    """Load the model at `model_path` as the production version of a new Service.
+
+    The load runs on a passing thread: torch work stays off the main thread (see
+    `difforge.serving.engine.on_passing_thread`)."""
     from difforge.model import load
 
-    return Service(config, ModelRouter(ModelVersion(load(model_path))))
+    return Service(config, ModelRouter(ModelVersion(on_passing_thread(load, model_path))))
 
 
 def serve(

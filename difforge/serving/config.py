@@ -113,7 +113,9 @@ class ServiceConfig(_Frozen):
 
     Batching: requests with the same model version, sampler, steps, grid, image shape, knobs and
     guided-ness are merged into one sampler call of at most `limits.max_batch_images` forward rows,
-    waiting at most `batch_wait_ms` for company. `batch_invariance` decides how an image is kept
+    waiting at most `batch_wait_ms` for company; a call padded to a fixed shape costs the same
+    however few rows are real, so it waits longer, up to `pad_fill_wait` times the expected
+    duration of the call (the engine's moving average of seconds per step x steps). `batch_invariance` decides how an image is kept
     independent of its batch (see difforge.serving.invariance): "pad" runs every call at one fixed
     shape (padding with throw-away rows), "per_sample" runs one image per call, "off" runs what
     arrived (fastest; responses then say batch_invariant: false).
@@ -122,6 +124,7 @@ class ServiceConfig(_Frozen):
     limits: Limits = Field(default_factory=Limits)
     queue_size: int = Field(64, ge=1)  # requests waiting; one more gets 503 + Retry-After
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000, allow_inf_nan=False)
+    pad_fill_wait: float = Field(0.1, ge=0, le=1, allow_inf_nan=False)
     batch_invariance: InvarianceMode = "pad"
     rate_limit: RateLimit | None = None  # default bucket for every key (None: unlimited)
     api_keys: tuple[ApiKey, ...] = ()  # none: only loopback clients are answered

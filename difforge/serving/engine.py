@@ -5,10 +5,17 @@ thread that runs the sampler calls (batch -> predict -> unbatch of the serving c
   queue never grows past it.
 * Batching: the oldest waiting request (the head) fixes the BatchKey; later requests with the same
   key join it, oldest first, until the call holds `plan.micro(guided)` images or the head has waited
-  `batch_wait_ms` since it was accepted. A request larger than one call is split across calls.
+  long enough since it was accepted: `batch_wait_ms`, or for a padded call (fixed shape, so an
+  empty row costs as much as a real one) up to `pad_fill_wait` x the call's expected duration.
+  Measured (benchmarks/serve_load.py, 16 closed-loop clients, 16 images per padded call): with a
+  10 ms wait, calls left before the clients' next requests arrived and ran half padding.
+  A request larger than one call is split across calls.
 * Off the event loop: sampler calls run on one dedicated thread, so health checks, metrics and
   new requests are answered while a batch runs. One thread, because the CPU's cores already go to
   torch's intra-op threads; two concurrent calls would only contend.
+* One torch thread: every torch computation of the serving process runs on that sampler thread
+  (model loads included, through `Engine.call`) or on a passing thread that exits when done
+  (`on_passing_thread`, for loads before the engine starts). See `on_passing_thread` for why.
 * Cancellation (deadline passed, client gone): a request is dropped before compute if it is still
   queued. Once its call runs, the sampler callback checks after every step: when every request in
   the call is cancelled the call stops (SamplingCancelled); otherwise the call finishes for the
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +47,32 @@ from difforge.serving.metrics import ServiceMetrics
 from difforge.serving.router import ModelVersion
 
 log = logging.getLogger("difforge.serving")
+
+
+def on_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` on a new thread that exits when it returns; its result (or its exception).
+
+    Why: with torch's OpenMP backend (libgomp), each thread that runs a parallel torch op gets its
+    own OpenMP team, which lives as long as the thread. Once the process holds more OpenMP threads
+    than cores, libgomp stops spinning between parallel regions for good, and every later op pays
+    a futex wake-up. Measured on the 2-core dev machine (2 torch threads, models/mnist-cond, guided
+    dpmpp_2m, 10 steps, on the sampler thread): model loaded on the main thread, 1 image 0.47-0.85 s
+    and 4 images 0.90-1.03 s per call; loaded on a passing thread, 0.19-0.26 s and 0.54-0.62 s.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # re-raised on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="difforge-passing")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class QueueFull(DifforgeError):
@@ -118,6 +152,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._call_seconds = 1.0  # moving average, for Retry-After estimates
+        self._step_seconds: dict[tuple[str, bool], float] = {}  # (version, guided): moving average
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
@@ -194,13 +229,22 @@ class Engine:
                 continue
             head = self._pending[0]
             cap = self._micro(head)
-            ready_at = head.accepted + self.config.batch_wait_ms / 1000
+            ready_at = head.accepted + self._wait_s(head)
             now = time.monotonic()
             if self._available(head.key) >= cap or now >= ready_at:
                 return self._take(head, cap)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), ready_at - now)
+
+    def _wait_s(self, head: Job) -> float:
+        """How long the head may wait for company (see the module docstring)."""
+        wait = self.config.batch_wait_ms / 1000
+        plan = head.version.plan
+        per_step = self._step_seconds.get((head.version.id, head.key.guided))
+        if plan is None or not plan.pad or per_step is None:
+            return wait
+        return max(wait, self.config.pad_fill_wait * per_step * head.key.steps)
 
     def _available(self, key: BatchKey) -> int:
         return sum(len(j.rows) - j.handed for j in self._pending if j.key == key)
@@ -238,7 +282,12 @@ class Engine:
         rows = [job.rows[i] for job, i in call.slots]
         t0 = time.perf_counter()
         images, nfe, cpu = await self.call(self._compute, call, rows, pad_to)
-        self._call_seconds = 0.8 * self._call_seconds + 0.2 * (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self._call_seconds = 0.8 * self._call_seconds + 0.2 * seconds
+        if images is not None:  # a completed call: its time per step predicts the next one's
+            k = (call.version.id, call.key.guided)
+            per_step = seconds / call.key.steps
+            self._step_seconds[k] = 0.8 * self._step_seconds.get(k, per_step) + 0.2 * per_step
         self._account(call, images, nfe, cpu, pad_to)
         for job in call.jobs:
             if job.cancel_reason is not None:

@@ -49,7 +49,7 @@ from difforge.registry import (
 )
 from difforge.serving.access import Principal
 from difforge.serving.config import RegistryFollow, ServiceConfig
-from difforge.serving.engine import Job
+from difforge.serving.engine import Job, on_passing_thread
 from difforge.serving.protocol import RequestInvalid, field_error
 from difforge.serving.router import ModelRouter, ModelVersion, check_compatible
 from difforge.serving.service import HTTPFailure, Service
@@ -331,7 +331,7 @@ class RegistrySource:
             problems[alias] = failure.message
             return None
         try:
-            model = preloaded.get(number) or await asyncio.to_thread(
+            model = preloaded.get(number) or await self.service.engine.call(
                 self.registry.load_version, self.name, number
             )
             version = self._version(model, number)
@@ -358,7 +358,7 @@ class RegistrySource:
         for held in (router.production, router.canary, self._spare):
             if registry_version(held) == number:
                 return held.model
-        model = await asyncio.to_thread(self.registry.load_version, self.name, number)
+        model = await self.service.engine.call(self.registry.load_version, self.name, number)
         check_compatible(router.production.model, model)
         return model
 
@@ -529,7 +529,7 @@ def open_service(
                 f"(difforge registry promote {name} VERSION)"
             )
         number = res.production.version
-        model = registry.load_version(name, number)
+        model = on_passing_thread(registry.load_version, name, number)
     except BaseException:
         registry.close()
         raise

@@ -408,3 +408,33 @@ def test_swapping_the_production_model_fails_no_request(model_dir, model_dir_b):
             assert 'difforge_model_info{name="tiny",' not in text
 
     run(scenario())
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.5])
+def test_padded_call_waits_for_company_in_proportion_to_its_cost(model_dir, fill):
+    """A padded call costs the same however few of its rows are real: once a call has shown what
+    a step costs, the next one waits up to pad_fill_wait x its expected duration for company."""
+
+    async def scenario():
+        svc = make_service(
+            model_dir, **FAST, batch_wait_ms=0, pad_fill_wait=fill, batch_invariance="pad"
+        )
+        async with running(svc) as c:
+            assert svc.router.production.plan.mode == "pad"
+            slow_down(svc, DELAY)
+            body = {"labels": [3], "steps": 16, "sampler": "euler"}  # ~16 x DELAY = 0.4 s a call
+            assert (await c.post("/v1/generate", json={**body, "seed": 0})).status_code == 200
+            first = asyncio.create_task(
+                c.post(
+                    "/v1/generate", json={**body, "seed": 1}, headers={"X-Request-Id": "fill-first"}
+                )
+            )
+            await asyncio.sleep(0.03)  # far inside 0.5 x 0.4 s, far outside batch_wait_ms
+            second = await c.post(
+                "/v1/generate", json={**body, "seed": 2}, headers={"X-Request-Id": "fill-second"}
+            )
+            assert (await first).status_code == second.status_code == 200
+            calls = [svc.audit.get(rid)["detail"]["calls"] for rid in ("fill-first", "fill-second")]
+            assert calls == ([[2], [2]] if fill else [[1], [1]])
+
+    run(scenario())

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -366,3 +369,35 @@ def test_batch_plan_counts_guidance_twice():
     assert plan.micro(False) == 8 and plan.micro(True) == 4
     assert BatchPlan("pad", 1).micro(True) == 1
     assert BatchPlan("per_sample", 8).micro(False) == 1
+
+
+_THREADS_PROBE = """
+import os, sys, torch
+torch.set_num_threads(2)
+from difforge.model import load
+from difforge.serving import ServiceConfig
+from difforge.serving.app import build_service
+count = lambda: len(os.listdir("/proc/self/task"))
+before = count()
+build_service(sys.argv[1], ServiceConfig(audit_db=":memory:"))
+after_service = count()
+load(sys.argv[1])  # the control: the same load on this thread leaves its OpenMP team behind
+print(before, after_service, count())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_build_service_leaves_no_openmp_team_on_the_calling_thread():
+    """Torch work of the serving process stays on the sampler thread: a second thread's OpenMP
+    team halves throughput on a small CPU (see difforge.serving.engine.on_passing_thread)."""
+    model = Path(__file__).resolve().parents[2] / "models" / "mnist-cond"  # tensors big enough
+    out = subprocess.run(  # to run parallel copies; a fresh process has no team yet
+        [sys.executable, "-c", _THREADS_PROBE, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    before, after_service, after_direct = map(int, out.stdout.split())
+    assert after_service == before
+    assert after_direct > before

@@ -155,6 +155,7 @@ async def load_level(url: str, clients: int, duration: float, steps: int, drain:
     latencies: list[float] = []
     rejected: list[float] = []
     statuses: dict[int, int] = {}
+    transport: dict[str, int] = {}
     in_window = [0]
     end = time.monotonic() + duration
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -167,8 +168,9 @@ async def load_level(url: str, clients: int, duration: float, steps: int, drain:
             try:
                 r = await c.post(url + "/v1/generate", json=body)
                 code = r.status_code
-            except httpx.HTTPError:
+            except httpx.HTTPError as e:  # status 0; which error says whether it was accepted
                 code = 0
+                transport[type(e).__name__] = transport.get(type(e).__name__, 0) + 1
             dt = time.perf_counter() - t0
             statuses[code] = statuses.get(code, 0) + 1
             if code == 200:
@@ -195,6 +197,7 @@ async def load_level(url: str, clients: int, duration: float, steps: int, drain:
         "latency_s": percentiles(sorted(latencies)),
         "rejected_latency_s": percentiles(sorted(rejected)),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "transport_errors": transport,
         "unfinished_at_drain_end": len(pending),
         "errors": sum(v for k, v in statuses.items() if k != 200) + len(pending),
     }

@@ -372,7 +372,7 @@ def test_batch_plan_counts_guidance_twice():
 
 
 _THREADS_PROBE = """
-import os, sys, torch
+import os, sys, time, torch
 torch.set_num_threads(2)
 from difforge.model import load
 from difforge.serving import ServiceConfig
@@ -380,6 +380,10 @@ from difforge.serving.app import build_service
 count = lambda: len(os.listdir("/proc/self/task"))
 before = count()
 build_service(sys.argv[1], ServiceConfig(audit_db=":memory:"))
+for _ in range(200):  # the passing thread's OpenMP team exits after the thread: give it time
+    if count() == before:
+        break
+    time.sleep(0.05)
 after_service = count()
 load(sys.argv[1])  # the control: the same load on this thread leaves its OpenMP team behind
 print(before, after_service, count())

@@ -115,10 +115,11 @@ class ServiceConfig(_Frozen):
     guided-ness are merged into one sampler call of at most `limits.max_batch_images` forward rows,
     waiting at most `batch_wait_ms` for company; a call padded to a fixed shape costs the same
     however few rows are real, so it waits longer, up to `pad_fill_wait` times the expected
-    duration of the call (the engine's moving average of seconds per step x steps). `batch_invariance` decides how an image is kept
-    independent of its batch (see difforge.serving.invariance): "pad" runs every call at one fixed
-    shape (padding with throw-away rows), "per_sample" runs one image per call, "off" runs what
-    arrived (fastest; responses then say batch_invariant: false).
+    duration of the call (the engine's moving average of seconds per step x steps).
+    `batch_invariance` decides how an image is kept independent of its batch (see
+    difforge.serving.invariance): "pad" runs every call at one fixed shape (padding with throw-away
+    rows), "per_sample" runs one image per call, "off" runs what arrived (fastest; responses then
+    say batch_invariant: false).
     """
 
     limits: Limits = Field(default_factory=Limits)

@@ -7,8 +7,8 @@ thread that runs the sampler calls (batch -> predict -> unbatch of the serving c
   key join it, oldest first, until the call holds `plan.micro(guided)` images or the head has waited
   long enough since it was accepted: `batch_wait_ms`, or for a padded call (fixed shape, so an
   empty row costs as much as a real one) up to `pad_fill_wait` x the call's expected duration.
-  Measured (benchmarks/serve_load.py, 16 closed-loop clients, 16 images per padded call): with a
-  10 ms wait, calls left before the clients' next requests arrived and ran half padding.
+  Measured (16 closed-loop clients, 16 images per padded call, 20 s, models/mnist-cond): 4.0
+  img/s with the 10 ms wait alone, 8.0 img/s with pad_fill_wait 0.1.
   A request larger than one call is split across calls.
 * Off the event loop: sampler calls run on one dedicated thread, so health checks, metrics and
   new requests are answered while a batch runs. One thread, because the CPU's cores already go to

@@ -380,11 +380,21 @@ async def readiness_timeline(server: Server, timeout: float = 300) -> dict:
     raise TimeoutError("restarted server did not become ready")
 
 
+def verify_audit(db: Path) -> dict:
+    """Recompute the hash chain of the audit log at `db` (the server is not running)."""
+    from difforge.serving.audit import AuditLog
+
+    log = AuditLog(db)
+    try:
+        v = log.verify()
+    finally:
+        log.close()
+    return {"ok": v.ok, "rows": v.rows, "reason": v.reason}
+
+
 async def kill_run(model, config, steps, workdir) -> dict:
     """SIGKILL the server under load (16 clients), restart it on the same audit log: no hang,
     readiness false until warm, and the audit chain still verifies (and keeps growing)."""
-    from difforge.serving.audit import AuditLog
-
     db = workdir / "audit-kill.db"
     first = Server(model, config, workdir, audit_db=db)
     await first.wait_ready()
@@ -396,25 +406,21 @@ async def kill_run(model, config, steps, workdir) -> dict:
     t_kill = time.monotonic()
     killed_level = await asyncio.wait_for(load, 60)  # the clients must not hang
     clients_back_s = time.monotonic() - t_kill
-    log = AuditLog(db)
-    before = log.verify()
-    log.close()
+    before = verify_audit(db)
     second = Server(model, config, workdir, audit_db=db)
     try:
         timeline = await readiness_timeline(second)
         after_level = await load_level(second.url, 4, 3.0, steps, 30.0)
     finally:
         second.stop()
-    log = AuditLog(db)
-    after = log.verify()
-    log.close()
+    after = verify_audit(db)
     out = {
         "under_load": {k: killed_level[k] for k in ("images", "statuses", "errors")},
         "clients_returned_after_kill_s": clients_back_s,
-        "audit_after_kill": {"ok": before.ok, "rows": before.rows, "reason": before.reason},
+        "audit_after_kill": before,
         "restart": timeline,
         "after_restart": {k: after_level[k] for k in ("images", "statuses", "errors")},
-        "audit_after_restart": {"ok": after.ok, "rows": after.rows, "reason": after.reason},
+        "audit_after_restart": after,
     }
     print(f"  kill      {json.dumps(out)}", flush=True)
     return out

@@ -15,7 +15,8 @@ both recipes so that machine drift hits both equally.
 
     python -m benchmarks.time_to_quality [--minutes 20] [--n 1000] [--quick]
 
-Each recipe is scored at half its budget (e.g. 10 minutes) and at the end; the scoring is not\ntimed. The report adds the train-vs-test floor: FID of n real training images at the same n.
+Each recipe is scored at half its budget (e.g. 10 minutes) and at the end; the scoring is not
+timed. The report adds the train-vs-test floor: FID of n real training images at the same n.
 """
 
 from __future__ import annotations
@@ -131,9 +132,7 @@ def throughput(rounds: int, burst: int) -> dict:
     return {k: statistics.median(v) for k, v in rates.items()} | {"params": params}
 
 
-def score(images: torch.Tensor, labels: list[int]) -> dict:
-    extractor = load_feature_extractor()
-    reference = mnist_reference("test", extractor)
+def score(images: torch.Tensor, labels: list[int], extractor, reference) -> dict:
     rep = evaluate_images(images, torch.tensor(labels), extractor, reference)
     m = rep["metrics"]
     return {k: m.get(k) for k in ("fid", "kid_mean", "label_accuracy", "precision", "recall")}
@@ -178,19 +177,18 @@ def main() -> None:
             theirs.append({"net": recipe.ema_net(), "steps": total, "seconds": elapsed})
         import difforge
 
+        extractor = load_feature_extractor()
+        reference = mnist_reference("test", extractor)
         for run in runs:
             model = difforge.load(run["dir"])
             imgs = model.sample(labels=labels, sampler="dpmpp_2m", steps=20, guidance=3.0, seed=0)
             point = {"minutes": run["seconds"] / 60, "steps": run["steps"]}
-            results["difforge"].append(point | score(imgs.images, labels))
+            results["difforge"].append(point | score(imgs.images, labels, extractor, reference))
         for run in theirs:
             point = {"minutes": run["seconds"] / 60, "steps": run["steps"]}
-            results["diffusers"].append(
-                point | score(sample_diffusers(run["net"], labels, 0), labels)
-            )
-    floor = real_data_floor(
-        args.n, load_feature_extractor(), mnist_reference("test", load_feature_extractor())
-    )
+            images = sample_diffusers(run["net"], labels, 0)
+            results["diffusers"].append(point | score(images, labels, extractor, reference))
+    floor = real_data_floor(args.n, extractor, reference)
     summary = summarize(args, results, rate, floor)
     write_result(
         "time_to_quality" + ("_quick" if args.quick else ""),

@@ -26,7 +26,7 @@ class StepInfo:
     denoised: Tensor
 
 
-Callback = Callable[[StepInfo], None]
+Callback = Callable[[StepInfo], Tensor | None]  # None: keep x; a tensor: the new x
 
 
 def sigma_list(sigmas: Tensor | list[float]) -> list[float]:
@@ -54,6 +54,10 @@ def require_noise(noise: NoiseSource | None, sampler: str) -> NoiseSource:
     return noise
 
 
-def emit(callback: Callback | None, i: int, s: list[float], x: Tensor, denoised: Tensor) -> None:
-    if callback is not None:
-        callback(StepInfo(i, s[i], s[i + 1], x, denoised))
+def emit(callback: Callback | None, i: int, s: list[float], x: Tensor, denoised: Tensor) -> Tensor:
+    """Report step i; a callback that returns a tensor replaces the state x (editing hooks such as
+    inpainting re-impose known pixels this way). Every sampler writes `x = emit(...)`."""
+    if callback is None:
+        return x
+    out = callback(StepInfo(i, s[i], s[i + 1], x, denoised))
+    return x if out is None else out

@@ -47,7 +47,7 @@ def sample_ddim(
         x = denoised + eps * math.sqrt(s[i + 1] ** 2 - c**2)
         if c > 0:
             x = x + noise(x) * c
-        emit(callback, i, s, x, denoised)
+        x = emit(callback, i, s, x, denoised)
     return x
 
 

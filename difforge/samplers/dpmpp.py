@@ -37,7 +37,7 @@ def sample_dpmpp_2m(
             x = x * (s[i + 1] / s[i]) - d * math.expm1(-h)
             h_last = h
         old_denoised = denoised
-        emit(callback, i, s, x, denoised)
+        x = emit(callback, i, s, x, denoised)
     return x
 
 
@@ -72,5 +72,5 @@ def sample_dpmpp_2m_sde(
                 x = x + noise(x) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
             h_last = h
         old_denoised = denoised
-        emit(callback, i, s, x, denoised)
+        x = emit(callback, i, s, x, denoised)
     return x

@@ -52,7 +52,7 @@ def sample_euler(
         x, sigma_hat = _churn(x, s[i], len(s) - 1, s_churn, s_tmin, s_tmax, s_noise, noise)
         denoised = denoise(denoiser, x, sigma_hat, cond)
         x = x + (x - denoised) * ((s[i + 1] - sigma_hat) / sigma_hat)
-        emit(callback, i, s, x, denoised)
+        x = emit(callback, i, s, x, denoised)
     return x
 
 
@@ -83,7 +83,7 @@ def sample_heun(
             d_next = (x_next - denoise(denoiser, x_next, s[i + 1], cond)) / s[i + 1]
             x_next = x + (d + d_next) * (dt / 2)
         x = x_next
-        emit(callback, i, s, x, denoised)
+        x = emit(callback, i, s, x, denoised)
     return x
 
 
@@ -117,5 +117,5 @@ def sample_euler_ancestral(
         x = x + (x - denoised) * ((sigma_down - s[i]) / s[i])
         if sigma_up > 0:
             x = x + noise(x) * (s_noise * sigma_up)
-        emit(callback, i, s, x, denoised)
+        x = emit(callback, i, s, x, denoised)
     return x

@@ -39,5 +39,5 @@ def sample_ipndm(
         for w, d_old in zip(weights[1:], history[1:], strict=True):
             d = d + d_old * w
         x = x + d * (s[i + 1] - s[i])
-        emit(callback, i, s, x, denoised)
+        x = emit(callback, i, s, x, denoised)
     return x

@@ -44,7 +44,7 @@ def friendly_errors(fn: Callable) -> Callable:
 # --- commands are registered below, one section per area --------------------------------------
 
 
-# --- train / sample / info (training engineer; library code in difforge.training, difforge.model)
+# --- train / sample / info (training engineer; library code in difforge.training, difforge.pipeline)
 
 
 def _int_list(text: str | None, what: str) -> list[int] | None:
@@ -171,7 +171,7 @@ def sample_command(
     out: str = typer.Option("grid.png", "--out", help="Output PNG (a labelled grid)."),
 ) -> None:
     """Sample a labelled image grid from a model, with provenance in the PNG's text chunks."""
-    from difforge.model import load, save_samples_png
+    from difforge.pipeline import load, save_samples_png
 
     m = load(model)
     samples = m.sample(
@@ -198,7 +198,7 @@ def info_command(
     """Summarise a model: identity, size, cost, sampling defaults and provenance."""
     import json
 
-    from difforge.model import load
+    from difforge.pipeline import load
 
     s = load(model).summary()
     if as_json:
@@ -555,7 +555,7 @@ def evaluate_command(
 ) -> None:
     """Evaluate a model (FID, KID, label accuracy, memorization over seed repeats), or sweep NFE."""
     from difforge.evaluation import load_feature_extractor
-    from difforge.model import load
+    from difforge.pipeline import load
 
     sweep = nfe_sweep is not None
     _eval_mode_check(

@@ -43,7 +43,7 @@ from difforge.evaluation.evaluate import METRIC_KEYS, evaluate_images
 from difforge.evaluation.features import FeatureExtractor, extract, load_feature_extractor
 from difforge.evaluation.metrics import check_fid_sample_count, feature_stats, fid_from_stats
 from difforge.evaluation.reference import ReferenceStats, reference_stats
-from difforge.model import Model, code_version, load
+from difforge.pipeline import Model, code_version, load
 from difforge.samplers import GRID_KINDS, SAMPLERS, get_sigmas, sampler_knobs
 
 REPORT_FORMAT = "difforge-eval-report/1"

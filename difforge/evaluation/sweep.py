@@ -54,7 +54,7 @@ from difforge.evaluation.report import (
     run_info,
     write_json,
 )
-from difforge.model import Model, load
+from difforge.pipeline import Model, load
 from difforge.samplers import SAMPLERS, expected_nfe, get_sigmas
 
 SWEEP_FORMAT = "difforge-nfe-sweep/1"

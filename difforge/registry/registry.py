@@ -5,7 +5,7 @@
     reg.promote("mnist", 1, to="production", gates="gates.json")
     reg.promote("mnist", 2, to="canary", percent=10)
     reg.resolve("mnist")                                     # production v1, canary v2 at 10%
-    reg.load_version("mnist", "production")                  # -> difforge.model.Model
+    reg.load_version("mnist", "production")                  # -> difforge.pipeline.Model
     reg.rollback("mnist")                                    # production back to the previous one
     reg.verify()                                             # audit chain + every artifact
 
@@ -25,7 +25,7 @@ from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.engine import make_url
 
 from difforge.core.errors import InvalidArgumentError
-from difforge.model import (
+from difforge.pipeline import (
     CONFIG_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -180,7 +180,7 @@ class Registry:
     ) -> Registration:
         """Register a model folder as a new immutable version (or find it, if already there).
 
-        The folder must load (`difforge.model.load`: manifest, safetensors, strict weights).
+        The folder must load (`difforge.pipeline.load`: manifest, safetensors, strict weights).
         Its files are copied into the artifact store; evaluation reports found in the folder or
         passed in are attached. Identical weights under the same name give the existing version
         (new reports are still attached); identical weights with another config.json conflict.

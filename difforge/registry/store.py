@@ -3,7 +3,7 @@
     ARTIFACTS/
       sha256/ab/abcdef...      the bytes whose sha256 is abcdef... (read-only)
       models/<weights sha256>-<config sha256[:12]>/
-                               a model folder of links to those blobs, for difforge.model.load
+                               a model folder of links to those blobs, for difforge.pipeline.load
 
 Blobs are written to a temp file, fsynced, then renamed into place, so a crash never leaves a
 half-written blob under a valid name. A blob is trusted only after its sha256 is recomputed.
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from difforge.model import sha256_file
+from difforge.pipeline import sha256_file
 
 
 @dataclass(frozen=True)

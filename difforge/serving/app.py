@@ -262,7 +262,7 @@ def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
 
     The load runs on a passing thread: torch work stays off the main thread (see
     `difforge.serving.engine.on_passing_thread`)."""
-    from difforge.model import load
+    from difforge.pipeline import load
 
     return Service(config, ModelRouter(ModelVersion(on_passing_thread(load, model_path))))
 

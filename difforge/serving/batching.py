@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from difforge.core.sigmas import get_sigmas
-from difforge.model import Model
+from difforge.pipeline import Model
 from difforge.samplers import StepInfo, sample
 
 

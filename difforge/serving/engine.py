@@ -39,7 +39,7 @@ from typing import Any
 from torch import Tensor
 
 from difforge.core.errors import DifforgeError, SamplingCancelled
-from difforge.model import to_uint8
+from difforge.pipeline import to_uint8
 from difforge.samplers import StepInfo, expected_nfe
 from difforge.serving.batching import BatchKey, Row, sample_rows
 from difforge.serving.config import ServiceConfig

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from difforge.model import Model
+from difforge.pipeline import Model
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 
 

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from difforge.core.errors import InvalidArgumentError
-from difforge.model import Model
+from difforge.pipeline import Model
 from difforge.registry import (
     ArtifactIntegrityError,
     GateFailedError,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from difforge.core.errors import InvalidArgumentError
-from difforge.model import Model
+from difforge.pipeline import Model
 from difforge.serving.batching import BatchPlan
 from difforge.serving.protocol import ModelFacts
 

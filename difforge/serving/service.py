@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from difforge.core.errors import DifforgeError
-from difforge.model import Model
+from difforge.pipeline import Model
 from difforge.serving.access import AccessControl, AccessDenied, Principal, RateLimiter
 from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows

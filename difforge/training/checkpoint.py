@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from difforge.core.errors import DifforgeError
-from difforge.model import sha256_file
+from difforge.pipeline import sha256_file
 
 FORMAT = "difforge-checkpoint/1"
 TENSORS, STATE, MARKER = "tensors.safetensors", "state.json", "COMPLETE"

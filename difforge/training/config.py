@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.core.processes import make_process
-from difforge.model import NetSpec, SamplingDefaults
+from difforge.pipeline import NetSpec, SamplingDefaults
 
 Parameterization = Literal["eps", "x0", "v", "velocity", "edm"]
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "velocity", "edm")

@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from difforge.data.dataset import ImageDataset
-from difforge.model import Model, ModelConfig, code_version, save_model, save_samples_png
+from difforge.pipeline import Model, ModelConfig, code_version, save_model, save_samples_png
 from difforge.training.config import TrainConfig
 
 

@@ -61,7 +61,15 @@ from difforge.evaluation import (
     plot_sweep,
 )
 from difforge.evaluation.report import compute_threads, default_reference
-from difforge.pipeline import Model, ModelConfig, NetSpec, SamplingDefaults, load, save_model, to_uint8
+from difforge.pipeline import (
+    Model,
+    ModelConfig,
+    NetSpec,
+    SamplingDefaults,
+    load,
+    save_model,
+    to_uint8,
+)
 from difforge.samplers import PerSampleNoise, expected_nfe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -58,8 +58,8 @@ NETS = {
 def make_model(folder: Path, net: str) -> Path:
     """A random-weight model folder (throughput does not depend on the weights' values, but
     batch invariance does: a net whose output is exactly zero is trivially invariant)."""
-    from difforge.pipeline import ModelConfig, NetSpec, SamplingDefaults, save_model
     from difforge.nets import UNetConfig, build_net
+    from difforge.pipeline import ModelConfig, NetSpec, SamplingDefaults, save_model
 
     cfg = UNetConfig(in_channels=1, out_channels=1, num_classes=10, **NETS[net])
     torch.manual_seed(0)

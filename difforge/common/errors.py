@@ -17,5 +17,6 @@ def format_validation_error(e: ValidationError, root: str = "value") -> str:
 def validation_detail(e: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """FastAPI's error shape: [{"loc": [*prefix, ...], "msg": ..., "type": ...}]."""
     return [
-        {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]} for err in e.errors()
+        {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        for err in e.errors()
     ]

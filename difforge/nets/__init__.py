@@ -80,10 +80,10 @@ def flops_per_forward(
 
 
 __all__ = [
-    "Autoencoder",
-    "AutoencoderConfig",
     "MNIST_UNET",
     "NET_KINDS",
+    "Autoencoder",
+    "AutoencoderConfig",
     "NetConfig",
     "UNet",
     "UNetConfig",

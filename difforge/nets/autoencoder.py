@@ -118,7 +118,10 @@ class Autoencoder(nn.Module):
         for i, ch in enumerate(rev):
             dec.append(_Res(rev[max(i - 1, 0)], ch, c.norm_groups))
             if i < len(rev) - 1:
-                dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
+                dec += [
+                    nn.Upsample(scale_factor=2, mode="nearest"),
+                    nn.Conv2d(ch, ch, 3, padding=1),
+                ]
         dec += [nn.GroupNorm(c.norm_groups, rev[-1]), nn.SiLU()]
         dec.append(nn.Conv2d(rev[-1], c.in_channels, 3, padding=1))
         self.decoder = nn.Sequential(*dec)
@@ -143,5 +146,9 @@ def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
 
 def reconstruction_loss(x: Tensor, x_hat: Tensor, kind: str = "l1") -> Tensor:
     """Per-sample mean L1 or L2 reconstruction error."""
-    err = F.l1_loss(x_hat, x, reduction="none") if kind == "l1" else F.mse_loss(x_hat, x, reduction="none")
+    err = (
+        F.l1_loss(x_hat, x, reduction="none")
+        if kind == "l1"
+        else F.mse_loss(x_hat, x, reduction="none")
+    )
     return err.flatten(1).mean(1)

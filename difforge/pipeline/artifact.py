@@ -353,6 +353,8 @@ def read_pipeline(folder: Path, files: Mapping[str, str]) -> tuple[PipelineConfi
                 f"{PIPELINE_FILE} records {ref.sha256[:12]}... for component {name!r}"
             )
         hashes[name] = ref.sha256
-        configs[name] = read_config(_safe_name(folder, ref.path) / CONFIG_FILE, COMPONENT_CONFIGS[name])
+        configs[name] = read_config(
+            _safe_name(folder, ref.path) / CONFIG_FILE, COMPONENT_CONFIGS[name]
+        )
     _check_bases(pipeline, hashes, folder)
     return pipeline, configs

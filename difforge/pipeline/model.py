@@ -20,7 +20,13 @@ from difforge.core.errors import InvalidArgumentError
 from difforge.core.processes import NoiseProcess, make_process
 from difforge.core.sigmas import get_sigmas
 from difforge.pipeline.conditioning import ConditioningSpec, Row
-from difforge.pipeline.config import ModelConfig, NetSpec, PipelineConfig, SamplingDefaults, VAEConfig
+from difforge.pipeline.config import (
+    ModelConfig,
+    NetSpec,
+    PipelineConfig,
+    SamplingDefaults,
+    VAEConfig,
+)
 from difforge.pipeline.request import Plan, RequestLimits, resolve
 
 

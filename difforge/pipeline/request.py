@@ -24,7 +24,15 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.pipeline.conditioning import FieldProblem, Row
@@ -61,7 +69,7 @@ class SampleRequest(BaseModel):
     steps: StrictInt | None = None
     guidance: float | None = None  # classifier-free guidance scale (1 = plain conditional)
     grid: Literal["karras", "exponential", "uniform"] | None = None
-    options: dict[str, StrictInt | float | bool] = Field(default_factory=dict)  # sampler knobs
+    options: dict[str, StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)  # knobs
     response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several
     deadline_ms: StrictInt | None = None  # give up this long after arrival (services only)
 

@@ -29,7 +29,6 @@ from difforge.registry.canary import RollbackMargins
 
 Scope = Literal["generate", "admin"]
 InvarianceMode = Literal["pad", "per_sample", "off"]
-MAX_SEED = 2**32 - 1  # seeds accepted over HTTP (a uint32, as most clients can hold one exactly)
 
 
 class _Frozen(BaseModel):
@@ -68,6 +67,19 @@ class Limits(_Frozen):
         for name in v:
             check_choice("sampler", name, SAMPLERS)
         return v
+
+    def request_limits(self, max_deadline_s: float = 600.0):
+        """The part the request resolver checks (difforge.pipeline.RequestLimits)."""
+        from difforge.pipeline import RequestLimits
+
+        return RequestLimits(
+            max_steps=self.max_steps,
+            max_n=self.max_n,
+            min_guidance=self.min_guidance,
+            max_guidance=self.max_guidance,
+            allowed_samplers=self.allowed_samplers,
+            max_deadline_s=max_deadline_s,
+        )
 
     @model_validator(mode="after")
     def _guidance_range(self) -> Limits:

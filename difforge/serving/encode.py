@@ -1,7 +1,7 @@
 """The encode step: uint8 images -> PNG bytes carrying their provenance, and the JSON response.
 
 Every PNG has tEXt chunks naming the model, its weights' sha256, the sampler settings, the image's
-seed and label, the request id, the creation time and `synthetic: true`; the JSON response carries
+seed and conditioning, the request id, the creation time and `synthetic: true`; the JSON response carries
 the same fields per image. `output_sha256` hashes the raw pixels (not the PNG, whose text changes
 with the request id and time), so a replay of a logged request can be checked against it.
 """
@@ -55,10 +55,11 @@ def png_pixels(data: bytes):
 
 
 def provenance(
-    common: Mapping[str, Any], seed: int, label: int | None, index: int
+    common: Mapping[str, Any], seed: int, conditioning: Mapping[str, Any], index: int
 ) -> dict[str, Any]:
-    """One image's provenance: the request's common fields plus its own seed, label and index."""
-    return {**common, "seed": seed, "label": label, "index": index}
+    """One image's provenance: the request's common fields plus its own seed, its conditioning
+    ({key: JSON value}, e.g. {"labels": 3}) and its index."""
+    return {**common, "seed": seed, "conditioning": dict(conditioning), "index": index}
 
 
 def as_text_chunks(prov: Mapping[str, Any]) -> dict[str, str]:
@@ -67,12 +68,15 @@ def as_text_chunks(prov: Mapping[str, Any]) -> dict[str, str]:
 
 
 def encode_images(
-    images: Sequence[Tensor], common: Mapping[str, Any], seeds: Sequence[int], labels
+    images: Sequence[Tensor],
+    common: Mapping[str, Any],
+    seeds: Sequence[int],
+    conditioning: Mapping[str, Sequence[Any]],
 ) -> list[tuple[dict[str, Any], bytes]]:
-    """(provenance, PNG bytes) per image."""
+    """(provenance, PNG bytes) per image; `conditioning` is {key: one JSON value per image}."""
     out = []
     for i, img in enumerate(images):
-        prov = provenance(common, seeds[i], None if labels is None else labels[i], i)
+        prov = provenance(common, seeds[i], {k: v[i] for k, v in conditioning.items()}, i)
         out.append((prov, png_bytes(img, as_text_chunks(prov))))
     return out
 

@@ -11,8 +11,6 @@ adapter is the only place that knows what the network predicts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.engine import make_url
 
+from difforge.common.hashchain import canonical_json, sha256_text
 from difforge.core.errors import InvalidArgumentError
 from difforge.model import (
     CONFIG_FILE,
@@ -35,7 +36,7 @@ from difforge.model import (
     sha256_file,
 )
 from difforge.registry import audit
-from difforge.registry.audit import AuditEntry, canonical_json, sha256_text
+from difforge.registry.audit import AuditEntry
 from difforge.registry.config import DEFAULT_URL, Gates, RegistryConfig, parse_gates
 from difforge.registry.errors import (
     ArtifactIntegrityError,

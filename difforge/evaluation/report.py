@@ -22,9 +22,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difforge.common.atomic import write_text_atomic
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.data.mnist import ImageDataset, load_mnist
 from difforge.evaluation.evaluate import METRIC_KEYS, evaluate_images
@@ -536,15 +535,5 @@ def to_json_safe(x: Any) -> Any:
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     """Write `data` as strict JSON (see `to_json_safe`), atomically; creates parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_json_safe(data), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from difforge.common.validation import details_line, error_details
 from difforge.core.errors import DifforgeError
 from difforge.serving.config import MAX_SEED, Limits
 
@@ -29,7 +30,7 @@ class RequestInvalid(DifforgeError):
     def __init__(self, errors: list[dict[str, Any]], status: int = 422):
         self.errors = errors
         self.status = status
-        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        super().__init__(details_line(errors))
 
 
 def field_error(field: str | tuple, msg: str, kind: str = "value_error") -> dict[str, Any]:
@@ -118,12 +119,7 @@ def parse_body(body: bytes, limits: Limits) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate_json(body or b"{}")
     except ValidationError as e:
-        raise RequestInvalid(
-            [
-                {"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]}
-                for e_ in e.errors()
-            ]
-        ) from None
+        raise RequestInvalid(error_details(e, prefix=("body",))) from None
 
 
 def _check_range(errors: list, field: str, value: int, lo: int, hi: int) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from difforge.common.validation import error_details
 from difforge.core.errors import InvalidArgumentError
 from difforge.model import Model
 from difforge.registry import (
@@ -95,10 +96,7 @@ def parse_admin(model: type[_Body], body: bytes) -> _Body:
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as e:
-        errors = [
-            {"loc": ["body", *x["loc"]], "msg": x["msg"], "type": x["type"]} for x in e.errors()
-        ]
-        raise RequestInvalid(errors) from None
+        raise RequestInvalid(error_details(e, prefix=("body",))) from None
 
 
 @contextlib.contextmanager

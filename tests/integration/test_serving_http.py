@@ -11,8 +11,8 @@ import threading
 import numpy as np
 import pytest
 
+from difforge.common.png import png_pixels
 from difforge.serving import Limits, ServiceConfig, png_text
-from difforge.serving.encode import png_pixels
 from tests.integration.serving_fixtures import (
     BatchSensitiveDenoiser,
     make_service,

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from difforge.cli import app
 from difforge.data.mnist import ImageDataset, load_mnist
-from difforge.evaluation import report as report_module
+from difforge.evaluation import against as against_module
 from tests.unit.test_eval_report import N, make_tiny_model
 
 runner = CliRunner()
@@ -31,7 +31,7 @@ def small_mnist(split: str = "train") -> ImageDataset:
 
 @pytest.fixture(autouse=True)
 def small_data(monkeypatch):
-    monkeypatch.setattr(report_module, "load_mnist", small_mnist)
+    monkeypatch.setattr(against_module, "load_mnist", small_mnist)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

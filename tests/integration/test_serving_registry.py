@@ -22,7 +22,8 @@ from difforge.registry import (
 )
 from difforge.serving import ApiKey, ServiceConfig, create_app, hash_key
 from difforge.serving.config import RegistryFollow
-from difforge.serving.registry_source import OutcomeWindows, open_service, registry_version
+from difforge.serving.outcomes import OutcomeWindows
+from difforge.serving.registry_source import open_service, registry_version
 from difforge.serving.router import routing_fraction
 from tests.helpers import one_thread  # noqa: F401
 from tests.integration.serving_fixtures import (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from torch import Tensor, nn
 
@@ -87,12 +86,3 @@ TINY_NET = {
         "num_classes": 3,
     },
 }
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread while a test runs: tiny nets are far faster so on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from difforge.cli import app
@@ -29,13 +28,12 @@ def small_mnist(split: str = "train") -> ImageDataset:
     return ImageDataset(f"mnist-{split}-{k}", full.images[:k], full.labels[:k], 10)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def small_data(monkeypatch):
     monkeypatch.setattr(against_module, "load_mnist", small_mnist)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,6 @@ DELAY = 0.025
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("serving") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def model_dir_b(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("serving") / "tiny-b", seed=1, name="tiny-b")
 

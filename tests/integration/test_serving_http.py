@@ -16,7 +16,6 @@ from difforge.serving import Limits, ServiceConfig, png_text
 from tests.integration.serving_fixtures import (
     BatchSensitiveDenoiser,
     make_service,
-    make_tiny_model,
     run,
     running,
     slow_down,
@@ -37,11 +36,6 @@ PROVENANCE_KEYS = {
     "created",
     "synthetic",
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("serving") / "tiny")
 
 
 def _images(body: dict) -> list[np.ndarray]:

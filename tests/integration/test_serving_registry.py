@@ -25,7 +25,6 @@ from difforge.serving.config import RegistryFollow
 from difforge.serving.outcomes import OutcomeWindows
 from difforge.serving.registry_source import open_service, registry_version
 from difforge.serving.router import routing_fraction
-from tests.helpers import one_thread  # noqa: F401
 from tests.integration.serving_fixtures import (
     SlowDenoiser,
     make_tiny_model,

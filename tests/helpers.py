@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -86,3 +87,17 @@ TINY_NET = {
         "num_classes": 3,
     },
 }
+
+
+def tamper_sqlite(path: str | Path, *statements: str) -> None:
+    """Run SQL on a SQLite file directly, as an attacker with file access would (e.g. drop the
+    append-only trigger, then edit rows)."""
+    import sqlite3
+
+    raw = sqlite3.connect(path)
+    try:
+        for sql in statements:
+            raw.execute(sql)
+        raw.commit()
+    finally:
+        raw.close()

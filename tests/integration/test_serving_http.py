@@ -13,6 +13,7 @@ import pytest
 
 from difforge.common.png import png_pixels
 from difforge.serving import Limits, ServiceConfig, png_text
+from tests.helpers import tamper_sqlite
 from tests.integration.serving_fixtures import (
     BatchSensitiveDenoiser,
     make_service,
@@ -302,8 +303,6 @@ def test_metrics_are_exposed_with_conventional_names(model_dir):
 
 def test_audit_log_records_verifies_and_replays(model_dir, tmp_path):
     """A logged request, replayed from its audit record, reproduces the output sha256."""
-    import sqlite3
-
     db = tmp_path / "audit.sqlite3"
 
     async def scenario():
@@ -324,11 +323,11 @@ def test_audit_log_records_verifies_and_replays(model_dir, tmp_path):
             assert verify["ok"] and verify["rows"] == 3
 
     run(scenario())
-    raw = sqlite3.connect(db)
-    raw.execute("DROP TRIGGER audit_no_update")
-    raw.execute("UPDATE audit SET output_sha256 = 'ff' WHERE seq = 1")
-    raw.commit()
-    raw.close()
+    tamper_sqlite(
+        db,
+        "DROP TRIGGER audit_no_update",
+        "UPDATE audit SET output_sha256 = 'ff' WHERE seq = 1",
+    )
     from difforge.serving import AuditLog
 
     v = AuditLog(db).verify()

@@ -14,6 +14,7 @@ from difforge.common.hashchain import (
     canonical_json,
     verify,
 )
+from tests.helpers import tamper_sqlite
 
 PREFIX = ChainFormat(prev_key=None, ascii_only=True, allow_nan=True)  # the serving log's format
 EMBED = ChainFormat(prev_key="prev_hash")  # the registry's format
@@ -113,8 +114,6 @@ def test_a_row_hashed_in_the_other_format_does_not_verify():
 
 
 def test_the_serving_audit_log_reports_every_edited_row(tmp_path):
-    import sqlite3
-
     from difforge.serving.audit import AuditEntry, AuditLog
 
     path = tmp_path / "audit.sqlite3"
@@ -122,11 +121,11 @@ def test_the_serving_audit_log_reports_every_edited_row(tmp_path):
     for i in range(4):
         log.append(AuditEntry(f"req-{i}", "ok", 200, {"prompt": f"café {i}"}, 1.0))
     log.close()
-    raw = sqlite3.connect(path)
-    raw.execute("DROP TRIGGER audit_no_update")
-    raw.execute("UPDATE audit SET status = 'error' WHERE seq IN (2, 4)")
-    raw.commit()
-    raw.close()
+    tamper_sqlite(
+        path,
+        "DROP TRIGGER audit_no_update",
+        "UPDATE audit SET status = 'error' WHERE seq IN (2, 4)",
+    )
     v = AuditLog(path).verify()
     assert not v.ok and v.rows == 4 and v.first_bad_seq == 2
     assert len(v.problems) == 2 and v.problems[1].startswith("row 4 was edited")

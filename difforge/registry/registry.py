@@ -109,7 +109,8 @@ def check_alias(alias: str) -> str:
 
 
 def _report_text(report: Mapping[str, Any]) -> str:
-    return json.dumps(report, sort_keys=True, separators=(",", ":"))  # NaN kept as NaN
+    # NaN kept as NaN, non-ASCII escaped: the text (and its hash) of every stored report
+    return canonical_json(report, ascii_only=True, allow_nan=True)
 
 
 def _loads(text: str | None) -> Any:

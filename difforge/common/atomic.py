@@ -94,7 +94,11 @@ def _publish(tmp: Path, dest: Path, if_exists: Literal["replace", "keep"]) -> No
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(old, ignore_errors=True)
     dest.rename(old)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        old.rename(dest)  # put the previous folder back
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

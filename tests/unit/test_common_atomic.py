@@ -86,3 +86,23 @@ def test_a_stale_temp_folder_is_cleared_and_links_are_kept_as_links(tmp_path):
         assert list(tmp.iterdir()) == []
         (tmp / "link").symlink_to(tmp_path / "target")
     assert (tmp_path / "step-1" / "link").is_symlink()
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "config.json").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".model.tmp-"):
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="disk gone"), atomic_folder(dest) as tmp:
+        (tmp / "config.json").write_text("new")
+    assert (dest / "config.json").read_text() == "old"
+    assert os.listdir(tmp_path) == ["model"]

@@ -18,6 +18,7 @@ from tests.integration.serving_fixtures import (
     run,
     running,
     slow_down,
+    until,
 )
 
 FAST = {"torch_threads": 1, "warmup_steps": 1}
@@ -42,14 +43,6 @@ def keyed_config(**overrides) -> ServiceConfig:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-async def until(predicate, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < end, "timed out waiting"
-        await asyncio.sleep(0.005)
 
 
 def running_job(svc):

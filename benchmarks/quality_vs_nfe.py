@@ -60,7 +60,8 @@ from difforge.evaluation import (
     nfe_sweep,
     plot_sweep,
 )
-from difforge.evaluation.report import compute_threads, default_reference
+from difforge.evaluation.against import default_reference
+from difforge.evaluation.threads import compute_threads
 from difforge.pipeline import (
     Model,
     ModelConfig,

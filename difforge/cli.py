@@ -36,7 +36,9 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (DifforgeError, FileNotFoundError, PermissionError, ValueError) as e:
-            fail(str(e) or type(e).__name__)
+            from difforge.common.validation import readable  # pydantic only on this path
+
+            fail(readable(e))
 
     return wrapper
 

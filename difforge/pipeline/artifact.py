@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from difforge.common.atomic import atomic_folder
 from difforge.core.errors import DifforgeError
 from difforge.pipeline.config import (
     FORMAT_V1,
@@ -87,19 +87,8 @@ def code_version() -> str:
 # --- writing -------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_text(text)  # fsynced by atomic_folder before the folder is published
 
 
 def _write_json(path: Path, config: BaseModel) -> None:
@@ -113,12 +102,10 @@ def _write_weights(path: Path, weights: Mapping[str, Tensor], fmt: str) -> None:
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
     save_file(tensors, str(path), metadata={"format": fmt})
     os.chmod(path, 0o644)  # safetensors writes 0600; the rest of a model folder is 0644
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
-def _publish(tmp: Path, folder: Path) -> Path:
-    """Write the manifest over every file in `tmp`, then rename it to `folder` (replacing it)."""
+def _write_manifest(tmp: Path) -> None:
+    """manifest.json: the sha256 of every other file in the folder, sub-folders included."""
     files = {
         p.relative_to(tmp).as_posix(): sha256_file(p)
         for p in sorted(tmp.rglob("*"))
@@ -126,24 +113,10 @@ def _publish(tmp: Path, folder: Path) -> Path:
     }
     fmt = FORMAT_V2 if (tmp / PIPELINE_FILE).exists() else FORMAT_V1
     _write_text(tmp / MANIFEST_FILE, json.dumps({"format": fmt, "files": files}, indent=2) + "\n")
-    for d in {tmp, *(p.parent for p in tmp.rglob("*"))}:
-        _fsync_dir(d)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
-    _fsync_dir(folder.parent)
-    return folder
 
 
-def _temp_folder(folder: Path) -> Path:
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+def _temp(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
 
 
 def save_model(
@@ -158,15 +131,12 @@ def save_model(
         card: the README.md model card text.
     """
     folder = Path(folder)
-    tmp = _temp_folder(folder)
-    try:
+    with atomic_folder(folder, tmp=_temp(folder)) as tmp:
         _write_weights(tmp / WEIGHTS_FILE, weights, FORMAT_V1)
         _write_json(tmp / CONFIG_FILE, config)
         _write_text(tmp / CARD_FILE, card)
-        return _publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp)
+    return folder
 
 
 def save_pipeline(
@@ -189,8 +159,7 @@ def save_pipeline(
     """
     folder = Path(folder)
     fields = pipeline.model_dump() if isinstance(pipeline, BaseModel) else dict(pipeline)
-    tmp = _temp_folder(folder)
-    try:
+    with atomic_folder(folder, tmp=_temp(folder)) as tmp:
         hashes = {}
         for name, (cfg, weights) in components.items():
             (tmp / name).mkdir()
@@ -206,10 +175,8 @@ def save_pipeline(
         _check_bases(config, hashes, folder)
         _write_json(tmp / PIPELINE_FILE, config)
         _write_text(tmp / CARD_FILE, card)
-        return _publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp)
+    return folder
 
 
 # --- verifying and reading -----------------------------------------------------------------------
@@ -275,12 +242,12 @@ def verify_manifest(folder: Path) -> dict[str, str]:
 
 def read_config(path: Path, cls: type[BaseModel]) -> Any:
     """A config file validated as `cls`, or one line naming every bad field."""
-    from difforge.common.errors import format_validation_error  # one formatter
+    from difforge.common.validation import error_line
 
     try:
         return cls.model_validate_json(path.read_text())
     except ValidationError as e:
-        raise ModelIntegrityError(f"{path}: {format_validation_error(e, 'config')}") from None
+        raise ModelIntegrityError(f"{path}: {error_line(e)}") from None
 
 
 def _list(names: Sequence[str], limit: int = 8) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.engine import make_url
 
+from difforge.common.hashchain import canonical_json, sha256_text
 from difforge.core.errors import InvalidArgumentError
 from difforge.pipeline import (
     CONFIG_FILE,
@@ -35,7 +36,7 @@ from difforge.pipeline import (
     sha256_file,
 )
 from difforge.registry import audit
-from difforge.registry.audit import AuditEntry, canonical_json, sha256_text
+from difforge.registry.audit import AuditEntry
 from difforge.registry.config import DEFAULT_URL, Gates, RegistryConfig, parse_gates
 from difforge.registry.errors import (
     ArtifactIntegrityError,
@@ -108,7 +109,8 @@ def check_alias(alias: str) -> str:
 
 
 def _report_text(report: Mapping[str, Any]) -> str:
-    return json.dumps(report, sort_keys=True, separators=(",", ":"))  # NaN kept as NaN
+    # NaN kept as NaN, non-ASCII escaped: the text (and its hash) of every stored report
+    return canonical_json(report, ascii_only=True, allow_nan=True)
 
 
 def _loads(text: str | None) -> Any:

@@ -33,18 +33,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from difforge.serving.access import AccessDenied, Principal, is_loopback
+from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, parse_admin
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
-from difforge.serving.registry_source import (
-    CanaryBody,
-    PromoteBody,
-    RegistrySource,
-    RollbackBody,
-    open_service,
-    parse_admin,
-)
+from difforge.serving.registry_source import RegistrySource, open_service
 from difforge.serving.router import ModelRouter, ModelVersion
 from difforge.serving.service import GenerateCall, HTTPFailure, Service
 

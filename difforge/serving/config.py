@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.registry.canary import RollbackMargins
 
@@ -184,7 +185,4 @@ def load_service_config(path: str | Path | None) -> ServiceConfig:
     try:
         return ServiceConfig.model_validate_json(path.read_text())
     except ValidationError as e:
-        where = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
-        )
-        raise InvalidArgumentError(f"{path}: {where}") from None
+        raise InvalidArgumentError(f"{path}: {error_line(e)}") from None

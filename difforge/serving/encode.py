@@ -3,20 +3,21 @@
 Every PNG has tEXt chunks naming the model, its weights' sha256, the sampler settings, the image's
 seed and conditioning, the request id, the creation time and `synthetic: true`; the JSON response carries
 the same fields per image. `output_sha256` hashes the raw pixels (not the PNG, whose text changes
-with the request id and time), so a replay of a logged request can be checked against it.
+with the request id and time), so a replay of a logged request can be checked against it. PNG
+writing and reading live in `difforge.common.png`.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from PIL import Image, PngImagePlugin
 from torch import Tensor
+
+from difforge.common.png import png_bytes
 
 
 def pixels_sha256(images: Sequence[Tensor]) -> str:
@@ -25,33 +26,6 @@ def pixels_sha256(images: Sequence[Tensor]) -> str:
     for img in images:
         h.update(img.contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def png_bytes(image: Tensor, text: Mapping[str, str]) -> bytes:
-    """A uint8 (C, H, W) image, C in {1, 3}, as PNG with `text` as tEXt chunks."""
-    arr = image.permute(1, 2, 0).contiguous().numpy()  # (H, W, C)
-    pil = Image.fromarray(arr[..., 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-    info = PngImagePlugin.PngInfo()
-    for k, v in text.items():
-        info.add_text(k, v)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def png_text(data: bytes) -> dict[str, str]:
-    """The tEXt chunks of a PNG (for clients and tests)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return dict(img.text)
-
-
-def png_pixels(data: bytes):
-    """A PNG's pixels as a uint8 numpy array (H, W) or (H, W, C)."""
-    import numpy as np
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img).copy()
 
 
 def provenance(

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from difforge.common.errors import validation_detail
+from difforge.common.validation import error_details
 from difforge.core.errors import DifforgeError
 from difforge.pipeline import Model, Plan, SampleRequest
 from difforge.pipeline import RequestInvalid as PipelineRequestInvalid
@@ -58,7 +58,7 @@ def parse_body(body: bytes, limits: Limits) -> GenerateRequest:
     try:
         return SampleRequest.model_validate_json(body or b"{}")
     except ValidationError as e:
-        raise RequestInvalid(validation_detail(e, ("body",))) from None
+        raise RequestInvalid(error_details(e, prefix=("body",))) from None
 
 
 def resolve(

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from difforge.cli import app
-from tests.helpers import TINY_NET, one_thread  # noqa: F401
+from tests.helpers import TINY_NET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import difforge
 from difforge.cli import app
+from difforge.common.png import png_pixels
 from difforge.nets import AutoencoderConfig, UNetConfig, build_net
 from difforge.pipeline import (
     ConditioningSpec,
@@ -27,7 +28,6 @@ from difforge.pipeline import (
     save_pipeline,
     sha256_file,
 )
-from difforge.serving.encode import png_pixels
 from tests.integration.serving_fixtures import make_service, run, running
 
 VAE = AutoencoderConfig(
@@ -147,7 +147,7 @@ def test_a_corrupted_component_fails_the_manifest(toy, tmp_path):
     blob = bytearray((bad / "vae" / "model.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (bad / "vae" / "model.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(ModelIntegrityError, match="vae/model.safetensors is corrupted"):
+    with pytest.raises(ModelIntegrityError, match=r"vae/model\.safetensors is corrupted"):
         difforge.load(bad)
 
 

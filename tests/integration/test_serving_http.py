@@ -11,12 +11,12 @@ import threading
 import numpy as np
 import pytest
 
+from difforge.common.png import png_pixels
 from difforge.serving import Limits, ServiceConfig, png_text
-from difforge.serving.encode import png_pixels
+from tests.helpers import tamper_sqlite
 from tests.integration.serving_fixtures import (
     BatchSensitiveDenoiser,
     make_service,
-    make_tiny_model,
     run,
     running,
     slow_down,
@@ -37,11 +37,6 @@ PROVENANCE_KEYS = {
     "created",
     "synthetic",
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("serving") / "tiny")
 
 
 def _images(body: dict) -> list[np.ndarray]:
@@ -318,8 +313,6 @@ def test_metrics_are_exposed_with_conventional_names(model_dir):
 
 def test_audit_log_records_verifies_and_replays(model_dir, tmp_path):
     """A logged request, replayed from its audit record, reproduces the output sha256."""
-    import sqlite3
-
     db = tmp_path / "audit.sqlite3"
 
     async def scenario():
@@ -340,11 +333,11 @@ def test_audit_log_records_verifies_and_replays(model_dir, tmp_path):
             assert verify["ok"] and verify["rows"] == 3
 
     run(scenario())
-    raw = sqlite3.connect(db)
-    raw.execute("DROP TRIGGER audit_no_update")
-    raw.execute("UPDATE audit SET output_sha256 = 'ff' WHERE seq = 1")
-    raw.commit()
-    raw.close()
+    tamper_sqlite(
+        db,
+        "DROP TRIGGER audit_no_update",
+        "UPDATE audit SET output_sha256 = 'ff' WHERE seq = 1",
+    )
     from difforge.serving import AuditLog
 
     v = AuditLog(db).verify()

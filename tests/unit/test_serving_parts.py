@@ -35,6 +35,7 @@ from difforge.serving.protocol import (
     resolve,
 )
 from difforge.serving.router import ModelRouter, ModelVersion, routing_fraction
+from tests.helpers import tamper_sqlite
 
 
 def fake_model(classes: int, guidance: float = 3.0) -> SimpleNamespace:
@@ -275,11 +276,12 @@ def test_audit_chain_verifies_and_detects_an_edited_row(tmp_path):
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         log._db.execute("UPDATE audit SET status = 'x' WHERE seq = 2")
     log.close()
-    raw = sqlite3.connect(path)  # an attacker with file access drops the trigger and edits
-    raw.execute("DROP TRIGGER audit_no_update")
-    raw.execute("UPDATE audit SET params = '{\"seeds\":[99]}' WHERE seq = 3")
-    raw.commit()
-    raw.close()
+    # an attacker with file access drops the trigger and edits
+    tamper_sqlite(
+        path,
+        "DROP TRIGGER audit_no_update",
+        "UPDATE audit SET params = '{\"seeds\":[99]}' WHERE seq = 3",
+    )
     reopened = AuditLog(path)
     v = reopened.verify()
     assert not v.ok and v.first_bad_seq == 3 and "hash" in v.reason
@@ -298,11 +300,11 @@ def test_audit_detects_a_deleted_row_and_survives_reopen(tmp_path):
     again.append(_entry(3))
     assert again.verify().ok and again.verify().rows == 4
     again.close()
-    raw = sqlite3.connect(path)
-    raw.execute("DROP TRIGGER audit_no_delete")
-    raw.execute("DELETE FROM audit WHERE seq = 2")
-    raw.commit()
-    raw.close()
+    tamper_sqlite(
+        path,
+        "DROP TRIGGER audit_no_delete",
+        "DELETE FROM audit WHERE seq = 2",
+    )
     v = AuditLog(path).verify()
     assert not v.ok and v.first_bad_seq == 3
 

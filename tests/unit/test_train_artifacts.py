@@ -18,7 +18,7 @@ from difforge.model import (
     save_model,
     save_samples_png,
 )
-from tests.helpers import TINY_NET, one_thread  # noqa: F401
+from tests.helpers import TINY_NET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

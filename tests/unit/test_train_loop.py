@@ -22,7 +22,7 @@ from difforge.training import (
     write_checkpoint,
 )
 from difforge.training.losses import denoising_loss, sample_sigma
-from tests.helpers import TINY_NET, one_thread  # noqa: F401
+from tests.helpers import TINY_NET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,10 @@ from difforge.samplers.euler import sample_euler, sample_euler_ancestral, sample
 from difforge.samplers.ipndm import sample_ipndm
 from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise
 from difforge.samplers.registry import (
+    ALIASES,
     SAMPLERS,
     SampleResult,
+    canonical_samplers,
     expected_nfe,
     get_sampler,
     sample,
@@ -22,6 +24,7 @@ from difforge.samplers.registry import (
 )
 
 __all__ = [
+    "ALIASES",
     "GRID_KINDS",
     "SAMPLERS",
     "GeneratorNoise",
@@ -29,6 +32,7 @@ __all__ = [
     "PerSampleNoise",
     "SampleResult",
     "StepInfo",
+    "canonical_samplers",
     "expected_nfe",
     "get_sampler",
     "get_sigmas",

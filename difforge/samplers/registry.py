@@ -34,6 +34,14 @@ SAMPLERS: dict[str, SamplerFn] = {
     "ipndm": sample_ipndm,
 }
 
+# Names that run another entry's algorithm (see samplers/ddim.py for the derivation): alias ->
+# canonical. They stay registered for their familiar names and knobs; sweeps over "all" samplers
+# use `canonical_samplers()` so one algorithm is not measured twice.
+ALIASES: dict[str, str] = {
+    "ddim": "euler_ancestral",  # ddim(eta) = euler_ancestral(eta); eta = 0 (default) is euler
+    "ddpm": "euler_ancestral",  # ddpm = euler_ancestral(eta=1), its default
+}
+
 # Denoiser evaluations per call for a grid of `steps` levels ending in sigma = 0.
 _EVALS_PER_STEP = {name: 1 for name in SAMPLERS} | {"heun": 2}
 
@@ -43,6 +51,11 @@ _RESERVED = ("cond", "noise", "callback")
 def get_sampler(name: str) -> SamplerFn:
     check_choice("sampler", name, SAMPLERS)
     return SAMPLERS[name]
+
+
+def canonical_samplers() -> tuple[str, ...]:
+    """The registered names that are not aliases: one entry per algorithm, in registry order."""
+    return tuple(name for name in SAMPLERS if name not in ALIASES)
 
 
 def expected_nfe(name: str, steps: int) -> int:

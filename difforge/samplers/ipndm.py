@@ -25,7 +25,15 @@ def sample_ipndm(
     callback: Callback | None = None,
     max_order: int = 4,
 ) -> Tensor:
-    """iPNDM with `max_order` in 1..4 (4 is the published setting)."""
+    """iPNDM with `max_order` in 1..4 (4 is the published setting).
+
+    The step to sigma = 0 is the same Adams-Bashforth update as every other step. ComfyUI's copy
+    (`comfy/k_diffusion/sampling.py`, `sample_ipndm`) returns x0_hat there instead, i.e. an Euler
+    last step that drops the history. Kept here: on the exact Gaussian-mixture denoiser the two
+    differ by < 3% in RMSE against a Heun-800 reference at 4-15 steps, with no consistent winner,
+    and the multistep update is the better one at 4-5 steps on the DiscreteVP range (1.29 vs 1.31,
+    0.99 vs 1.00 in 2-D). So ipndm and ComfyUI's ipndm agree on all steps but the last.
+    """
     if max_order not in (1, 2, 3, 4):
         raise InvalidArgumentError(f"ipndm max_order must be 1, 2, 3 or 4, got {max_order!r}")
     s = sigma_list(sigmas)

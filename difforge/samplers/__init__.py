@@ -11,7 +11,7 @@ from difforge.samplers.ddim import sample_ddim, sample_ddpm
 from difforge.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from difforge.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from difforge.samplers.ipndm import sample_ipndm
-from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise
+from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise, stream_seeds
 from difforge.samplers.registry import (
     ALIASES,
     SAMPLERS,
@@ -46,4 +46,5 @@ __all__ = [
     "sample_heun",
     "sample_ipndm",
     "sampler_knobs",
+    "stream_seeds",
 ]

@@ -47,9 +47,9 @@ def test_exponential_grid_is_float64_accurate(n):
     )
 
 
-def test_ipndm_last_step_is_the_multistep_update_not_x0_hat():
-    """Documented choice (sample_ipndm's docstring): the step to sigma = 0 is Adams-Bashforth with
-    the full history, where ComfyUI returns x0_hat."""
+def test_ipndm_last_step_to_zero_is_x0_hat_and_other_steps_are_adams_bashforth():
+    """Documented choice (sample_ipndm's docstring, as ComfyUI): the step to sigma = 0 returns
+    x0_hat; a grid that stops above 0 takes the 4th-order update on its last step too."""
     sig = get_sigmas("karras", 5, 0.05, 20.0)
     x = PerSampleNoise([1, 2]).draw((4,)).double() * sig[0].item()  # (2, 4)
     states, denoised = [x], []
@@ -58,10 +58,10 @@ def test_ipndm_last_step_is_the_multistep_update_not_x0_hat():
         states.append(info.x)
         denoised.append(info.denoised)
 
-    out = sample_ipndm(GMM, x, sig, callback=record)
+    assert torch.equal(sample_ipndm(GMM, x, sig, callback=record), denoised[-1])
+    states, denoised = [x], []
+    out = sample_ipndm(GMM, x, sig[:-1], callback=record)  # 4 steps, ending at 0.05
     s = sig.tolist()
-    d = [(xi - di) / si for xi, di, si in zip(states[:-1], denoised, s[:-1], strict=True)]
-    weights = _AB[3]  # 5 steps: the last one is 4th order
-    d_ab = sum(w * dj for w, dj in zip(weights, d[::-1][:4], strict=True))
-    torch.testing.assert_close(out, states[-2] + d_ab * (0.0 - s[-2]), atol=1e-12, rtol=0)
-    assert (out - denoised[-1]).abs().max() > 1e-3, "would be ComfyUI's x0_hat last step"
+    d = [(xi - di) / si for xi, di, si in zip(states[:-1], denoised, s[:-2], strict=True)]
+    d_ab = sum(w * dj for w, dj in zip(_AB[3], d[::-1], strict=True))  # newest first
+    torch.testing.assert_close(out, states[-2] + d_ab * (s[-2] - s[-3]), atol=1e-12, rtol=0)

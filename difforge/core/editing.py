@@ -10,9 +10,9 @@ x_known to the byte. eps comes from a noise source of its own (for per-sample se
 `PerSampleNoise(seeds).stream(1)`), so re-imposition never shifts the sampler's draws, and each
 sample's eps depends on its own seed only: batched or alone, the same bytes.
 
-Not here: RePaint's resampling (jump length / resample count, Alg. 1 l. 9-10), which re-noises
-x_{i+1} back to sigma_i and repeats the step; that needs the sampler to revisit a noise level,
-which a step hook cannot do.
+RePaint's resampling (jump length / resample count, Alg. 1 l. 9-10) re-noises x back up and
+repeats steps, which a step hook cannot do: it is `sample(..., resample=(jump_length,
+jump_n_sample))` (difforge/samplers/repaint.py), with this hook as its step_hook.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from difforge.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from difforge.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from difforge.samplers.ipndm import sample_ipndm
 from difforge.samplers.noise import PerSampleNoise
+from difforge.samplers.repaint import jump_schedule, run_with_jumps
 
 SamplerFn = Callable[..., Tensor]
 
@@ -168,6 +169,7 @@ def sample(
     init: Tensor | None = None,
     start: int = 0,
     step_hook: Callback | None = None,
+    resample: tuple[int, int] | None = None,
     **knobs,
 ) -> SampleResult:
     """Draw len(seeds) samples; sample i depends only on seeds[i] (and its own init), whatever
@@ -189,6 +191,9 @@ def sample(
             sampler runs on sigmas[start:] (larger start: closer to init). 0 without init.
         step_hook: called after each step before `callback`; a tensor it returns replaces x
             (e.g. `difforge.core.editing.Inpaint`).
+        resample: RePaint's (jump_length, jump_n_sample) (see `difforge.samplers.repaint`),
+            re-noising with each sample's own stream 2; None: no resampling. With it, the
+            callback's `i` restarts with each downward run.
         **knobs: the sampler's own options (see `sampler_knobs(name)`), e.g. eta for ddim.
 
     Returns:
@@ -206,9 +211,17 @@ def sample(
     counter = CountingDenoiser(model)
     x = initial_state(noise, shape, grid, device, init, start)
     run_on = sigmas if start == 0 else sigmas[start:]
+    kwargs = {"cond": cond, "noise": noise, "callback": compose_hooks(step_hook, callback)}
     with torch.no_grad():
-        x = fn(
-            counter, x, run_on, cond=cond, noise=noise, callback=compose_hooks(step_hook, callback),
-            **knobs,
-        )  # fmt: skip
+        if resample is None:
+            x = fn(counter, x, run_on, **kwargs, **knobs)
+        else:
+            if not isinstance(resample, tuple | list) or len(resample) != 2:
+                raise InvalidArgumentError(
+                    f"resample must be (jump_length, jump_n_sample), got {resample!r}"
+                )
+            path = jump_schedule(len(grid) - 1 - start, *resample)
+            x = run_with_jumps(
+                fn, counter, x, run_on, path, renoise=noise.stream(2), **kwargs, **knobs
+            )
     return SampleResult(x=x, nfe=counter.nfe, seeds=tuple(noise.seeds))

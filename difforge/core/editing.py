@@ -1,6 +1,6 @@
 """Editing combinators: inpainting by re-imposing the known pixels after every step.
 
-RePaint (Lugmayr et al. 2022, Alg. 1, l. 5 and 8), in VE space and the diffusers mask convention
+RePaint (Lugmayr et al. 2022, Sec. 4.1 and Alg. 1), in VE space and the diffusers mask convention
 (mask = 1 where the model generates, 0 where the image is kept):
 
     x_{i+1} = m * x_{i+1} + (1 - m) * (x_known + sigma_{i+1} eps),   eps ~ N(0, I) per sample,
@@ -10,7 +10,7 @@ x_known to the byte. eps comes from a noise source of its own (for per-sample se
 `PerSampleNoise(seeds).stream(1)`), so re-imposition never shifts the sampler's draws, and each
 sample's eps depends on its own seed only: batched or alone, the same bytes.
 
-RePaint's resampling (jump length / resample count, Alg. 1 l. 9-10) re-noises x back up and
+RePaint's resampling (jump length / resample count, Sec. 4.2) re-noises x back up and
 repeats steps, which a step hook cannot do: it is `sample(..., resample=(jump_length,
 jump_n_sample))` (difforge/samplers/repaint.py), with this hook as its step_hook.
 """
@@ -53,9 +53,7 @@ def check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
             f"mask of shape {tuple(mask.shape)} does not fit x_known of shape "
             f"{tuple(x_known.shape)}: give the same shape, or 1 on the dims to share"
         )
-    if mask.dtype == torch.bool:
-        mask = mask.float()
-    if not mask.is_floating_point():
+    if not mask.is_floating_point():  # bool or integer masks
         mask = mask.float()
     if not torch.isfinite(mask).all() or (mask < 0).any() or (mask > 1).any():
         raise InvalidArgumentError(
@@ -91,6 +89,6 @@ class Inpaint:
             )
         known = self.x_known.to(device=x.device, dtype=x.dtype)
         if info.sigma_next > 0:
-            known = known + self.noise(known) * info.sigma_next  # RePaint Alg. 1, l. 5
+            known = known + self.noise(known) * info.sigma_next  # the known part at sigma_next
         m = self.mask.to(device=x.device, dtype=x.dtype)
-        return m * x + (1 - m) * known  # l. 8; m = 0 gives `known` exactly, m = 1 gives x
+        return m * x + (1 - m) * known  # m = 0 gives `known` exactly, m = 1 gives x

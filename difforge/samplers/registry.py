@@ -118,7 +118,7 @@ def initial_state(
     start: int = 0,
 ) -> Tensor:
     """x at sigmas[start]: sigma_0 * z for generation, init + sigmas[start] * z for editing
-    (SDEdit, Meng et al. 2022, Eq. 3 in VE form), z from each sample's own generator."""
+    (SDEdit, Meng et al. 2022, Sec. 3, in VE form), z from each sample's own generator."""
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(grid) - 2:
         raise InvalidArgumentError(
             f"start must be an integer in [0, {len(grid) - 2}] (one step must remain), got {start!r}"

@@ -1,4 +1,4 @@
-"""RePaint's resampling (Lugmayr et al. 2022, Sec. 4.2 and Alg. 1, l. 9-10): now and then go back
+"""RePaint's resampling (Lugmayr et al. 2022, Sec. 4.2 and Alg. 1): now and then go back
 up `jump_length` noise levels by re-noising and sample down again, `jump_n_sample` times in all,
 so the generated region harmonizes with the re-imposed known one (`difforge.core.editing.Inpaint`).
 

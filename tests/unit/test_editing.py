@@ -135,7 +135,7 @@ def test_inpainting_is_batch_invariant_and_leaves_the_samplers_noise_alone(name)
 
 
 def test_known_region_carries_the_next_noise_level():
-    """RePaint Alg. 1, l. 5: after step i the kept pixels are x_known + sigma_{i+1} eps."""
+    """RePaint (Sec. 4.1): after step i the kept pixels are x_known + sigma_{i+1} eps."""
     known, m, g = images(), hole(), grid()
     first = []
     hook = Inpaint(known, m, PerSampleNoise(SEEDS).stream(1))

@@ -68,6 +68,9 @@ def check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
 class Inpaint:
     """A step hook (`sample(..., step_hook=Inpaint(...))`) that re-imposes x_known where mask = 0.
 
+    For one sampling call, as its noise source: the stream advances with every step, so a second
+    call with the same hook would draw other noise. Build a new one per call.
+
     Args:
         x_known: (B, *shape) data-space images whose kept region stays.
         mask: 1 = generate, 0 = keep; see `check_mask` for the shapes allowed.

@@ -21,6 +21,7 @@ from difforge.samplers.registry import (
     get_sampler,
     sample,
     sampler_knobs,
+    start_for_strength,
 )
 
 __all__ = [
@@ -46,5 +47,6 @@ __all__ = [
     "sample_heun",
     "sample_ipndm",
     "sampler_knobs",
+    "start_for_strength",
     "stream_seeds",
 ]

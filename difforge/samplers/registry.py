@@ -109,6 +109,16 @@ def _guided(denoiser, guidance, b, uncond, rescale, interval, device) -> Denoise
     return CFGDenoiser(denoiser, scale.to(device), uncond, rescale=rescale, interval=interval)
 
 
+def start_for_strength(steps: int, strength: float) -> int:
+    """img2img's `start` for a diffusers-style strength in (0, 1]: the last int(steps * strength)
+    of `steps` steps run (at least one), as diffusers' img2img `get_timesteps`; 1: all of them."""
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise InvalidArgumentError(f"strength must be in (0, 1], got {strength!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidArgumentError(f"steps must be an integer >= 1, got {steps!r}")
+    return steps - max(1, min(int(steps * strength), steps))
+
+
 def initial_state(
     noise: PerSampleNoise,
     shape: Sequence[int],

@@ -6,7 +6,14 @@ import torch
 from difforge.core import DiscreteVP, InvalidArgumentError, ModelDenoiser
 from difforge.core.editing import Inpaint
 from difforge.model import to_uint8
-from difforge.samplers import SAMPLERS, PerSampleNoise, expected_nfe, get_sigmas, sample
+from difforge.samplers import (
+    SAMPLERS,
+    PerSampleNoise,
+    expected_nfe,
+    get_sigmas,
+    sample,
+    start_for_strength,
+)
 from difforge.samplers.noise import stream_seeds
 from tests.helpers import GaussianMixture, TinyEpsNet
 
@@ -186,3 +193,16 @@ def test_stream_seeds_are_per_sample_and_distinct():
     assert stream_seeds([s[2]], 1) == [a[2]], "a derived seed depends on its own seed only"
     with pytest.raises(InvalidArgumentError, match="stream"):
         stream_seeds(s, -1)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 10, 50])
+@pytest.mark.parametrize("strength", [0.01, 0.3, 0.75, 0.8, 1.0])
+def test_start_for_strength_is_diffusers_img2img(steps, strength):
+    init_timestep = min(int(steps * strength), steps)  # diffusers' get_timesteps
+    want = steps - init_timestep if init_timestep > 0 else steps - 1  # at least one step here
+    assert start_for_strength(steps, strength) == want
+    for bad in (0, 0.0, -0.1, 1.01, float("nan"), True):
+        with pytest.raises(InvalidArgumentError, match="strength"):
+            start_for_strength(steps, bad)
+    with pytest.raises(InvalidArgumentError, match="steps"):
+        start_for_strength(0, 0.5)

@@ -98,3 +98,41 @@ def test_resample_errors():
     for bad in [(2,), "ab", 3]:
         with pytest.raises(InvalidArgumentError, match="resample must be"):
             sample(GMM, grid(), shape=SHAPE, seeds=[0], sampler="euler", resample=bad)
+
+
+def test_resampling_harmonizes_the_hole_with_the_known_pixels():
+    """RePaint's claim (Sec. 4.2), measured: two well-separated modes (means -1 and +1, std 0.3,
+    16 pixels), half the pixels known from one mode; the generated half should come from the same
+    mode. Re-imposition alone (DDPM = euler_ancestral) gets 96.0% of 200 right at 10 steps and
+    99.5% at 34; with resample=(2, 4) on the 10-step grid (34 NFE) all 200. Deterministic: fixed
+    seeds. (At equal NFE the gain is one image in 200 here; the test pins the 10-step gain.)"""
+    n, d = 200, 16
+    gmm = GaussianMixture([[-1.0] * d, [1.0] * d], [0.3, 0.3], [0.5, 0.5])
+    comp = torch.arange(n) % 2  # the known pixels' mode
+    gen = torch.Generator().manual_seed(0)
+    known = (comp[:, None] * 2.0 - 1) + 0.3 * torch.randn(n, d, generator=gen)
+    known = known.reshape(n, *SHAPE)
+    mask = torch.zeros(1, *SHAPE)
+    mask[..., 2:] = 1  # generate the two right columns
+
+    def right_mode(steps, resample=None):
+        seeds = list(range(n))
+        hook = Inpaint(known, mask, PerSampleNoise(seeds).stream(1))
+        g = get_sigmas("karras", steps, 0.002, 20.0)
+        r = sample(
+            gmm,
+            g,
+            shape=SHAPE,
+            seeds=seeds,
+            sampler="euler_ancestral",
+            step_hook=hook,
+            resample=resample,
+        )
+        hole = r.x[..., 2:].reshape(n, -1).mean(1)
+        return ((hole > 0).long() == comp).float().mean().item(), r.nfe
+
+    plain, plain_nfe = right_mode(10)
+    same_nfe, _ = right_mode(34)
+    resampled, nfe = right_mode(10, (2, 4))
+    assert nfe == 34 and plain_nfe == 10
+    assert plain <= 0.97 and resampled >= max(0.995, same_nfe), (plain, same_nfe, resampled)

@@ -1,12 +1,14 @@
-"""Golden full-loop values: every registered sampler, three fixed setups, a few summary numbers.
+"""Golden full-loop values: every registered sampler, four fixed setups, a few summary numbers.
 
 Setups (SETUPS below; stored under "config" in sampler_golden.json so a changed setup is seen):
   gmm_f64  the exact denoiser of a 16-d two-component Gaussian mixture, the sampler function called
            directly on a float64 state (tolerance 1e-10: only float64 round-off may move it);
   gmm_f32  the same denoiser through `sample()` (float32 state, per-sample seeds);
   net_f32  a tiny seeded conv net (tests/helpers.py) read as an x0 predictor on DiscreteVP,
-           through `sample()` with class labels and guidance 2, i.e. through CFGDenoiser (tolerance 2e-5: float32
-           round-off of conv kernels may differ between CPUs).
+           through `sample()` with class labels and guidance 2, i.e. through CFGDenoiser
+           (tolerance 2e-5: float32 round-off of conv kernels may differ between CPUs);
+  edit_f32 the GMM through `sample()` editing fixed images: init + start, an Inpaint step hook
+           and RePaint resampling (the first values are kept pixels; the sum sees the hole).
 Summary numbers per output x (B, ...): sum, sum of |x|, the first 4 and the last 2 values.
 
 A change that moves these numbers is a behaviour change: explain it in the commit and regenerate
@@ -24,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difforge.core import DiscreteVP, ModelDenoiser
+from difforge.core import DiscreteVP, Inpaint, ModelDenoiser
 from difforge.samplers import SAMPLERS, PerSampleNoise, get_sigmas, sample
 from tests.helpers import GaussianMixture, TinyEpsNet
 
@@ -35,6 +37,8 @@ SETUPS = {
     "gmm_f32": {"grid": ["karras", 8, 0.002, 80.0], "shape": [1, 4, 4], "tol": 2e-5},
     "net_f32": {"grid": ["karras", 6, "DiscreteVP"], "shape": [1, 6, 6], "tol": 2e-5,
                 "labels": [1, 2, 3], "null_label": 10, "guidance": 2.0},
+    "edit_f32": {"grid": ["karras", 8, 0.002, 80.0], "shape": [1, 4, 4], "tol": 2e-5,
+                 "start": 2, "hole": [1, 3], "resample": [2, 2]},
 }  # fmt: skip
 # Non-default knobs that take other code paths (churn, lower orders, partial noise).
 EXTRA = [
@@ -72,6 +76,16 @@ def run(setup: str, name: str, knobs: dict) -> torch.Tensor:
         noise = PerSampleNoise(SEEDS)  # one stream: the initial draw, then the steps' (as sample)
         x = noise.draw(cfg["shape"]).double() * sig[0].item()
         return SAMPLERS[name](GMM, x, sig, noise=noise, **knobs)
+    if setup == "edit_f32":  # img2img + inpainting + RePaint resampling, all through sample()
+        known = torch.linspace(-1, 1, len(SEEDS) * 16).reshape(len(SEEDS), *cfg["shape"])
+        mask = torch.zeros(1, *cfg["shape"])
+        lo, hi = cfg["hole"]
+        mask[..., lo:hi, lo:hi] = 1
+        hook = Inpaint(known, mask, PerSampleNoise(SEEDS).stream(1))
+        return sample(
+            GMM, sig, shape=cfg["shape"], seeds=SEEDS, sampler=name, init=known,
+            start=cfg["start"], step_hook=hook, resample=tuple(cfg["resample"]), **knobs,
+        ).x  # fmt: skip
     if setup == "gmm_f32":
         return sample(GMM, sig, shape=cfg["shape"], seeds=SEEDS, sampler=name, **knobs).x
     net = ModelDenoiser(TinyEpsNet(seed=0), DiscreteVP(), "x0")  # tanh output: bounded x0_hat

@@ -11,6 +11,7 @@ from difforge.data.dataset import DatasetError, ImageDataset, PointDataset
 from difforge.data.folder import COLOR_MODES, load_image_folder
 from difforge.data.hashing import content_hash
 from difforge.data.mnist import DatasetUnavailableError, load_mnist
+from difforge.data.scenes import SceneDataset, load_scenes
 from difforge.data.toy import TOY_NAMES, GaussianMixture, eight_gaussians, load_toy
 
 # kind -> loader; a spec's other keys are the loader's keyword arguments.
@@ -18,6 +19,7 @@ _LOADERS: dict[str, Callable[..., ImageDataset | PointDataset]] = {
     "mnist": load_mnist,
     "folder": load_image_folder,
     "toy": load_toy,
+    "scenes": load_scenes,
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -44,12 +46,13 @@ def load_dataset(spec: str | Mapping[str, Any]) -> ImageDataset | PointDataset:
         spec: a dict with "kind" (one of DATASETS) and that loader's arguments, e.g.
             {"kind": "mnist", "split": "train"},
             {"kind": "folder", "path": "imgs/", "size": 32, "mode": "rgb"},
-            {"kind": "toy", "name": "moons", "n": 10000, "seed": 0};
+            {"kind": "toy", "name": "moons", "n": 10000, "seed": 0},
+            {"kind": "scenes", "split": "train", "n": 20000, "seed": 0};
             or the shorthand "kind" / "kind:value" ("mnist:test", "toy:rings") setting the
             loader's first argument and leaving the rest at their defaults.
 
     Returns:
-        ImageDataset (mnist, folder) or PointDataset (toy).
+        ImageDataset (mnist, folder; SceneDataset for scenes) or PointDataset (toy).
 
     Raises:
         UnknownChoiceError: unknown kind. InvalidArgumentError: unknown or missing arguments.
@@ -78,10 +81,12 @@ __all__ = [
     "GaussianMixture",
     "ImageDataset",
     "PointDataset",
+    "SceneDataset",
     "content_hash",
     "eight_gaussians",
     "load_dataset",
     "load_image_folder",
     "load_mnist",
+    "load_scenes",
     "load_toy",
 ]

@@ -104,14 +104,14 @@ def _write_weights(path: Path, weights: Mapping[str, Tensor], fmt: str) -> None:
     os.chmod(path, 0o644)  # safetensors writes 0600; the rest of a model folder is 0644
 
 
-def _write_manifest(tmp: Path) -> None:
+def _write_manifest(tmp: Path, fmt: str | None = None) -> None:
     """manifest.json: the sha256 of every other file in the folder, sub-folders included."""
     files = {
         p.relative_to(tmp).as_posix(): sha256_file(p)
         for p in sorted(tmp.rglob("*"))
         if p.is_file() and p.name != MANIFEST_FILE
     }
-    fmt = FORMAT_V2 if (tmp / PIPELINE_FILE).exists() else FORMAT_V1
+    fmt = fmt or (FORMAT_V2 if (tmp / PIPELINE_FILE).exists() else FORMAT_V1)
     _write_text(tmp / MANIFEST_FILE, json.dumps({"format": fmt, "files": files}, indent=2) + "\n")
 
 
@@ -177,6 +177,40 @@ def save_pipeline(
         _write_text(tmp / CARD_FILE, card)
         _write_manifest(tmp)
     return folder
+
+
+def save_component(
+    folder: str | Path, config: BaseModel, weights: Mapping[str, Tensor], card: str
+) -> Path:
+    """Write one stand-alone component folder (e.g. a trained VAE) atomically; returns its path.
+
+    The layout is a component sub-folder's (config.json, model.safetensors) plus README.md and a
+    manifest.json whose format is the component's (e.g. "difforge-vae/1").
+    """
+    folder = Path(folder)
+    with atomic_folder(folder, tmp=_temp(folder)) as tmp:
+        _write_weights(tmp / WEIGHTS_FILE, weights, config.format)
+        _write_json(tmp / CONFIG_FILE, config)
+        _write_text(tmp / CARD_FILE, card)
+        _write_manifest(tmp, config.format)
+    return folder
+
+
+def load_component(folder: str | Path, name: str) -> tuple[Any, nn.Module, str, dict]:
+    """A stand-alone component folder, verified and strictly loaded.
+
+    Args:
+        folder: written by `save_component`.
+        name: its component name ("vae", ...): which config class it must validate as.
+
+    Returns:
+        (config, network in eval mode, sha256 of model.safetensors, {tensor name: tensor}).
+    """
+    folder = model_folder(folder)
+    files = verify_manifest(folder)
+    config = read_config(folder / CONFIG_FILE, COMPONENT_CONFIGS[name])
+    net = load_network(folder, config)
+    return config, net, files[WEIGHTS_FILE], load_file(str(folder / WEIGHTS_FILE))
 
 
 # --- verifying and reading -----------------------------------------------------------------------

@@ -81,7 +81,7 @@ def _thickness(digits: np.ndarray) -> np.ndarray:
 
 
 def _layout(rng: np.random.Generator, n: int, pool: int):
-    """Which quadrants are filled, which source digit, scale and jitter: arrays of (n, 4)."""
+    """Which quadrants are filled, which source digit, digit side and jitter: arrays of (n, 4)."""
     count = rng.integers(1, SLOTS + 1, size=n)  # digits per scene, uniform in 1..4
     order = np.argsort(rng.random((n, SLOTS)), axis=1)  # a random quadrant order per scene
     filled = np.zeros((n, SLOTS), dtype=bool)
@@ -91,7 +91,7 @@ def _layout(rng: np.random.Generator, n: int, pool: int):
     side = np.round(28 * scale).astype(np.int64)
     jitter = rng.random((n, SLOTS, 2))  # fraction of the free room, per axis
     offset = np.floor(jitter * (QUAD - side + 1)[..., None]).astype(np.int64)
-    return filled, np.where(filled, source, -1), scale, side, offset
+    return filled, np.where(filled, source, -1), side, offset
 
 
 def _paste(canvas: np.ndarray, digit: np.ndarray, side: int, top: int, left: int) -> float:
@@ -126,7 +126,7 @@ def load_scenes(split: str = "train", n: int | None = None, seed: int = 0) -> Sc
     classes = mnist.labels.numpy()
     # A split-specific stream: train and test scenes with the same seed share no randomness.
     rng = np.random.default_rng([seed, SPLITS.index(split), n])
-    filled, source, scale, side, offset = _layout(rng, n, len(digits))
+    filled, source, side, offset = _layout(rng, n, len(digits))
     images = np.zeros((n, SIZE, SIZE), dtype=np.uint8)
     ink = np.zeros((n, SLOTS))
     center = np.zeros((n, SLOTS, 2))

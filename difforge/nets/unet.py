@@ -8,6 +8,12 @@ cond is None or a mapping with optional
   "labels":  (B,) int64 in [0, num_classes]; index num_classes is the learned null class used for
              classifier-free guidance (Ho & Salimans 2022). Missing labels mean the null class.
   "context": (B, L, context_dim) float for cross-attention; missing means no cross-attention.
+  "slots":   (B, slot_grid ** 2) int64 in [0, slot_classes]: one token per cell of a slot_grid x
+             slot_grid layout (row-major), e.g. the class in each quadrant of a scene with an
+             "empty" token; index slot_classes is the learned null. Missing slots mean the null.
+             Each cell's token embedding is broadcast over its cell of the image and added after
+             conv_in (so the net knows *where* each slot is), and the summed position-specific
+             embeddings are added to the noise embedding (so every block knows *what* is there).
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class UNetConfig:
     context_dim: int | None = None  # cross-attention context width; None = no cross-attention
     norm_groups: int = 32  # GroupNorm groups; must divide every channel count
     emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
+    slot_grid: int = 0  # side of the slot layout (2: four quadrants); 0 = no slot conditioning
+    slot_classes: int = 0  # tokens a slot can hold (classes + "empty"); the null is one more
 
     def __post_init__(self) -> None:
         for name in ("channel_mults", "attention_resolutions"):
@@ -65,6 +73,14 @@ class UNetConfig:
         for name in (*positive, "num_res_blocks", "norm_groups", "emb_mult"):
             _check_int(name, getattr(self, name), minimum=0 if name == "num_res_blocks" else 1)
         _check_int("num_classes", self.num_classes, minimum=0)
+        _check_int("slot_grid", self.slot_grid, minimum=0)
+        _check_int("slot_classes", self.slot_classes, minimum=0)
+        if bool(self.slot_grid) != bool(self.slot_classes):
+            raise InvalidArgumentError("slot_grid and slot_classes must both be 0 or both >= 1")
+        if self.slot_grid and self.image_size % self.slot_grid:
+            raise InvalidArgumentError(
+                f"image_size {self.image_size} is not divisible by slot_grid {self.slot_grid}"
+            )
         if self.context_dim is not None:
             _check_int("context_dim", self.context_dim, minimum=1)
         if not (isinstance(self.channel_mults, tuple) and self.channel_mults):
@@ -178,6 +194,7 @@ class UNet(nn.Module):
         self.noise_embed = NoiseEmbedding(cfg.base_channels, emb_dim)
         # The last row is the learned null class for classifier-free guidance.
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.slot_embed = SlotEmbedding(cfg, emb_dim) if cfg.slot_grid else None
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, padding=1)
         self.down, skip_channels = self._build_encoder(emb_dim)
         ch, bottom = skip_channels[-1], cfg.resolutions[-1]  # the encoder's output
@@ -244,15 +261,39 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(labels.long())  # (B, emb_dim)
         return emb
 
+    def _slots(self, cond: Mapping[str, Tensor] | None, batch: int, device) -> Tensor:
+        cfg = self.config
+        slots = None if cond is None else cond.get("slots")
+        if slots is None:
+            return torch.full((batch, cfg.slot_grid**2), cfg.slot_classes, device=device)
+        if slots.shape != (batch, cfg.slot_grid**2) or slots.is_floating_point():
+            raise InvalidArgumentError(
+                f"slots must be an integer tensor of shape ({batch}, {cfg.slot_grid**2}), got "
+                f"{slots.dtype} {tuple(slots.shape)}"
+            )
+        if int(slots.min()) < 0 or int(slots.max()) > cfg.slot_classes:
+            raise InvalidArgumentError(
+                f"slots must lie in [0, {cfg.slot_classes}] ({cfg.slot_classes} = null)"
+            )
+        return slots.long()
+
     def forward(
         self, x: Tensor, c_noise: Tensor, cond: Mapping[str, Tensor] | None = None
     ) -> Tensor:
         """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W) in x's dtype."""
         emb = self.embed(c_noise, cond, x.shape[0]).to(x.dtype)  # (B, emb_dim)
+        slot_map = None
+        if self.slot_embed is not None:
+            slot_emb, slot_map = self.slot_embed(
+                self._slots(cond, x.shape[0], x.device), x.shape[-1]
+            )
+            emb = emb + slot_emb.to(x.dtype)
         context = None if cond is None or self.config.context_dim is None else cond.get("context")
         if context is not None:
             _check_context(context, x.shape[0], self.config.context_dim)
         h = self.conv_in(x)  # (B, base, H, W)
+        if slot_map is not None:
+            h = h + slot_map.to(h.dtype)  # (B, base, H, W): each slot's embedding over its cell
         skips = [h]
         for block in self.down:
             h = block(h, emb, context) if isinstance(block, Stage) else block(h)
@@ -267,6 +308,26 @@ class UNet(nn.Module):
             else:
                 h = block(h)
         return self.conv_out(nn.functional.silu(self.norm_out(h)))  # (B, out_channels, H, W)
+
+
+class SlotEmbedding(nn.Module):
+    """Tokens on a g x g grid -> a spatial map (B, base, H, W) and a global embedding (B, emb)."""
+
+    def __init__(self, cfg: UNetConfig, emb_dim: int):
+        super().__init__()
+        self.grid, tokens = cfg.slot_grid, cfg.slot_classes + 1  # + the learned null
+        self.local = nn.Embedding(tokens, cfg.base_channels)
+        self.cell = nn.Parameter(torch.zeros(cfg.slot_grid**2, cfg.base_channels))  # position
+        self.glob = nn.Embedding(cfg.slot_grid**2 * tokens, emb_dim)  # (slot, token) pairs
+        self.tokens = tokens
+
+    def forward(self, slots: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        b, g = slots.shape[0], self.grid
+        offsets = torch.arange(g * g, device=slots.device) * self.tokens  # (g*g,)
+        glob = self.glob(slots + offsets).sum(1)  # (B, emb_dim)
+        local = self.local(slots) + self.cell  # (B, g*g, base)
+        local = local.transpose(1, 2).reshape(b, -1, g, g)  # (B, base, g, g), row-major cells
+        return glob, nn.functional.interpolate(local, size=(size, size), mode="nearest")
 
 
 def _check_labels(labels: Tensor, batch: int, num_classes: int) -> None:

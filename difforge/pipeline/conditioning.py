@@ -10,7 +10,8 @@ A *row* is the resolved conditioning of one image: {key: tensor without a batch 
 `collate` stacks rows into the batched `cond` mapping a denoiser takes; rows whose signatures
 (key, dtype, shape) agree can share a sampler call.
 
-Kinds today: "class" (an integer class with a learned null class). New kinds (token context,
+Kinds today: "class" (an integer class with a learned null class) and "slots" (a class per slot
+with an empty token, e.g. the quadrants of a scene). New kinds (token context,
 attribute vectors, init images and masks) are new members of `CondKey`, not edits elsewhere.
 """
 
@@ -92,6 +93,10 @@ class ClassKey(_Frozen):
                 )
         return out * (n if len(out) == 1 else 1)
 
+    def images(self, value: Any) -> int | None:
+        """How many images a request value gives one entry for (None: it is for all images)."""
+        return len(value) if isinstance(value, list) else None
+
     def describe_row(self, row: Tensor) -> int | None:
         """The JSON value a row came from (the null class is None)."""
         v = int(row)
@@ -116,7 +121,110 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-CondKey = Annotated[ClassKey, Field(discriminator="kind")]
+class SlotsKey(_Frozen):
+    """A fixed-length vector of classes, one per slot (e.g. the quadrants of a scene).
+
+    Each slot holds a class in [0, num_classes) or the `empty` token (num_classes); the null
+    value for guidance is a separate token (num_classes + 1) in every slot.
+    Request value for one image: a list of num_slots entries (int class, or None / "_" for an
+    empty slot), or a string such as "_6/3_" (row by row, "_" empty, "/" and spaces ignored).
+    A list of such values gives one per image (a None entry: the null, i.e. unconditional).
+    Absent: image i gets slots ((i + q) % num_classes for q in 0..num_slots-1).
+    """
+
+    kind: Literal["slots"] = "slots"
+    name: str = "slots"
+    num_slots: int = Field(4, ge=1)
+    num_classes: int = Field(10, ge=1)
+    dropout: float = Field(0.1, ge=0, le=1)  # training: P(whole vector -> null)
+    source: str = "slots"
+
+    @property
+    def empty(self) -> int:
+        return self.num_classes
+
+    @property
+    def null(self) -> int:
+        return self.num_classes + 1
+
+    def null_row(self) -> Tensor:
+        return torch.full((self.num_slots,), self.null, dtype=torch.int64)
+
+    def _one(self, value: Any, where: tuple[str | int, ...]) -> Tensor:
+        if isinstance(value, str):
+            value = [None if ch == "_" else ch for ch in value if ch not in "/ "]
+            value = [int(v) if v is not None and v.isdigit() else v for v in value]
+        if not isinstance(value, list | tuple) or len(value) != self.num_slots:
+            raise FieldProblem(where, f"must hold {self.num_slots} slots, got {value!r}", "length")
+        out = []
+        for v in value:
+            if v is None or v == "_":
+                out.append(self.empty)
+            elif _is_int(v) and 0 <= v < self.num_classes:
+                out.append(v)
+            else:
+                msg = f"slots must be classes in [0, {self.num_classes - 1}] or empty, got {v!r}"
+                raise FieldProblem(where, msg, "range")
+        return torch.tensor(out, dtype=torch.int64)
+
+    def _single(self, value: Any) -> bool:
+        """Whether `value` is one image's slots (rather than a list of one value per image)."""
+        if isinstance(value, str):
+            return True
+        return (
+            isinstance(value, list | tuple)
+            and len(value) == self.num_slots
+            and not any(isinstance(v, list | tuple | str) and v != "_" for v in value)
+            and not all(v is None for v in value)
+        )
+
+    def images(self, value: Any) -> int | None:
+        """How many images a request value gives one entry for (None: it is for all images)."""
+        return None if value is None or self._single(value) else len(value)
+
+    def resolve(self, value: Any, n: int) -> list[Tensor]:
+        """The request value as n per-image (num_slots,) tensors, or FieldProblem."""
+        if value is None:
+            return [
+                torch.tensor([(i + q) % self.num_classes for q in range(self.num_slots)])
+                for i in range(n)
+            ]
+        if self._single(value):
+            return [self._one(value, (self.name,))] * n
+        if not isinstance(value, list | tuple) or not value:
+            raise FieldProblem((self.name,), "must be a slot list or a list of them")
+        if len(value) not in (1, n):
+            raise FieldProblem((self.name,), f"has {len(value)} entries for n = {n}", "length")
+        out = [
+            self.null_row() if v is None else self._one(v, (self.name, i))
+            for i, v in enumerate(value)
+        ]
+        return out * (n if len(out) == 1 else 1)
+
+    def describe_row(self, row: Tensor) -> list[int | None] | None:
+        """A row as JSON: a list of classes with None for empty slots; None for the null row."""
+        if bool((row == self.null).all()):
+            return None
+        return [None if int(v) == self.empty else int(v) for v in row]
+
+    def caption(self, row: Tensor) -> str:
+        v = self.describe_row(row)
+        if v is None:
+            return "-"
+        chars = ["_" if c is None else str(c) for c in v]
+        half = (len(chars) + 1) // 2 if self.num_slots == 4 else len(chars)
+        return "".join(chars[:half]) + ("/" + "".join(chars[half:]) if half < len(chars) else "")
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return batch[self.source]
+
+    def drop(self, values: Tensor, generator: torch.Generator) -> Tensor:
+        """Replace each vector by the null vector with probability `dropout` (Ho & Salimans, Alg. 1)."""
+        drop = torch.rand(values.shape[0], generator=generator) < self.dropout  # (B,)
+        return torch.where(drop[:, None], torch.full_like(values, self.null), values)
+
+
+CondKey = Annotated[ClassKey | SlotsKey, Field(discriminator="kind")]
 
 
 class ConditioningSpec(_Frozen):

@@ -151,8 +151,14 @@ def _range(problems: list, loc: tuple, value: int, lo: int, hi: int | None) -> N
         problems.append(FieldProblem(loc, f"must be in [{lo}, {hi_s}], got {value}", "range"))
 
 
-def _count(req: SampleRequest, limits: RequestLimits, problems: list) -> int:
-    lists = [len(v) for v in req.conditioning.values() if isinstance(v, list)]
+def _count(req: SampleRequest, spec, limits: RequestLimits, problems: list) -> int:
+    # A key says how many images its value is for (a list of classes: one each; a slot vector: all).
+    keys = {k.name: k for k in spec.keys}
+    lists = [
+        keys[k].images(v) if k in keys else len(v) if isinstance(v, list) else None
+        for k, v in req.conditioning.items()
+    ]
+    lists = [m for m in lists if m is not None]
     n = req.n if req.n is not None else len(req.seeds) if req.seeds else max(lists, default=1)
     _range(problems, ("n",), n, 1, limits.max_n)
     if req.seeds is not None and len(req.seeds) != n:
@@ -269,7 +275,7 @@ def resolve(
     req = parse_request(request)
     limits = limits or RequestLimits()
     problems: list[FieldProblem] = []
-    n = _count(req, limits, problems)
+    n = _count(req, model.spec, limits, problems)
     seeds = _seeds(req, n, problems)
     rows = _rows(model, req, n, problems)
     guidance = _guidance(model, req, limits, problems)

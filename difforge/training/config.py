@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError
 from difforge.core.processes import make_process
-from difforge.pipeline import NetSpec, SamplingDefaults
+from difforge.pipeline import ConditioningSpec, NetSpec, SamplingDefaults
 
 Parameterization = Literal["eps", "x0", "v", "velocity", "edm"]
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "velocity", "edm")
@@ -77,6 +77,12 @@ class TrainConfig(_Frozen):
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     cond_dropout: float = Field(0.1, ge=0, le=1)  # labels -> null class, for CFG (Ho & Salimans)
+    # The conditioning spec (each key with its own dropout and data field); None: the dataset's
+    # class labels (v1, with cond_dropout). A spec set here makes the model a v2 pipeline.
+    conditioning: ConditioningSpec | None = None
+    # A VAE folder (`difforge train-vae`): train on its scaled latents of the dataset, encoded
+    # once; the model is then a v2 pipeline of vae/ + denoiser/. None: pixel space.
+    vae: str | None = None
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     precision: Precision = "fp32"  # bf16 = autocast around the network's forward

@@ -13,13 +13,25 @@ from torch import Tensor
 
 from difforge.common.atomic import write_text_atomic
 from difforge.data.dataset import ImageDataset
-from difforge.pipeline import Model, ModelConfig, code_version, save_model, save_samples_png
+from difforge.pipeline import (
+    ConditioningSpec,
+    Model,
+    ModelConfig,
+    code_version,
+    save_model,
+    save_pipeline,
+    save_samples_png,
+)
 from difforge.training.config import TrainConfig
 
 
 def model_config_for(config: TrainConfig, dataset: ImageDataset, name: str) -> ModelConfig:
     """The ModelConfig of a network trained under `config` on `dataset`."""
     c, h, w = dataset.images.shape[1:]
+    if config.vae:  # a latent denoiser sees the VAE's latents
+        from difforge.training.vae import read_vae_config
+
+        c, h, w = read_vae_config(config.vae).latent_shape
     return ModelConfig(
         name=name,
         net=config.net,
@@ -107,6 +119,48 @@ def export_model(
     model_config = model_config.model_copy(update={"provenance": dict(provenance)})
     card = model_card(model_config, config, provenance)
     return save_model(folder, model_config, ema_weights, card)
+
+
+def export_pipeline(
+    folder: Path,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    ema_weights: Mapping[str, Tensor],
+    provenance: Mapping[str, Any],
+    spec: ConditioningSpec,
+    vae: Any | None = None,
+) -> Path:
+    """Write a v2 pipeline folder: denoiser/ (EMA weights) and, for a latent model, vae/.
+
+    Args:
+        spec: the conditioning the denoiser was trained with (pipeline.json holds it).
+        vae: a `difforge.training.vae.LatentSource`, or None for a pixel-space pipeline.
+    """
+    provenance = {**provenance, "code_version": code_version(), "created": _now()}
+    model_config = model_config.model_copy(update={"provenance": dict(provenance)})
+    image_shape = tuple(vae.config.image_shape) if vae else tuple(model_config.image_shape)
+    fields = {
+        "name": model_config.name,
+        "conditioning": spec,
+        "sampling": config.sampling,
+        "image_shape": image_shape,
+        "provenance": dict(provenance),
+    }
+    components: dict[str, tuple[Any, Mapping[str, Tensor]]] = {
+        "denoiser": (model_config, ema_weights)
+    }
+    base = None
+    if vae is not None:
+        components["vae"] = (vae.config, vae.weights)
+        base = {"denoiser": {"vae": vae.sha256}}  # refused at save if the VAE saved differs
+    card = model_card(model_config, config, provenance)
+    if vae is not None:
+        card += (
+            f"\n## Components\n\nA latent pipeline: `vae/` ({tuple(vae.config.image_shape)} <-> "
+            f"{tuple(vae.config.latent_shape)}, scaling factor {vae.config.scaling_factor:.5f}, "
+            f"sha256 `{vae.sha256}`) and `denoiser/`, trained on those latents.\n"
+        )
+    return save_pipeline(folder, fields, components, card, base=base)
 
 
 def _now() -> str:

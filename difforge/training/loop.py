@@ -34,6 +34,7 @@ from difforge.training import checkpoint as ckpt
 from difforge.training.config import TrainConfig, config_diff
 from difforge.training.export import (
     export_model,
+    export_pipeline,
     model_config_for,
     plot_loss_curve,
     sample_grid,
@@ -122,8 +123,16 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.process = make_process(config.process)
         self.model_config = model_config_for(config, dataset, self.run_dir.name)
-        self.spec = self.model_config.conditioning(config.cond_dropout)  # what cond training feeds
-        self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1]
+        # what cond training feeds: the config's spec, else the dataset's class labels (v1)
+        self.spec = config.conditioning or self.model_config.conditioning(config.cond_dropout)
+        self.latents = None  # a LatentSource when training in a VAE's latent space
+        if config.vae:
+            from difforge.training.vae import encoded_dataset
+
+            self.latents = encoded_dataset(config.vae, dataset)
+            self.data = self.latents.latents  # (N, c, h, w), scaled
+        else:
+            self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1]
         self.fields = dataset.fields()  # {name: (N, ...)} per-image data the spec reads
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
@@ -381,8 +390,11 @@ class Trainer:
             "parameters": count_parameters(self.net),
             "train_seconds": round(s.elapsed_s, 1),
         }
-        return export_model(
-            folder, self.model_config, self.config, self.ema.net.state_dict(), provenance
+        weights = self.ema.net.state_dict()
+        if self.config.conditioning is None and self.latents is None:
+            return export_model(folder, self.model_config, self.config, weights, provenance)
+        return export_pipeline(
+            folder, self.model_config, self.config, weights, provenance, self.spec, self.latents
         )
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +58,7 @@ class VAETrainConfig(_Frozen):
     seed: int = Field(0, ge=0)
     log_every: int = Field(25, ge=1)
     scale_images: int = Field(5000, ge=1)  # training scenes the scaling factor is measured on
+    init: str | None = None  # a VAE folder to start from (its sha256 is recorded); None: random
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
@@ -118,13 +121,25 @@ def train_vae(
     vae = build_net(config.net.kind, config.net.config)
     if not isinstance(vae, Autoencoder):
         raise InvalidArgumentError(f"a VAE needs net kind 'autoencoder', got {config.net.kind!r}")
+    init_sha = None
+    if config.init:
+        from difforge.pipeline.artifact import load_component
+
+        _, _, init_sha, weights = load_component(config.init, "vae")
+        vae.load_state_dict(weights, strict=True)
     opt = torch.optim.Adam(vae.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     out = Path(out)
     metrics = out.with_name(out.name + "-metrics.jsonl")
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text("")
-    start, step, perm, pos, last = time.monotonic(), 0, torch.randperm(len(x_all), generator=gen), 0, {}
+    start, step, perm, pos, last = (
+        time.monotonic(),
+        0,
+        torch.randperm(len(x_all), generator=gen),
+        0,
+        {},
+    )
     while step < config.max_steps:
         if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
             break
@@ -157,6 +172,7 @@ def train_vae(
         "final_loss": last.get("loss"),
         "final_recon": last.get("recon"),
         "scaling_images": min(config.scale_images, len(x_all)),
+        "init_sha256": init_sha,
         "parameters": count_parameters(vae),
         "train_seconds": round(seconds, 1),
         "code_version": code_version(),
@@ -178,13 +194,64 @@ def _card(cfg: VAEConfig, p: dict[str, Any]) -> str:
     return f"""# VAE ({cfg.net.kind})
 
 A KL autoencoder trained with `difforge train-vae`: {tuple(cfg.image_shape)} pixels ->
-{tuple(cfg.latent_shape)} latents, {p['parameters']:,} parameters.
+{tuple(cfg.latent_shape)} latents, {p["parameters"]:,} parameters.
 
 | field | value |
 |---|---|
-| dataset | `{json.dumps(p['dataset'])}` ({p['dataset_size']} images, `{p['dataset_hash']}`) |
-| steps | {p['steps']} ({p['images_seen']:,} images) in {p['train_seconds']} s |
-| final reconstruction loss | {'n/a' if recon is None or math.isnan(recon) else f'{recon:.4f}'} |
-| scaling factor | {cfg.scaling_factor:.5f} (1 / std of latent means over {p['scaling_images']} scenes) |
-| code version | `{p['code_version']}` |
+| dataset | `{json.dumps(p["dataset"])}` ({p["dataset_size"]} images, `{p["dataset_hash"]}`) |
+| steps | {p["steps"]} ({p["images_seen"]:,} images) in {p["train_seconds"]} s |
+| final reconstruction loss | {"n/a" if recon is None or math.isnan(recon) else f"{recon:.4f}"} |
+| scaling factor | {cfg.scaling_factor:.5f} (1 / std of latent means over {p["scaling_images"]} scenes) |
+| code version | `{p["code_version"]}` |
 """
+
+
+@dataclass(frozen=True)
+class LatentSource:
+    """A trained VAE and the scaled latents of one dataset: what a latent denoiser trains on."""
+
+    config: VAEConfig
+    weights: dict[str, Tensor]  # the VAE's state dict, saved again as the pipeline's vae/
+    sha256: str  # of its model.safetensors: the denoiser's recorded base
+    latents: Tensor  # (N, *latent_shape) float32, = scaling_factor * encoder mean
+    seconds: float  # spent encoding (0 when read from the cache)
+
+
+def read_vae_config(folder: str | Path) -> VAEConfig:
+    """The VAEConfig of a VAE folder (no weights read, no verification: for shapes only)."""
+    from difforge.pipeline.artifact import CONFIG_FILE, read_config
+
+    return read_config(Path(folder) / CONFIG_FILE, VAEConfig)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DIFFORGE_CACHE", Path.home() / ".cache" / "difforge")) / "latents"
+
+
+def encoded_dataset(folder: str | Path, dataset: ImageDataset) -> LatentSource:
+    """Load the VAE in `folder` (verified, strict) and encode `dataset` once.
+
+    The latents are cached under $DIFFORGE_CACHE/latents (default ~/.cache/difforge), keyed by
+    the VAE's weights sha256 and the dataset's content hash, so a second run reads them back.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from difforge.pipeline.artifact import load_component
+
+    config, vae, sha, weights = load_component(folder, "vae")
+    if tuple(config.image_shape) != tuple(dataset.images.shape[1:]):
+        raise InvalidArgumentError(
+            f"the VAE in {folder} encodes {tuple(config.image_shape)} images, but the dataset "
+            f"has {tuple(dataset.images.shape[1:])}"
+        )
+    key = f"{sha[:20]}-{dataset.content_hash.removeprefix('sha256:')[:20]}.safetensors"
+    path = _cache_dir() / key
+    if path.is_file():
+        return LatentSource(config, weights, sha, load_file(str(path))["latents"], 0.0)
+    start = time.monotonic()
+    latents = encode_means(vae, dataset.as_float()) * config.scaling_factor  # (N, c, h, w)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file({"latents": latents.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return LatentSource(config, weights, sha, latents, time.monotonic() - start)

@@ -155,12 +155,39 @@ def export_pipeline(
         base = {"denoiser": {"vae": vae.sha256}}  # refused at save if the VAE saved differs
     card = model_card(model_config, config, provenance)
     if vae is not None:
-        card += (
-            f"\n## Components\n\nA latent pipeline: `vae/` ({tuple(vae.config.image_shape)} <-> "
-            f"{tuple(vae.config.latent_shape)}, scaling factor {vae.config.scaling_factor:.5f}, "
-            f"sha256 `{vae.sha256}`) and `denoiser/`, trained on those latents.\n"
-        )
+        card += _vae_section(vae)
     return save_pipeline(folder, fields, components, card, base=base)
+
+
+def _vae_section(vae: Any) -> str:
+    """The card's account of the VAE: what it is and the recipe that trained it."""
+    p = vae.config.provenance
+    recipe = dict(p.get("config") or {})
+    if recipe:
+        recipe["max_steps"] = p.get("steps", recipe.get("max_steps"))  # the steps it really ran
+    init = recipe.get("init")
+    chain = (
+        f" It was initialised from the VAE with weights sha256 `{p.get('init_sha256')}` "
+        f"(`{init}`), itself trained the same way; see that folder's card."
+        if init
+        else ""
+    )
+    return f"""
+## Components
+
+A latent pipeline: `vae/` ({tuple(vae.config.image_shape)} <-> {tuple(vae.config.latent_shape)},
+scaling factor {vae.config.scaling_factor:.5f}, sha256 `{vae.sha256}`) and `denoiser/`, trained on
+the VAE's scaled latents of the dataset (the denoiser records the VAE's hash and refuses another).
+
+The VAE: {p.get("steps")} steps ({p.get("images_seen")} images, {p.get("train_seconds")} s), final
+reconstruction loss {p.get("final_recon")}.{chain} Save its recipe below as `vae_config.json` and run
+`difforge train-vae --config vae_config.json --out VAE_FOLDER`, then set `vae` in the training
+config above to VAE_FOLDER.
+
+```json
+{json.dumps(recipe, indent=2, sort_keys=True)}
+```
+"""
 
 
 def _now() -> str:

@@ -390,6 +390,11 @@ class Trainer:
             "parameters": count_parameters(self.net),
             "train_seconds": round(s.elapsed_s, 1),
         }
+        if self.latents is not None:
+            provenance["vae_sha256"] = self.latents.sha256
+            provenance["latent_encode_seconds"] = round(
+                self.latents.seconds, 1
+            )  # not in train_seconds
         weights = self.ema.net.state_dict()
         if self.config.conditioning is None and self.latents is None:
             return export_model(folder, self.model_config, self.config, weights, provenance)

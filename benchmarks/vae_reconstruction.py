@@ -21,6 +21,12 @@ from difforge.pipeline.artifact import load_component
 from difforge.pipeline.model import to_uint8
 
 
+def _steps(p: dict) -> str:
+    init = p.get("init_sha256")
+    where = f" after init from sha256 {init[:12]}" if init else ""
+    return f"{p.get('steps')} steps{where}, {p.get('train_seconds')} s"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vae", required=True)
@@ -56,7 +62,7 @@ def main() -> None:
         "feature_net": e.sha256,
     }  # fmt: skip
     summary = (
-        f"{args.vae} ({config.provenance.get('steps')} steps) on {args.n} test scenes: PSNR "
+        f"{args.vae} ({_steps(config.provenance)}) on {args.n} test scenes: PSNR "
         f"{payload['psnr_db']:.2f} dB, rFID-quadrants {rfid:.2f}, digit accuracy on reconstructions "
         f"{recon['digit_accuracy']:.4f} (originals {real['digit_accuracy']:.4f}), empty "
         f"{recon['empty_accuracy']:.4f}, slot agreement {agree:.4f}"

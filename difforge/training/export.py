@@ -75,9 +75,16 @@ def model_card(
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     classes = model_config.num_classes
     kind = f"class-conditional ({classes} classes)" if classes else "unconditional"
+    example = ""
+    if config.conditioning is not None and config.conditioning.keys:
+        keys = config.conditioning.keys
+        kind = "conditional (" + ", ".join(f"{k.name}: {k.kind} key" for k in keys) + ")"
+        if any(k.kind == "slots" for k in keys):
+            example = " --cond 'slots=\"_6/3_\"'"
+    article = "An" if kind[0] in "aeiou" else "A"
     return f"""# {model_config.name}
 
-A {kind} diffusion model trained with difforge. Every image it produces is synthetic.
+{article} {kind} diffusion model trained with difforge. Every image it produces is synthetic.
 
 | field | value |
 |---|---|
@@ -88,7 +95,7 @@ A {kind} diffusion model trained with difforge. Every image it produces is synth
 `{s.sampler}`, {s.steps} steps, `{s.grid}` sigma grid, guidance {s.guidance}.
 
 ```
-difforge sample --model PATH --sampler {s.sampler} --steps {s.steps} --guidance {s.guidance} --seed 42 --n 16 --out grid.png
+difforge sample --model PATH --sampler {s.sampler} --steps {s.steps} --guidance {s.guidance}{example} --seed 42 --n 16 --out grid.png
 ```
 
 ## Reproduce

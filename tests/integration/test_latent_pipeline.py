@@ -91,6 +91,7 @@ def test_the_latent_model_holds_both_components_and_decodes_to_pixels(latent_mod
     assert m.components()["denoiser"]["base"] == {"vae": vae_sha}  # the VAE it was trained on
     card = (latent_model / "README.md").read_text()
     assert f"sha256 `{vae_sha}`" in card and "difforge train-vae --config vae_config.json" in card
+    assert "A conditional (slots: slots key) diffusion model" in card and "--cond 'slots=" in card
     out = m.sample(cond={"slots": "_6/3_"}, n=2, seed=1)
     assert out.images.shape == (2, 1, 64, 64) and out.images.dtype == torch.uint8
     assert out.conditioning == {"slots": [[None, 6, 3, None]] * 2}

@@ -112,10 +112,17 @@ def evaluate(path: str, args, test, extractor, real_q: np.ndarray) -> dict[str, 
     }, images
 
 
+def _command(args) -> str:
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+    return "python -m benchmarks.latent_vs_pixel " + flags
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latent", required=True)
-    p.add_argument("--pixel", required=True)
+    p.add_argument(
+        "--pixel", default=None, help="the pixel baseline (omit: evaluate --latent alone)"
+    )
     p.add_argument(
         "--n", type=int, default=200, help="samples per model (slots of the first n test scenes)"
     )
@@ -136,7 +143,28 @@ def main() -> None:
     floor = fid(quadrant_features(extractor, test.images[: args.n]), real_q)
     results, grids = {}, {}
     for name in ("latent", "pixel"):
-        results[name], grids[name] = evaluate(getattr(args, name), args, test, extractor, real_q)
+        if getattr(args, name):
+            results[name], grids[name] = evaluate(
+                getattr(args, name), args, test, extractor, real_q
+            )
+    if not args.pixel:  # one model alone: its own row, no comparison
+        lat = results["latent"]
+        summary = (
+            f"{args.latent} alone, scenes 64x64, n={args.n}, {args.steps} steps: "
+            f"{lat['train_steps']} train steps / {lat['train_seconds']} s; GFLOP/image "
+            f"{lat['flops_per_image'] / 1e9:.2f}; CPU ms/image {lat['ms_per_image_cpu']:.0f}; digit acc "
+            f"{lat['digit_accuracy']:.3f}; empty acc {lat['empty_accuracy']:.3f}; scene acc "
+            f"{lat['scene_accuracy']:.3f}; FID-quadrants {lat['fid_quadrants']:.1f} (real floor {floor:.1f})"
+        )
+        payload = {
+            "command": _command(args),
+            "n": args.n,
+            "real_floor_fid_quadrants": floor,
+            "latent": lat,
+        }
+        print(summary)
+        print(write_result("scenes_model_eval", payload, summary))
+        return
     lat, pix = results["latent"], results["pixel"]
     ratio = pix["flops_per_image"] / lat["flops_per_image"]
     ratio_ms = pix["ms_per_image_cpu"] / lat["ms_per_image_cpu"]

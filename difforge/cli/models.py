@@ -156,7 +156,13 @@ def info_command(
         return
     p, d = s["provenance"], s["sampling"]
     keys = [f"{k['name']} ({k['kind']})" for k in s["conditioning"]]
-    kind = f"{s['num_classes']} classes" if s["num_classes"] else "unconditional"
+    kind = (
+        f"{s['num_classes']} classes"
+        if s["num_classes"]
+        else "conditional"
+        if keys
+        else "unconditional"
+    )
     lines = [
         f"{s['name']}  {s['format']}  sha256 {s['sha256']}",
         f"  {s['net']}: {s['parameters']:,} parameters, "

@@ -179,3 +179,14 @@ def test_a_pixel_model_with_slots_is_a_denoiser_only_pipeline(tmp_path):
     assert m.vae is None and m.image_shape == m.latent_shape == (1, 64, 64)
     assert m.spec.names == ("slots",)
     assert m.sample(cond={"slots": "_1/2_"}, seed=0).images.shape == (1, 1, 64, 64)
+
+
+def test_the_shipped_scenes_model_loads_and_samples():
+    root = Path(__file__).resolve().parents[2] / "models" / "scenes-latent"
+    m = difforge.load(root)
+    assert m.image_shape == (1, 64, 64) and m.latent_shape == (4, 16, 16) and m.vae is not None
+    assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) < 20 * 2**20
+    out = m.sample(cond={"slots": "_6/3_"}, seed=0, steps=2)
+    assert out.images.shape == (1, 1, 64, 64)
+    info = CliRunner().invoke(app, ["info", "--model", str(root)])
+    assert info.exit_code == 0 and "conditional, edm" in info.output, info.output

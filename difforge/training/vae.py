@@ -92,6 +92,60 @@ def _lr(cfg: VAETrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
 
 
+def _build_vae(config: VAETrainConfig) -> tuple[Autoencoder, str | None]:
+    """The autoencoder, seeded, optionally warm-started: (net, init weights sha256 or None)."""
+    torch.manual_seed(config.seed)
+    vae = build_net(config.net.kind, config.net.config)
+    if not isinstance(vae, Autoencoder):
+        raise InvalidArgumentError(f"a VAE needs net kind 'autoencoder', got {config.net.kind!r}")
+    if not config.init:
+        return vae, None
+    from difforge.pipeline.artifact import load_component
+
+    _, _, init_sha, weights = load_component(config.init, "vae")
+    vae.load_state_dict(weights, strict=True)
+    return vae, init_sha
+
+
+def _fit(
+    vae: Autoencoder,
+    x_all: Tensor,
+    config: VAETrainConfig,
+    metrics: Path,
+    max_minutes: float | None,
+    log: Callable[[str], None],
+) -> tuple[int, dict[str, Any], float]:
+    """Adam on the VAE objective until max_steps or the budget: (steps, last metrics, seconds)."""
+    opt = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text("")
+    start, step, pos, last = time.monotonic(), 0, 0, {}
+    perm = torch.randperm(len(x_all), generator=gen)
+    while step < config.max_steps:
+        if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
+            break
+        if pos + config.batch_size > len(x_all):
+            perm, pos = torch.randperm(len(x_all), generator=gen), 0
+        x = x_all[perm[pos : pos + config.batch_size]]
+        pos += config.batch_size
+        for group in opt.param_groups:
+            group["lr"] = _lr(config, step)
+        vae.train()
+        eps = torch.randn((x.shape[0], *vae.config.latent_shape), generator=gen)
+        loss, parts = vae_loss(vae, x, eps, config.recon, config.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        last = {"step": step, "loss": loss.item(), **parts, "time": time.monotonic() - start}
+        if step % config.log_every == 0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            log(f"vae step {step}: loss {loss.item():.4f} recon {parts['recon']:.4f}")
+    return step, last, time.monotonic() - start
+
+
 def train_vae(
     config: VAETrainConfig,
     out: str | Path,
@@ -117,51 +171,10 @@ def train_vae(
     if not isinstance(data, ImageDataset):
         raise InvalidArgumentError(f"dataset {config.dataset!r} is not an image dataset")
     x_all = data.as_float()  # (N, C, H, W)
-    torch.manual_seed(config.seed)
-    vae = build_net(config.net.kind, config.net.config)
-    if not isinstance(vae, Autoencoder):
-        raise InvalidArgumentError(f"a VAE needs net kind 'autoencoder', got {config.net.kind!r}")
-    init_sha = None
-    if config.init:
-        from difforge.pipeline.artifact import load_component
-
-        _, _, init_sha, weights = load_component(config.init, "vae")
-        vae.load_state_dict(weights, strict=True)
-    opt = torch.optim.Adam(vae.parameters(), lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed)
+    vae, init_sha = _build_vae(config)
     out = Path(out)
     metrics = out.with_name(out.name + "-metrics.jsonl")
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text("")
-    start, step, perm, pos, last = (
-        time.monotonic(),
-        0,
-        torch.randperm(len(x_all), generator=gen),
-        0,
-        {},
-    )
-    while step < config.max_steps:
-        if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
-            break
-        if pos + config.batch_size > len(x_all):
-            perm, pos = torch.randperm(len(x_all), generator=gen), 0
-        x = x_all[perm[pos : pos + config.batch_size]]
-        pos += config.batch_size
-        for group in opt.param_groups:
-            group["lr"] = _lr(config, step)
-        vae.train()
-        eps = torch.randn((x.shape[0], *vae.config.latent_shape), generator=gen)
-        loss, parts = vae_loss(vae, x, eps, config.recon, config.kl_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        last = {"step": step, "loss": loss.item(), **parts, "time": time.monotonic() - start}
-        if step % config.log_every == 0:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            log(f"vae step {step}: loss {loss.item():.4f} recon {parts['recon']:.4f}")
-    seconds = time.monotonic() - start
+    step, last, seconds = _fit(vae, x_all, config, metrics, max_minutes, log)
     scale = scaling_factor(encode_means(vae, x_all[: config.scale_images]))
     provenance = {
         "dataset": config.dataset,

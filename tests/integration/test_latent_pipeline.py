@@ -49,15 +49,23 @@ def _train_config(**kw) -> TrainConfig:
     )  # fmt: skip
 
 
+VAE_RECIPE = VAETrainConfig(
+    net=NetSpec(kind="autoencoder", config=TINY_VAE), dataset=SCENES, batch_size=4, max_steps=2,
+    scale_images=16,
+)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vae") / "vae"
-    cfg = VAETrainConfig(
-        net=NetSpec(kind="autoencoder", config=TINY_VAE), dataset=SCENES, batch_size=4,
-        max_steps=2, scale_images=16,
-    )  # fmt: skip
-    train_vae(cfg, out, log=lambda m: None)
+    train_vae(VAE_RECIPE, out, log=lambda m: None)
     return out
+
+
+def test_train_vae_is_deterministic(vae_dir, tmp_path):
+    again = tmp_path / "again"
+    train_vae(VAE_RECIPE, again, log=lambda m: None)
+    assert sha256_file(again / "model.safetensors") == sha256_file(vae_dir / "model.safetensors")
 
 
 @pytest.fixture(scope="module")

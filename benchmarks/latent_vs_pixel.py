@@ -117,70 +117,48 @@ def _command(args) -> str:
     return "python -m benchmarks.latent_vs_pixel " + flags
 
 
-def main() -> None:
+def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latent", required=True)
-    p.add_argument(
-        "--pixel", default=None, help="the pixel baseline (omit: evaluate --latent alone)"
-    )
-    p.add_argument(
-        "--n", type=int, default=200, help="samples per model (slots of the first n test scenes)"
-    )
+    p.add_argument("--pixel", default=None, help="the pixel baseline (omit: --latent alone)")
+    p.add_argument("--n", type=int, default=200, help="samples per model (first n test slots)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--timing-n", type=int, default=8)
     p.add_argument("--ref-n", type=int, default=2000, help="real test scenes in the FID reference")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--grid", default=None, help="write a PNG of the first 16 samples of each model")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    test = load_scenes("test")
-    extractor = load_feature_extractor()
-    ref = test.images[
-        args.n : args.n + args.ref_n
-    ]  # disjoint from the scenes whose slots we ask for
-    real_q = quadrant_features(extractor, ref)
-    floor = fid(quadrant_features(extractor, test.images[: args.n]), real_q)
-    results, grids = {}, {}
-    for name in ("latent", "pixel"):
-        if getattr(args, name):
-            results[name], grids[name] = evaluate(
-                getattr(args, name), args, test, extractor, real_q
-            )
-    if not args.pixel:  # one model alone: its own row, no comparison
-        lat = results["latent"]
-        summary = (
-            f"{args.latent} alone, scenes 64x64, n={args.n}, {args.steps} steps: "
-            f"{lat['train_steps']} train steps / {lat['train_seconds']} s; GFLOP/image "
-            f"{lat['flops_per_image'] / 1e9:.2f}; CPU ms/image {lat['ms_per_image_cpu']:.0f}; digit acc "
-            f"{lat['digit_accuracy']:.3f}; empty acc {lat['empty_accuracy']:.3f}; scene acc "
-            f"{lat['scene_accuracy']:.3f}; FID-quadrants {lat['fid_quadrants']:.1f} (real floor {floor:.1f})"
-        )
-        payload = {
-            "command": _command(args),
-            "n": args.n,
-            "real_floor_fid_quadrants": floor,
-            "latent": lat,
-        }
-        print(summary)
-        print(write_result("scenes_model_eval", payload, summary))
-        return
-    lat, pix = results["latent"], results["pixel"]
+    p.add_argument("--grid", default=None, help="a PNG of the first 8 samples of each model")
+    return p.parse_args()
+
+
+def _alone(args, lat: dict, floor: float) -> None:
+    summary = (
+        f"{args.latent} alone, scenes 64x64, n={args.n}, {args.steps} steps: "
+        f"{lat['train_steps']} train steps / {lat['train_seconds']} s; GFLOP/image "
+        f"{lat['flops_per_image'] / 1e9:.2f}; CPU ms/image {lat['ms_per_image_cpu']:.0f}; digit "
+        f"acc {lat['digit_accuracy']:.3f}; empty acc {lat['empty_accuracy']:.3f}; scene acc "
+        f"{lat['scene_accuracy']:.3f}; FID-quadrants {lat['fid_quadrants']:.1f} (real floor "
+        f"{floor:.1f})"
+    )
+    payload = {"command": _command(args), "n": args.n, "real_floor_fid_quadrants": floor}
+    print(summary)
+    print(write_result("scenes_model_eval", {**payload, "latent": lat}, summary))
+
+
+def _grid(path: str, test, grids: dict) -> None:
+    from difforge.pipeline import save_grid_png
+
+    images = torch.cat([grids["latent"][:8], grids["pixel"][:8]])
+    slots = ["".join("_" if int(v) == EMPTY else str(int(v)) for v in s) for s in test.slots[:8]]
+    caps = [f"L {c}" for c in slots] + [f"P {c}" for c in slots]
+    save_grid_png(path, images, captions=caps, nrow=8)
+
+
+def _compare(args, lat: dict, pix: dict, floor: float, extractor) -> None:
     ratio = pix["flops_per_image"] / lat["flops_per_image"]
     ratio_ms = pix["ms_per_image_cpu"] / lat["ms_per_image_cpu"]
-    if args.grid:
-        from difforge.pipeline import save_grid_png
-
-        images = torch.cat([grids["latent"][:8], grids["pixel"][:8]])
-        caps = [
-            f"L {''.join('_' if int(v) == EMPTY else str(int(v)) for v in s)}"
-            for s in test.slots[:8]
-        ]
-        caps += [f"P {c[2:]}" for c in caps]
-        save_grid_png(args.grid, images, captions=caps, nrow=8)
     payload = {
-        "command": "python -m benchmarks.latent_vs_pixel "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": _command(args),
         "n": args.n,
         "real_floor_fid_quadrants": floor,
         "reference": {
@@ -197,18 +175,41 @@ def main() -> None:
         ),
     }
     summary = (
-        f"scenes 64x64, n={args.n}, {args.steps} steps, equal train wall-clock "
-        f"(latent {lat['train_seconds']} s / {lat['train_images']} images, pixel {pix['train_seconds']} s / "
-        f"{pix['train_images']} images): GFLOP/image latent {lat['flops_per_image'] / 1e9:.2f} (incl. decode "
-        f"{lat['decode_flops'] / 1e9:.2f}) vs pixel {pix['flops_per_image'] / 1e9:.2f} ({ratio:.1f}x); CPU ms/image "
-        f"{lat['ms_per_image_cpu']:.0f} vs {pix['ms_per_image_cpu']:.0f} ({ratio_ms:.1f}x); digit acc "
-        f"{lat['digit_accuracy']:.3f} vs {pix['digit_accuracy']:.3f}; empty acc {lat['empty_accuracy']:.3f} vs "
-        f"{pix['empty_accuracy']:.3f}; FID-quadrants {lat['fid_quadrants']:.1f} vs {pix['fid_quadrants']:.1f} "
-        f"(real floor {floor:.1f})"
+        f"scenes 64x64, n={args.n}, {args.steps} steps, equal train wall-clock (latent "
+        f"{lat['train_seconds']} s / {lat['train_images']} images, pixel {pix['train_seconds']} s "
+        f"/ {pix['train_images']} images): GFLOP/image latent {lat['flops_per_image'] / 1e9:.2f} "
+        f"(incl. decode {lat['decode_flops'] / 1e9:.2f}) vs pixel {pix['flops_per_image'] / 1e9:.2f} "
+        f"({ratio:.1f}x); CPU ms/image {lat['ms_per_image_cpu']:.0f} vs "
+        f"{pix['ms_per_image_cpu']:.0f} ({ratio_ms:.1f}x); digit acc {lat['digit_accuracy']:.3f} vs "
+        f"{pix['digit_accuracy']:.3f}; empty acc {lat['empty_accuracy']:.3f} vs "
+        f"{pix['empty_accuracy']:.3f}; FID-quadrants {lat['fid_quadrants']:.1f} vs "
+        f"{pix['fid_quadrants']:.1f} (real floor {floor:.1f})"
     )
     out = write_result("latent_vs_pixel", payload, summary)
     print(summary)
     print(out)
+
+
+def main() -> None:
+    args = _parse()
+    torch.set_num_threads(args.threads)
+    test = load_scenes("test")
+    extractor = load_feature_extractor()
+    ref = test.images[args.n : args.n + args.ref_n]  # disjoint from the scenes whose slots we ask
+    real_q = quadrant_features(extractor, ref)
+    floor = fid(quadrant_features(extractor, test.images[: args.n]), real_q)
+    results, grids = {}, {}
+    for name in ("latent", "pixel"):
+        if getattr(args, name):
+            results[name], grids[name] = evaluate(
+                getattr(args, name), args, test, extractor, real_q
+            )
+    if not args.pixel:  # one model alone: its own row, no comparison
+        _alone(args, results["latent"], floor)
+        return
+    if args.grid:
+        _grid(args.grid, test, grids)
+    _compare(args, results["latent"], results["pixel"], floor, extractor)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,16 @@ def reproduce_command(name: str, step: int, max_steps: int) -> str:
     return f"difforge train --config train_config.json --out runs/{name}{until}"
 
 
+def _kind(model_config: ModelConfig, config: TrainConfig) -> tuple[str, str]:
+    """What the card calls the model, and the extra `difforge sample` flags of its example."""
+    classes = model_config.num_classes
+    if config.conditioning is None or not config.conditioning.keys:
+        return (f"class-conditional ({classes} classes)" if classes else "unconditional"), ""
+    keys = config.conditioning.keys
+    kind = "conditional (" + ", ".join(f"{k.name}: {k.kind} key" for k in keys) + ")"
+    return kind, (" --cond 'slots=\"_6/3_\"'" if any(k.kind == "slots" for k in keys) else "")
+
+
 def model_card(
     model_config: ModelConfig, config: TrainConfig, provenance: Mapping[str, Any]
 ) -> str:
@@ -73,14 +83,7 @@ def model_card(
         ("created", p["created"]),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    classes = model_config.num_classes
-    kind = f"class-conditional ({classes} classes)" if classes else "unconditional"
-    example = ""
-    if config.conditioning is not None and config.conditioning.keys:
-        keys = config.conditioning.keys
-        kind = "conditional (" + ", ".join(f"{k.name}: {k.kind} key" for k in keys) + ")"
-        if any(k.kind == "slots" for k in keys):
-            example = " --cond 'slots=\"_6/3_\"'"
+    kind, example = _kind(model_config, config)
     article = "An" if kind[0] in "aeiou" else "A"
     return f"""# {model_config.name}
 

@@ -107,7 +107,8 @@ class ModelConfig(_Frozen):
     sigma_data: float = Field(0.5, gt=0)  # EDM preconditioning only
     time_scale: float = Field(1.0, gt=0)  # ModelDenoiser's time input multiplier
     num_classes: int = Field(0, ge=0)  # 0: unconditional; label num_classes = the null class
-    image_shape: tuple[int, int, int]  # (C, H, W)
+    # one example's shape: (C, H, W) for images, (C, T) for series (a `unet1d` net)
+    image_shape: tuple[int, int, int] | tuple[int, int]
     class_names: tuple[str, ...] = ()  # the name of each label, when the dataset has them
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     provenance: dict[str, Any] = Field(default_factory=dict)  # informational, not used to rebuild
@@ -315,7 +316,7 @@ def load_weights_strict(net: nn.Module, tensors: Mapping[str, Tensor], source: s
 class Samples:
     """Images drawn by `Model.sample`, with what is needed to draw them again."""
 
-    images: Tensor  # uint8 (n, C, H, W)
+    images: Tensor  # uint8 (n, C, H, W) for images; float32 (n, C, T) in data units for series
     labels: tuple[int, ...] | None
     seeds: tuple[int, ...]
     nfe: int
@@ -376,7 +377,8 @@ class Model:
             **knobs: sampler-specific options (e.g. eta for ddim).
 
         Returns:
-            Samples with uint8 images (n, C, H, W), the labels, seeds and NFE used.
+            Samples with uint8 images (n, C, H, W) (float32 series (n, C, T) for a series
+            model: they are not quantised), the labels, seeds and NFE used.
         """
         from difforge.samplers import sample
 
@@ -405,9 +407,8 @@ class Model:
             **knobs,
         )
         lab = None if labels is None else tuple(labels)
-        return Samples(
-            to_uint8(res.x), lab, tuple(res.seeds), res.nfe, sampler, steps, guidance, grid
-        )
+        out = to_uint8(res.x) if len(self.image_shape) == 3 else res.x.float()
+        return Samples(out, lab, tuple(res.seeds), res.nfe, sampler, steps, guidance, grid)
 
     def _labels_and_seeds(self, labels, n, seed, seeds) -> tuple[list[int] | None, list[int]]:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):

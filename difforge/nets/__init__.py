@@ -11,12 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.nets.unet import MNIST_UNET, UNet, UNetConfig
+from difforge.nets.unet1d import UNet1D, UNet1DConfig
 
-NET_KINDS: tuple[str, ...] = ("unet",)
-_CONFIGS = {"unet": UNetConfig}
-_NETS = {"unet": UNet}
+NET_KINDS: tuple[str, ...] = ("unet", "unet1d")
+_CONFIGS = {"unet": UNetConfig, "unet1d": UNet1DConfig}
+_NETS = {"unet": UNet, "unet1d": UNet1D}
 
-NetConfig = UNetConfig
+NetConfig = UNetConfig | UNet1DConfig
 
 
 def net_config_from_dict(kind: str, config: Mapping[str, Any]) -> NetConfig:
@@ -82,6 +83,8 @@ __all__ = [
     "NET_KINDS",
     "NetConfig",
     "UNet",
+    "UNet1D",
+    "UNet1DConfig",
     "UNetConfig",
     "build_net",
     "count_parameters",

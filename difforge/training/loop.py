@@ -29,6 +29,7 @@ from tqdm import tqdm
 from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.core.processes import make_process
 from difforge.data.dataset import ImageDataset
+from difforge.data.timeseries import SeriesDataset
 from difforge.model import Model, build_denoiser, build_network, load_weights_strict
 from difforge.training import checkpoint as ckpt
 from difforge.training.config import TrainConfig, config_diff
@@ -101,7 +102,8 @@ class Trainer:
 
     Args:
         config: the training recipe.
-        dataset: images uint8 (N, C, H, W) with int64 labels (or None: unconditional).
+        dataset: images uint8 (N, C, H, W) or series float32 (N, C, T), with int64 labels (or
+            None: unconditional).
         run_dir: the run folder.
         log: where human-readable messages go.
     """
@@ -109,7 +111,7 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        dataset: ImageDataset,
+        dataset: ImageDataset | SeriesDataset,
         run_dir: str | Path,
         *,
         log: Callable[[str], None] = _info,
@@ -123,7 +125,7 @@ class Trainer:
         self.process = make_process(config.process)
         self.model_config = model_config_for(config, dataset, self.run_dir.name)
         self.num_classes = self.model_config.num_classes
-        self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1]
+        self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1], or series (N, C, T)
         self.labels = dataset.labels
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
@@ -149,7 +151,7 @@ class Trainer:
         return self._perm[1]
 
     def next_batch(self) -> tuple[Tensor, Tensor | None]:
-        """(x0 (B, C, H, W) float32, labels (B,) int64 or None); the last partial batch is dropped."""
+        """(x0 (B, *sample_shape) float32, labels (B,) int64 or None); the last partial batch is dropped."""
         b, s = self.config.batch_size, self.state
         if s.position + b > len(self.data):
             s.epoch, s.position = s.epoch + 1, 0
@@ -166,7 +168,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sigma = sample_sigma(cfg, self.process, x0.shape[0], self.generator)  # (B,)
-        eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W)
+        eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W) or (B, C, T)
         cond = None
         if labels is not None and self.num_classes:
             cond = drop_labels(
@@ -391,10 +393,22 @@ class Trainer:
 
 
 def _check_net_fits(net: torch.nn.Module, model_config) -> None:
-    """The net's declared input, image size and classes must match the dataset."""
-    c, h, _ = model_config.image_shape
+    """The net's declared input, image size (or series length) and classes must match the dataset."""
+    shape = tuple(model_config.image_shape)  # (C, H, W) or (C, T)
     cfg = getattr(net, "config", None)
-    checks = [("in_channels", c), ("image_size", h), ("num_classes", model_config.num_classes)]
+    size = "image_size" if len(shape) == 3 else "length"
+    other = "length" if size == "image_size" else "image_size"
+    if cfg is not None and hasattr(cfg, other) and not hasattr(cfg, size):
+        what = "images (C, H, W)" if size == "image_size" else "series (C, T)"
+        raise InvalidArgumentError(
+            f"network does not fit the dataset: net kind {getattr(net, 'kind', '?')!r} takes "
+            f"{'series' if other == 'length' else 'images'}, the dataset holds {what} {shape}"
+        )
+    checks = [
+        ("in_channels", shape[0]),
+        (size, shape[1]),
+        ("num_classes", model_config.num_classes),
+    ]
     wrong = [
         f"net.config.{name} is {getattr(cfg, name)} but the dataset has {want}"
         for name, want in checks
@@ -425,19 +439,21 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def load_training_data(spec: str | dict[str, Any]) -> ImageDataset:
-    """The image dataset a config names (`difforge.data.load_dataset`)."""
+def load_training_data(spec: str | dict[str, Any]) -> ImageDataset | SeriesDataset:
+    """The image or series dataset a config names (`difforge.data.load_dataset`)."""
     from difforge.data import load_dataset
 
     dataset = load_dataset(spec)
-    if not isinstance(dataset, ImageDataset):
+    if not isinstance(dataset, ImageDataset | SeriesDataset):
         raise InvalidArgumentError(
-            f"dataset {json.dumps(spec)} is not an image dataset; training needs images"
+            f"dataset {json.dumps(spec)} is neither images nor series; training needs one of them"
         )
     return dataset
 
 
-def describe(config: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, Any]:
+def describe(
+    config: TrainConfig, dataset: ImageDataset | SeriesDataset | None = None
+) -> dict[str, Any]:
     """What `--dry-run` prints: the dataset, the net's size and its cost per forward and step.
 
     Builds the net and loads the dataset, so any config error surfaces here without training.
@@ -471,7 +487,7 @@ def train(
     config: TrainConfig,
     run_dir: str | Path,
     *,
-    dataset: ImageDataset | None = None,
+    dataset: ImageDataset | SeriesDataset | None = None,
     resume: bool = False,
     force: bool = False,
     max_minutes: float | None = None,

@@ -617,6 +617,12 @@ def _evaluate_sweep(m, feats, settings: dict, out: str, plot: str | None) -> Non
 # --- end of evaluate section -------------------------------------------------------------------
 
 
+from difforge.cli_signals import anomaly_app, series_app  # noqa: E402  (1-D signal commands)
+
+app.add_typer(anomaly_app, name="anomaly")
+app.add_typer(series_app, name="series")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one line too, with click's exit code 2."""
     # typer vendors click; BadParameter is public, its base UsageError is reached through it.

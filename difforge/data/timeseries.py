@@ -241,3 +241,47 @@ def load_sines(
         num_classes,
         class_names=tuple(f"{c + 1} periods" for c in range(num_classes)),
     )
+
+
+def read_series_csv(path: str | Path) -> np.ndarray:
+    """Series from a CSV file, one per row, comma-separated values: float64 (N, T).
+
+    A first row that is not all numbers is taken as a header and skipped; every row must have
+    the same number of finite values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    if rows and not _numeric(rows[0]):
+        rows = rows[1:]
+    try:
+        x = np.asarray([[float(v) for v in r.split(",")] for r in rows], dtype=np.float64)
+    except ValueError as e:
+        raise DatasetError(f"{path}: not a CSV of numbers, one series per row ({e})") from None
+    if x.ndim != 2 or not len(x) or not np.isfinite(x).all():
+        raise DatasetError(f"{path}: rows must be non-empty, equally long and finite")
+    return x
+
+
+def _numeric(row: str) -> bool:
+    try:
+        [float(v) for v in row.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
+def series_from_array(
+    x: np.ndarray, name: str, length: int | None = None, normalize: str = "series"
+) -> SeriesDataset:
+    """An unlabelled SeriesDataset from raw float (N, T) or (N, C, T) values, resampled to
+    `length` (when given) and normalised by the same rule as `load_ucr`."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[:, None, :] if x.ndim == 2 else x
+    if x.ndim != 3:
+        raise InvalidArgumentError(f"series must be (N, T) or (N, C, T), got {x.shape}")
+    if length is not None and length != x.shape[-1]:
+        x = resample(x, length)
+    x = normalize_series(x, normalize).astype(np.float32)
+    return SeriesDataset(name, torch.from_numpy(x), None, 0, normalize=normalize)

@@ -50,6 +50,7 @@ def sines_model(tmp_path_factory):
             "max_steps": 250,
             "log_every": 50,
             "checkpoint_every": 250,
+            "sample_every": 250,  # a line plot of series, not an image grid
             "optim": {"lr": 3e-3, "warmup_steps": 20},
             "ema": {"halflife_images": 800},
             "sampling": {"steps": 12, "guidance": 1.0},
@@ -58,6 +59,7 @@ def sines_model(tmp_path_factory):
     run = tmp_path_factory.mktemp("sines") / "run"
     result = train(cfg, run, progress=False)
     assert result.status == "completed" and math.isfinite(result.loss)
+    assert (run / "samples" / "step-000000250.png").read_bytes()[:4] == b"\x89PNG"
     return result.model_dir
 
 
@@ -144,3 +146,28 @@ def test_anomaly_fit_and_score_cli(tmp_path):
         app, ["anomaly", "score", str(tmp_path / "nope.csv"), "--model", str(det_dir)]
     )
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_a_2d_net_on_series_is_refused_before_training(tmp_path):
+    from difforge.core.errors import InvalidArgumentError
+    from difforge.training.loop import describe
+
+    series_cfg = {"dataset": {"kind": "sines", "n": 64, "length": 32}, "batch_size": 8}
+    net = {**NET, "config": {**NET["config"], "num_classes": 3}}  # sines carry 3 labels
+    d = describe(parse_config({**series_cfg, "net": net}))
+    assert d["image_shape"] == [1, 32] and d["flops_per_forward"] > 0
+    image_net = {
+        "kind": "unet",
+        "config": {
+            "image_size": 32,
+            "norm_groups": 8,
+            "base_channels": 16,
+            "num_classes": 3,
+            "attention_resolutions": [8],
+        },
+    }
+    with pytest.raises(InvalidArgumentError, match="takes images"):
+        train(parse_config({**series_cfg, "net": image_net}), tmp_path / "r", progress=False)
+    wrong_length = {**net, "config": {**net["config"], "length": 64, "attention_resolutions": [32]}}
+    with pytest.raises(InvalidArgumentError, match="length is 64 but the dataset has 32"):
+        describe(parse_config({**series_cfg, "net": wrong_length}))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from difforge.core.errors import InvalidArgumentError
+from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.data.timeseries import SeriesDataset
 from difforge.evaluation.anomaly import (
     AnomalyDetector,
@@ -27,6 +27,10 @@ from difforge.evaluation.anomaly import (
 )
 from difforge.training.config import TrainConfig, parse_config
 from difforge.training.loop import _info, train
+
+
+class TrainingInterruptedError(DifforgeError):
+    """The detector's training was stopped (SIGINT/SIGTERM) before it produced a model."""
 
 
 def default_net(length: int, channels: int = 1) -> dict[str, Any]:
@@ -145,6 +149,11 @@ def fit_anomaly_detector(
     config = anomaly_train_config(train_set, steps, seed, train_overrides)
     out = Path(out)
     result = train(config, out, dataset=train_set, progress=progress, log=log)
+    if result.model_dir is None:
+        raise TrainingInterruptedError(
+            f"training of the detector in {out} was interrupted at step {result.step}; "
+            "nothing was calibrated"
+        )
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the model folder is what is kept
     model = load(result.model_dir)
     scales, threshold, val_scores = calibrate(model, val_set, score, quantile)

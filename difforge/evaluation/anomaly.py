@@ -11,11 +11,11 @@ where D is the model's denoiser (one call, or a short Euler run from sigma_j dow
 weighs the same whatever its typical error. A series the model has not learned to produce is
 pulled towards the normal data and so reconstructed far from itself. This is the DDPM
 reconstruction score of Livernoche et al. 2023, "On Diffusion Modeling for Anomaly Detection"
-(ICLR 2024, arXiv:2305.18593, Sec. 3: noise to a time t, denoise, score the reconstruction error;
-several t averaged), with the partial noising-then-denoising of Wolleb et al. 2022 ("Diffusion
+(ICLR 2024, arXiv:2305.18593: their DDPM detector noises to a time t, denoises and scores the
+reconstruction error, over several t), with the partial noising-then-denoising of Wolleb et al. 2022 ("Diffusion
 Models for Medical Anomaly Detection", MICCAI) and AnoDDPM (Wyatt et al. 2022). Livernoche et al.
-also show the error at a level is closely tied to the distance to the nearest training examples
-(their non-parametric DTE ranks like k-NN), which is why k-NN is the baseline to beat.
+also derive a non-parametric diffusion-time estimator whose ranking equals k-NN's, which is why
+k-NN is the baseline to beat.
 
 eps_s is drawn from torch.Generator(seed_s) with shape (C, T) and shared by every series (common
 random numbers): a series' score does not depend on the batch it is in, and differences between

@@ -157,11 +157,25 @@ def fit_anomaly_detector(
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the model folder is what is kept
     model = load(result.model_dir)
     scales, threshold, val_scores = calibrate(model, val_set, score, quantile)
-    info = {
+    info = _provenance(dataset, normal_class, (train_set, val_set), val_scores, result, seed)
+    preprocess = {"length": dataset.sample_shape[-1], "normalize": dataset.normalize}
+    detector = AnomalyDetector(model, score, scales, threshold, quantile, preprocess, info)
+    detector.save(out)
+    return detector
+
+
+def _provenance(dataset, normal_class, splits, val_scores, result, seed) -> dict[str, Any]:
+    """What anomaly.json records about the data and the training run behind a detector."""
+    train_set, val_set = splits
+    name = None
+    if normal_class is not None:
+        names = dataset.class_names
+        name = names[normal_class] if normal_class < len(names) else str(normal_class)
+    return {
         "dataset": dataset.name,
         "dataset_hash": dataset.content_hash,
         "normal_class": normal_class,
-        "class_name": None if normal_class is None else _name(dataset, normal_class),
+        "class_name": name,
         "train_size": len(train_set),
         "train_hash": train_set.content_hash,
         "val_size": len(val_set),
@@ -172,18 +186,3 @@ def fit_anomaly_detector(
         "final_loss": result.loss,
         "seed": seed,
     }
-    detector = AnomalyDetector(
-        model,
-        score,
-        scales,
-        threshold,
-        quantile,
-        {"length": dataset.sample_shape[-1], "normalize": dataset.normalize},
-        info,
-    )
-    detector.save(out)
-    return detector
-
-
-def _name(dataset: SeriesDataset, k: int) -> str:
-    return dataset.class_names[k] if k < len(dataset.class_names) else str(k)

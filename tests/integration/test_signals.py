@@ -171,3 +171,19 @@ def test_a_2d_net_on_series_is_refused_before_training(tmp_path):
     wrong_length = {**net, "config": {**net["config"], "length": 64, "attention_resolutions": [32]}}
     with pytest.raises(InvalidArgumentError, match="length is 64 but the dataset has 32"):
         describe(parse_config({**series_cfg, "net": wrong_length}))
+
+
+def test_series_evaluation_metrics(sines_model):
+    from difforge.evaluation.series import evaluate_series, train_series_classifier
+
+    train_set = load_sines(192, 32, 3)  # the model's training data (the fixture's spec)
+    reference = load_sines(120, 32, 3, seed=7)
+    extractor = train_series_classifier(train_set, steps=200, seed=0)
+    again = train_series_classifier(train_set, steps=200, seed=0)
+    assert extractor.sha256 == again.sha256  # deterministic on the CPU
+    report = evaluate_series(difforge.load(sines_model), extractor, reference, train_set, n=60)
+    assert report["classifier_accuracy_on_reference"] > 0.95
+    assert report["label_accuracy"] > 0.75
+    assert 0 <= report["fd_series_floor_train_vs_reference"] < report["fd_series"] + 1.0
+    assert report["memorization"]["memorization_rate"] < 0.5
+    assert report["extractor"]["sha256"] == extractor.sha256

@@ -60,8 +60,17 @@ from difforge.evaluation import (
     nfe_sweep,
     plot_sweep,
 )
-from difforge.evaluation.report import compute_threads, default_reference
-from difforge.model import Model, ModelConfig, NetSpec, SamplingDefaults, load, save_model, to_uint8
+from difforge.evaluation.against import default_reference
+from difforge.evaluation.threads import compute_threads
+from difforge.pipeline import (
+    Model,
+    ModelConfig,
+    NetSpec,
+    SamplingDefaults,
+    load,
+    save_model,
+    to_uint8,
+)
 from difforge.samplers import PerSampleNoise, expected_nfe
 
 ROOT = Path(__file__).resolve().parent.parent

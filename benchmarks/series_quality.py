@@ -31,7 +31,7 @@ import torch
 from benchmarks.common import write_result
 from difforge.data import load_ucr
 from difforge.evaluation.series import evaluate_series, train_series_classifier
-from difforge.model import load
+from difforge.pipeline import load
 from difforge.training.anomaly import default_net
 from difforge.training.config import parse_config
 from difforge.training.loop import train

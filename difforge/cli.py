@@ -36,7 +36,9 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (DifforgeError, FileNotFoundError, PermissionError, ValueError) as e:
-            fail(str(e) or type(e).__name__)
+            from difforge.common.validation import readable  # pydantic only on this path
+
+            fail(readable(e))
 
     return wrapper
 
@@ -44,7 +46,7 @@ def friendly_errors(fn: Callable) -> Callable:
 # --- commands are registered below, one section per area --------------------------------------
 
 
-# --- train / sample / info (training engineer; library code in difforge.training, difforge.model)
+# --- train / sample / info (training engineer; library code in difforge.training, difforge.pipeline)
 
 
 def _int_list(text: str | None, what: str) -> list[int] | None:
@@ -148,11 +150,25 @@ def train_command(
     typer.echo(f"model: {result.model_dir}")
 
 
+def _options(pairs: list[str] | None, flag: str) -> dict[str, object]:
+    """KEY=VALUE pairs, each value parsed as JSON (so 2 is an int, 0.5 a float, true a bool)."""
+    import json
+
+    out: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"{flag} takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fail(f"{flag} {key}: {value!r} is not a JSON value (numbers, true/false, quoted text)")
+    return out
+
+
 @_command("sample")
 def sample_command(
-    model: str = typer.Option(
-        ..., "--model", help="Model folder (config.json, model.safetensors)."
-    ),
+    model: str = typer.Option(..., "--model", help="Model folder."),
     sampler: str | None = typer.Option(
         None, "--sampler", help="Sampler name [default: the model's]."
     ),
@@ -160,29 +176,38 @@ def sample_command(
         None, "--steps", help="Sampling steps [default: the model's]."
     ),
     guidance: float | None = typer.Option(None, "--guidance", help="CFG scale; 1 = conditional."),
-    labels: str | None = typer.Option(None, "--labels", help="Comma-separated class labels."),
-    seed: int = typer.Option(42, "--seed", help="Image i uses seed + i."),
-    n: int | None = typer.Option(
-        None, "--n", help="Number of images [default: len(labels) or 16]."
+    labels: str | None = typer.Option(
+        None, "--labels", help="Comma-separated classes of the class key [default: cycle]."
     ),
+    cond: list[str] | None = typer.Option(
+        None, "--cond", help="KEY=JSON value of a conditioning key (repeatable)."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Image i uses seed + i [default: random, printed]."
+    ),
+    n: int | None = typer.Option(None, "--n", help="Number of images [default: len(labels) or 1]."),
     grid: str | None = typer.Option(
         None, "--grid", help="Sigma grid: karras, exponential, uniform."
     ),
-    out: str = typer.Option("grid.png", "--out", help="Output PNG (a labelled grid)."),
+    option: list[str] | None = typer.Option(
+        None, "--option", help="KEY=VALUE sampler option, e.g. max_order=3 (repeatable)."
+    ),
+    out: str = typer.Option("grid.png", "--out", help="Output PNG (a captioned grid)."),
 ) -> None:
-    """Sample a labelled image grid from a model, with provenance in the PNG's text chunks."""
-    from difforge.model import load, save_samples_png
+    """Sample an image grid from a model, with provenance in the PNG's text chunks."""
+    from difforge.pipeline import load, resolve, save_samples_png
 
     m = load(model)
-    samples = m.sample(
-        labels=_int_list(labels, "--labels"),
-        n=n,
-        sampler=sampler,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        grid=grid,
-    )
+    request: dict[str, object] = _options(cond, "--cond")
+    if labels is not None:
+        key = m.spec.class_key()
+        if key is None:
+            fail(f"--labels: model {m.name!r} has no class key (conditioning: {m.spec.names})")
+        request[key.name] = _int_list(labels, "--labels")
+    flags = {"n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance}
+    request |= {k: v for k, v in (flags | {"grid": grid}).items() if v is not None}
+    request["options"] = _options(option, "--option")
+    samples = m.generate(resolve(m, request))
     path = save_samples_png(m, samples, out)
     typer.echo(
         f"wrote {path}: {len(samples.seeds)} images, {samples.sampler} {samples.steps} steps, "
@@ -198,23 +223,31 @@ def info_command(
     """Summarise a model: identity, size, cost, sampling defaults and provenance."""
     import json
 
-    from difforge.model import load
+    from difforge.pipeline import load
 
     s = load(model).summary()
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
     p, d = s["provenance"], s["sampling"]
+    keys = [f"{k['name']} ({k['kind']})" for k in s["conditioning"]]
     kind = f"{s['num_classes']} classes" if s["num_classes"] else "unconditional"
     lines = [
-        f"{s['name']}  sha256 {s['sha256']}",
+        f"{s['name']}  {s['format']}  sha256 {s['sha256']}",
         f"  {s['net']}: {s['parameters']:,} parameters, "
         f"{s['flops_per_forward'] / 1e6:,.1f} MFLOPs per forward (one image)",
-        f"  images {s['image_shape']}, {kind}, "
+        f"  images {s['image_shape']} (denoiser {s['latent_shape']}), {kind}, "
         f"{s['parameterization']} on {json.dumps(s['process'])}",
+        f"  conditioning: {', '.join(keys) or 'none'}",
         f"  sampling: {d['sampler']}, {d['steps']} steps, {d['grid']} grid, "
         f"guidance {d['guidance']:g}",
     ]
+    for name, c in s["components"].items():
+        base = "".join(f", made for {k} {v[:12]}..." for k, v in c.get("base", {}).items())
+        lines.append(
+            f"  component {name}: {c['net']}, {c['parameters']:,} parameters, "
+            f"sha256 {c['sha256']}{base}"
+        )
     if p:
         lines += [
             f"  trained {p.get('step')} steps on {json.dumps(p.get('dataset'))} "
@@ -555,7 +588,7 @@ def evaluate_command(
 ) -> None:
     """Evaluate a model (FID, KID, label accuracy, memorization over seed repeats), or sweep NFE."""
     from difforge.evaluation import load_feature_extractor
-    from difforge.model import load
+    from difforge.pipeline import load
 
     sweep = nfe_sweep is not None
     _eval_mode_check(

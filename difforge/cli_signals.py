@@ -149,7 +149,7 @@ def series_sample(
 ) -> None:
     """Draw series (class-conditional with --labels) and write them as CSV rows or a plot."""
     from difforge.core.errors import InvalidArgumentError
-    from difforge.model import load
+    from difforge.pipeline import load
     from difforge.training.export import plot_series
 
     m = load(model)

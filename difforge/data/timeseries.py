@@ -82,6 +82,10 @@ class SeriesDataset:
         """The series, float32 (N, C, T)."""
         return self.series
 
+    def fields(self) -> dict[str, torch.Tensor]:
+        """Per-series data beside the values, {name: (N, ...)}; a conditioning spec reads them."""
+        return {} if self.labels is None else {"labels": self.labels}
+
     def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> SeriesDataset:
         """The examples at `index` (positions or a boolean mask), classes and rule unchanged."""
         idx = torch.as_tensor(np.asarray(index))

@@ -223,7 +223,7 @@ class AnomalyDetector:
 
 def load_detector(folder: str | Path) -> AnomalyDetector:
     """Load a detector folder (anomaly.json + model/); refuses a model whose weights changed."""
-    from difforge.model import ModelIntegrityError, load
+    from difforge.pipeline import ModelIntegrityError, load
 
     folder = Path(folder)
     path = folder / DETECTOR_FILE

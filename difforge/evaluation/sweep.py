@@ -26,35 +26,36 @@ import torch
 from torch import Tensor
 
 from difforge.core.errors import InvalidArgumentError, check_choice
-from difforge.evaluation.evaluate import evaluate_images
-from difforge.evaluation.features import FeatureExtractor, load_feature_extractor
-from difforge.evaluation.reference import ReferenceStats
-from difforge.evaluation.report import (
+from difforge.evaluation.against import (
+    check_model_fits,
+    check_reference,
+    check_trained_on_mnist,
+    default_reference,
+)
+from difforge.evaluation.config import (
     SEED_STRIDE,
     LabelPolicy,
     Log,
     Split,
     check_common,
     check_int,
-    check_model_fits,
     check_n,
-    check_reference,
     check_seed,
-    check_trained_on_mnist,
-    compute_threads,
-    default_reference,
-    describe_model,
+    make_config,
+)
+from difforge.evaluation.evaluate import evaluate_images
+from difforge.evaluation.features import FeatureExtractor, load_feature_extractor
+from difforge.evaluation.records import describe_model, now_iso, run_info, write_json
+from difforge.evaluation.reference import ReferenceStats
+from difforge.evaluation.sampling import (
     draw_with,
     image_seeds,
     in_batches,
-    make_config,
     make_labels,
-    now_iso,
     resolve_sampling,
-    run_info,
-    write_json,
 )
-from difforge.model import Model, load
+from difforge.evaluation.threads import compute_threads
+from difforge.pipeline import Model, load
 from difforge.samplers import SAMPLERS, expected_nfe, get_sigmas
 
 SWEEP_FORMAT = "difforge-nfe-sweep/1"

@@ -10,14 +10,16 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from difforge.core.errors import InvalidArgumentError, check_choice
+from difforge.nets.autoencoder import Autoencoder, AutoencoderConfig
 from difforge.nets.unet import MNIST_UNET, UNet, UNetConfig
 from difforge.nets.unet1d import UNet1D, UNet1DConfig
 
-NET_KINDS: tuple[str, ...] = ("unet", "unet1d")
-_CONFIGS = {"unet": UNetConfig, "unet1d": UNet1DConfig}
-_NETS = {"unet": UNet, "unet1d": UNet1D}
+# Denoisers take forward(x, c_noise, cond); the autoencoder has encode/decode (a pipeline VAE).
+NET_KINDS: tuple[str, ...] = ("unet", "unet1d", "autoencoder")
+_CONFIGS = {"unet": UNetConfig, "unet1d": UNet1DConfig, "autoencoder": AutoencoderConfig}
+_NETS = {"unet": UNet, "unet1d": UNet1D, "autoencoder": Autoencoder}
 
-NetConfig = UNetConfig | UNet1DConfig
+NetConfig = UNetConfig | UNet1DConfig | AutoencoderConfig
 
 
 def net_config_from_dict(kind: str, config: Mapping[str, Any]) -> NetConfig:
@@ -81,6 +83,8 @@ def flops_per_forward(
 __all__ = [
     "MNIST_UNET",
     "NET_KINDS",
+    "Autoencoder",
+    "AutoencoderConfig",
     "NetConfig",
     "UNet",
     "UNet1D",

@@ -142,7 +142,7 @@ def fit_anomaly_detector(
     Returns:
         The saved AnomalyDetector (load it again with `load_detector(out)`).
     """
-    from difforge.model import load
+    from difforge.pipeline import load
 
     score = score or ScoreConfig()
     train_set, val_set = split_normals(dataset, normal_class, val_fraction, seed)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from difforge.cli import app
 from difforge.data.mnist import ImageDataset, load_mnist
-from difforge.evaluation import report as report_module
+from difforge.evaluation import against as against_module
 from tests.unit.test_eval_report import N, make_tiny_model
 
 runner = CliRunner()
@@ -29,13 +28,12 @@ def small_mnist(split: str = "train") -> ImageDataset:
     return ImageDataset(f"mnist-{split}-{k}", full.images[:k], full.labels[:k], 10)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def small_data(monkeypatch):
-    monkeypatch.setattr(report_module, "load_mnist", small_mnist)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    monkeypatch.setattr(against_module, "load_mnist", small_mnist)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from difforge.data import load_sines
 from difforge.evaluation.anomaly import load_detector, roc_auc
 from difforge.training.config import parse_config
 from difforge.training.loop import train
-from tests.helpers import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()

@@ -21,14 +21,7 @@ from difforge.evaluation import (
 from difforge.model import load
 from tests.unit.test_eval_report import N, make_tiny_model, small_references
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on oversubscribed shared cores, 2-thread OpenMP regions stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

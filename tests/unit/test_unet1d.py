@@ -8,7 +8,6 @@ import torch
 from difforge.core.errors import InvalidArgumentError, UnknownChoiceError
 from difforge.nets import NET_KINDS, UNet1D, UNet1DConfig, build_net, count_parameters
 from difforge.nets.layers import AttentionBlock
-from tests.helpers import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,8 +24,9 @@ draws, one denoiser call each). pyod 3.6.7 baselines on the flattened series: Is
 The prior on which baseline is strong: Livernoche et al. 2023 show k-NN is the non-parametric
 limit of diffusion-time estimation, so KNN is the one to beat.
 
-Budget (2-core shared dev CPU, 1 thread): ~100 s per class at length 128 and 1000 steps; the
-default three sets (7 classes) x 2 seeds take ~25 minutes. `--quick` (60 steps, GunPoint only) checks the
+Budget (2-core shared dev CPU, 1 thread, measured at load ~5-10): 35-80 CPU-s per fit (24 to 256
+points), 2.5-6 s to score a TEST file; the default three sets (7 classes) x 2 seeds took 43
+minutes of wall time. `--quick` (60 steps, GunPoint only) checks the
 pipeline in about a minute and writes nothing. Otherwise writes results/anomaly.json and a
 RESULTS.md row.
 """

@@ -408,3 +408,21 @@ def test_verify_detects_a_rehashed_row_and_edited_state_tables(reg, tmp_path):
     assert "version m v2 was edited after it was registered" in problems
     assert "alias production of m points at v2 but the audit log says v1" in problems
     assert "evaluation report 1 of m v1 was edited" in problems
+
+
+def test_promotion_without_the_smoke_sample_still_checks_every_artifact(reg, tmp_path):
+    info = reg.register(make_model(tmp_path / "a", 0, report(10.0)), "m").info
+    blob = reg.store.path(info.weights_sha256)
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    for to in ("production", "canary"):
+        with pytest.raises(ArtifactIntegrityError, match=r"refusing to promote m:v1: .*corrupted"):
+            reg.promote("m", 1, to, gates=NO_SMOKE)
+        entry = reg.audit_log("m")[-1]
+        assert entry.action == "integrity_failure" and "model.safetensors" in entry.details["files"]
+    with pytest.raises(NotFoundError):
+        reg.get("m", "production")
+    with pytest.raises(NotFoundError):
+        reg.get("m", "canary")

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from difforge.core.errors import DifforgeError, SamplingCancelled
@@ -85,6 +86,16 @@ class JobFailed(DifforgeError):
     """The sampler call of a request raised (an internal error, not the client's)."""
 
 
+class NonFiniteOutput(JobFailed):
+    """The model produced NaN or inf for an image: a broken version, never an image to send
+    (uint8 conversion would turn it into plausible-looking black pixels)."""
+
+
+def finite_rows(x: Tensor) -> list[bool]:
+    """Whether each sample of a batch (B, ...) is finite everywhere."""
+    return torch.isfinite(x).flatten(1).all(1).tolist()
+
+
 @dataclass(eq=False)
 class Job:
     """One accepted request inside the engine."""
@@ -106,6 +117,7 @@ class Job:
     nfe: int = 0
     cpu_seconds: float = 0.0
     cancel_reason: str | None = None  # "deadline" or "disconnect"; set from any thread
+    failure: JobFailed | None = None  # set when one of its images came out non-finite
     future: asyncio.Future | None = None
 
     def __post_init__(self) -> None:
@@ -292,6 +304,8 @@ class Engine:
         for job in call.jobs:
             if job.cancel_reason is not None:
                 self._finish(job, None)
+            elif job.failure is not None:
+                self._finish(job, job.failure)
             elif job.done == len(job.rows):
                 self._finish(job, job)
 
@@ -311,8 +325,14 @@ class Engine:
             job.cpu_seconds += cpu * len(mine) / n
         if images is None:
             return
-        for (job, i), img in zip(call.slots, images, strict=True):
-            job.images[i] = img
+        for (job, i), (img, finite) in zip(call.slots, images, strict=True):
+            if finite:
+                job.images[i] = img
+            elif job.failure is None:
+                log.error("model version %s produced non-finite output (%s)", version, job.key)
+                job.failure = NonFiniteOutput(
+                    f"model version {version} produced non-finite values (NaN or inf)"
+                )
 
     def _finish(self, job: Job, result: Job | BaseException | None) -> None:
         """Answer a job: result = the job (success), an exception (failure), None (cancelled)."""
@@ -336,7 +356,8 @@ class Engine:
     # -- the sampler thread ----------------------------------------------------------------------
 
     def _compute(self, call: _Call, rows: list[Row], pad_to: int | None):
-        """Runs on the sampler thread: (uint8 images or None if stopped, NFE, CPU seconds)."""
+        """Runs on the sampler thread: ((uint8 image, finite) per row, or None if stopped; NFE;
+        CPU seconds)."""
         jobs = call.jobs
         steps = call.key.steps
         per_job = {job: sum(1 for j, _ in call.slots if j is job) for job in jobs}
@@ -365,4 +386,5 @@ class Engine:
             done = max((job.step for job in jobs), default=0)
             nfe = expected_nfe(call.key.sampler, done) if done else 0  # forwards actually run
             return None, nfe, time.process_time() - cpu0
-        return list(to_uint8(x)), nfe, time.process_time() - cpu0
+        images = list(zip(to_uint8(x), finite_rows(x), strict=True))
+        return images, nfe, time.process_time() - cpu0

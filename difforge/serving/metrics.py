@@ -30,6 +30,7 @@ ERROR_REASONS = (
     "idempotency_mismatch",
     "not_found",
     "internal",
+    "non_finite",
     "gate_failed",
     "integrity_failure",
     "registry_conflict",

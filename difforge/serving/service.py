@@ -28,7 +28,14 @@ from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 from difforge.serving.config import ServiceConfig
 from difforge.serving.encode import encode_images, json_body, pixels_sha256
-from difforge.serving.engine import Engine, Job, JobFailed, QueueFull
+from difforge.serving.engine import (
+    Engine,
+    Job,
+    JobFailed,
+    NonFiniteOutput,
+    QueueFull,
+    finite_rows,
+)
 from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse
 from difforge.serving.invariance import choose_plan
 from difforge.serving.metrics import ServiceMetrics
@@ -39,7 +46,7 @@ log = logging.getLogger("difforge.serving")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # failures that count against the version that served the request (not the client's doing)
-_VERSION_FAILURES = frozenset({"internal", "deadline"})
+_VERSION_FAILURES = frozenset({"internal", "non_finite", "deadline"})
 Receive = Callable[[], Awaitable[dict]]
 
 
@@ -149,7 +156,12 @@ class Service:
                     guidance=2.0 if key.guided else 1.0,
                 )
             ]
-            sample_rows(model, key, rows, pad_to=probe_plan.micro(key.guided))
+            x, _ = sample_rows(model, key, rows, pad_to=probe_plan.micro(key.guided))
+            if not all(finite_rows(x)):  # a broken version must never become ready
+                raise NonFiniteOutput(
+                    f"refusing model {version.name} ({version.id}): warm-up sample at "
+                    f"{key.sampler}, {key.steps} steps, guided={key.guided} is non-finite"
+                )
         return choose_plan(model, keys, self.config.batch_invariance, probe_plan.max_rows)
 
     async def install(
@@ -320,6 +332,10 @@ class Service:
             exc = future.exception()
             if exc is None:
                 return
+            if isinstance(exc, NonFiniteOutput):
+                self._audit(call, job.request_id, "non_finite", 500, plan.params(), job)
+                detail = "the model produced non-finite values (NaN or inf); no image returned"
+                raise HTTPFailure(500, detail, "non_finite", _rid(job)) from exc
             self._audit(call, job.request_id, "error", 500, plan.params(), job)
             raise HTTPFailure(500, "internal error", "internal", _rid(job)) from exc
         reason = "disconnect" if watcher is not None and watcher in done else "deadline"

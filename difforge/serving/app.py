@@ -32,7 +32,7 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from difforge.serving.access import AccessDenied, Principal, is_loopback
+from difforge.serving.access import AccessDenied, Principal, ProxyTrust, is_loopback
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
@@ -51,18 +51,29 @@ from difforge.serving.service import GenerateCall, HTTPFailure, Service
 log = logging.getLogger("difforge.serving")
 
 
+# answered for any client, keys or not: a remote health checker must be able to probe
+_PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
 class _Edge:
-    """Pure ASGI middleware: loopback-only enforcement and the request-duration histogram."""
+    """Pure ASGI middleware: who the client is (trusted proxies), loopback-only enforcement and
+    the request-duration histogram."""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
+        self.proxies = ProxyTrust(service.config.trusted_proxies)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
-        host = (scope.get("client") or (None,))[0]
-        if self.service.access.loopback_only and not is_loopback(host):
+        peer, port = scope.get("client") or (None, 0)
+        forwarded = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
+        host = self.proxies.client(peer, forwarded)
+        if host != peer:  # what every route sees as request.client
+            scope = {**scope, "client": (host, port)}
+        public = scope["path"] in _PUBLIC
+        if self.service.access.loopback_only and not is_loopback(host) and not public:
             self.service.metrics.error("forbidden")
             resp = JSONResponse({"detail": "this service answers loopback clients only"}, 403)
             return await resp(scope, receive, send)
@@ -311,7 +322,10 @@ def serve(
         )
     else:
         log.info("%d API key(s) configured", len(config.api_keys))
-    uvicorn.run(create_app(service, source), host=host, port=port, log_level="info")
+    # proxy_headers off: uvicorn would otherwise take the client from X-Forwarded-For for any
+    # peer in FORWARDED_ALLOW_IPS (an environment variable); config.trusted_proxies decides that
+    app = create_app(service, source)
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
 
 
 def check_model_source(

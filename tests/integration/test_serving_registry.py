@@ -376,7 +376,7 @@ def tamper(reg: Registry, version: int) -> None:
     blob.write_bytes(bytes(data))
 
 
-def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg):
+def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg, folders):
     tamper(reg, 2)
 
     async def scenario():
@@ -390,8 +390,10 @@ def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg):
             assert "sha256" in r.json()["detail"]
             assert reg.resolve(NAME).canary is None and actions(reg)[-1] == "integrity_failure"
 
-            # set elsewhere (smoke gate off, so the registry itself does not load it)
+            # promoted elsewhere while intact, damaged afterwards (promotion checks the blobs)
+            reg.register(folders[1], NAME)  # repairs the blob
             reg.promote(NAME, 2, to="canary", percent=50, gates={"smoke_sample": False})
+            tamper(reg, 2)
             await until(lambda: "canary" in source.problems)
             assert "refusing to load tiny:v2" in source.problems["canary"]
             assert svc.router.canary is None
@@ -411,7 +413,11 @@ def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg):
             assert actions(reg).count("integrity_failure") == failures == 2
 
     run(scenario())
+    with pytest.raises(ArtifactIntegrityError, match="refusing to promote tiny:v2"):
+        reg.promote(NAME, 2, to="production", gates={"smoke_sample": False})
+    reg.register(folders[1], NAME)
     reg.promote(NAME, 2, to="production", gates={"smoke_sample": False})
+    tamper(reg, 2)
     with pytest.raises(
         ArtifactIntegrityError, match="refusing to load tiny:v2"
     ):  # nothing to fall back on

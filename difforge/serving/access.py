@@ -174,6 +174,16 @@ class RateLimiter:
             self._buckets[key_id] = (tokens, now)
             return (cost - tokens) / limit.per_second
 
+    def refund(self, key_id: str, cost: float = 1.0) -> None:
+        """Give back tokens taken by `acquire` for a request refused before any work."""
+        limit = self.limit_for(key_id)
+        if limit is None:
+            return
+        with self._lock:
+            if key_id in self._buckets:
+                tokens, last = self._buckets[key_id]
+                self._buckets[key_id] = (min(float(limit.burst), tokens + cost), last)
+
 
 def retry_after_header(seconds: float) -> str:
     """Retry-After takes whole seconds; round up so a client that obeys it succeeds."""

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from difforge.serving.access import AccessDenied, Principal, ProxyTrust, is_loopback
 from difforge.serving.config import ServiceConfig, load_service_config
@@ -50,6 +51,9 @@ from difforge.serving.service import GenerateCall, HTTPFailure, Service
 
 log = logging.getLogger("difforge.serving")
 
+MAX_IDEMPOTENCY_KEY = 128  # characters of an Idempotency-Key header
+MAX_HEADER_BYTES = 8192  # all request headers together; more is a 431
+
 
 # answered for any client, keys or not: a remote health checker must be able to probe
 _PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
@@ -67,6 +71,10 @@ class _Edge:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            self.service.metrics.error("validation")
+            msg = f"request headers exceed {MAX_HEADER_BYTES} bytes"
+            return await JSONResponse({"detail": msg}, 431)(scope, receive, send)
         peer, port = scope.get("client") or (None, 0)
         forwarded = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
         host = self.proxies.client(peer, forwarded)
@@ -92,8 +100,20 @@ class _Edge:
             ).observe(time.perf_counter() - start)
 
 
+def require_json(request: Request) -> None:
+    """415 unless the body is declared `application/json` (text/plain, forms and multipart are
+    refused rather than guessed at)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        shown = media or "none"
+        raise HTTPFailure(
+            415, f"Content-Type must be application/json, got {shown}", "unsupported_media_type"
+        )
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) past `limit` bytes without reading the rest."""
+    """The body, refusing (413) past `limit` bytes without reading the rest; a client that leaves
+    while sending it is a disconnect (499 in the metrics), not a server error."""
     declared = request.headers.get("content-length")
     too_big = RequestInvalid(
         [field_error((), f"body exceeds {limit} bytes", "body_too_large")], 413
@@ -101,12 +121,29 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        msg = "the client disconnected while sending the body"
+        raise HTTPFailure(499, msg, "disconnect") from None
     return b"".join(chunks)
+
+
+def _header(request: Request, name: str, limit: int) -> str | None:
+    """A header of at most `limit` visible ASCII characters (422 otherwise), or None."""
+    value = request.headers.get(name)
+    if value is not None and not (
+        0 < len(value) <= limit and value.isascii() and value.isprintable()
+    ):
+        msg = f"1-{limit} printable ASCII characters"
+        raise HTTPFailure(
+            422, [{"loc": ["header", name], "msg": msg, "type": "value_error"}], "validation"
+        )
+    return value
 
 
 def _stored(resp: StoredResponse) -> Response:
@@ -175,12 +212,14 @@ def _api_routes(service: Service) -> APIRouter:
     @api.post("/v1/generate")
     async def generate(request: Request) -> Response:
         who = _principal(service, request, "generate")
+        require_json(request)
+        idempotency_key = _header(request, "idempotency-key", MAX_IDEMPOTENCY_KEY)
         body = await read_body(request, service.config.limits.max_body_bytes)
         call = GenerateCall(
             who,
             body,
             request_id=request.headers.get("x-request-id"),
-            idempotency_key=request.headers.get("idempotency-key"),
+            idempotency_key=idempotency_key,
             receive=request.receive,
         )
         return _stored(await service.generate(call))
@@ -245,18 +284,21 @@ def _admin_routes(service: Service, source: RegistrySource) -> APIRouter:
     @admin.post("/v1/admin/promote")
     async def promote(request: Request) -> dict:
         who = _principal(service, request, "admin")
+        require_json(request)
         body = parse_admin(PromoteBody, await read_body(request, limit))
         return await source.promote(body, who)
 
     @admin.post("/v1/admin/rollback")
     async def rollback(request: Request) -> dict:
         who = _principal(service, request, "admin")
+        require_json(request)
         body = parse_admin(RollbackBody, await read_body(request, limit))
         return await source.rollback(body, who)
 
     @admin.post("/v1/admin/canary")
     async def canary(request: Request) -> dict:
         who = _principal(service, request, "admin")
+        require_json(request)
         body = parse_admin(CanaryBody, await read_body(request, limit))
         return await source.set_canary(body, who)
 

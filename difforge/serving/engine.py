@@ -189,6 +189,10 @@ class Engine:
         """Run `fn(*args)` on the sampler thread (warm-ups, probes), in turn with batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def retry_after_s(self) -> float:
+        """A guess at when a request now queued will be done: for Retry-After."""
+        return min(60.0, max(1.0, self._call_seconds * (1 + len(self._pending))))
+
     @property
     def depth(self) -> int:
         return len(self._pending)

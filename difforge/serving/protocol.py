@@ -9,6 +9,8 @@ nothing reaches the queue before it succeeds. Errors use FastAPI's shape, so cli
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import secrets
 from collections.abc import Mapping
@@ -115,8 +117,11 @@ def parse_body(body: bytes, limits: Limits) -> GenerateRequest:
             ],
             status=413,
         )
+    if not body.strip():
+        raise RequestInvalid([field_error((), "the body is empty; send a JSON object", "missing")])
+    _refuse_duplicate_keys(body)
     try:
-        return GenerateRequest.model_validate_json(body or b"{}")
+        return GenerateRequest.model_validate_json(body)
     except ValidationError as e:
         raise RequestInvalid(
             [
@@ -124,6 +129,24 @@ def parse_body(body: bytes, limits: Limits) -> GenerateRequest:
                 for e_ in e.errors()
             ]
         ) from None
+
+
+def _refuse_duplicate_keys(body: bytes) -> None:
+    """RequestInvalid if a JSON object in `body` repeats a key (JSON parsers disagree on which
+    one wins; the audit log must record what the client meant). Invalid JSON is left to pydantic,
+    whose error says where."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise RequestInvalid(
+                [field_error(k, "the key appears more than once", "duplicate_key") for k in dupes]
+            )
+        return dict(items)
+
+    with contextlib.suppress(ValueError):  # RequestInvalid is no ValueError: it goes through
+        json.loads(body, object_pairs_hook=pairs)
 
 
 def _check_range(errors: list, field: str, value: int, lo: int, hi: int) -> None:

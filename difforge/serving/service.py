@@ -47,6 +47,8 @@ log = logging.getLogger("difforge.serving")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # failures that count against the version that served the request (not the client's doing)
 _VERSION_FAILURES = frozenset({"internal", "non_finite", "deadline"})
+# refusals before any work: they give the rate-limit token back
+_REFUSED_BEFORE_WORK = frozenset({"not_ready", "queue_full", "shutdown"})
 Receive = Callable[[], Awaitable[dict]]
 
 
@@ -200,14 +202,25 @@ class Service:
         wait = self.limiter.acquire(principal.key_id)
         if wait is not None:
             raise HTTPFailure(429, "rate limit exceeded for this key", "rate_limited", _retry(wait))
+        try:
+            return await self._generate_limited(call)
+        except HTTPFailure as e:
+            if e.reason in _REFUSED_BEFORE_WORK:  # the service's state, not the client's use
+                self.limiter.refund(principal.key_id)
+            raise
+
+    async def _generate_limited(self, call: GenerateCall) -> StoredResponse:
+        principal = call.principal
         request_id = self._request_id(call.request_id)
         idem = call.idempotency_key
         if idem:
             try:
                 stored = self.idempotency.claim(principal.key_id, idem, call.body)
             except IdempotencyConflict as e:
-                reason = "idempotency_conflict" if e.status == 409 else "idempotency_mismatch"
-                raise HTTPFailure(e.status, str(e), reason) from None
+                if e.status == 409:  # the first request is still running: retry after it
+                    retry = _retry(self.engine.retry_after_s())
+                    raise HTTPFailure(409, str(e), "idempotency_conflict", retry) from None
+                raise HTTPFailure(e.status, str(e), "idempotency_mismatch") from None
             if stored is not None:
                 return StoredResponse(
                     stored.status,
@@ -242,7 +255,10 @@ class Service:
             )
         if given in self.engine.jobs:
             raise HTTPFailure(
-                409, "a request with this X-Request-Id is in progress", "idempotency_conflict"
+                409,
+                "a request with this X-Request-Id is in progress",
+                "idempotency_conflict",
+                _retry(self.engine.retry_after_s()),
             )
         return given
 

@@ -3,13 +3,25 @@ trust, disconnects while the body is sent, strict input handling, refused reques
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+
 import httpx
 import pytest
 
-from difforge.serving import ServiceConfig, create_app
-from tests.integration.serving_fixtures import make_service, make_tiny_model, run, running
+from difforge.serving import ApiKey, RateLimit, ServiceConfig, create_app, hash_key
+from tests.integration.serving_fixtures import (
+    make_service,
+    make_tiny_model,
+    run,
+    running,
+    slow_down,
+)
 
 FAST = {"torch_threads": 1, "warmup_steps": 1}
+JSON = {"content-type": "application/json"}
+JSON_UTF8 = {"content-type": "application/json; charset=utf-8"}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +42,13 @@ class NaNDenoiser:
         hit = sum((cond["labels"] == lab) for lab in self.labels).bool()  # (B,)
         out[hit] = float("nan")
         return out
+
+
+async def until(predicate, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.005)
 
 
 def metric(text: str, line_start: str) -> float:
@@ -141,3 +160,134 @@ def test_only_configured_proxies_are_believed(model_dir):
     run(scenario())
     with pytest.raises(ValueError, match="not an IP address"):
         ServiceConfig(trusted_proxies=("proxy.local",))
+
+
+# --- strict input handling -----------------------------------------------------------------------
+
+
+def test_generate_takes_only_non_empty_json_without_duplicate_keys(model_dir):
+    good = json.dumps({"labels": [1], "seed": 1, "steps": 1}).encode()
+
+    async def scenario():
+        svc = make_service(model_dir, **FAST)
+        async with running(svc) as c:
+            for ctype in (None, "text/plain", "application/x-www-form-urlencoded"):
+                headers = {} if ctype is None else {"content-type": ctype}
+                r = await c.post("/v1/generate", content=good, headers=headers)
+                assert r.status_code == 415, (ctype, r.text)
+            r = await c.post("/v1/generate", files={"f": ("a.json", good)})  # multipart
+            assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+            r = await c.post("/v1/generate", content=good, headers=JSON_UTF8)
+            assert r.status_code == 200  # parameters of the media type are fine
+            for body in (b"", b"  \n"):
+                r = await c.post("/v1/generate", content=body, headers=JSON)
+                assert r.status_code == 422 and r.json()["detail"][0]["type"] == "missing"
+            for body, loc in (
+                (b'{"labels": [1], "labels": [2]}', ["body", "labels"]),
+                (b'{"labels": [1], "options": {"eta": 0.1, "eta": 0.2}}', ["body", "eta"]),
+            ):
+                r = await c.post("/v1/generate", content=body, headers=JSON)
+                assert r.status_code == 422, body
+                (err,) = r.json()["detail"]
+                assert err["type"] == "duplicate_key" and err["loc"] == loc
+            assert svc.engine.depth == 0 and not svc.engine.jobs
+
+    run(scenario())
+
+
+def test_header_sizes_are_bounded(model_dir):
+    body = {"labels": [1], "seed": 1, "steps": 1}
+
+    async def scenario():
+        svc = make_service(model_dir, **FAST)
+        async with running(svc) as c:
+            r = await c.post("/v1/generate", json=body, headers={"Idempotency-Key": "k" * 5000})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == [
+                "header",
+                "idempotency-key",
+            ]
+            ok = await c.post("/v1/generate", json=body, headers={"Idempotency-Key": "k" * 128})
+            assert ok.status_code == 200
+            r = await c.post("/v1/generate", json=body, headers={"X-Pad": "p" * 9000})
+            assert r.status_code == 431
+            assert (
+                await c.get("/v2/health/live", headers={"X-Pad": "p" * 9000})
+            ).status_code == 431
+
+    run(scenario())
+
+
+# --- a client that leaves while sending the body -------------------------------------------------
+
+
+def test_a_disconnect_while_sending_the_body_is_a_disconnect_not_a_500(model_dir, caplog):
+    svc = make_service(model_dir, **FAST)
+    app = create_app(svc)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/generate",
+        "raw_path": b"/v1/generate",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
+        "client": ("127.0.0.1", 5555),
+        "server": ("t", 80),
+    }
+    incoming = [{"type": "http.request", "body": b'{"labels": [', "more_body": True}]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            await svc.wait_ready()
+            await app(scope, receive, send)
+
+    run(scenario())
+    assert sent[0]["status"] == 499
+    text = svc.metrics.exposition().decode()
+    assert metric(text, 'difforge_errors_total{reason="disconnect"}') == 1.0
+    assert metric(text, 'difforge_errors_total{reason="internal"}') == 0.0
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+# --- rate-limit tokens and refusals before work --------------------------------------------------
+
+
+def test_requests_refused_before_work_spend_no_rate_limit_tokens(model_dir):
+    limited = ApiKey(
+        id="gen",
+        sha256=hash_key("gen-secret-1f2e"),
+        rate_limit=RateLimit(per_second=0.001, burst=2),
+    )
+    free = ApiKey(id="free", sha256=hash_key("free-secret-3c4d"))
+    cfg = ServiceConfig(audit_db=":memory:", api_keys=(limited, free), queue_size=1, **FAST)
+    gen, other = {"Authorization": "Bearer gen-secret-1f2e"}, {"X-API-Key": "free-secret-3c4d"}
+    slow = {"labels": [1], "steps": 40, "sampler": "euler"}
+    quick = {"labels": [2], "steps": 1}
+
+    async def scenario():
+        svc = make_service(model_dir, cfg)
+        async with running(svc, client_host="10.0.0.7") as c:
+            slow_down(svc, 0.025)
+            running_one = asyncio.create_task(c.post("/v1/generate", json=slow, headers=other))
+            await until(lambda: any(j.started for j in svc.engine.jobs.values()))
+            queued = asyncio.create_task(c.post("/v1/generate", json=slow, headers=other))
+            await until(lambda: svc.engine.depth == 1)
+            refused = [await c.post("/v1/generate", json=quick, headers=gen) for _ in range(4)]
+            assert {r.status_code for r in refused} == {503}
+            assert [r.status_code for r in await asyncio.gather(running_one, queued)] == [200, 200]
+            codes = [(await c.post("/v1/generate", json=quick, headers=gen)).status_code]
+            codes += [(await c.post("/v1/generate", json=quick, headers=gen)).status_code]
+            codes += [(await c.post("/v1/generate", json=quick, headers=gen)).status_code]
+            assert codes == [200, 200, 429]  # the burst of 2 was still there
+
+    run(scenario())

@@ -204,6 +204,7 @@ def save_model(
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
     _write_text(tmp / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     _write_text(tmp / CARD_FILE, card)
+    os.chmod(tmp / WEIGHTS_FILE, (tmp / CARD_FILE).stat().st_mode & 0o777)  # safetensors: 0600
     with open(tmp / WEIGHTS_FILE, "rb+") as f:
         os.fsync(f.fileno())
     files = {n: sha256_file(tmp / n) for n in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)}

@@ -687,6 +687,7 @@ class Registry:
 
         Returns:
             VerifyReport; `.problems` names each edited row, missing entry or bad artifact.
+            Problems are also recorded in the audit log (action "verify_failed").
         """
         with read_transaction(self.engine) as conn:
             problems, count, head = audit.verify_chain(conn)
@@ -702,6 +703,9 @@ class Registry:
         for sha, what in blobs.items():
             if (p := self.store.check(sha)) is not None:
                 problems.append(f"artifact {what}: {p.describe()}")
+        if problems:  # a finding is an event worth its own (chained) entry
+            with write_transaction(self.engine) as conn:
+                self._audit(conn, "verify_failed", problems=problems[:100], count=len(problems))
         return VerifyReport(problems, count, head, len(blobs), len(rows))
 
 

@@ -95,6 +95,7 @@ def _build(tmp: Path, step: int, tensors: Mapping[str, Tensor], state: Mapping[s
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
     (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.chmod(tmp / TENSORS, (tmp / STATE).stat().st_mode & 0o777)  # safetensors writes 0600
     for name in (TENSORS, STATE):
         _fsync(tmp / name)
     marker = {

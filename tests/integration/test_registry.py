@@ -426,3 +426,15 @@ def test_promotion_without_the_smoke_sample_still_checks_every_artifact(reg, tmp
         reg.get("m", "production")
     with pytest.raises(NotFoundError):
         reg.get("m", "canary")
+
+
+def test_verify_records_what_it_finds_in_the_audit_log(reg, tmp_path):
+    info = reg.register(make_model(tmp_path / "a", 0), "m").info
+    assert reg.verify().ok and reg.audit_log("m")[-1].action == "register"
+    blob = reg.store.path(info.weights_sha256)
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes()[:100])
+    v = reg.verify()
+    last = reg.audit_log()[-1]
+    assert last.action == "verify_failed" and last.details["problems"] == v.problems
+    assert last.details["count"] == len(v.problems) >= 1

@@ -62,3 +62,14 @@ def test_a_checkpoint_half_deleted_by_a_kill_during_pruning_is_cleaned_up(tmp_pa
     monkeypatch.undo()
     train(cfg, tmp_path, dataset=data, resume=True, until_step=6, progress=False)
     assert sorted(p.name for p in root.iterdir()) == ["step-000000006"]
+
+
+def test_safetensors_files_get_the_same_mode_as_the_rest(tmp_path):
+    train(tiny_config(max_steps=5), tmp_path, dataset=tiny_dataset(), progress=False)
+    (ckpt_dir,) = [p for _, p in list_checkpoints(tmp_path)]
+    for folder, weights, other in (
+        (tmp_path / "model", "model.safetensors", "config.json"),
+        (ckpt_dir, ckpt.TENSORS, ckpt.STATE),
+    ):
+        mode = (folder / weights).stat().st_mode & 0o777
+        assert mode == (folder / other).stat().st_mode & 0o777, (folder, oct(mode))

@@ -37,6 +37,7 @@ from difforge.serving.access import AccessDenied, Principal, ProxyTrust, is_loop
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
+from difforge.serving.openapi import openapi_document
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
 from difforge.serving.registry_source import (
     CanaryBody,
@@ -179,6 +180,16 @@ def create_app(service: Service, source: RegistrySource | None = None) -> FastAP
     app.include_router(_ops_routes(service))
     if source is not None:
         app.include_router(_admin_routes(service, source))
+
+    def contract() -> dict:  # the routes read raw bodies: the contract is written out
+        if app.openapi_schema is None:
+            facts = service.router.production.facts()
+            app.openapi_schema = openapi_document(
+                service.config, facts, admin=source is not None, version=app.version
+            )
+        return app.openapi_schema
+
+    app.openapi = contract
     return app
 
 

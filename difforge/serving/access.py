@@ -35,12 +35,12 @@ ANONYMOUS = "loopback"  # the key id of keyless loopback clients (rate limits, a
 
 
 class AccessDenied(DifforgeError):
-    """401 or 403; `public_detail` is all the client is told."""
+    """reason "unauthorized" (no valid key) or "forbidden" (not allowed); `public_detail` is all
+    the client is told."""
 
-    def __init__(self, status: int, public_detail: str, reason: str):
-        self.status = status
+    def __init__(self, reason: str, public_detail: str):
+        self.reason = reason  # also the metrics label
         self.public_detail = public_detail
-        self.reason = reason  # metrics label: "unauthorized" or "forbidden"
         super().__init__(public_detail)
 
 
@@ -131,7 +131,7 @@ class AccessControl:
         local = is_loopback(host)
         if self.loopback_only:
             if not local:
-                raise AccessDenied(403, "this service answers loopback clients only", "forbidden")
+                raise AccessDenied("forbidden", "this service answers loopback clients only")
             return Principal(ANONYMOUS, frozenset({"generate", "admin"}), True)
         key = presented_key(headers)
         entry = self._lookup(key) if key else None
@@ -139,11 +139,11 @@ class AccessControl:
         if entry is None:
             if loopback_ok and not key:
                 return Principal(ANONYMOUS, frozenset({"admin"}), True)
-            raise AccessDenied(401, "unauthorized", "unauthorized")
+            raise AccessDenied("unauthorized", "unauthorized")
         principal = Principal(entry.id, frozenset(entry.scopes), local)
         if scope == "any" or principal.may(scope) or loopback_ok:
             return principal
-        raise AccessDenied(403, f"this key lacks the {scope!r} scope", "forbidden")
+        raise AccessDenied("forbidden", f"this key lacks the {scope!r} scope")
 
 
 class RateLimiter:

@@ -33,7 +33,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from difforge.serving.access import AccessDenied, Principal, ProxyTrust, is_loopback
+from difforge.serving.access import (
+    AccessDenied,
+    Principal,
+    ProxyTrust,
+    is_loopback,
+    retry_after_header,
+)
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
@@ -48,10 +54,35 @@ from difforge.serving.registry_source import (
     parse_admin,
 )
 from difforge.serving.router import ModelRouter, ModelVersion
-from difforge.serving.service import GenerateCall, HTTPFailure, Service
+from difforge.serving.service import GenerateCall, Service, ServiceError
 
 log = logging.getLogger("difforge.serving")
 
+# The one place outcomes become HTTP statuses: the service raises ServiceError(reason), the routes
+# answer HTTP_STATUS[reason], and the audit log records the same number.
+HTTP_STATUS: dict[str, int] = {
+    "ok": 200,
+    "validation": 422,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "idempotency_conflict": 409,
+    "idempotency_mismatch": 422,
+    "rate_limited": 429,
+    "disconnect": 499,  # nginx's "client closed request": nobody reads it, metrics do
+    "internal": 500,
+    "non_finite": 500,
+    "queue_full": 503,
+    "not_ready": 503,
+    "shutdown": 503,
+    "deadline": 504,
+    "gate_failed": 409,
+    "integrity_failure": 409,
+    "registry_conflict": 409,
+    "registry_unavailable": 503,
+}
 MAX_IDEMPOTENCY_KEY = 128  # characters of an Idempotency-Key header
 MAX_HEADER_BYTES = 8192  # all request headers together; more is a 431
 
@@ -107,9 +138,8 @@ def require_json(request: Request) -> None:
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
         shown = media or "none"
-        raise HTTPFailure(
-            415, f"Content-Type must be application/json, got {shown}", "unsupported_media_type"
-        )
+        msg = f"Content-Type must be application/json, got {shown}"
+        raise ServiceError("unsupported_media_type", msg)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -117,7 +147,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     while sending it is a disconnect (499 in the metrics), not a server error."""
     declared = request.headers.get("content-length")
     too_big = RequestInvalid(
-        [field_error((), f"body exceeds {limit} bytes", "body_too_large")], 413
+        [field_error((), f"body exceeds {limit} bytes", "body_too_large")], "body_too_large"
     )
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
@@ -130,7 +160,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
     except ClientDisconnect:
         msg = "the client disconnected while sending the body"
-        raise HTTPFailure(499, msg, "disconnect") from None
+        raise ServiceError("disconnect", msg) from None
     return b"".join(chunks)
 
 
@@ -141,14 +171,14 @@ def _header(request: Request, name: str, limit: int) -> str | None:
         0 < len(value) <= limit and value.isascii() and value.isprintable()
     ):
         msg = f"1-{limit} printable ASCII characters"
-        raise HTTPFailure(
-            422, [{"loc": ["header", name], "msg": msg, "type": "value_error"}], "validation"
+        raise ServiceError(
+            "validation", [{"loc": ["header", name], "msg": msg, "type": "value_error"}]
         )
     return value
 
 
 def _stored(resp: StoredResponse) -> Response:
-    return Response(resp.body, resp.status, headers=resp.headers, media_type=resp.media_type)
+    return Response(resp.body, 200, headers=resp.headers, media_type=resp.media_type)
 
 
 def create_app(service: Service, source: RegistrySource | None = None) -> FastAPI:
@@ -173,6 +203,7 @@ def create_app(service: Service, source: RegistrySource | None = None) -> FastAP
 
     app = FastAPI(title="difforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
+    service.status_of = HTTP_STATUS.__getitem__  # what the audit log records
     app.state.source = source
     app.add_middleware(_Edge, service=service)
     _add_error_handlers(app, service)
@@ -199,21 +230,26 @@ def _principal(service: Service, request: Request, scope: str) -> Principal:
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
-    @app.exception_handler(HTTPFailure)
-    async def _failure(request: Request, exc: HTTPFailure):
+    @app.exception_handler(ServiceError)
+    async def _failure(request: Request, exc: ServiceError):
         service.metrics.error(exc.reason)
-        return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = retry_after_header(exc.retry_after)
+        if exc.request_id is not None:
+            headers["X-Request-Id"] = exc.request_id
+        return JSONResponse({"detail": exc.detail}, HTTP_STATUS[exc.reason], headers=headers)
 
     @app.exception_handler(AccessDenied)
     async def _denied(request: Request, exc: AccessDenied):
         service.metrics.error(exc.reason)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"detail": exc.public_detail}, exc.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.reason == "unauthorized" else None
+        return JSONResponse({"detail": exc.public_detail}, HTTP_STATUS[exc.reason], headers=headers)
 
     @app.exception_handler(RequestInvalid)
     async def _invalid(request: Request, exc: RequestInvalid):
-        service.metrics.error("body_too_large" if exc.status == 413 else "validation")
-        return JSONResponse(validation_body(exc.errors), exc.status)
+        service.metrics.error(exc.reason)
+        return JSONResponse(validation_body(exc.errors), HTTP_STATUS[exc.reason])
 
 
 def _api_routes(service: Service) -> APIRouter:
@@ -249,7 +285,7 @@ def _api_routes(service: Service) -> APIRouter:
     async def request_status(request_id: str, request: Request) -> dict:
         status = service.request_status(request_id, _principal(service, request, "any"))
         if status is None:
-            raise HTTPFailure(404, "no such request", "not_found")
+            raise ServiceError("not_found", "no such request")
         return status
 
     return api

@@ -26,11 +26,12 @@ ResponseFormat = Literal["auto", "png", "json"]
 
 
 class RequestInvalid(DifforgeError):
-    """A request failed validation; `errors` are FastAPI-style field errors, `status` 422 or 413."""
+    """A request failed validation; `errors` are FastAPI-style field errors, `reason`
+    "validation" or "body_too_large"."""
 
-    def __init__(self, errors: list[dict[str, Any]], status: int = 422):
+    def __init__(self, errors: list[dict[str, Any]], reason: str = "validation"):
         self.errors = errors
-        self.status = status
+        self.reason = reason
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
 
 
@@ -105,7 +106,7 @@ class Plan:
 
 
 def parse_body(body: bytes, limits: Limits) -> GenerateRequest:
-    """Bytes -> GenerateRequest, or RequestInvalid (413 past the size limit, 422 otherwise)."""
+    """Bytes -> GenerateRequest, or RequestInvalid ("body_too_large" past the size limit)."""
     if len(body) > limits.max_body_bytes:
         raise RequestInvalid(
             [
@@ -115,7 +116,7 @@ def parse_body(body: bytes, limits: Limits) -> GenerateRequest:
                     "body_too_large",
                 )
             ],
-            status=413,
+            reason="body_too_large",
         )
     if not body.strip():
         raise RequestInvalid([field_error((), "the body is empty; send a JSON object", "missing")])

@@ -52,7 +52,7 @@ from difforge.serving.config import RegistryFollow, ServiceConfig
 from difforge.serving.engine import Job, on_passing_thread
 from difforge.serving.protocol import RequestInvalid, field_error
 from difforge.serving.router import ModelRouter, ModelVersion, check_compatible
-from difforge.serving.service import HTTPFailure, Service
+from difforge.serving.service import Service, ServiceError
 
 log = logging.getLogger("difforge.serving")
 
@@ -102,25 +102,24 @@ def parse_admin(model: type[_Body], body: bytes) -> _Body:
 
 
 @contextlib.contextmanager
-def http_errors() -> Iterator[None]:
-    """Registry errors -> the HTTP answer of an admin route (the registry's message as detail)."""
+def registry_errors() -> Iterator[None]:
+    """Registry errors -> the ServiceError of an admin route (the registry's message as detail)."""
     try:
         yield
     except GateFailedError as e:
-        raise HTTPFailure(409, str(e), "gate_failed") from None
+        raise ServiceError("gate_failed", str(e)) from None
     except ArtifactIntegrityError as e:
-        raise HTTPFailure(409, str(e), "integrity_failure") from None
+        raise ServiceError("integrity_failure", str(e)) from None
     except NotFoundError as e:
-        raise HTTPFailure(404, str(e), "not_found") from None
+        raise ServiceError("not_found", str(e)) from None
     except RegistryError as e:
-        raise HTTPFailure(409, str(e), "registry_conflict") from None
+        raise ServiceError("registry_conflict", str(e)) from None
     except InvalidArgumentError as e:
-        raise HTTPFailure(422, [field_error((), str(e))], "validation") from None
+        raise ServiceError("validation", [field_error((), str(e))]) from None
     except SQLAlchemyError as e:
         first = str(getattr(e, "orig", None) or e).splitlines()[0]
-        raise HTTPFailure(
-            503, f"registry database error: {first}", "registry_unavailable", {"Retry-After": "5"}
-        ) from None
+        msg = f"registry database error: {first}"
+        raise ServiceError("registry_unavailable", msg, retry_after=5.0) from None
 
 
 # -- per-version outcome windows ------------------------------------------------------------------
@@ -415,7 +414,7 @@ class RegistrySource:
     async def promote(self, body: PromoteBody, who: Principal) -> dict[str, Any]:
         """Load and verify a version, promote it in the registry (gates), warm it, route to it."""
         reg = self._as(who)
-        with http_errors():
+        with registry_errors():
             async with self._lock:
                 info = await asyncio.to_thread(reg.get, self.name, body.version)
                 model = await self._load_checked(info.version)
@@ -443,7 +442,7 @@ class RegistrySource:
     async def rollback(self, body: RollbackBody, who: Principal) -> dict[str, Any]:
         """Point the alias back at its previous version in the registry, then serve that."""
         reg = self._as(who)
-        with http_errors():
+        with registry_errors():
             async with self._lock:
                 info = await asyncio.to_thread(reg.rollback, self.name, body.alias, body.reason)
                 await self._sync_locked(force=True)
@@ -460,7 +459,7 @@ class RegistrySource:
         if body.gates is not None:
             raise RequestInvalid([field_error("gates", "gates apply with a version only")])
         reg = self._as(who)
-        with http_errors():
+        with registry_errors():
             async with self._lock:
                 await asyncio.to_thread(reg.set_canary_percent, self.name, body.percent)
                 await self._sync_locked(force=True)
@@ -472,11 +471,10 @@ class RegistrySource:
         )
         if registry_version(served) != number:
             why = self.problems.get(alias, "unknown")
-            raise HTTPFailure(
-                500,
+            raise ServiceError(
+                "internal",
                 f"the registry now has {self.name} v{number} as {alias}, but this service "
                 f"still serves the previous version: {why}",
-                "internal",
             )
 
     # -- reporting -------------------------------------------------------------------------------

@@ -2,9 +2,14 @@
 store, audit log and metrics, and carries a generation request through them.
 
 POST /v1/generate, in order (each step costs less than the next, so cheap rejections stay cheap):
-authorize (401/403) -> rate limit (429) -> read the body (413) -> idempotency claim (replay, 409,
-422) -> parse and validate (422) -> route to a model version -> enqueue (503) -> wait for the
-images, the deadline (504) or a disconnect -> encode -> audit -> answer.
+authorize (unauthorized/forbidden) -> rate limit (rate_limited) -> read the body
+(body_too_large) -> idempotency claim (replay, idempotency_conflict, idempotency_mismatch) -> parse
+and validate (validation) -> route to a model version -> enqueue (queue_full) -> wait for the
+images, the deadline (deadline) or a disconnect (disconnect) -> encode -> audit -> answer.
+
+The service knows nothing of HTTP status codes: it raises ServiceError with a reason, and the app
+(difforge.serving.app.HTTP_STATUS) maps reasons to statuses; the audit log's http_status comes from
+that mapping too (`status_of`, set by create_app).
 """
 
 from __future__ import annotations
@@ -52,13 +57,31 @@ _REFUSED_BEFORE_WORK = frozenset({"not_ready", "queue_full", "shutdown"})
 Receive = Callable[[], Awaitable[dict]]
 
 
-class HTTPFailure(DifforgeError):
-    """A request that ends in an error response (the app turns it into JSON)."""
+class ServiceError(DifforgeError):
+    """A request that ends without images.
 
-    def __init__(self, status: int, detail: Any, reason: str, headers: dict | None = None):
-        self.status, self.detail, self.reason = status, detail, reason
-        self.headers = headers or {}
+    Attributes:
+        reason: why, one of metrics.ERROR_REASONS (the app maps it to an HTTP status).
+        detail: what the client is told: a message or field-level errors.
+        retry_after: seconds after which a retry may succeed, if it may.
+        request_id: the request's id, once it has one.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        detail: Any,
+        *,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+    ):
+        self.reason, self.detail = reason, detail
+        self.retry_after, self.request_id = retry_after, request_id
         super().__init__(str(detail))
+
+
+def _no_status(reason: str) -> int:
+    return 0  # not answered over HTTP (a service driven without the app)
 
 
 @dataclass
@@ -93,6 +116,8 @@ class Service:
         # observer(job, ok, latency_s) for each request that succeeds, fails inside or misses its
         # deadline: the per-version windows of canary rollback (difforge.serving.registry_source)
         self.outcome_observers: list[Callable[[Job, bool, float], None]] = []
+        # outcome reason -> the HTTP status recorded in the audit log (set by the app)
+        self.status_of: Callable[[str], int] = _no_status
         self._warming: asyncio.Task | None = None
         self._threads_before: int | None = None
         self._publish_models()
@@ -197,14 +222,14 @@ class Service:
     # -- generate --------------------------------------------------------------------------------
 
     async def generate(self, call: GenerateCall) -> StoredResponse:
-        """Run one POST /v1/generate; raises HTTPFailure for every error response."""
+        """Run one POST /v1/generate; raises ServiceError for every outcome without images."""
         principal = call.principal
         wait = self.limiter.acquire(principal.key_id)
         if wait is not None:
-            raise HTTPFailure(429, "rate limit exceeded for this key", "rate_limited", _retry(wait))
+            raise ServiceError("rate_limited", "rate limit exceeded for this key", retry_after=wait)
         try:
             return await self._generate_limited(call)
-        except HTTPFailure as e:
+        except ServiceError as e:
             if e.reason in _REFUSED_BEFORE_WORK:  # the service's state, not the client's use
                 self.limiter.refund(principal.key_id)
             raise
@@ -217,13 +242,11 @@ class Service:
             try:
                 stored = self.idempotency.claim(principal.key_id, idem, call.body)
             except IdempotencyConflict as e:
-                if e.status == 409:  # the first request is still running: retry after it
-                    retry = _retry(self.engine.retry_after_s())
-                    raise HTTPFailure(409, str(e), "idempotency_conflict", retry) from None
-                raise HTTPFailure(e.status, str(e), "idempotency_mismatch") from None
+                # still running: a retry after it finishes gets the stored answer
+                retry = self.engine.retry_after_s() if e.reason == "idempotency_conflict" else None
+                raise ServiceError(e.reason, str(e), retry_after=retry) from None
             if stored is not None:
                 return StoredResponse(
-                    stored.status,
                     stored.body,
                     stored.media_type,
                     {**stored.headers, "Idempotent-Replayed": "true"},
@@ -242,30 +265,21 @@ class Service:
         if given is None:
             return uuid.uuid4().hex
         if not _REQUEST_ID.match(given):
-            raise HTTPFailure(
-                422,
-                [
-                    {
-                        "loc": ["header", "x-request-id"],
-                        "msg": "8-64 of A-Z a-z 0-9 . _ -",
-                        "type": "value_error",
-                    }
-                ],
-                "validation",
-            )
+            msg = "8-64 of A-Z a-z 0-9 . _ -"
+            loc = ["header", "x-request-id"]
+            raise ServiceError("validation", [{"loc": loc, "msg": msg, "type": "value_error"}])
         if given in self.engine.jobs:
-            raise HTTPFailure(
-                409,
-                "a request with this X-Request-Id is in progress",
+            raise ServiceError(
                 "idempotency_conflict",
-                _retry(self.engine.retry_after_s()),
+                "a request with this X-Request-Id is in progress",
+                retry_after=self.engine.retry_after_s(),
             )
         return given
 
     async def _generate(self, call: GenerateCall, request_id: str) -> StoredResponse:
-        plan = self._plan(call, request_id)  # before any 5xx: an invalid request is always a 4xx
+        plan = self._plan(call, request_id)  # first: an invalid request is always "validation"
         if not self.ready:
-            raise HTTPFailure(503, "the model is warming up", "not_ready", _retry(1.0))
+            raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
         role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
         job = self._job(request_id, version, role, plan, call.accepted)
@@ -273,12 +287,12 @@ class Service:
         try:
             future = self.engine.submit(job)
         except QueueFull as e:
-            raise HTTPFailure(
-                503, "the queue is full", "queue_full", _retry(e.retry_after)
+            raise ServiceError(
+                "queue_full", "the queue is full", retry_after=e.retry_after
             ) from None
         try:
             await self._wait(job, future, call, plan)
-        except HTTPFailure as e:
+        except ServiceError as e:
             if e.reason in _VERSION_FAILURES:
                 self._outcome(job, False)
             raise
@@ -304,9 +318,8 @@ class Service:
                 max_deadline_s=self.config.max_deadline_s,
             )
         except RequestInvalid as e:
-            self._audit(call, request_id, "invalid", e.status, {"errors": e.errors}, None)
-            reason = "body_too_large" if e.status == 413 else "validation"
-            raise HTTPFailure(e.status, e.errors, reason, {"X-Request-Id": request_id}) from None
+            self._audit(call, request_id, "invalid", e.reason, {"errors": e.errors}, None)
+            raise ServiceError(e.reason, e.errors, request_id=request_id) from None
 
     def _key(
         self, version: ModelVersion, sampler: str, steps: int, guided: bool, options
@@ -348,25 +361,26 @@ class Service:
             exc = future.exception()
             if exc is None:
                 return
+            rid = job.request_id
             if isinstance(exc, NonFiniteOutput):
-                self._audit(call, job.request_id, "non_finite", 500, plan.params(), job)
+                self._audit(call, rid, "non_finite", "non_finite", plan.params(), job)
                 detail = "the model produced non-finite values (NaN or inf); no image returned"
-                raise HTTPFailure(500, detail, "non_finite", _rid(job)) from exc
-            self._audit(call, job.request_id, "error", 500, plan.params(), job)
-            raise HTTPFailure(500, "internal error", "internal", _rid(job)) from exc
+                raise ServiceError("non_finite", detail, request_id=rid) from exc
+            self._audit(call, rid, "error", "internal", plan.params(), job)
+            raise ServiceError("internal", "internal error", request_id=rid) from exc
         reason = "disconnect" if watcher is not None and watcher in done else "deadline"
         raise self._cancel(job, call, plan, job.cancel_reason or reason)
 
-    def _cancel(self, job: Job, call: GenerateCall, plan: Plan, reason: str) -> HTTPFailure:
+    def _cancel(self, job: Job, call: GenerateCall, plan: Plan, reason: str) -> ServiceError:
         """Cancel `job` (the engine drops or stops it), audit it, and return the error to answer."""
         job.cancel(reason)
         self.engine.wake()
         if reason == "shutdown":
-            return HTTPFailure(503, "the service is shutting down", "shutdown", _retry(5.0))
-        status = 504 if reason == "deadline" else 499
-        outcome = "deadline_exceeded" if status == 504 else "cancelled"
-        self._audit(call, job.request_id, outcome, status, plan.params(), job)
-        return HTTPFailure(status, f"request cancelled: {reason}", reason, _rid(job))
+            return ServiceError("shutdown", "the service is shutting down", retry_after=5.0)
+        outcome = "deadline_exceeded" if reason == "deadline" else "cancelled"
+        self._audit(call, job.request_id, outcome, reason, plan.params(), job)
+        msg = f"request cancelled: {reason}"
+        return ServiceError(reason, msg, request_id=job.request_id)
 
     def _respond(self, call: GenerateCall, job: Job, plan: Plan) -> StoredResponse:
         images = [img for img in job.images if img is not None]
@@ -393,9 +407,9 @@ class Service:
             "X-Model-Version": job.version.id,
         }
         self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
-        self._audit(call, job.request_id, "ok", 200, plan.params(), job, digest)
+        self._audit(call, job.request_id, "ok", "ok", plan.params(), job, digest)
         if plan.response_format == "png":
-            return StoredResponse(200, encoded[0][1], "image/png", headers)
+            return StoredResponse(encoded[0][1], "image/png", headers)
         extra = {
             "role": job.role,
             "nfe": job.nfe,
@@ -403,7 +417,6 @@ class Service:
             "batch_invariant": job.version.plan is not None and job.version.plan.invariant,
         }
         return StoredResponse(
-            200,
             json_body(job.request_id, common, encoded, digest, extra),
             "application/json",
             headers,
@@ -414,7 +427,7 @@ class Service:
         call: GenerateCall,
         request_id: str,
         status: str,
-        http: int,
+        reason: str,
         params,
         job: Job | None,
         digest=None,
@@ -432,7 +445,7 @@ class Service:
             AuditEntry(
                 request_id=request_id,
                 status=status,
-                http_status=http,
+                http_status=self.status_of(reason),
                 params=params,
                 latency_ms=(time.monotonic() - call.accepted) * 1000,
                 key_id=call.principal.key_id,
@@ -468,20 +481,10 @@ class Service:
         }
 
 
-def _rid(job: Job) -> dict[str, str]:
-    return {"X-Request-Id": job.request_id}
-
-
 def _set_threads(n: int) -> int:
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     return before
-
-
-def _retry(seconds: float) -> dict[str, str]:
-    from difforge.serving.access import retry_after_header
-
-    return {"Retry-After": retry_after_header(seconds)}
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -492,4 +495,4 @@ async def _disconnected(receive: Receive) -> None:
             return
 
 
-__all__ = ["AccessDenied", "GenerateCall", "HTTPFailure", "JobFailed", "Service"]
+__all__ = ["AccessDenied", "GenerateCall", "JobFailed", "Service", "ServiceError"]

@@ -310,8 +310,10 @@ class Registry:
         """The model_versions row `ref` names: a version (3, "3", "v3"), "latest" or an alias."""
         q = select(model_versions).where(model_versions.c.name == name)
         m = _VERSION.match(str(ref))
-        number = int(m.group(1)) if m else None
-        if number is not None:
+        number = ref if isinstance(ref, int) else int(m.group(1)) if m else None
+        if number is not None and not 0 < number < 2**63:  # past any database's integer
+            row = None
+        elif number is not None:
             row = conn.execute(q.where(model_versions.c.version == number)).first()
         elif ref == "latest":
             row = conn.execute(q.order_by(model_versions.c.version.desc()).limit(1)).first()

@@ -4,6 +4,8 @@ validation samples for real)."""
 
 from __future__ import annotations
 
+from traceback import format_exc
+
 import pytest
 import schemathesis
 from fastapi.openapi.utils import get_openapi
@@ -27,23 +29,51 @@ KEY = "contract-secret-5e6f"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    model = make_tiny_model(tmp_path_factory.mktemp("contract") / "tiny")
-    limits = Limits(max_steps=4, max_n=2, max_batch_images=4)  # the model samples 4 steps
-    config = ServiceConfig(
+def _service_config() -> ServiceConfig:
+    return ServiceConfig(
         audit_db=":memory:",
-        limits=limits,
+        limits=Limits(max_steps=4, max_n=2, max_batch_images=4),  # the model samples 4 steps
         api_keys=(ApiKey(id="ops", sha256=hash_key(KEY), scopes=("generate", "admin")),),
         torch_threads=1,
         warmup_steps=1,
         batch_wait_ms=0,
         queue_size=256,
     )
-    yield create_app(make_service(model, config))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_lifespans():
+    yield
     from schemathesis.python import asgi
 
-    asgi.shutdown_lifespans()  # schemathesis keeps the app's lifespan open until then
+    asgi.shutdown_lifespans()  # schemathesis keeps each app's lifespan open until then
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    model = make_tiny_model(tmp_path_factory.mktemp("contract") / "tiny")
+    return create_app(make_service(model, _service_config()))
+
+
+@pytest.fixture(scope="module")
+def registry_app(tmp_path_factory):
+    """A service that follows a registry (v1 production, v2 registered): the admin routes."""
+    from difforge.registry import Registry
+    from difforge.serving import open_service
+    from difforge.serving.config import RegistryFollow
+
+    root = tmp_path_factory.mktemp("contract-registry")
+    reg = Registry(f"sqlite:///{root}/registry.db", actor="test")
+    for i in (1, 2):
+        folder = make_tiny_model(root / f"v{i}", seed=i, name="tiny")
+        report = {"num_samples": 100, "metrics": {"fid": 10.0, "memorization": 0.0}}
+        reg.register(folder, "tiny", reports=[report])
+    reg.promote("tiny", 1, to="production")
+    follow = RegistryFollow(poll_s=3600, check_s=3600, retry_failed_s=3600)
+    config = _service_config().model_copy(update={"registry": follow})
+    service, source = open_service(reg.config.url, "tiny", config)
+    yield create_app(service, source)
+    reg.close()
 
 
 def test_openapi_describes_every_route_body_and_response(app):
@@ -97,19 +127,37 @@ def _fuzz(operation, mode: GenerationMode, statuses: dict) -> None:
     check()
 
 
-def test_schemathesis_finds_no_failure(app):
+def _run(app, only: str = "") -> dict:
+    """Fuzz every operation whose path starts with `only`; returns {(op, mode, status): count}."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=_config())
     failures, statuses = [], {}
     for result in schema.get_all_operations():
         operation = result.ok()
+        if not operation.path.startswith(only):
+            continue
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             try:
                 _fuzz(operation, mode, statuses)
             except Unsatisfiable:  # nothing to negate: a route without parameters or body
                 assert mode == GenerationMode.NEGATIVE and not operation.body
             except Exception as e:  # collect every operation's failures, not only the first
-                failures.append(f"{operation.label} ({mode.value}): {e}")
+                failures.append(f"{operation.label} ({mode.value}): {e}\n{format_exc(limit=-8)}")
     assert not failures, "\n\n".join(failures)
+    return statuses
+
+
+def test_schemathesis_finds_no_failure(app):
+    statuses = _run(app)
     ok = {label for (label, mode, status) in statuses if mode == "positive" and status == 200}
     assert "POST /v1/generate" in ok and "GET /metrics" in ok  # it did reach the model
     assert sum(statuses.values()) >= 8 * EXAMPLES
+
+
+def test_schemathesis_finds_no_failure_on_the_admin_routes(registry_app):
+    statuses = _run(registry_app, only="/v1/admin")
+    assert {label for label, _, _ in statuses} == {
+        "POST /v1/admin/promote",
+        "POST /v1/admin/rollback",
+        "POST /v1/admin/canary",
+        "GET /v1/admin/registry",
+    }

@@ -442,3 +442,10 @@ def test_verify_records_what_it_finds_in_the_audit_log(reg, tmp_path):
     last = reg.audit_log()[-1]
     assert last.action == "verify_failed" and last.details["problems"] == v.problems
     assert last.details["count"] == len(v.problems) >= 1
+
+
+def test_a_version_number_past_any_database_integer_is_not_found(reg, tmp_path):
+    reg.register(make_model(tmp_path / "a", 0), "m")
+    for ref in (2**63, 10**30, f"v{10**30}", -(10**30), 0):
+        with pytest.raises(NotFoundError, match="m has no version"):
+            reg.get("m", ref)

@@ -10,6 +10,7 @@ import json
 
 import httpx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from difforge.cli import app as cli_app
@@ -319,7 +320,15 @@ class Broken:
         raise RuntimeError("injected fault")
 
 
-def test_a_failing_canary_is_rolled_back_automatically(reg, caplog):
+class NaNOutput:
+    """A denoiser whose output is NaN: a canary that would otherwise answer black images."""
+
+    def __call__(self, x, sigma, cond=None):
+        return torch.full_like(x, float("nan"))
+
+
+@pytest.mark.parametrize("fault", [Broken, NaNOutput])
+def test_a_failing_canary_is_rolled_back_automatically(reg, caplog, fault):
     reg.promote(NAME, 2, to="canary", percent=50)
 
     async def scenario():
@@ -328,12 +337,14 @@ def test_a_failing_canary_is_rolled_back_automatically(reg, caplog):
             svc = source.service
             canary = svc.router.canary
             assert registry_version(canary) == 2
-            canary.model.denoiser = Broken()  # after its warm-up: it fails only on traffic
+            canary.model.denoiser = fault()  # after its warm-up: it fails only on traffic
             rs = await generate_seeds(c, range(40), chunk=10)
             on_canary = [s for s in range(40) if routing_fraction(f"loopback:{s}") < 0.5]
             assert len(on_canary) >= 6
             assert all(rs[s].status_code in (200, 500) for s in on_canary)
             assert any(rs[s].status_code == 500 for s in on_canary)
+            why = "non-finite" if fault is NaNOutput else "internal error"
+            assert all(why in r.json()["detail"] for r in rs.values() if r.status_code == 500)
             await until(lambda: svc.router.canary is None)
             res = reg.resolve(NAME)
             assert res.canary is None and res.production.version == 1

@@ -5,7 +5,7 @@
     reg.promote("mnist", 1, to="production", gates="gates.json")
     reg.promote("mnist", 2, to="canary", percent=10)
     reg.resolve("mnist")                                     # production v1, canary v2 at 10%
-    reg.load_version("mnist", "production")                  # -> difforge.model.Model
+    reg.load_version("mnist", "production")                  # -> difforge.pipeline.Model
     reg.rollback("mnist")                                    # production back to the previous one
     reg.verify()                                             # audit chain + every artifact
 
@@ -24,8 +24,9 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.engine import make_url
 
+from difforge.common.hashchain import canonical_json, sha256_text
 from difforge.core.errors import InvalidArgumentError
-from difforge.model import (
+from difforge.pipeline import (
     CONFIG_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -35,7 +36,7 @@ from difforge.model import (
     sha256_file,
 )
 from difforge.registry import audit
-from difforge.registry.audit import AuditEntry, canonical_json, sha256_text
+from difforge.registry.audit import AuditEntry
 from difforge.registry.config import DEFAULT_URL, Gates, RegistryConfig, parse_gates
 from difforge.registry.errors import (
     ArtifactIntegrityError,
@@ -108,7 +109,8 @@ def check_alias(alias: str) -> str:
 
 
 def _report_text(report: Mapping[str, Any]) -> str:
-    return json.dumps(report, sort_keys=True, separators=(",", ":"))  # NaN kept as NaN
+    # NaN kept as NaN, non-ASCII escaped: the text (and its hash) of every stored report
+    return canonical_json(report, ascii_only=True, allow_nan=True)
 
 
 def _loads(text: str | None) -> Any:
@@ -180,7 +182,7 @@ class Registry:
     ) -> Registration:
         """Register a model folder as a new immutable version (or find it, if already there).
 
-        The folder must load (`difforge.model.load`: manifest, safetensors, strict weights).
+        The folder must load (`difforge.pipeline.load`: manifest, safetensors, strict weights).
         Its files are copied into the artifact store; evaluation reports found in the folder or
         passed in are attached. Identical weights under the same name give the existing version
         (new reports are still attached); identical weights with another config.json conflict.

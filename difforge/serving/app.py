@@ -40,19 +40,13 @@ from difforge.serving.access import (
     is_loopback,
     retry_after_header,
 )
+from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, parse_admin
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
 from difforge.serving.openapi import openapi_document
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
-from difforge.serving.registry_source import (
-    CanaryBody,
-    PromoteBody,
-    RegistrySource,
-    RollbackBody,
-    open_service,
-    parse_admin,
-)
+from difforge.serving.registry_source import RegistrySource, open_service
 from difforge.serving.router import ModelRouter, ModelVersion
 from difforge.serving.service import GenerateCall, Service, ServiceError
 
@@ -214,9 +208,9 @@ def create_app(service: Service, source: RegistrySource | None = None) -> FastAP
 
     def contract() -> dict:  # the routes read raw bodies: the contract is written out
         if app.openapi_schema is None:
-            facts = service.router.production.facts()
+            model = service.router.production.model
             app.openapi_schema = openapi_document(
-                service.config, facts, admin=source is not None, version=app.version
+                service.config, model, admin=source is not None, version=app.version
             )
         return app.openapi_schema
 
@@ -362,7 +356,7 @@ def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
 
     The load runs on a passing thread: torch work stays off the main thread (see
     `difforge.serving.engine.on_passing_thread`)."""
-    from difforge.model import load
+    from difforge.pipeline import load
 
     return Service(config, ModelRouter(ModelVersion(on_passing_thread(load, model_path))))
 

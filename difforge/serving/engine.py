@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 from difforge.core.errors import DifforgeError, SamplingCancelled
-from difforge.model import to_uint8
 from difforge.samplers import StepInfo, expected_nfe
 from difforge.serving.batching import BatchKey, Row, sample_rows
 from difforge.serving.config import ServiceConfig
@@ -390,5 +389,6 @@ class Engine:
             done = max((job.step for job in jobs), default=0)
             nfe = expected_nfe(call.key.sampler, done) if done else 0  # forwards actually run
             return None, nfe, time.process_time() - cpu0
-        images = list(zip(to_uint8(x), finite_rows(x), strict=True))
+        # finite is judged before decoding: uint8 pixels would hide a NaN as black
+        images = list(zip(call.version.model.decode(x), finite_rows(x), strict=True))
         return images, nfe, time.process_time() - cpu0

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from difforge.serving.config import MAX_SEED, ServiceConfig
-from difforge.serving.protocol import ModelFacts
+from difforge.pipeline import Model
+from difforge.samplers.noise import MAX_SEED
+from difforge.serving.config import ServiceConfig
 
 JSON = "application/json"
 
@@ -76,40 +77,51 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}], "default": None}
 
 
-def generate_request_schema(config: ServiceConfig, facts: ModelFacts) -> dict[str, Any]:
+def _conditioning_schema(key, max_n: int) -> dict[str, Any]:
+    """A conditioning key's request value (kinds: "class")."""
+    cls = {"type": "integer", "minimum": 0, "maximum": key.num_classes - 1}
+    each = {"anyOf": [cls, {"type": "null"}]}  # None: the null class (unconditional)
+    per_image = {"type": "array", "items": each, "minItems": 1, "maxItems": max_n}
+    return {
+        "anyOf": [cls, per_image, {"type": "null"}],
+        "default": None,
+        "description": f"a class for every image, or one per image; absent: {key.name} cycle",
+    }
+
+
+def generate_request_schema(config: ServiceConfig, model: Model) -> dict[str, Any]:
     """JSON Schema of the POST /v1/generate body for these limits and this model."""
     lim = config.limits
     seed = {"type": "integer", "minimum": 0, "maximum": MAX_SEED}
-    labels: dict[str, Any] = {"type": "null", "default": None}
-    if facts.num_classes:
-        item = {"type": "integer", "minimum": 0, "maximum": facts.num_classes - 1}
-        labels = _nullable({"type": "array", "items": item, "minItems": 1, "maxItems": lim.max_n})
-    option = {"type": "number", "minimum": 0, "maximum": 100}
+    option = {"type": ["number", "boolean"]}
     deadline = {"type": "integer", "minimum": 1, "maximum": int(config.max_deadline_s * 1000)}
     props = {
-        "labels": labels,
         "n": _nullable({"type": "integer", "minimum": 1, "maximum": lim.max_n}),
         "sampler": _nullable({"type": "string", "enum": list(lim.allowed_samplers)}),
         "steps": _nullable({"type": "integer", "minimum": 1, "maximum": lim.max_steps}),
         "guidance": _nullable(
             {"type": "number", "minimum": lim.min_guidance, "maximum": lim.max_guidance}
         ),
+        "grid": _nullable({"type": "string", "enum": ["karras", "exponential", "uniform"]}),
         "seed": _nullable(seed),
         "seeds": _nullable({"type": "array", "items": seed, "minItems": 1, "maxItems": lim.max_n}),
         "options": {"type": "object", "additionalProperties": option, "default": {}},
         "response_format": {"type": "string", "enum": ["auto", "png", "json"], "default": "auto"},
         "deadline_ms": _nullable(deadline),
     }
+    for key in model.spec.keys:
+        props[key.name] = _conditioning_schema(key, lim.max_n)
     return {
         "type": "object",
         "additionalProperties": False,
         "properties": props,
         "description": (
-            "Every field is optional; defaults come from the model. Rules across fields: n "
-            "defaults to len(seeds), else len(labels), else 1; labels has 1 or n entries, "
+            "Every field is optional; defaults come from the model. Besides the fields listed, "
+            "the model's conditioning keys. Rules across fields: n defaults to len(seeds), else "
+            "the length of a conditioning list, else 1; a conditioning list has 1 or n entries, "
             "seeds n; give seed or seeds, not both; image i uses seed + i, so seed + n - 1 <= "
-            f"{MAX_SEED}; guidance other than 1 needs labels; png holds one image; options "
-            "are the chosen sampler's float knobs. Duplicate keys are refused."
+            f"{MAX_SEED}; png holds one image; options are the chosen sampler's knobs. "
+            "Duplicate keys are refused."
         ),
     }
 
@@ -138,7 +150,7 @@ _IMAGE = {
 _OBJECT = {JSON: {"schema": {"type": "object"}}}
 
 
-def _generate_operation(config: ServiceConfig, facts: ModelFacts) -> dict[str, Any]:
+def _generate_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
     headers = {n: {"schema": {"type": "string"}} for n in ("X-Request-Id", "X-Output-SHA256")}
     return {
         "summary": "Generate images",
@@ -164,7 +176,7 @@ def _generate_operation(config: ServiceConfig, facts: ModelFacts) -> dict[str, A
         ],
         "requestBody": {
             "required": True,
-            "content": {JSON: {"schema": generate_request_schema(config, facts)}},
+            "content": {JSON: {"schema": generate_request_schema(config, model)}},
         },
         "responses": {
             "200": {
@@ -220,12 +232,12 @@ def admin_paths() -> dict[str, Any]:
 
 
 def openapi_document(
-    config: ServiceConfig, facts: ModelFacts, *, admin: bool, version: str
+    config: ServiceConfig, model: Model, *, admin: bool, version: str
 ) -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     text = {"text/plain": {"schema": {"type": "string"}}}
     paths: dict[str, Any] = {
-        "/v1/generate": {"post": _generate_operation(config, facts)},
+        "/v1/generate": {"post": _generate_operation(config, model)},
         "/v1/models": {"get": _get("Served versions, defaults and limits", _OBJECT, 401, 403, 431)},
         "/v1/requests/{request_id}": {
             "get": {

@@ -27,8 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from difforge.common.atomic import atomic_folder
 from difforge.core.errors import DifforgeError
-from difforge.model import sha256_file
+from difforge.pipeline import sha256_file
 
 FORMAT = "difforge-checkpoint/1"
 TENSORS, STATE, MARKER = "tensors.safetensors", "state.json", "COMPLETE"
@@ -41,14 +42,6 @@ class CheckpointError(DifforgeError):
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(
@@ -72,40 +65,30 @@ def write_checkpoint(
     final = root / f"step-{step:09d}"
     if (final / MARKER).is_file():
         return final  # this step is already saved
-    tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # an existing `final` is an incomplete leftover of a crashed write: replaced
     try:
-        _build(tmp, step, tensors, state)
-    except OSError as e:  # disk full, quota, I/O error: the previous checkpoint is untouched
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(final, tmp=root / f".tmp-step-{step:09d}-{os.getpid()}") as tmp:
+            _build(tmp, step, tensors, state)
+    except OSError as e:  # disk full, quota, I/O error: atomic_folder removed the temp folder
         raise CheckpointError(
             f"cannot write the checkpoint of step {step} in {root}: "
             f"{e.strerror or e}; the partial copy was removed and the previous checkpoint is intact"
         ) from None
-    if final.exists():
-        _remove(final)  # an incomplete leftover of a crashed write
-    tmp.rename(final)
-    _fsync(root)
     prune_checkpoints(run_dir, keep_last)
     return final
 
 
 def _build(tmp: Path, step: int, tensors: Mapping[str, Tensor], state: Mapping[str, Any]) -> None:
-    """Write and fsync the checkpoint's files into the new folder `tmp`, the marker last."""
-    tmp.mkdir()
+    """Write the checkpoint's files into the temp folder `tmp`, the marker last."""
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
     (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
     os.chmod(tmp / TENSORS, (tmp / STATE).stat().st_mode & 0o777)  # safetensors writes 0600
-    for name in (TENSORS, STATE):
-        _fsync(tmp / name)
     marker = {
         "format": FORMAT,
         "step": step,
         "files": {n: sha256_file(tmp / n) for n in (TENSORS, STATE)},
     }
     (tmp / MARKER).write_text(json.dumps(marker))
-    _fsync(tmp / MARKER)
-    _fsync(tmp)
 
 
 def _remove(path: Path) -> None:

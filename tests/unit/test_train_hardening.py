@@ -10,7 +10,6 @@ import pytest
 from difforge.training import CheckpointError, latest_checkpoint, list_checkpoints, train
 from difforge.training import checkpoint as ckpt
 from difforge.training.runlock import RunLocked, run_lock
-from tests.helpers import one_thread  # noqa: F401
 from tests.unit.test_train_loop import tiny_config, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

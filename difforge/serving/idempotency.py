@@ -67,7 +67,8 @@ class IdempotencyStore:
         """Claim `key` for a new request (None), or return the stored response of a retry.
 
         Raises:
-            IdempotencyConflict: 409 while the first request runs, 422 for a different body.
+            IdempotencyConflict: "idempotency_conflict" while the first request runs,
+                "idempotency_mismatch" for a different body.
         """
         fp = body_fingerprint(body)
         now = self._clock()

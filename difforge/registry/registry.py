@@ -29,6 +29,7 @@ from difforge.core.errors import InvalidArgumentError
 from difforge.pipeline import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    PIPELINE_FILE,
     WEIGHTS_FILE,
     Model,
     ModelIntegrityError,
@@ -198,10 +199,17 @@ class Registry:
         folder = Path(path)
         folder = folder.parent if folder.is_file() else folder
         model = load(folder)  # proves the folder is complete, intact and loadable
-        name = check_name(name or model.config.name)
+        name = check_name(name or model.name)
         listed = json.loads((folder / MANIFEST_FILE).read_text())["files"]
         files = {**listed, MANIFEST_FILE: sha256_file(folder / MANIFEST_FILE)}
-        if files[WEIGHTS_FILE] != model.sha256:
+        # A v1 folder is identified by its weights, a v2 pipeline by pipeline.json (which
+        # records every component's weights sha256); either is the model's sha256.
+        identity, config_file = (
+            (PIPELINE_FILE, PIPELINE_FILE)
+            if PIPELINE_FILE in files
+            else (WEIGHTS_FILE, CONFIG_FILE)
+        )
+        if files[identity] != model.sha256:
             raise ModelIntegrityError(f"{folder} changed while it was being registered")
         prov = gather_provenance(folder, model.config)
         reps = load_reports(folder, reports, model.sha256)
@@ -209,10 +217,10 @@ class Registry:
             self.store.put_file(folder / fname, sha)
         row = {
             "name": name,
-            "weights_sha256": files[WEIGHTS_FILE],
-            "config_sha256": files[CONFIG_FILE],
+            "weights_sha256": files[identity],
+            "config_sha256": files[config_file],
             "files": canonical_json(files),
-            "config": self.store.read_bytes(files[CONFIG_FILE]).decode(),
+            "config": self.store.read_bytes(files[config_file]).decode(),
             "dataset_hash": prov.dataset_hash,
             "code_version": prov.code_version,
             "training_config": _json_or_none(prov.training_config),

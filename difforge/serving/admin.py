@@ -47,7 +47,7 @@ class CanaryBody(_Body):
 
 
 def parse_admin(model: type[_Body], body: bytes) -> _Body:
-    """Bytes -> an admin body, or RequestInvalid (422) with field-level messages."""
+    """Bytes -> an admin body, or RequestInvalid ("validation") with field-level messages."""
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as e:

@@ -1,7 +1,7 @@
 """The batching engine: a bounded queue, a batcher that merges compatible requests, and one worker
 thread that runs the sampler calls (batch -> predict -> unbatch of the serving contract).
 
-* Bounded: `submit` refuses a request when `queue_size` requests wait (QueueFull -> 503); the
+* Bounded: `submit` refuses a request when `queue_size` requests wait (QueueFull: queue_full); the
   queue never grows past it.
 * Batching: the oldest waiting request (the head) fixes the BatchKey; later requests with the same
   key join it, oldest first, until the call holds `plan.micro(guided)` images or the head has waited

@@ -12,6 +12,7 @@ import pytest
 
 from difforge.serving import ApiKey, RateLimit, ServiceConfig, create_app, hash_key
 from tests.integration.serving_fixtures import (
+    SlowDenoiser,
     make_service,
     make_tiny_model,
     run,
@@ -289,5 +290,38 @@ def test_requests_refused_before_work_spend_no_rate_limit_tokens(model_dir):
             codes += [(await c.post("/v1/generate", json=quick, headers=gen)).status_code]
             codes += [(await c.post("/v1/generate", json=quick, headers=gen)).status_code]
             assert codes == [200, 200, 429]  # the burst of 2 was still there
+
+    run(scenario())
+
+
+def test_requests_refused_while_warming_up_spend_no_rate_limit_tokens(model_dir):
+    limited = ApiKey(
+        id="gen",
+        sha256=hash_key("gen-secret-1f2e"),
+        rate_limit=RateLimit(per_second=0.001, burst=2),
+    )
+    cfg = ServiceConfig(audit_db=":memory:", api_keys=(limited,), **FAST)
+    gen = {"Authorization": "Bearer gen-secret-1f2e"}
+    quick = {"labels": [2], "steps": 1}
+
+    async def scenario():
+        svc = make_service(model_dir, cfg)
+        version = svc.router.production
+        fast = version.model.denoiser
+        version.model.denoiser = SlowDenoiser(fast, 0.2)  # a warm-up that lasts
+        app = create_app(svc)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, client=("10.0.0.7", 5555))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                refused = [await c.post("/v1/generate", json=quick, headers=gen) for _ in range(4)]
+                assert [r.status_code for r in refused] == [503] * 4
+                assert all(r.json()["detail"] == "the model is warming up" for r in refused)
+                await svc.wait_ready(timeout=60)
+                version.model.denoiser = fast
+                codes = [
+                    (await c.post("/v1/generate", json=quick, headers=gen)).status_code
+                    for _ in range(3)
+                ]
+                assert codes == [200, 200, 429]
 
     run(scenario())

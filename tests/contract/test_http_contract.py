@@ -4,6 +4,7 @@ validation samples for real)."""
 
 from __future__ import annotations
 
+import time
 from traceback import format_exc
 
 import pytest
@@ -129,7 +130,11 @@ def _fuzz(operation, mode: GenerationMode, statuses: dict) -> None:
 
 def _run(app, only: str = "") -> dict:
     """Fuzz every operation whose path starts with `only`; returns {(op, mode, status): count}."""
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=_config())
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=_config())  # starts it
+    deadline = time.monotonic() + 120
+    while not app.state.service.ready:  # a 503 while warming up is not what is under test
+        assert time.monotonic() < deadline, "the service did not warm up"
+        time.sleep(0.05)
     failures, statuses = [], {}
     for result in schema.get_all_operations():
         operation = result.ok()

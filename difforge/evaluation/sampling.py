@@ -63,15 +63,20 @@ def resolve_sampling(
     grid: str | None,
     knobs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The sampler settings `Model.sample` will use: the given ones over the model's defaults."""
-    d = model.config.sampling
-    w = float(d.guidance if guidance is None else guidance)
+    """The sampler settings `Model.sample` will use, resolved by the library's one resolver (the
+    same defaults and errors as the CLI and HTTP: e.g. guidance on an unconditional model is an
+    error, not silently 1)."""
+    from difforge.pipeline import resolve
+
+    given = {"sampler": sampler, "steps": steps, "guidance": guidance, "grid": grid}
+    request = {k: v for k, v in given.items() if v is not None} | {"seed": 0}
+    plan = resolve(model, request | {"options": dict(knobs or {})})
     return {
-        "sampler": d.sampler if sampler is None else sampler,
-        "steps": d.steps if steps is None else steps,
-        "guidance": w if model.num_classes else 1.0,  # an unconditional model is never guided
-        "grid": d.grid if grid is None else grid,
-        "knobs": dict(knobs or {}),
+        "sampler": plan.sampler,
+        "steps": plan.steps,
+        "guidance": plan.guidance,
+        "grid": plan.grid,
+        "knobs": dict(plan.options),
     }
 
 

@@ -56,7 +56,7 @@ from difforge.evaluation.sampling import (
 )
 from difforge.evaluation.threads import compute_threads
 from difforge.pipeline import Model, load
-from difforge.samplers import SAMPLERS, expected_nfe, get_sigmas
+from difforge.samplers import SAMPLERS, canonical_samplers, expected_nfe, get_sigmas
 
 SWEEP_FORMAT = "difforge-nfe-sweep/1"
 DEFAULT_NFE = (5, 8, 10, 15, 20, 50)
@@ -143,7 +143,7 @@ class DifforgeMethod:
 class SweepConfig:
     """Which samplers at which NFE budgets, on how many images; stored under "config"."""
 
-    samplers: tuple[str, ...] | str = "all"  # names in SAMPLERS, or "all"
+    samplers: tuple[str, ...] | str = "all"  # names in SAMPLERS, or "all" (aliases left out)
     nfe: tuple[int, ...] = DEFAULT_NFE  # NFE budgets (targets); each sampler stays at or below
     n: int = 2000  # images per point; FID needs more than the feature dimension (128, MNIST)
     seed: int = 0  # one draw per point, the same noise for every point
@@ -160,7 +160,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         samplers = self.samplers
         if samplers == "all" or list(samplers) == ["all"]:
-            samplers = tuple(SAMPLERS)
+            samplers = canonical_samplers()  # ddim/ddpm are euler(_ancestral): count once
         samplers = (samplers,) if isinstance(samplers, str) else tuple(samplers)
         for s in samplers:
             check_choice("sampler", s, SAMPLERS)

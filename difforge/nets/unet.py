@@ -12,15 +12,15 @@ cond is None or a mapping with optional
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.nets.jsonconfig import JsonConfig
 from difforge.nets.layers import (
     AttentionBlock,
     Downsample,
@@ -32,10 +32,10 @@ from difforge.nets.layers import (
 )
 
 
-class LevelsConfig:
-    """Checks, level sizes and JSON round trip shared by the 2-D and 1-D U-Net configs.
+class LevelsConfig(JsonConfig):
+    """Checks and level sizes shared by the 2-D and 1-D U-Net configs (JSON via JsonConfig).
 
-    A subclass is a frozen dataclass with the fields below, naming its full-resolution size field
+    A subclass is a frozen dataclass with UNetConfig's fields, naming its full-resolution size field
     in SIZE_FIELD ("image_size" for H = W, "length" for T).
     """
 
@@ -110,24 +110,6 @@ class LevelsConfig:
     def level_channels(self) -> tuple[int, ...]:
         """Channels of each level, base_channels * mult."""
         return tuple(self.base_channels * m for m in self.channel_mults)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists); `from_dict` inverts it."""
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        """Build from a dict such as `to_dict()` wrote; unknown keys are refused, missing ones default."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown {cls.__name__} keys {unknown}; allowed keys: {', '.join(sorted(names))}"
-            )
-        return cls(**dict(d))
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,21 @@ from difforge.samplers.ddim import sample_ddim, sample_ddpm
 from difforge.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from difforge.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from difforge.samplers.ipndm import sample_ipndm
-from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise
+from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise, stream_seeds
 from difforge.samplers.registry import (
+    ALIASES,
     SAMPLERS,
     SampleResult,
+    canonical_samplers,
     expected_nfe,
     get_sampler,
     sample,
     sampler_knobs,
+    start_for_strength,
 )
 
 __all__ = [
+    "ALIASES",
     "GRID_KINDS",
     "SAMPLERS",
     "GeneratorNoise",
@@ -29,6 +33,7 @@ __all__ = [
     "PerSampleNoise",
     "SampleResult",
     "StepInfo",
+    "canonical_samplers",
     "expected_nfe",
     "get_sampler",
     "get_sigmas",
@@ -42,4 +47,6 @@ __all__ = [
     "sample_heun",
     "sample_ipndm",
     "sampler_knobs",
+    "start_for_strength",
+    "stream_seeds",
 ]

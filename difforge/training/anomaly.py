@@ -18,7 +18,7 @@ import torch
 
 from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.data.timeseries import SeriesDataset
-from difforge.evaluation.anomaly import (
+from difforge.pipeline.anomaly import (
     AnomalyDetector,
     ScoreConfig,
     combine,

@@ -49,6 +49,7 @@ from difforge.training.optim import (
     lr_at,
     optimizer_state,
 )
+from difforge.training.runlock import run_lock
 
 
 class NonFiniteTrainingError(DifforgeError):
@@ -509,11 +510,19 @@ def train(
     run_dir = Path(run_dir)
     if max_minutes is not None and not max_minutes > 0:
         raise InvalidArgumentError(f"max_minutes must be positive, got {max_minutes}")
+    with run_lock(run_dir):  # held until training ends: one trainer per run folder
+        return _train_locked(
+            config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log
+        )
+
+
+def _train_locked(config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log):
     existing = ckpt.list_checkpoints(run_dir)
     if existing and not resume:
         raise InvalidArgumentError(
             f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out"
         )
+    ckpt.remove_debris(run_dir)  # under the lock, every temp or unmarked folder is a leftover
     dataset = dataset if dataset is not None else load_training_data(config.dataset)
     trainer = Trainer(config, dataset, run_dir, log=log)
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
@@ -523,6 +532,5 @@ def train(
         log(f"resumed from {latest} (step {trainer.state.step})")
     elif resume and existing:
         raise ckpt.CheckpointError(f"{run_dir} holds no complete checkpoint to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.to_json() + "\n")
     return trainer.run(max_minutes=max_minutes, until_step=until_step, progress=progress)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 import difforge
 from difforge.cli import app
 from difforge.data import load_sines
-from difforge.evaluation.anomaly import load_detector, roc_auc
+from difforge.evaluation.anomaly import roc_auc
+from difforge.pipeline.anomaly import load_detector
 from difforge.training.config import parse_config
 from difforge.training.loop import train
 

@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from difforge.core.errors import InvalidArgumentError
-from difforge.evaluation.anomaly import (
-    ScoreConfig,
-    average_precision,
-    combine,
-    level_scales,
-    reconstruction_errors,
-    roc_auc,
-)
+from difforge.evaluation.anomaly import average_precision, roc_auc
+from difforge.pipeline.anomaly import ScoreConfig, combine, level_scales, reconstruction_errors
 from tests.helpers import GaussianMixture
 
 T = 32

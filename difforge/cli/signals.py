@@ -1,4 +1,4 @@
-"""`difforge anomaly ...` and `difforge series ...`: the 1-D signal commands, attached in cli.py.
+"""`difforge anomaly ...` and `difforge series ...`: the 1-D signal commands.
 
 Thin like the rest of the CLI: parse, build the dataset or config, call one library function
 (`difforge.training.anomaly.fit_anomaly_detector`, `AnomalyDetector.scores`, `Model.sample`).
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 
 import typer
+
+from difforge.cli.app import app, friendly_errors
 
 anomaly_app = typer.Typer(
     name="anomaly",
@@ -22,18 +22,8 @@ anomaly_app = typer.Typer(
 series_app = typer.Typer(
     name="series", help="Sample 1-D series from a unet1d model.", no_args_is_help=True
 )
-
-
-def _friendly(fn: Callable) -> Callable:
-    """difforge.cli.friendly_errors, looked up when the command runs (cli.py imports this module)."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        from difforge.cli import friendly_errors
-
-        return friendly_errors(fn)(*args, **kwargs)
-
-    return wrapper
+app.add_typer(anomaly_app, name="anomaly")
+app.add_typer(series_app, name="series")
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
@@ -69,7 +59,7 @@ def _load_fit_data(data: str, length: int | None):
 
 
 @anomaly_app.command("fit")
-@_friendly
+@friendly_errors
 def anomaly_fit(
     data: str = typer.Option(
         ..., "--data", help="normal series: a .csv (one per row) or a spec like 'ucr:GunPoint'"
@@ -87,7 +77,7 @@ def anomaly_fit(
     score_steps: int = typer.Option(1, "--score-steps", help="denoising steps per level"),
 ) -> None:
     """Train a diffusion model on normal series only and calibrate its reconstruction score."""
-    from difforge.evaluation.anomaly import ScoreConfig
+    from difforge.pipeline.anomaly import ScoreConfig
     from difforge.training.anomaly import fit_anomaly_detector
 
     dataset = _load_fit_data(data, length)
@@ -111,7 +101,7 @@ def anomaly_fit(
 
 
 @anomaly_app.command("score")
-@_friendly
+@friendly_errors
 def anomaly_score(
     data: Path = typer.Argument(..., help="CSV of series, one per row"),
     model: Path = typer.Option(..., "--model", help="a folder written by `difforge anomaly fit`"),
@@ -119,7 +109,7 @@ def anomaly_score(
 ) -> None:
     """Score each row of a CSV: prints `index,score,anomaly` (1 = above the threshold)."""
     from difforge.data.timeseries import read_series_csv
-    from difforge.evaluation.anomaly import load_detector
+    from difforge.pipeline.anomaly import load_detector
 
     det = load_detector(model)
     scores = det.scores(read_series_csv(data)).tolist()
@@ -136,7 +126,7 @@ def anomaly_score(
 
 
 @series_app.command("sample")
-@_friendly
+@friendly_errors
 def series_sample(
     model: Path = typer.Option(..., "--model", help="a unet1d model folder"),
     out: Path = typer.Option(..., "--out", help="CSV (one series per row) or .png plot"),

@@ -43,6 +43,14 @@ def sigma_list(sigmas: Tensor | list[float]) -> list[float]:
     return values
 
 
+def require_distinct(s: list[float], sampler: str) -> None:
+    """Multistep weights divide by step sizes: reject a grid that repeats a sigma."""
+    if any(a == b for a, b in itertools.pairwise(s)):
+        raise InvalidArgumentError(
+            f"{sampler} needs strictly decreasing sigmas; the grid repeats a value: {s}"
+        )
+
+
 def denoise(denoiser: Denoiser, x: Tensor, sigma: float, cond: Cond) -> Tensor:
     """D(x; sigma) with sigma broadcast to a (B,) float32 tensor on x's device."""
     return denoiser(x, torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device), cond)

@@ -94,3 +94,14 @@ def test_high_order_solvers_converge_faster_than_euler(name):
     e20, e40 = err(name, 20), err(name, 40)
     assert e20 / e40 > 3, (e20, e40)
     assert e40 < 0.1 * err("euler", 40), e40
+
+
+def test_few_step_advice_flags_heun_at_5_karras_steps_and_not_at_6():
+    from difforge.samplers.advice import FewStepWarning, few_step_problem, warn_few_step
+
+    for steps in (2, 3, 4, 5):
+        assert "heun" in few_step_problem("heun", get_sigmas("karras", steps, 0.002, 80.0))
+    assert few_step_problem("heun", get_sigmas("karras", 6, 0.002, 80.0)) is None
+    assert few_step_problem("dpmpp_2m", get_sigmas("karras", 3, 0.002, 80.0)) is None
+    with pytest.warns(FewStepWarning, match="shrinks sigma"):
+        warn_few_step("heun", get_sigmas("karras", 4, 0.002, 80.0))

@@ -5,7 +5,7 @@ DDPM linear schedule) drives every loop. A timer wraps the network call; per ste
 outside = (loop wall time - time inside the network) / steps. Runs alternate A and B in every
 round (difforge samplers and diffusers loops interleaved) so drift on a shared machine hits both.
 
-    python benchmarks/sampler_overhead.py [--steps 20] [--rounds 5] [--batches 1,64]
+    python benchmarks/sampler_overhead.py [--steps 20] [--rounds 5] [--batches 1,64] [--threads 2]
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads [2]")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     timed = TimedNet(build_unet())
     params = sum(p.numel() for p in timed.parameters())
     runs = [("difforge", n) for n in SAMPLERS] + [("diffusers", n) for n in DIFFUSERS_PEERS]

@@ -1,8 +1,8 @@
 """Solver error per NFE: RMSE of the final image against a converged reference from the same noise.
 
     python -m benchmarks.solver_error [--model models/mnist-cond] [--n 200] [--nfe 4,5,6,8,10]
-        [--guidance 2] [--ref-steps 200] [--samplers all] [--diffusers ddim,dpmsolver,...]
-        [--threads 1]
+        [--guidance 2] [--ref-steps 200] [--samplers all] [--grids karras,vp_linspace]
+        [--diffusers ddim,dpmsolver,...] [--threads 1]
 
 For deterministic solvers the final image is a function of the initial noise, so its distance to
 the exact ODE solution from the same noise measures the solver alone, with far fewer images than
@@ -11,14 +11,17 @@ approximated by Heun with --ref-steps steps (2 x steps - 1 NFE) on the Karras gr
 pixel units of the data space ([-1, 1]), over all pixels and images.
 
 One network drives every loop: the model's guided denoiser D_w (CFGDenoiser, cond and uncond in
-one batch, one NFE). difforge samplers run on the model's Karras grid (0.002-80) from x = 80 z.
-diffusers' schedulers step the same D_w seen as a DDPM eps-prediction network on the 1000-step
-linear-beta grid (benchmarks.quality_vs_nfe.VPEpsAdapter), all with timesteps starting at t = 999
-(DDIM with "trailing" spacing, clip_sample off), so all start from the same state
-x_ve = sqrt(1 + sigma_T^2) z at sigma_T = 157.4: their reference is Heun from that state. Same z,
-labels (i mod 10) and guidance for every method: every comparison is paired.
+one batch, one NFE). diffusers' schedulers step the same D_w seen as a DDPM eps-prediction network
+on the 1000-step linear-beta grid (benchmarks.quality_vs_nfe.VPEpsAdapter), all with timesteps
+starting at t = 999 (DDIM with "trailing" spacing, clip_sample off), so all start from the same
+state x_ve = sqrt(1 + sigma_T^2) z at sigma_T = 157.4; their reference is Heun from that state.
+difforge samplers run on two grids: the model's Karras grid (0.002-80, from x = 80 z, against a
+reference from there) and "vp_linspace", the levels diffusers' multistep schedulers visit, from
+diffusers' start state and against diffusers' reference: there a difforge sampler and a diffusers
+scheduler solve the same ODE from the same state on the same levels. Same z, labels (i mod 10)
+and guidance for every method: every comparison is paired.
 
-Heun at <= 5 steps is left out (difforge.samplers.advice): at the NFE budgets here it would get
+DDIM (eta = 0) is Euler in VE space and is not repeated. Heun at <= 5 steps is left out (difforge.samplers.advice): at the NFE budgets here it would get
 2-5 steps. Stochastic samplers are not measured (their image is not a function of z alone).
 Numbers are RMSEs, not timings, so machine load does not bias them.
 """
@@ -45,7 +48,8 @@ from difforge.samplers.advice import few_step_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 VP = DiscreteVP(SCHEDULE["beta_schedule"], 1000, SCHEDULE["beta_start"], SCHEDULE["beta_end"])
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+# stochastic (no fixed ODE solution), or another name for a measured solver (ddim at eta 0 = euler)
+NOT_MEASURED = {"ddim", "ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
 # option -> (label, diffusers class, config overrides); every one starts at t = 999
 DIFFUSERS = {
     "ddim": ("DDIMScheduler(trailing)", "DDIMScheduler",
@@ -130,7 +134,7 @@ def main() -> int:
 def run(args: argparse.Namespace) -> int:
     model = load(args.model)
     nfes = [int(v) for v in args.nfe.split(",")]
-    names = [n for n in SAMPLERS if n not in STOCHASTIC] if args.samplers == "all" else (
+    names = [n for n in SAMPLERS if n not in NOT_MEASURED] if args.samplers == "all" else (
         args.samplers.split(",")
     )  # fmt: skip
     options = [o for o in args.diffusers.split(",") if o]

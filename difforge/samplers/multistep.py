@@ -65,18 +65,16 @@ def multistep_weights(
         if order == 1:
             out.append([b - a])  # Euler: int_a^b dsigma
             continue
-        # nodes sigma in [b, a] and weights for int_a^b (negative: sigma decreases)
-        nodes = 0.5 * (a + b) + 0.5 * (b - a) * _GL_NODES  # (32,)
-        w = 0.5 * (b - a) * _GL_WEIGHTS  # (32,)
-        t_nodes = tau(nodes)
-        t_hist = tau(np.array(sigmas[i - order + 1 : i + 1][::-1], dtype=np.float64))
-        coeffs = []
-        for j in range(order):
-            basis = np.ones_like(nodes)
-            for k in range(order):
-                if k != j:
-                    basis *= (t_nodes - t_hist[k]) / (t_hist[j] - t_hist[k])
-            coeffs.append(float(np.dot(w, basis)))
+        # Gauss-Legendre nodes in (b, a), interior, so none equals a history time; weights of
+        # int_a^b (negative: sigma decreases)
+        nodes = 0.5 * (a + b) + 0.5 * (b - a) * _GL_NODES  # (N,)
+        w = 0.5 * (b - a) * _GL_WEIGHTS  # (N,)
+        t_hist = tau(np.array(sigmas[i - order + 1 : i + 1][::-1], dtype=np.float64))  # (p,)
+        diff = tau(nodes)[None, :] - t_hist[:, None]  # (p, N): tau - tau_k
+        gaps = t_hist[:, None] - t_hist[None, :] + np.eye(order)  # (p, p): tau_j - tau_k, 1 on j=k
+        # L_j = prod_{k != j} (tau - tau_k) / (tau_j - tau_k)
+        basis = diff.prod(axis=0)[None, :] / diff / gaps.prod(axis=1)[:, None]  # (p, N)
+        coeffs = (basis @ w).tolist()
         out.append(coeffs)
     return out
 
@@ -105,10 +103,8 @@ def _sample_multistep(
         if s[i + 1] == 0:
             x = denoised
         else:
-            update = history[0] * weights[i][0]
-            for c, eps in zip(weights[i][1:], history[1:], strict=False):
-                update = update + eps * c
-            x = x + update
+            for c, eps in zip(weights[i], history, strict=False):
+                x = x.add(eps, alpha=c)  # one op per term: x + c eps
         x = emit(callback, i, s, x, denoised)
     return x
 

@@ -16,13 +16,28 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
 from difforge.core.errors import InvalidArgumentError
 from difforge.samplers.base import Callback, denoise, emit, require_distinct, sigma_list
 from difforge.samplers.noise import NoiseSource
+
+
+def _solve(m: list[list[float]], v: list[float]) -> list[float]:
+    """m^-1 v for the tiny (<= 3 x 3) systems below: Gaussian elimination, partial pivoting."""
+    n = len(v)
+    rows = [[*m[r], v[r]] for r in range(n)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(rows[r][c]))
+        rows[c], rows[p] = rows[p], rows[c]
+        for r in range(c + 1, n):
+            f = rows[r][c] / rows[c][c]
+            rows[r] = [x - f * y for x, y in zip(rows[r], rows[c], strict=True)]
+    out = [0.0] * n
+    for r in reversed(range(n)):
+        out[r] = (rows[r][n] - sum(rows[r][k] * out[k] for k in range(r + 1, n))) / rows[r][r]
+    return out
 
 
 def _rhos(lams: list[float], i: int, order: int, bh2: bool, corrector: bool):
@@ -37,21 +52,20 @@ def _rhos(lams: list[float], i: int, order: int, bh2: bool, corrector: bool):
     h_phi_1 = math.expm1(hh)
     b_h = math.expm1(hh) if bh2 else hh
     r = [(lams[i - k] - lams[i]) / h for k in range(1, order)]
-    rks = np.array([*r, 1.0])
-    R, b = [], []
+    rks = [*r, 1.0]
+    R, b = [], []  # R[k][j] = rks[j]^k; b[k] = k! h phi_{k+1}(hh) / B(h) (Alg. 2)
     h_phi_k, factorial = h_phi_1 / hh - 1, 1
     for k in range(1, order + 1):
-        R.append(rks ** (k - 1))
+        R.append([q ** (k - 1) for q in rks])
         b.append(h_phi_k * factorial / b_h)
         factorial *= k + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    R, b = np.array(R), np.array(b)
     if corrector:
-        rhos = [0.5] if order == 1 else np.linalg.solve(R, b).tolist()
+        rhos = [0.5] if order == 1 else _solve(R, b)
     elif order == 1:
         rhos = []
     else:
-        rhos = [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        rhos = [0.5] if order == 2 else _solve([row[:-1] for row in R[:-1]], b[:-1])
     return h_phi_1, b_h, r, rhos
 
 
@@ -63,17 +77,21 @@ def _unipc(denoiser, x, sigmas, cond, callback, order: int, bh2: bool, name: str
     n = len(s) - 1
     lams = [-math.log(v) if v > 0 else math.inf for v in s]
     orders = [min(order, n - i, i + 1) for i in range(n)]
+    predict = [_rhos(lams, i, orders[i], bh2, False) if s[i + 1] > 0 else None for i in range(n)]
+    correct = [None] + [
+        _rhos(lams, i - 1, orders[i - 1], bh2, True) if s[i + 1] > 0 else None for i in range(1, n)
+    ]
     history: list[Tensor] = []  # x0_hat of the latest steps, newest first
     x_last = None  # x_{i-1}, the point the previous prediction started from
     for i in range(n):
         denoised = denoise(denoiser, x, s[i], cond)
         if i > 0 and s[i + 1] > 0:  # UniC (at the step to 0 the corrected x would be unused)
             p = orders[i - 1]
-            h_phi_1, b_h, r, rhos = _rhos(lams, i - 1, p, bh2, corrector=True)
-            res = (denoised - history[0]) * rhos[-1]
+            h_phi_1, b_h, r, rhos = correct[i]
+            x = (x_last * (s[i] / s[i - 1])).add(history[0], alpha=-h_phi_1)
+            x = x.add(denoised - history[0], alpha=-b_h * rhos[-1])
             for k in range(1, p):
-                res = res + (history[k] - history[0]) * (rhos[k - 1] / r[k - 1])
-            x = x_last * (s[i] / s[i - 1]) - history[0] * h_phi_1 - res * b_h
+                x = x.add(history[k] - history[0], alpha=-b_h * rhos[k - 1] / r[k - 1])
         history.insert(0, denoised)
         del history[order:]
         x_last = x
@@ -81,10 +99,10 @@ def _unipc(denoiser, x, sigmas, cond, callback, order: int, bh2: bool, name: str
             x = denoised
         else:  # UniP
             p = orders[i]
-            h_phi_1, b_h, r, rhos = _rhos(lams, i, p, bh2, corrector=False)
-            x = x * (s[i + 1] / s[i]) - denoised * h_phi_1
+            h_phi_1, b_h, r, rhos = predict[i]
+            x = (x * (s[i + 1] / s[i])).add(denoised, alpha=-h_phi_1)
             for k in range(1, p):
-                x = x - (history[k] - denoised) * (b_h * rhos[k - 1] / r[k - 1])
+                x = x.add(history[k] - denoised, alpha=-b_h * rhos[k - 1] / r[k - 1])
         x = emit(callback, i, s, x, denoised)
     return x
 

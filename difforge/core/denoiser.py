@@ -91,7 +91,9 @@ class ModelDenoiser(nn.Module):
         few levels for every image, and at batch 1 these ~10 tiny ops after each network call cost
         more than the sampler's own arithmetic. The cached tensors are the ones the first call
         computed, so outputs are bitwise those of the uncached path."""
-        if sigma.device.type != "cpu" or sigma.requires_grad:
+        if sigma.device.type != "cpu" or torch.is_grad_enabled():
+            # sampling runs without autograd; with it, cached (maybe inference-mode) tensors
+            # could end up saved for backward
             return self._time_inputs(sigma, ndim)
         key = (sigma.numpy().tobytes(), sigma.dtype, sigma.shape, ndim)
         hit = self._memo.get(key)

@@ -38,6 +38,7 @@ def uncached(den, x, sigma):
     [(DiscreteVP(), "eps"), (DiscreteVP("cosine"), "v"), (VEProcess(), "x0"),
      (RectifiedFlow(), "velocity")],
 )  # fmt: skip
+@torch.no_grad()
 def test_model_denoiser_memo_is_bitwise_the_uncached_path(process, prediction):
     den = ModelDenoiser(TinyEpsNet(seed=1), process, prediction, time_scale=3.0)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -49,6 +50,7 @@ def test_model_denoiser_memo_is_bitwise_the_uncached_path(process, prediction):
     assert torch.equal(den(x, mixed.clone()), uncached(den, x, mixed))
 
 
+@torch.no_grad()
 def test_memo_is_not_poisoned_by_a_caller_reusing_its_sigma_tensor():
     den = ModelDenoiser(TinyEpsNet(), DiscreteVP(), "eps")
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -59,12 +61,17 @@ def test_memo_is_not_poisoned_by_a_caller_reusing_its_sigma_tensor():
     assert torch.equal(den(x, torch.full((2,), 4.0)), uncached(den, x, torch.full((2,), 4.0)))
 
 
-def test_memo_is_bounded_and_training_does_not_fill_it():
+def test_memo_is_bounded_and_autograd_never_uses_it():
     den = ModelDenoiser(TinyEpsNet(), DiscreteVP(), "eps")
     x = torch.randn(1, 1, 8, 8)
-    for i in range(1500):
-        den(x, torch.full((1,), 0.01 + i * 1e-3))
+    with torch.no_grad():
+        for i in range(1500):
+            den(x, torch.full((1,), 0.01 + i * 1e-3))
     assert 0 < len(den._memo) <= 1024
     den._memo.clear()
+    with torch.inference_mode():  # a server fills the memo with inference tensors ...
+        den(x, torch.full((1,), 2.0))
+    x_grad = x.clone().requires_grad_()
+    den(x_grad, torch.full((1,), 2.0)).sum().backward()  # ... that training never touches
     den.loss_terms(x, torch.rand(1) * 10, torch.randn_like(x))
-    assert len(den._memo) == 0
+    assert len(den._memo) == 1

@@ -27,8 +27,10 @@ from pathlib import Path
 from benchmarks.common import RESULTS_DIR, write_result
 from benchmarks.quality_vs_nfe import load_model_or_tiny
 from difforge.evaluation import DifforgeMethod, image_seeds, load_feature_extractor, make_labels
-from difforge.evaluation.report import compute_threads, default_reference, describe_model
+from difforge.evaluation.against import default_reference
+from difforge.evaluation.records import describe_model
 from difforge.evaluation.sweep import PointInputs, evaluate_point
+from difforge.evaluation.threads import compute_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 

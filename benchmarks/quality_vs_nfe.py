@@ -21,11 +21,12 @@ halves in one batched forward, counted as one NFE). DDIM's x0 = (x_vp - sqrt(1 -
 sqrt(abar) then equals D_w exactly. Every method starts from the same per-image noise seeds and
 labels (scaled by the scheduler's init_noise_sigma), so all points are paired comparisons.
 
-Budget: the full run draws n images at each sampler x NFE point. NFE per image: 7 one-eval
-samplers x (5+8+10+15+20) + Heun (5+7+9+15+19) + 3 schedulers x 58 + the Heun-100 reference
-(199) = 834; with guidance each NFE is a batch of 2 forwards, and a ~1M-parameter U-Net costs
-~7 ms per image forward at batch 64 on the 2-core dev CPU, so one image costs ~11.7 s and
-n = 300 fits in about an hour (FID needs n > 128, the feature dimension). At n = 300 FID is
+Budget: the full run draws n images at each sampler x NFE point. NFE per image: 5 one-eval
+samplers (ddim and ddpm, aliases of euler and euler_ancestral, are left out of "all") x
+(5+8+10+15+20) + Heun (5+7+9+15+19) + 3 schedulers x 58 + the Heun-100 reference (199) = 718;
+with guidance each NFE is a batch of 2 forwards, and a ~1M-parameter U-Net costs ~7 ms per image
+forward at batch 64 on the 2-core dev CPU, so one image costs ~10 s and n = 300 fits in under an
+hour (FID needs n > 128, the feature dimension). At n = 300 FID is
 biased upward (by ~1/n); every point has the same n, and the run also records the FID of n real
 training images against the same reference (the floor at this n) and KID, which is unbiased.
 
@@ -60,8 +61,17 @@ from difforge.evaluation import (
     nfe_sweep,
     plot_sweep,
 )
-from difforge.evaluation.report import compute_threads, default_reference
-from difforge.model import Model, ModelConfig, NetSpec, SamplingDefaults, load, save_model, to_uint8
+from difforge.evaluation.against import default_reference
+from difforge.evaluation.threads import compute_threads
+from difforge.pipeline import (
+    Model,
+    ModelConfig,
+    NetSpec,
+    SamplingDefaults,
+    load,
+    save_model,
+    to_uint8,
+)
 from difforge.samplers import PerSampleNoise, expected_nfe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -58,8 +58,8 @@ NETS = {
 def make_model(folder: Path, net: str) -> Path:
     """A random-weight model folder (throughput does not depend on the weights' values, but
     batch invariance does: a net whose output is exactly zero is trivially invariant)."""
-    from difforge.model import ModelConfig, NetSpec, SamplingDefaults, save_model
     from difforge.nets import UNetConfig, build_net
+    from difforge.pipeline import ModelConfig, NetSpec, SamplingDefaults, save_model
 
     cfg = UNetConfig(in_channels=1, out_channels=1, num_classes=10, **NETS[net])
     torch.manual_seed(0)
@@ -205,7 +205,7 @@ async def load_level(url: str, clients: int, duration: float, steps: int, drain:
 
 def offline(model_path: Path, batch: int, steps: int, duration: float, threads: int | None) -> dict:
     """Full guided batches through `sample_rows` in-process: the server's ceiling."""
-    from difforge.model import load
+    from difforge.pipeline import load
     from difforge.serving.batching import BatchKey, Row, sample_rows
 
     if threads:
@@ -233,7 +233,7 @@ def invariance(model_path: Path, threads: list[int], sizes: list[int], steps: in
     a probe image at every position among different neighbours (one forward), compared with
     position 0 (same size) and with a batch of 1; then whole guided sampling runs, batched as
     they come vs alone, compared in uint8 pixels."""
-    from difforge.model import load, to_uint8
+    from difforge.pipeline import load, to_uint8
     from difforge.serving.batching import BatchKey, Row, sample_rows
     from difforge.serving.invariance import probe_positions
 

@@ -40,9 +40,9 @@ from torch import Tensor
 from benchmarks.common import write_result
 from benchmarks.quality_vs_nfe import SCHEDULE, VPEpsAdapter
 from difforge.core import DiscreteVP, get_sigmas, sigmas_from_timesteps
-from difforge.evaluation.report import compute_threads
 from difforge.evaluation.sweep import steps_for_nfe
-from difforge.model import Model, load
+from difforge.evaluation.threads import compute_threads
+from difforge.pipeline import Model, load
 from difforge.samplers import SAMPLERS, PerSampleNoise, expected_nfe
 from difforge.samplers.advice import few_step_problem
 

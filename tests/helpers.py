@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-import pytest
 import torch
 from torch import Tensor, nn
 
@@ -89,10 +89,15 @@ TINY_NET = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread while a test runs: tiny nets are far faster so on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tamper_sqlite(path: str | Path, *statements: str) -> None:
+    """Run SQL on a SQLite file directly, as an attacker with file access would (e.g. drop the
+    append-only trigger, then edit rows)."""
+    import sqlite3
+
+    raw = sqlite3.connect(path)
+    try:
+        for sql in statements:
+            raw.execute(sql)
+        raw.commit()
+    finally:
+        raw.close()

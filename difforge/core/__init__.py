@@ -1,4 +1,5 @@
-"""difforge.core: the math. Noise processes, sigma grids, parameterizations, denoisers, guidance."""
+"""difforge.core: the math. Noise processes, sigma grids, parameterizations, denoisers, guidance,
+editing."""
 
 from difforge.core.denoiser import (
     Cond,
@@ -8,6 +9,7 @@ from difforge.core.denoiser import (
     ModelDenoiser,
     diffusers_unet_call,
 )
+from difforge.core.editing import Inpaint, check_mask
 from difforge.core.errors import (
     DifforgeError,
     InvalidArgumentError,
@@ -41,6 +43,7 @@ __all__ = [
     "DifforgeError",
     "DiscreteVP",
     "EDMPrecond",
+    "Inpaint",
     "InvalidArgumentError",
     "ModelDenoiser",
     "NoiseProcess",
@@ -50,6 +53,7 @@ __all__ = [
     "UnknownChoiceError",
     "VEProcess",
     "append_dims",
+    "check_mask",
     "diffusers_unet_call",
     "get_sigmas",
     "make_betas",

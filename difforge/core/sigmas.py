@@ -33,10 +33,12 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 
 def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
-    """Evenly spaced in log sigma (the grid of DPM-Solver's logSNR spacing)."""
+    """Evenly spaced in log sigma (the grid of DPM-Solver's logSNR spacing), computed in float64
+    (a float32 linspace, as k-diffusion's `get_sigmas_exponential`, is off by up to 3e-7 relative)."""
     if n == 1:
         return _append_zero(torch.tensor([sigma_max], dtype=torch.float64))
-    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).double().exp())
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)
+    return _append_zero(log_sigmas.exp())
 
 
 def uniform_timesteps(process: DiscreteVP, n: int, spacing: str = "leading") -> Tensor:

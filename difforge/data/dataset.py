@@ -57,6 +57,10 @@ class ImageDataset:
         """Images as float32 in [-1, 1], shape (N, C, H, W)."""
         return self.images.float().div(127.5).sub(1.0)
 
+    def fields(self) -> dict[str, torch.Tensor]:
+        """Per-image data beside the pixels, {name: (N, ...)}; a conditioning spec reads them."""
+        return {} if self.labels is None else {"labels": self.labels}
+
 
 @dataclass(frozen=True)
 class PointDataset:

@@ -6,6 +6,7 @@ Numbers are reproducible from a report alone: every report records the extractor
 sha256, the reference dataset's content hash, sample counts, subset sizes and seeds.
 """
 
+from difforge.evaluation.config import MIN_REPEATS, SEED_STRIDE, EvalConfig
 from difforge.evaluation.evaluate import DUP_FRACTION, METRIC_KEYS, evaluate_images
 from difforge.evaluation.features import (
     Classifier,
@@ -31,6 +32,7 @@ from difforge.evaluation.metrics import (
     nn_ratios,
     precision_recall,
 )
+from difforge.evaluation.records import write_json
 from difforge.evaluation.reference import (
     ReferenceStats,
     compute_reference_stats,
@@ -38,15 +40,8 @@ from difforge.evaluation.reference import (
     mnist_reference,
     reference_stats,
 )
-from difforge.evaluation.report import (
-    MIN_REPEATS,
-    SEED_STRIDE,
-    EvalConfig,
-    evaluate_model,
-    image_seeds,
-    make_labels,
-    write_json,
-)
+from difforge.evaluation.report import evaluate_model
+from difforge.evaluation.sampling import image_seeds, make_labels
 from difforge.evaluation.sweep import (
     DifforgeMethod,
     SweepConfig,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.numpy import load as load_npz_bytes
 from safetensors.numpy import save as save_npz_bytes
 
+from difforge.common.atomic import write_bytes_atomic
 from difforge.core.errors import InvalidArgumentError
 from difforge.data.mnist import ImageDataset, load_mnist
 from difforge.evaluation.features import FeatureExtractor, extract
@@ -103,31 +102,19 @@ def _paths(cache_dir: Path, name: str, key: str) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_reference_stats(stats: ReferenceStats, cache_dir: Path) -> Path:
     """Write the arrays (safetensors), then the JSON that vouches for them; returns its path."""
     key = cache_key(stats.dataset_hash, stats.extractor_sha256)
     tensors_path, json_path = _paths(cache_dir, stats.name, key)
     blob = save_npz_bytes({"features": stats.features, "mu": stats.mu, "sigma": stats.sigma})
-    _atomic_write(tensors_path, blob)
+    write_bytes_atomic(tensors_path, blob)
     meta = stats.describe() | {
         "cache_format": CACHE_FORMAT,
         "key": key,
         "tensors_file": tensors_path.name,
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    _atomic_write(json_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(json_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return json_path
 
 

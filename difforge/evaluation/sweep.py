@@ -26,36 +26,37 @@ import torch
 from torch import Tensor
 
 from difforge.core.errors import InvalidArgumentError, check_choice
-from difforge.evaluation.evaluate import evaluate_images
-from difforge.evaluation.features import FeatureExtractor, load_feature_extractor
-from difforge.evaluation.reference import ReferenceStats
-from difforge.evaluation.report import (
+from difforge.evaluation.against import (
+    check_model_fits,
+    check_reference,
+    check_trained_on_mnist,
+    default_reference,
+)
+from difforge.evaluation.config import (
     SEED_STRIDE,
     LabelPolicy,
     Log,
     Split,
     check_common,
     check_int,
-    check_model_fits,
     check_n,
-    check_reference,
     check_seed,
-    check_trained_on_mnist,
-    compute_threads,
-    default_reference,
-    describe_model,
+    make_config,
+)
+from difforge.evaluation.evaluate import evaluate_images
+from difforge.evaluation.features import FeatureExtractor, load_feature_extractor
+from difforge.evaluation.records import describe_model, now_iso, run_info, write_json
+from difforge.evaluation.reference import ReferenceStats
+from difforge.evaluation.sampling import (
     draw_with,
     image_seeds,
     in_batches,
-    make_config,
     make_labels,
-    now_iso,
     resolve_sampling,
-    run_info,
-    write_json,
 )
-from difforge.model import Model, load
-from difforge.samplers import SAMPLERS, expected_nfe, get_sigmas
+from difforge.evaluation.threads import compute_threads
+from difforge.pipeline import Model, load
+from difforge.samplers import SAMPLERS, canonical_samplers, expected_nfe, get_sigmas
 from difforge.samplers.advice import few_step_problem
 
 SWEEP_FORMAT = "difforge-nfe-sweep/1"
@@ -143,7 +144,7 @@ class DifforgeMethod:
 class SweepConfig:
     """Which samplers at which NFE budgets, on how many images; stored under "config"."""
 
-    samplers: tuple[str, ...] | str = "all"  # names in SAMPLERS, or "all"
+    samplers: tuple[str, ...] | str = "all"  # names in SAMPLERS, or "all" (aliases left out)
     nfe: tuple[int, ...] = DEFAULT_NFE  # NFE budgets (targets); each sampler stays at or below
     n: int = 2000  # images per point; FID needs more than the feature dimension (128, MNIST)
     seed: int = 0  # one draw per point, the same noise for every point
@@ -160,7 +161,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         samplers = self.samplers
         if samplers == "all" or list(samplers) == ["all"]:
-            samplers = tuple(SAMPLERS)
+            samplers = canonical_samplers()  # ddim/ddpm are euler(_ancestral): count once
         samplers = (samplers,) if isinstance(samplers, str) else tuple(samplers)
         for s in samplers:
             check_choice("sampler", s, SAMPLERS)

@@ -10,13 +10,15 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from difforge.core.errors import InvalidArgumentError, check_choice
+from difforge.nets.autoencoder import Autoencoder, AutoencoderConfig
 from difforge.nets.unet import MNIST_UNET, UNet, UNetConfig
 
-NET_KINDS: tuple[str, ...] = ("unet",)
-_CONFIGS = {"unet": UNetConfig}
-_NETS = {"unet": UNet}
+# Denoisers take forward(x, c_noise, cond); the autoencoder has encode/decode (a pipeline VAE).
+NET_KINDS: tuple[str, ...] = ("unet", "autoencoder")
+_CONFIGS = {"unet": UNetConfig, "autoencoder": AutoencoderConfig}
+_NETS = {"unet": UNet, "autoencoder": Autoencoder}
 
-NetConfig = UNetConfig
+NetConfig = UNetConfig | AutoencoderConfig
 
 
 def net_config_from_dict(kind: str, config: Mapping[str, Any]) -> NetConfig:
@@ -80,6 +82,8 @@ def flops_per_forward(
 __all__ = [
     "MNIST_UNET",
     "NET_KINDS",
+    "Autoencoder",
+    "AutoencoderConfig",
     "NetConfig",
     "UNet",
     "UNetConfig",

@@ -3,7 +3,7 @@
 hash_n = sha256(canonical JSON of {seq, at, actor, action, name, version, details, prev_hash_(n-1)})
 
 Editing any field of any row breaks that row's hash; deleting or reordering rows breaks the
-links after it. Entries are only ever inserted, under the registry's write lock, so the chain
+links after it (the chain itself: `difforge.common.hashchain`, format `CHAIN`). Entries are only ever inserted, under the registry's write lock, so the chain
 stays linear; on SQLite and PostgreSQL a trigger also refuses UPDATE and DELETE. Someone who can
 rewrite the whole chain can hide an edit from `verify_chain` alone: publish `head` (the last
 hash) somewhere else to anchor it.
@@ -12,7 +12,6 @@ hash) somewhere else to anchor it.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -22,20 +21,12 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
+from difforge.common.hashchain import GENESIS, ChainFormat, Link, canonical_json, verify
 from difforge.registry.schema import audit_log
 
-GENESIS = "0" * 64
-
-
-def canonical_json(obj: Any) -> str:
-    """One fixed text for a JSON value (sorted keys, no spaces), so its hash is reproducible."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+# the previous hash is hashed inside the entry's JSON; strict, UTF-8 canonical JSON
+CHAIN = ChainFormat(prev_key="prev_hash")
+_CONTENT = ("seq", "at", "actor", "action", "name", "version", "details")
 
 
 def now() -> str:
@@ -76,17 +67,8 @@ def entry_hash(
     prev_hash: str,
 ) -> str:
     """The chain hash of one entry; `details` is the stored canonical JSON text."""
-    body = {
-        "seq": seq,
-        "at": at,
-        "actor": actor,
-        "action": action,
-        "name": name,
-        "version": version,
-        "details": details,
-        "prev_hash": prev_hash,
-    }
-    return sha256_text(canonical_json(body))
+    content = dict(zip(_CONTENT, (seq, at, actor, action, name, version, details), strict=True))
+    return CHAIN.hash(prev_hash, content)
 
 
 def append(
@@ -152,32 +134,14 @@ def entries(
 
 
 def verify_chain(conn: Connection) -> tuple[list[str], int, str]:
-    """Walk the chain; returns (problems, number of entries, head hash)."""
-    problems: list[str] = []
-    prev, expected_seq, count = GENESIS, 1, 0
-    for row in conn.execute(select(audit_log).order_by(audit_log.c.seq)):
-        count += 1
-        if row.seq != expected_seq:
-            problems.append(f"audit entries {expected_seq}..{row.seq - 1} are missing")
-        if row.prev_hash != prev:
-            problems.append(f"audit entry {row.seq} does not link to entry {row.seq - 1}")
-        digest = entry_hash(
-            row.seq,
-            row.at,
-            row.actor,
-            row.action,
-            row.name,
-            row.version,
-            row.details,
-            row.prev_hash,
-        )
-        if digest != row.hash:
-            problems.append(
-                f"audit entry {row.seq} ({row.action}) was edited: its contents hash to "
-                f"{digest[:12]}..., the chain recorded {row.hash[:12]}..."
-            )
-        prev, expected_seq = row.hash, row.seq + 1
-    return problems, count, prev
+    """Walk the chain; returns (every problem found, number of entries, head hash)."""
+    rows = conn.execute(select(audit_log).order_by(audit_log.c.seq))
+    links = (
+        Link(r.seq, r.prev_hash, r.hash, {c: getattr(r, c) for c in _CONTENT}, r.action)
+        for r in rows
+    )
+    report = verify(links, CHAIN, noun="audit entry", plural="audit entries")
+    return [p.message for p in report.problems], report.rows, report.head
 
 
 def last_seq(conn: Connection) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError
 
 DEFAULT_URL = "sqlite:///registry.db"
@@ -56,18 +57,6 @@ class RegistryConfig(_Frozen):
     lock_timeout_s: float = Field(60.0, gt=0)  # how long a writer waits for the write lock
 
 
-def _validation_message(e: ValidationError, source: str) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(map(str, err["loc"])) or "gates"
-        if err["type"] == "extra_forbidden":
-            allowed = ", ".join(Gates.model_fields)
-            parts.append(f"unknown gate {where!r} (allowed: {allowed})")
-        else:
-            parts.append(f"{where}: {err['msg']}")
-    return f"{source}: " + "; ".join(parts)
-
-
 def parse_gates(
     gates: Gates | Mapping[str, Any] | str | Path | None, base: Gates | None = None
 ) -> Gates:
@@ -97,4 +86,5 @@ def parse_gates(
     try:
         return Gates.model_validate({**base.model_dump(), **dict(gates)})
     except ValidationError as e:
-        raise InvalidArgumentError(_validation_message(e, source)) from None
+        line = error_line(e, root="gates", allowed=Gates.model_fields, noun="gate")
+        raise InvalidArgumentError(f"{source}: {line}") from None

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from difforge.core.errors import DifforgeError
-from difforge.model import ModelIntegrityError
+from difforge.pipeline import ModelIntegrityError
 
 if TYPE_CHECKING:
     from difforge.registry.gates import GateResult

@@ -241,7 +241,7 @@ def smoke_sample(model, images: int = 2, steps: int = 4, seed: int = 0) -> GateR
     """Sample a few images with few steps; fail on any non-finite state or prediction.
 
     Args:
-        model: a loaded difforge.model.Model.
+        model: a loaded difforge.pipeline.Model.
         images, steps, seed: how much to sample.
     """
     bad: list[str] = []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from difforge.core.errors import InvalidArgumentError
-from difforge.model import CARD_FILE, CONFIG_FILE, ModelConfig
+from difforge.pipeline import CARD_FILE, CONFIG_FILE, ModelConfig
 from difforge.registry.errors import ConflictError
 from difforge.registry.gates import ReportSummary, summarize_report
 

@@ -5,7 +5,7 @@
     reg.promote("mnist", 1, to="production", gates="gates.json")
     reg.promote("mnist", 2, to="canary", percent=10)
     reg.resolve("mnist")                                     # production v1, canary v2 at 10%
-    reg.load_version("mnist", "production")                  # -> difforge.model.Model
+    reg.load_version("mnist", "production")                  # -> difforge.pipeline.Model
     reg.rollback("mnist")                                    # production back to the previous one
     reg.verify()                                             # audit chain + every artifact
 
@@ -24,10 +24,12 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.engine import make_url
 
+from difforge.common.hashchain import canonical_json, sha256_text
 from difforge.core.errors import InvalidArgumentError
-from difforge.model import (
+from difforge.pipeline import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    PIPELINE_FILE,
     WEIGHTS_FILE,
     Model,
     ModelIntegrityError,
@@ -35,7 +37,7 @@ from difforge.model import (
     sha256_file,
 )
 from difforge.registry import audit
-from difforge.registry.audit import AuditEntry, canonical_json, sha256_text
+from difforge.registry.audit import AuditEntry
 from difforge.registry.config import DEFAULT_URL, Gates, RegistryConfig, parse_gates
 from difforge.registry.errors import (
     ArtifactIntegrityError,
@@ -108,7 +110,8 @@ def check_alias(alias: str) -> str:
 
 
 def _report_text(report: Mapping[str, Any]) -> str:
-    return json.dumps(report, sort_keys=True, separators=(",", ":"))  # NaN kept as NaN
+    # NaN kept as NaN, non-ASCII escaped: the text (and its hash) of every stored report
+    return canonical_json(report, ascii_only=True, allow_nan=True)
 
 
 def _loads(text: str | None) -> Any:
@@ -180,7 +183,7 @@ class Registry:
     ) -> Registration:
         """Register a model folder as a new immutable version (or find it, if already there).
 
-        The folder must load (`difforge.model.load`: manifest, safetensors, strict weights).
+        The folder must load (`difforge.pipeline.load`: manifest, safetensors, strict weights).
         Its files are copied into the artifact store; evaluation reports found in the folder or
         passed in are attached. Identical weights under the same name give the existing version
         (new reports are still attached); identical weights with another config.json conflict.
@@ -196,10 +199,17 @@ class Registry:
         folder = Path(path)
         folder = folder.parent if folder.is_file() else folder
         model = load(folder)  # proves the folder is complete, intact and loadable
-        name = check_name(name or model.config.name)
+        name = check_name(name or model.name)
         listed = json.loads((folder / MANIFEST_FILE).read_text())["files"]
         files = {**listed, MANIFEST_FILE: sha256_file(folder / MANIFEST_FILE)}
-        if files[WEIGHTS_FILE] != model.sha256:
+        # A v1 folder is identified by its weights, a v2 pipeline by pipeline.json (which
+        # records every component's weights sha256); either is the model's sha256.
+        identity, config_file = (
+            (PIPELINE_FILE, PIPELINE_FILE)
+            if PIPELINE_FILE in files
+            else (WEIGHTS_FILE, CONFIG_FILE)
+        )
+        if files[identity] != model.sha256:
             raise ModelIntegrityError(f"{folder} changed while it was being registered")
         prov = gather_provenance(folder, model.config)
         reps = load_reports(folder, reports, model.sha256)
@@ -207,10 +217,10 @@ class Registry:
             self.store.put_file(folder / fname, sha)
         row = {
             "name": name,
-            "weights_sha256": files[WEIGHTS_FILE],
-            "config_sha256": files[CONFIG_FILE],
+            "weights_sha256": files[identity],
+            "config_sha256": files[config_file],
             "files": canonical_json(files),
-            "config": self.store.read_bytes(files[CONFIG_FILE]).decode(),
+            "config": self.store.read_bytes(files[config_file]).decode(),
             "dataset_hash": prov.dataset_hash,
             "code_version": prov.code_version,
             "training_config": _json_or_none(prov.training_config),

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from difforge.model import sha256_file
+from difforge.common.atomic import atomic_file, atomic_folder
+from difforge.pipeline import sha256_file
 
 
 @dataclass(frozen=True)
@@ -56,21 +56,15 @@ class ArtifactStore:
         if dest.is_file() and self.check(sha256) is None:
             return sha256
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{sha256}.tmp-{os.getpid()}-{threading.get_ident()}")
+        if dest.exists():  # a corrupted copy: it is replaced with the good bytes
+            os.chmod(dest, 0o644)
         h = hashlib.sha256()
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with open(src, "rb") as fin, atomic_file(dest, mode=0o444) as fout:
             for block in iter(lambda: fin.read(1 << 20), b""):
                 h.update(block)
                 fout.write(block)
-            fout.flush()
-            os.fsync(fout.fileno())
-        if h.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
-            raise OSError(f"{src} changed while it was being stored")
-        os.chmod(tmp, 0o444)
-        if dest.exists():  # a corrupted copy: replace it with the good bytes
-            os.chmod(dest, 0o644)
-        os.replace(tmp, dest)
+            if h.hexdigest() != sha256:  # raising here leaves `dest` as it was
+                raise OSError(f"{src} changed while it was being stored")
         return sha256
 
     def check(self, sha256: str) -> BlobProblem | None:
@@ -94,13 +88,9 @@ class ArtifactStore:
             if all((folder / f).resolve() == t for f, t in targets.items()):
                 return folder
             shutil.rmtree(folder, ignore_errors=True)  # stale or damaged: rebuild it
-        tmp = folder.with_name(f".{key}.tmp-{os.getpid()}-{threading.get_ident()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for fname, target in targets.items():
-            (tmp / fname).symlink_to(target)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process made it meanwhile; theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+        # another process may make it meanwhile; theirs is as good as ours
+        with atomic_folder(folder, if_exists="keep") as tmp:
+            for fname, target in targets.items():
+                (tmp / fname).parent.mkdir(parents=True, exist_ok=True)  # v2: component folders
+                (tmp / fname).symlink_to(target)
         return folder

@@ -12,7 +12,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from difforge.registry.audit import AuditEntry, canonical_json, sha256_text
+from difforge.common.hashchain import canonical_json, sha256_text
+from difforge.registry.audit import AuditEntry
 from difforge.registry.schema import aliases, evaluation_reports
 
 _IMMUTABLE = (

@@ -13,18 +13,22 @@ from difforge.samplers.dpmpp3m import sample_dpmpp_3m, sample_dpmpp_3m_sde
 from difforge.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from difforge.samplers.ipndm import sample_ipndm
 from difforge.samplers.multistep import sample_deis, sample_deis_logrho, sample_ipndm_v
-from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise
+from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise, stream_seeds
 from difforge.samplers.registry import (
+    ALIASES,
     SAMPLERS,
     SampleResult,
+    canonical_samplers,
     expected_nfe,
     get_sampler,
     sample,
     sampler_knobs,
+    start_for_strength,
 )
 from difforge.samplers.unipc import sample_unipc, sample_unipc_bh1
 
 __all__ = [
+    "ALIASES",
     "GRID_KINDS",
     "SAMPLERS",
     "GeneratorNoise",
@@ -32,6 +36,7 @@ __all__ = [
     "PerSampleNoise",
     "SampleResult",
     "StepInfo",
+    "canonical_samplers",
     "expected_nfe",
     "get_sampler",
     "get_sigmas",
@@ -52,4 +57,6 @@ __all__ = [
     "sample_unipc",
     "sample_unipc_bh1",
     "sampler_knobs",
+    "start_for_strength",
+    "stream_seeds",
 ]

@@ -1,29 +1,31 @@
-"""DDIM (Song et al. 2021) and DDPM ancestral sampling (Ho et al. 2020), written in VE space.
+"""DDIM (Song et al. 2021) and DDPM ancestral sampling (Ho et al. 2020): aliases of Euler ancestral.
 
-With alpha_bar = 1 / (1 + sigma^2), DDIM's update (Song et al. 2021, Eq. 12) divided by
-sqrt(alpha_bar_s) becomes  x_s = x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z,  c = sigma_eta / sqrt(alpha_bar_s),
-sigma_eta = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s)  (Eq. 16). eta = 1 is DDPM's
-posterior q(x_s | x_t, x0) with variance beta_tilde (Ho et al. 2020, Eq. 6-7).
+Why they are aliases, not algorithms of their own. With alpha_bar = 1 / (1 + sigma^2) (VE space,
+x = x_vp / sqrt(alpha_bar)), DDIM's update (Song et al. 2021, Eq. 12) divided by sqrt(alpha_bar_s) is
+
+    x_s = x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z,   eps_hat = (x_t - x0_hat) / sigma_t,
+    c = sigma_eta / sqrt(alpha_bar_s),  sigma_eta = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s)
+
+(Eq. 16). Substituting ab = 1 / (1 + sigma^2) gives c^2 = eta^2 sigma_s^2 (sigma_t^2 - sigma_s^2) / sigma_t^2,
+which is exactly Euler ancestral's sigma_up^2 (k-diffusion's `get_ancestral_step`), and
+x0_hat + sigma_down eps_hat = x_t + (x_t - x0_hat) (sigma_down - sigma_t) / sigma_t is its Euler step
+to sigma_down = sqrt(sigma_s^2 - sigma_up^2). So, on the same sigma grid with the same noise:
+
+    ddim(eta)  = euler_ancestral(eta)        (eta = 0: no noise is drawn, the step is Euler's, bitwise)
+    ddpm       = euler_ancestral(eta = 1)    (the posterior q(x_s | x_t, x0_hat), Ho et al. 2020, Eq. 6-7)
+
+tests/unit/test_sampler_aliases.py checks the bitwise identities and compares against DDIM written
+in VP space with the paper's symbols (agreement to float32 round-off).
 """
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
-from difforge.samplers.base import Callback, denoise, emit, require_noise, sigma_list
+from difforge.samplers.base import Callback
+from difforge.samplers.euler import sample_euler_ancestral
 from difforge.samplers.noise import NoiseSource
-
-
-def ddim_noise_level(sigma: float, sigma_next: float, eta: float) -> float:
-    """c = sigma_eta / sqrt(alpha_bar_s): the std of fresh noise at sigma_next, in VE units."""
-    if eta == 0 or sigma_next == 0:
-        return 0.0
-    ab_t, ab_s = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-    sigma_eta = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
-    return min(sigma_next, sigma_eta / math.sqrt(ab_s))
 
 
 def sample_ddim(
@@ -36,19 +38,11 @@ def sample_ddim(
     callback: Callback | None = None,
     eta: float = 0.0,
 ) -> Tensor:
-    """DDIM with stochasticity eta (0: deterministic, 1: DDPM ancestral) (Song et al. 2021, Eq. 12)."""
-    s = sigma_list(sigmas)
-    if eta > 0:
-        require_noise(noise, "ddim with eta > 0")
-    for i in range(len(s) - 1):
-        denoised = denoise(denoiser, x, s[i], cond)
-        c = ddim_noise_level(s[i], s[i + 1], eta)
-        eps = (x - denoised) / s[i]
-        x = denoised + eps * math.sqrt(s[i + 1] ** 2 - c**2)
-        if c > 0:
-            x = x + noise(x) * c
-        x = emit(callback, i, s, x, denoised)
-    return x
+    """DDIM with stochasticity eta (0: deterministic, 1: DDPM) (Song et al. 2021, Eq. 12, 16);
+    an alias of `sample_euler_ancestral(eta=eta)` (derivation in the module docstring)."""
+    return sample_euler_ancestral(
+        denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, eta=eta
+    )
 
 
 def sample_ddpm(
@@ -60,5 +54,8 @@ def sample_ddpm(
     noise: NoiseSource | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """DDPM ancestral sampling: the posterior q(x_s | x_t, x0_hat) (Ho et al. 2020, Alg. 2, Eq. 6-7)."""
-    return sample_ddim(denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, eta=1.0)
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2, Eq. 6-7); an alias of
+    `sample_euler_ancestral(eta=1)`."""
+    return sample_euler_ancestral(
+        denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, eta=1.0
+    )

@@ -8,14 +8,7 @@ import math
 from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
-from difforge.samplers.base import (
-    Callback,
-    denoise,
-    emit,
-    require_distinct,
-    require_noise,
-    sigma_list,
-)
+from difforge.samplers.base import Callback, denoise, emit, require_noise, sigma_list
 from difforge.samplers.noise import NoiseSource
 
 
@@ -30,7 +23,6 @@ def sample_dpmpp_2m(
 ) -> Tensor:
     """DPM-Solver++(2M): multistep second order; first order on the first and the last step."""
     s = sigma_list(sigmas)
-    require_distinct(s, "dpmpp_2m")  # r = h_last / h: a zero step would divide by zero
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
         denoised = denoise(denoiser, x, s[i], cond)
@@ -62,7 +54,6 @@ def sample_dpmpp_2m_sde(
 ) -> Tensor:
     """SDE-DPM-Solver++(2M), midpoint form (Lu et al. 2022, App. / diffusers "sde-dpmsolver++")."""
     s = sigma_list(sigmas)
-    require_distinct(s, "dpmpp_2m_sde")
     if eta > 0:
         require_noise(noise, "dpmpp_2m_sde")
     old_denoised, h_last = None, None

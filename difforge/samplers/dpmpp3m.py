@@ -14,7 +14,6 @@ from difforge.samplers.base import (
     Callback,
     denoise,
     emit,
-    require_distinct,
     require_noise,
     sigma_list,
 )
@@ -39,7 +38,6 @@ def sample_dpmpp_3m_sde(
         raise InvalidArgumentError(f"eta must be >= 0, got {eta}")
     if eta > 0:
         require_noise(noise, "dpmpp_3m_sde")
-    require_distinct(s, "dpmpp_3m")
     denoised_1 = denoised_2 = None  # x0_hat of the previous two steps
     h_1 = h_2 = None  # their step sizes in lambda
     for i in range(len(s) - 1):

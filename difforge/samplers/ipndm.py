@@ -25,7 +25,16 @@ def sample_ipndm(
     callback: Callback | None = None,
     max_order: int = 4,
 ) -> Tensor:
-    """iPNDM with `max_order` in 1..4 (4 is the published setting)."""
+    """iPNDM with `max_order` in 1..4 (4 is the published setting).
+
+    The step to sigma = 0 returns x0_hat (as ComfyUI's `sample_ipndm` and our dpmpp_2m): the
+    Adams-Bashforth weights assume a step as long as the history's spacing, and the final jump
+    sigma_min -> 0 does not shrink with the step count, so using them there adds an O(1/n) error.
+    Measured on the exact Gaussian-mixture denoiser (Karras grid 0.05..10, RMSE against Heun-2048,
+    tests/unit/test_convergence_order.py's setup, `pytest -s` prints the slopes): with the AB last
+    step (this function before commit 6421078) the slope fell to 1.35 between 64 and 128 steps;
+    with x0_hat it stays 2.0. At 4-15 steps the two differ by < 3%.
+    """
     if max_order not in (1, 2, 3, 4):
         raise InvalidArgumentError(f"ipndm max_order must be 1, 2, 3 or 4, got {max_order!r}")
     s = sigma_list(sigmas)
@@ -34,10 +43,13 @@ def sample_ipndm(
         denoised = denoise(denoiser, x, s[i], cond)
         history.insert(0, (x - denoised) / s[i])
         del history[max_order:]
-        weights = _AB[len(history) - 1]
-        d = history[0] * weights[0]
-        for w, d_old in zip(weights[1:], history[1:], strict=True):
-            d = d + d_old * w
-        x = x + d * (s[i + 1] - s[i])
+        if s[i + 1] == 0:
+            x = denoised  # the last step: see the docstring
+        else:
+            weights = _AB[len(history) - 1]
+            d = history[0] * weights[0]
+            for w, d_old in zip(weights[1:], history[1:], strict=True):
+                d = d + d_old * w
+            x = x + d * (s[i + 1] - s[i])
         x = emit(callback, i, s, x, denoised)
     return x

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
 from difforge.core.errors import InvalidArgumentError
-from difforge.samplers.base import Callback, denoise, emit, require_distinct, sigma_list
+from difforge.samplers.base import Callback, denoise, emit, sigma_list
 from difforge.samplers.noise import NoiseSource
 
 # Gauss-Legendre nodes on [-1, 1]: exact for polynomials in sigma of degree < 64, and converged to
@@ -93,7 +93,6 @@ def _sample_multistep(
     if max_order not in orders:
         raise InvalidArgumentError(f"{name} max_order must be one of {orders}, got {max_order!r}")
     s = sigma_list(sigmas)
-    require_distinct(s, name)
     weights = multistep_weights(s, max_order, TAUS[tau])
     history: list[Tensor] = []  # eps of the latest steps, newest first
     for i in range(len(s) - 1):

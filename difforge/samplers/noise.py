@@ -34,6 +34,25 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
+def _splitmix64(z: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood 2014): a bijective 64-bit mix."""
+    z = (z + 0x9E3779B97F4A7C15) & MAX_SEED
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MAX_SEED
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MAX_SEED
+    return z ^ (z >> 31)
+
+
+def stream_seeds(seeds: Sequence[int], stream: int) -> list[int]:
+    """Per-sample seeds of an independent stream `stream` >= 1 (0 is the seeds themselves):
+    seed' = splitmix64(splitmix64(seed) ^ stream). Each derived seed depends on its own sample's
+    seed only, so a second consumer of randomness (an editing hook) is batch-invariant and never
+    shifts the sampler's own draws."""
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+        raise InvalidArgumentError(f"noise stream must be an integer >= 0, got {stream!r}")
+    seeds = check_seeds(seeds)
+    return seeds if stream == 0 else [_splitmix64(_splitmix64(s) ^ stream) for s in seeds]
+
+
 class PerSampleNoise:
     """Independent torch generators, one per sample, for one sampling call.
 
@@ -58,6 +77,10 @@ class PerSampleNoise:
         if device is None or out.device == torch.device(device):
             return out
         return out.to(device)
+
+    def stream(self, stream: int) -> PerSampleNoise:
+        """A fresh source over the same samples, independent of this one (see `stream_seeds`)."""
+        return PerSampleNoise(stream_seeds(self.seeds, stream))
 
     def __call__(self, like: Tensor) -> Tensor:
         if like.shape[0] != len(self.generators):

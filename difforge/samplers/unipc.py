@@ -20,7 +20,7 @@ from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
 from difforge.core.errors import InvalidArgumentError
-from difforge.samplers.base import Callback, denoise, emit, require_distinct, sigma_list
+from difforge.samplers.base import Callback, denoise, emit, sigma_list
 from difforge.samplers.noise import NoiseSource
 
 
@@ -73,7 +73,6 @@ def _unipc(denoiser, x, sigmas, cond, callback, order: int, bh2: bool, name: str
     if order not in (1, 2, 3):
         raise InvalidArgumentError(f"{name} order must be 1, 2 or 3, got {order!r}")
     s = sigma_list(sigmas)
-    require_distinct(s, name)
     n = len(s) - 1
     lams = [-math.log(v) if v > 0 else math.inf for v in s]
     orders = [min(order, n - i, i + 1) for i in range(n)]

@@ -5,6 +5,7 @@ unbatch (engine) -> encode (encode), with the router, access control, audit log 
 around it. `serve(model_path)` runs it; `create_app(service)` gives the ASGI app for tests.
 """
 
+from difforge.common.png import png_text
 from difforge.serving.app import build_service, create_app, serve
 from difforge.serving.audit import AuditEntry, AuditLog, Verification
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
@@ -16,7 +17,7 @@ from difforge.serving.config import (
     hash_key,
     load_service_config,
 )
-from difforge.serving.encode import pixels_sha256, png_text
+from difforge.serving.encode import pixels_sha256
 from difforge.serving.invariance import InvarianceReport, choose_plan, probe
 from difforge.serving.protocol import GenerateRequest, Plan
 from difforge.serving.registry_source import RegistrySource, open_service

@@ -33,18 +33,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from difforge.serving.access import AccessDenied, Principal, is_loopback
+from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, parse_admin
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
-from difforge.serving.registry_source import (
-    CanaryBody,
-    PromoteBody,
-    RegistrySource,
-    RollbackBody,
-    open_service,
-    parse_admin,
-)
+from difforge.serving.registry_source import RegistrySource, open_service
 from difforge.serving.router import ModelRouter, ModelVersion
 from difforge.serving.service import GenerateCall, HTTPFailure, Service
 
@@ -262,7 +256,7 @@ def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
 
     The load runs on a passing thread: torch work stays off the main thread (see
     `difforge.serving.engine.on_passing_thread`)."""
-    from difforge.model import load
+    from difforge.pipeline import load
 
     return Service(config, ModelRouter(ModelVersion(on_passing_thread(load, model_path))))
 

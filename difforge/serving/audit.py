@@ -2,8 +2,9 @@
 
 Each row stores what was asked (the resolved parameters, enough to replay the request), by whom
 (the API key *id*, never the key), on which model version, what came out (sha256 of the pixels),
-the outcome and the latency. Row i's hash is sha256(previous hash + canonical JSON of row i), so
-editing, inserting or deleting any row breaks every later link and `verify` finds the first one.
+the outcome and the latency. Row i's hash is sha256(previous hash + canonical JSON of row i) (the
+chain: `difforge.common.hashchain`, format `CHAIN`), so editing, inserting or deleting any row
+breaks a hash or a link and `verify` names every row where that happens.
 Triggers refuse UPDATE and DELETE through SQLite itself; the chain catches whoever bypasses them.
 Deleting the newest rows leaves a valid shorter chain: compare `head()` with a copy kept elsewhere.
 
@@ -12,7 +13,6 @@ Rejections that cost nothing (401/403/429/503) are counted in metrics, not writt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -21,7 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-GENESIS = "0" * 64
+from difforge.common.hashchain import GENESIS, ChainFormat, Link, verify
+
+# the previous hash prefixes the row's JSON; ASCII-only, NaN allowed (as the first logs were written)
+CHAIN = ChainFormat(prev_key=None, ascii_only=True, allow_nan=True)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -84,19 +87,22 @@ class AuditEntry:
 
 @dataclass(frozen=True)
 class Verification:
+    """The chain check: `first_bad_seq` and `reason` describe the first problem, `problems` all."""
+
     ok: bool
     rows: int
     first_bad_seq: int | None = None
     reason: str = ""
+    problems: tuple[str, ...] = ()
 
 
 def _canonical(values: dict[str, Any]) -> str:
-    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return CHAIN.canonical(values)
 
 
 def row_hash(prev_hash: str, content: dict[str, Any]) -> str:
     """sha256(prev_hash + canonical JSON of the row's content columns)."""
-    return hashlib.sha256((prev_hash + _canonical(content)).encode()).hexdigest()
+    return CHAIN.hash(prev_hash, content)
 
 
 class AuditLog:
@@ -162,22 +168,18 @@ class AuditLog:
         return out
 
     def verify(self) -> Verification:
-        """Recompute the chain; report the first row whose hash or link does not hold."""
+        """Recompute the chain; report every row whose hash or link does not hold."""
         with self._lock:
             rows = self._db.execute("SELECT * FROM audit ORDER BY seq").fetchall()
-        prev, expected_seq = GENESIS, 1
-        for row in rows:
-            content = {c: row[c] for c in _CONTENT}
-            if row["seq"] != expected_seq:
-                return Verification(False, len(rows), row["seq"], f"missing row {expected_seq}")
-            if row["prev_hash"] != prev:
-                return Verification(False, len(rows), row["seq"], "link to the previous row broken")
-            if row_hash(prev, content) != row["hash"]:
-                return Verification(
-                    False, len(rows), row["seq"], "row content does not match its hash"
-                )
-            prev, expected_seq = row["hash"], expected_seq + 1
-        return Verification(True, len(rows))
+        links = (
+            Link(r["seq"], r["prev_hash"], r["hash"], {c: r[c] for c in _CONTENT}) for r in rows
+        )
+        report = verify(links, CHAIN)
+        if report.ok:
+            return Verification(True, report.rows)
+        first = report.problems[0]
+        messages = tuple(p.message for p in report.problems)
+        return Verification(False, report.rows, first.seq, first.message, messages)
 
     def close(self) -> None:
         with self._lock:

@@ -1,10 +1,11 @@
 """What may share a sampler call, and the call itself (the predict step of the serving contract).
 
 Requests are compatible when they agree on everything that is one value per sampler call: model
-version, sampler, steps, sigma grid, image shape, sampler knobs, and whether classifier-free
-guidance runs (a guided call doubles the forward batch, and a guidance scale of exactly 1 inside a
-guided call is computed as uncond + 1 * (cond - uncond), not bitwise the conditional output).
-Labels, seeds and guidance scales are per row.
+version, sampler, steps, sigma grid, image shape, sampler knobs, the conditioning's signature
+(every key's dtype and shape, so rows with prompts or masks stack when their shapes agree) and
+whether classifier-free guidance runs (a guided call doubles the forward batch, and a guidance scale
+of exactly 1 inside a guided call is computed as uncond + 1 * (cond - uncond), not bitwise the
+conditional output). A row's resolved conditioning, seed and guidance scale are its own.
 
 `BatchPlan` decides how many rows one call holds and whether it is padded to a fixed shape; see
 difforge.serving.invariance for why the shape must be fixed.
@@ -19,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difforge.core.sigmas import get_sigmas
-from difforge.model import Model
-from difforge.samplers import StepInfo, sample
+from difforge.pipeline import Model, Plan
+from difforge.pipeline.conditioning import Row as Conditioning
+from difforge.pipeline.conditioning import Signature
+from difforge.samplers import StepInfo
 
 
 @dataclass(frozen=True)
@@ -34,19 +36,36 @@ class BatchKey:
     grid: str
     shape: tuple[int, ...]  # (C, H, W)
     guided: bool  # classifier-free guidance on (every row has guidance != 1)
-    options: tuple[tuple[str, float], ...] = ()  # sampler knobs
+    options: tuple[tuple[str, Any], ...] = ()  # sampler knobs
+    cond: Signature = ()  # (key, dtype, shape) of every conditioning key
+
+    def plan(self) -> Plan:
+        """The per-call settings as a Plan (rows, seeds and guidance come per row)."""
+        return Plan(
+            (),
+            {},
+            (),
+            2.0 if self.guided else 1.0,
+            self.sampler,
+            self.steps,
+            self.grid,
+            self.options,
+            "json",
+            None,
+        )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Row:
-    """One image of a sampler call: its seed, its label (None: unconditional) and its guidance."""
+    """One image of a sampler call: its seed, its resolved conditioning ({} for the model's null
+    conditioning) and its guidance scale."""
 
     seed: int
-    label: int | None = None
+    cond: Conditioning = field(default_factory=dict)
     guidance: float = 1.0
 
 
-PAD_ROW = Row(seed=0)  # filler for fixed-shape calls; its output is thrown away
+PAD_ROW = Row(seed=0)  # filler for fixed-shape calls (the null conditioning); output thrown away
 
 
 @dataclass(frozen=True)
@@ -85,30 +104,21 @@ def sample_rows(
     pad_to: int | None = None,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> tuple[Tensor, int]:
-    """One batched `sample()` call over `rows` (padded with PAD_ROW up to `pad_to`).
+    """One batched sampler call over `rows` (padded with PAD_ROW up to `pad_to`).
 
     Returns:
-        (float32 samples (len(rows), C, H, W) in data space, NFE of the call).
+        (float32 sampler output (len(rows), *latent_shape), NFE of the call); `model.decode`
+        turns it into pixels.
     """
     all_rows = list(rows) + [PAD_ROW] * max(0, (pad_to or 0) - len(rows))
-    null = model.num_classes  # the learned null class of a class-conditional net
-    cond = uncond = None
-    if model.num_classes:
-        labels = [null if r.label is None else r.label for r in all_rows]
-        cond = {"labels": torch.tensor(labels, dtype=torch.int64)}  # (B,)
-        uncond = {"labels": torch.full((len(all_rows),), null, dtype=torch.int64)}  # (B,)
-    guidance = torch.tensor([r.guidance for r in all_rows]) if key.guided else 1.0  # (B,)
-    sigmas = get_sigmas(key.grid, key.steps, process=model.process)
-    res = sample(
-        model.denoiser,
-        sigmas,
-        shape=key.shape,
+    null = model.spec.null_row()
+    conds = [r.cond or null for r in all_rows]
+    guidance = torch.tensor([r.guidance for r in all_rows]) if key.guided else None  # (B,)
+    x, nfe = model.sample_latents(
+        conds,
+        key.plan(),
         seeds=[r.seed for r in all_rows],
-        sampler=key.sampler,
-        cond=cond,
-        uncond=uncond,
         guidance=guidance,
         callback=callback,
-        **dict(key.options),
     )
-    return res.x[: len(rows)], res.nfe  # (k, C, H, W)
+    return x[: len(rows)], nfe  # (k, *latent_shape)

@@ -24,12 +24,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.registry.canary import RollbackMargins
 
 Scope = Literal["generate", "admin"]
 InvarianceMode = Literal["pad", "per_sample", "off"]
-MAX_SEED = 2**32 - 1  # seeds accepted over HTTP (a uint32, as most clients can hold one exactly)
 
 
 class _Frozen(BaseModel):
@@ -68,6 +68,19 @@ class Limits(_Frozen):
         for name in v:
             check_choice("sampler", name, SAMPLERS)
         return v
+
+    def request_limits(self, max_deadline_s: float = 600.0):
+        """The part the request resolver checks (difforge.pipeline.RequestLimits)."""
+        from difforge.pipeline import RequestLimits
+
+        return RequestLimits(
+            max_steps=self.max_steps,
+            max_n=self.max_n,
+            min_guidance=self.min_guidance,
+            max_guidance=self.max_guidance,
+            allowed_samplers=self.allowed_samplers,
+            max_deadline_s=max_deadline_s,
+        )
 
     @model_validator(mode="after")
     def _guidance_range(self) -> Limits:
@@ -172,7 +185,4 @@ def load_service_config(path: str | Path | None) -> ServiceConfig:
     try:
         return ServiceConfig.model_validate_json(path.read_text())
     except ValidationError as e:
-        where = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
-        )
-        raise InvalidArgumentError(f"{path}: {where}") from None
+        raise InvalidArgumentError(f"{path}: {error_line(e)}") from None

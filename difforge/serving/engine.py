@@ -39,7 +39,6 @@ from typing import Any
 from torch import Tensor
 
 from difforge.core.errors import DifforgeError, SamplingCancelled
-from difforge.model import to_uint8
 from difforge.samplers import StepInfo, expected_nfe
 from difforge.serving.batching import BatchKey, Row, sample_rows
 from difforge.serving.config import ServiceConfig
@@ -365,4 +364,4 @@ class Engine:
             done = max((job.step for job in jobs), default=0)
             nfe = expected_nfe(call.key.sampler, done) if done else 0  # forwards actually run
             return None, nfe, time.process_time() - cpu0
-        return list(to_uint8(x)), nfe, time.process_time() - cpu0
+        return list(call.version.model.decode(x)), nfe, time.process_time() - cpu0

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from difforge.common.hashchain import canonical_json, sha256_text
 from difforge.core.errors import DifforgeError
 
 
@@ -45,8 +46,9 @@ class _Entry:
 def body_fingerprint(body: bytes) -> str:
     """sha256 of the body's canonical JSON (key order and spacing do not matter), else raw bytes."""
     try:
-        canon = json.dumps(json.loads(body or b"{}"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()
+        return sha256_text(
+            canonical_json(json.loads(body or b"{}"), ascii_only=True, allow_nan=True)
+        )
     except (ValueError, RecursionError):
         return hashlib.sha256(body).hexdigest()
 

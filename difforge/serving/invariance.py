@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from difforge.model import Model
+from difforge.pipeline import Model
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 
 
@@ -61,14 +61,13 @@ def probe(model: Model, key: BatchKey, rows: int) -> InvarianceReport:
 
     Runs `key`'s sampler for its steps (keep them few: this runs at start-up).
     """
-    classes = model.num_classes
-    label = 0 if classes else None
+    conds = model.spec.resolve({}, rows + 1)  # the spec's default rows (e.g. classes cycling)
     w = 3.0 if key.guided else 1.0
-    target = Row(seed=12345, label=label, guidance=w)
+    target = Row(seed=12345, cond=conds[0], guidance=w)
 
     def neighbour(i: int, salt: int) -> Row:
-        lab = (i + salt) % classes if classes else None
-        return Row(seed=1000 * salt + i, label=lab, guidance=w + (0.5 if key.guided else 0))
+        cond = conds[(i + salt) % len(conds)]
+        return Row(seed=1000 * salt + i, cond=cond, guidance=w + (0.5 if key.guided else 0))
 
     positions = probe_positions(rows)
     outputs = []

@@ -6,7 +6,8 @@ One rule holds every path: traffic moves only to a version that has been loaded 
 (every artifact's sha256 checked) and warmed up. Until then the router keeps what it serves, so a
 tampered artifact, a failed load or a failed warm-up is reported (audit entry in the registry,
 `problems` in GET /v1/admin/registry, `difforge_registry_events_total{event="load_failed"}`) while
-the old version keeps answering.
+the old version keeps answering. The admin bodies and error mapping: `difforge.serving.admin`;
+the outcome windows a canary is judged on: `difforge.serving.outcomes`.
 
     POST /v1/admin/promote, /canary    load + verify -> registry (gates) -> warm -> route
     POST /v1/admin/rollback            registry -> load + verify -> warm -> route
@@ -25,31 +26,19 @@ import asyncio
 import contextlib
 import copy
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
-from sqlalchemy.exc import SQLAlchemyError
-
-from difforge.core.errors import InvalidArgumentError
-from difforge.model import Model
-from difforge.registry import (
-    ArtifactIntegrityError,
-    GateFailedError,
-    NotFoundError,
-    Registry,
-    RegistryError,
-    Resolution,
-    WindowStats,
-    should_rollback,
-)
+from difforge.pipeline import Model
+from difforge.registry import Registry, RegistryError, Resolution, should_rollback
 from difforge.serving.access import Principal
+from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, http_errors
 from difforge.serving.config import RegistryFollow, ServiceConfig
-from difforge.serving.engine import Job, on_passing_thread
+from difforge.serving.engine import on_passing_thread
+from difforge.serving.outcomes import OutcomeWindows
 from difforge.serving.protocol import RequestInvalid, field_error
 from difforge.serving.router import ModelRouter, ModelVersion, check_compatible
 from difforge.serving.service import HTTPFailure, Service
@@ -57,119 +46,6 @@ from difforge.serving.service import HTTPFailure, Service
 log = logging.getLogger("difforge.serving")
 
 _MAX_RETRY_S = 3600.0  # longest wait between retries of a version that failed to load
-
-
-# -- admin request bodies -------------------------------------------------------------------------
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
-
-
-class PromoteBody(_Body):
-    """POST /v1/admin/promote."""
-
-    version: StrictInt | str  # 3, "v3", "latest" or an alias
-    to: Literal["production", "canary"]
-    gates: dict[str, Any] | None = None  # overrides of the registry's gates (Gates fields)
-    percent: float | None = Field(None, ge=0, le=100)  # canary share; canary only (default 10)
-
-
-class RollbackBody(_Body):
-    """POST /v1/admin/rollback: the alias goes back to the version it had before."""
-
-    alias: Literal["production", "canary"] = "production"
-    reason: str | None = Field(None, max_length=500)
-
-
-class CanaryBody(_Body):
-    """POST /v1/admin/canary: a new canary version (gated), or only a new share of the traffic."""
-
-    version: StrictInt | str | None = None  # None: keep the canary, change its percent
-    percent: float = Field(ge=0, le=100)
-    gates: dict[str, Any] | None = None  # with `version` only
-
-
-def parse_admin(model: type[_Body], body: bytes) -> _Body:
-    """Bytes -> an admin body, or RequestInvalid (422) with field-level messages."""
-    try:
-        return model.model_validate_json(body or b"{}")
-    except ValidationError as e:
-        errors = [
-            {"loc": ["body", *x["loc"]], "msg": x["msg"], "type": x["type"]} for x in e.errors()
-        ]
-        raise RequestInvalid(errors) from None
-
-
-@contextlib.contextmanager
-def http_errors() -> Iterator[None]:
-    """Registry errors -> the HTTP answer of an admin route (the registry's message as detail)."""
-    try:
-        yield
-    except GateFailedError as e:
-        raise HTTPFailure(409, str(e), "gate_failed") from None
-    except ArtifactIntegrityError as e:
-        raise HTTPFailure(409, str(e), "integrity_failure") from None
-    except NotFoundError as e:
-        raise HTTPFailure(404, str(e), "not_found") from None
-    except RegistryError as e:
-        raise HTTPFailure(409, str(e), "registry_conflict") from None
-    except InvalidArgumentError as e:
-        raise HTTPFailure(422, [field_error((), str(e))], "validation") from None
-    except SQLAlchemyError as e:
-        first = str(getattr(e, "orig", None) or e).splitlines()[0]
-        raise HTTPFailure(
-            503, f"registry database error: {first}", "registry_unavailable", {"Retry-After": "5"}
-        ) from None
-
-
-# -- per-version outcome windows ------------------------------------------------------------------
-
-
-class OutcomeWindows:
-    """What each version served in the last `window_s` seconds: (finish time, ok, latency).
-
-    Fed by `Service.outcome_observers`; `stats` gives `should_rollback` its WindowStats.
-    """
-
-    def __init__(
-        self,
-        window_s: float,
-        max_per_version: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.window_s = window_s
-        self._clock = clock
-        self._max = max_per_version
-        self._lock = threading.Lock()
-        self._outcomes: dict[str, deque[tuple[float, bool, float]]] = {}
-
-    def record(self, version_id: str, ok: bool, latency_s: float) -> None:
-        with self._lock:
-            window = self._outcomes.setdefault(version_id, deque(maxlen=self._max))
-            window.append((self._clock(), ok, latency_s))
-
-    def observe(self, job: Job, ok: bool, latency_s: float) -> None:
-        """A `Service.outcome_observers` callback."""
-        self.record(job.version.id, ok, latency_s)
-
-    def stats(self, version_id: str) -> WindowStats:
-        cutoff = self._clock() - self.window_s
-        with self._lock:
-            window = self._outcomes.get(version_id, deque())
-            while window and window[0][0] < cutoff:
-                window.popleft()
-            rows = list(window)
-        return WindowStats.from_latencies(
-            [lat for _, _, lat in rows], sum(not ok for _, ok, _ in rows)
-        )
-
-    def reset(self, version_id: str) -> None:
-        with self._lock:
-            self._outcomes.pop(version_id, None)
-
-
-# -- the source -----------------------------------------------------------------------------------
 
 
 @dataclass

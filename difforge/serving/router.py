@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from difforge.core.errors import InvalidArgumentError
-from difforge.model import Model
+from difforge.pipeline import Model
 from difforge.serving.batching import BatchPlan
-from difforge.serving.protocol import ModelFacts
 
 Role = Literal["production", "canary"]
 
@@ -51,19 +50,16 @@ class ModelVersion:
     def ready(self) -> bool:
         return self.plan is not None
 
-    def facts(self) -> ModelFacts:
-        s = self.model.config.sampling
-        return ModelFacts(self.model.num_classes, s.sampler, s.steps, s.guidance, s.grid)
-
     def describe(self) -> dict:
-        cfg = self.model.config
+        m = self.model
         return {
             "name": self.name,
             "version": self.id,
-            "sha256": self.model.sha256,
-            "num_classes": cfg.num_classes,
-            "image_shape": list(cfg.image_shape),
-            "defaults": cfg.sampling.model_dump(),
+            "sha256": m.sha256,
+            "num_classes": m.num_classes,
+            "conditioning": m.spec.model_dump()["keys"],
+            "image_shape": list(m.image_shape),
+            "defaults": m.sampling.model_dump(),
             "ready": self.ready,
             "batching": None
             if self.plan is None
@@ -80,10 +76,11 @@ def routing_fraction(routing_key: str) -> float:
 
 def check_compatible(a: Model, b: Model) -> None:
     """Versions served side by side must accept the same requests."""
-    if a.num_classes != b.num_classes or tuple(a.image_shape) != tuple(b.image_shape):
+    if a.spec != b.spec or tuple(a.image_shape) != tuple(b.image_shape):
         raise InvalidArgumentError(
-            f"model {b.name!r} ({b.num_classes} classes, shape {tuple(b.image_shape)}) cannot "
-            f"serve beside {a.name!r} ({a.num_classes} classes, shape {tuple(a.image_shape)})"
+            f"model {b.name!r} (conditioning {b.spec.names}, {b.num_classes} classes, shape "
+            f"{tuple(b.image_shape)}) cannot serve beside {a.name!r} (conditioning "
+            f"{a.spec.names}, {a.num_classes} classes, shape {tuple(a.image_shape)})"
         )
 
 

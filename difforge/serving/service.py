@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from difforge.core.errors import DifforgeError
-from difforge.model import Model
+from difforge.pipeline import Model
+from difforge.pipeline.conditioning import signature
 from difforge.serving.access import AccessControl, AccessDenied, Principal, RateLimiter
 from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
@@ -135,20 +136,13 @@ class Service:
 
     def _warm_sync(self, version: ModelVersion) -> BatchPlan:
         model = version.model
-        keys = [
-            self._key(version, model.config.sampling.sampler, self.config.warmup_steps, False, ())
-        ]
-        if model.num_classes:
+        cond = model.spec.resolve({}, 1)[0]  # the spec's default conditioning
+        keys = [self._key(version, model.sampling.sampler, self.config.warmup_steps, False, ())]
+        if model.spec.guidable:
             keys.append(self._key(version, keys[0].sampler, self.config.warmup_steps, True, ()))
         probe_plan = BatchPlan(self.config.batch_invariance, self.config.limits.max_batch_images)
         for key in keys:  # the first call at a shape pays one-off kernel set-up; do it now
-            rows = [
-                Row(
-                    seed=0,
-                    label=0 if model.num_classes else None,
-                    guidance=2.0 if key.guided else 1.0,
-                )
-            ]
+            rows = [Row(seed=0, cond=cond, guidance=2.0 if key.guided else 1.0)]
             sample_rows(model, key, rows, pad_to=probe_plan.micro(key.guided))
         return choose_plan(model, keys, self.config.batch_invariance, probe_plan.max_rows)
 
@@ -271,7 +265,7 @@ class Service:
             return resolve(
                 req,
                 self.config.limits,
-                self.router.production.facts(),
+                self.router.production.model,
                 default_deadline_s=self.config.default_deadline_s,
                 max_deadline_s=self.config.max_deadline_s,
             )
@@ -281,24 +275,23 @@ class Service:
             raise HTTPFailure(e.status, e.errors, reason, {"X-Request-Id": request_id}) from None
 
     def _key(
-        self, version: ModelVersion, sampler: str, steps: int, guided: bool, options
+        self, version: ModelVersion, sampler: str, steps: int, guided: bool, options, cond=()
     ) -> BatchKey:
-        cfg = version.model.config
+        m = version.model
         return BatchKey(
-            version.id, sampler, steps, cfg.sampling.grid, tuple(cfg.image_shape), guided, options
+            version.id, sampler, steps, m.sampling.grid, m.image_shape, guided, options, cond
         )
 
     def _job(
         self, request_id: str, version: ModelVersion, role: str, plan: Plan, accepted: float
     ) -> Job:
-        guided = plan.labels is not None and plan.guidance != 1.0
-        labels = plan.labels or (None,) * plan.n
         rows = [
-            Row(seed=s, label=lab, guidance=plan.guidance)
-            for s, lab in zip(plan.seeds, labels, strict=True)
+            Row(seed=s, cond=c, guidance=plan.guidance)
+            for s, c in zip(plan.seeds, plan.rows, strict=True)
         ]
         deadline = None if plan.deadline_s is None else accepted + plan.deadline_s
-        key = self._key(version, plan.sampler, plan.steps, guided, plan.options)
+        sig = signature(plan.rows[0]) if plan.rows and len(plan.rows[0]) else ()
+        key = self._key(version, plan.sampler, plan.steps, plan.guided, plan.options, sig)
         return Job(request_id, version, role, key, rows, deadline=deadline, accepted=accepted)
 
     async def _wait(self, job: Job, future: asyncio.Future, call: GenerateCall, plan: Plan) -> None:
@@ -354,7 +347,7 @@ class Service:
             "synthetic": True,
             "software": "difforge",
         }
-        encoded = encode_images(images, common, plan.seeds, plan.labels)
+        encoded = encode_images(images, common, plan.seeds, plan.conditioning)
         headers = {
             "X-Request-Id": job.request_id,
             "X-Output-SHA256": digest,

@@ -25,7 +25,7 @@ from difforge.training.loop import (
     load_training_data,
     train,
 )
-from difforge.training.losses import denoising_loss, drop_labels, sample_sigma, x0_weighting
+from difforge.training.losses import denoising_loss, sample_sigma, x0_weighting
 from difforge.training.optim import EMA, ema_beta, lr_at
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "config_diff",
     "denoising_loss",
     "describe",
-    "drop_labels",
     "ema_beta",
     "latest_checkpoint",
     "list_checkpoints",

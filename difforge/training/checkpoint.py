@@ -27,8 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from difforge.common.atomic import atomic_folder
 from difforge.core.errors import DifforgeError
-from difforge.model import sha256_file
+from difforge.pipeline import sha256_file
 
 FORMAT = "difforge-checkpoint/1"
 TENSORS, STATE, MARKER = "tensors.safetensors", "state.json", "COMPLETE"
@@ -41,14 +42,6 @@ class CheckpointError(DifforgeError):
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(
@@ -72,25 +65,18 @@ def write_checkpoint(
     final = root / f"step-{step:09d}"
     if (final / MARKER).is_file():
         return final  # this step is already saved
-    tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-    (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
-    for name in (TENSORS, STATE):
-        _fsync(tmp / name)
-    marker = {
-        "format": FORMAT,
-        "step": step,
-        "files": {n: sha256_file(tmp / n) for n in (TENSORS, STATE)},
-    }
-    (tmp / MARKER).write_text(json.dumps(marker))
-    _fsync(tmp / MARKER)
-    _fsync(tmp)
-    if final.exists():
-        shutil.rmtree(final)  # an incomplete leftover of a crashed write
-    tmp.rename(final)
-    _fsync(root)
+    # an existing `final` is an incomplete leftover of a crashed write: replaced
+    with atomic_folder(final, tmp=root / f".tmp-step-{step:09d}-{os.getpid()}") as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS)
+        )
+        (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+        marker = {
+            "format": FORMAT,
+            "step": step,
+            "files": {n: sha256_file(tmp / n) for n in (TENSORS, STATE)},
+        }
+        (tmp / MARKER).write_text(json.dumps(marker))
     prune_checkpoints(run_dir, keep_last)
     return final
 

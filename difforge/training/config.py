@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError
 from difforge.core.processes import make_process
-from difforge.model import NetSpec, SamplingDefaults
+from difforge.pipeline import NetSpec, SamplingDefaults
 
 Parameterization = Literal["eps", "x0", "v", "velocity", "edm"]
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "velocity", "edm")
@@ -104,21 +105,12 @@ class TrainConfig(_Frozen):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
 
 
-def _format_validation(e: ValidationError, source: str) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return f"{source}: " + "; ".join(parts)
-
-
 def parse_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
     """Validate a config dict; errors become one `InvalidArgumentError` naming each bad field."""
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
-        raise InvalidArgumentError(_format_validation(e, source)) from None
+        raise InvalidArgumentError(f"{source}: {error_line(e)}") from None
 
 
 def load_config(path: str | Path) -> TrainConfig:

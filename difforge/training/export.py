@@ -11,8 +11,9 @@ from typing import Any
 
 from torch import Tensor
 
+from difforge.common.atomic import write_text_atomic
 from difforge.data.dataset import ImageDataset
-from difforge.model import Model, ModelConfig, code_version, save_model, save_samples_png
+from difforge.pipeline import Model, ModelConfig, code_version, save_model, save_samples_png
 from difforge.training.config import TrainConfig
 
 
@@ -130,7 +131,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     rows = read_metrics(path)
     kept = [r for r in rows if r.get("step", 0) <= step]
     if len(kept) != len(rows):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.core.processes import make_process
 from difforge.data.dataset import ImageDataset
-from difforge.model import Model, build_denoiser, build_network, load_weights_strict
+from difforge.pipeline import Model, build_denoiser, build_network, load_weights_strict
 from difforge.training import checkpoint as ckpt
 from difforge.training.config import TrainConfig, config_diff
 from difforge.training.export import (
@@ -39,7 +39,7 @@ from difforge.training.export import (
     sample_grid,
     truncate_metrics,
 )
-from difforge.training.losses import denoising_loss, drop_labels, sample_sigma
+from difforge.training.losses import denoising_loss, sample_sigma
 from difforge.training.optim import (
     EMA,
     build_optimizer,
@@ -122,9 +122,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.process = make_process(config.process)
         self.model_config = model_config_for(config, dataset, self.run_dir.name)
-        self.num_classes = self.model_config.num_classes
+        self.spec = self.model_config.conditioning(config.cond_dropout)  # what cond training feeds
         self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1]
-        self.labels = dataset.labels
+        self.fields = dataset.fields()  # {name: (N, ...)} per-image data the spec reads
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
@@ -148,18 +148,18 @@ class Trainer:
             self._perm = (epoch, torch.randperm(len(self.data), generator=g))
         return self._perm[1]
 
-    def next_batch(self) -> tuple[Tensor, Tensor | None]:
-        """(x0 (B, C, H, W) float32, labels (B,) int64 or None); the last partial batch is dropped."""
+    def next_batch(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """(x0 (B, C, H, W) float32, the batch's data fields); the last partial batch is dropped."""
         b, s = self.config.batch_size, self.state
         if s.position + b > len(self.data):
             s.epoch, s.position = s.epoch + 1, 0
         idx = self._permutation(s.epoch)[s.position : s.position + b]
         s.position += b
-        return self.data[idx], None if self.labels is None else self.labels[idx]
+        return self.data[idx], {name: v[idx] for name, v in self.fields.items()}
 
     # --- one step -----------------------------------------------------------------------------
 
-    def train_step(self, x0: Tensor, labels: Tensor | None) -> StepOutcome:
+    def train_step(self, x0: Tensor, fields: dict[str, Tensor]) -> StepOutcome:
         """One AdamW step on one batch; a non-finite loss or gradient leaves all weights as they were."""
         cfg, s = self.config, self.state
         lr = lr_at(cfg, s.step)
@@ -167,11 +167,7 @@ class Trainer:
             group["lr"] = lr
         sigma = sample_sigma(cfg, self.process, x0.shape[0], self.generator)  # (B,)
         eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W)
-        cond = None
-        if labels is not None and self.num_classes:
-            cond = drop_labels(
-                {"labels": labels}, cfg.cond_dropout, self.num_classes, self.generator
-            )
+        cond = self.spec.drop(self.spec.from_batch(fields), self.generator)  # CFG dropout
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
             if cfg.precision == "bf16"
@@ -442,14 +438,14 @@ def describe(config: TrainConfig, dataset: ImageDataset | None = None) -> dict[s
 
     Builds the net and loads the dataset, so any config error surfaces here without training.
     """
-    from difforge.model import network_cost
+    from difforge.pipeline import network_cost
 
     dataset = dataset if dataset is not None else load_training_data(config.dataset)
     model_config = model_config_for(config, dataset, "dry-run")
     with torch.random.fork_rng(devices=[]):
         net = build_network(config.net)
     _check_net_fits(net, model_config)
-    params, flops = network_cost(net, model_config.image_shape, model_config.num_classes)
+    params, flops = network_cost(net, model_config.image_shape, model_config.conditioning())
     return {
         "dataset": config.dataset,
         "dataset_size": len(dataset),

@@ -11,8 +11,6 @@ adapter is the only place that knows what the network predicts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
@@ -88,7 +86,7 @@ def denoising_loss(
     Args:
         denoiser: an adapter with `loss_terms(x0, sigma, eps, cond) -> (out, target, w)`.
         x0: (B, C, H, W) clean data; sigma: (B,); eps: like x0, standard normal.
-        cond: per-sample conditioning, e.g. {"labels": (B,) int64}.
+        cond: per-sample conditioning (the batched cond of the model's ConditioningSpec).
     """
     out, target, native = denoiser.loss_terms(x0, sigma, eps, cond)
     native = torch.as_tensor(native, device=x0.device).float().expand(x0.shape[0])
@@ -98,12 +96,3 @@ def denoising_loss(
         factor = x0_weighting(config, sigma, native) / native
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
     return (factor * per_sample).mean()
-
-
-def drop_labels(
-    cond: Mapping[str, Tensor], p: float, null_class: int, generator: torch.Generator
-) -> dict[str, Tensor]:
-    """Replace each label by the null class with probability p (Ho & Salimans 2022, Alg. 1)."""
-    labels = cond["labels"]
-    drop = torch.rand(labels.shape[0], generator=generator) < p
-    return {**cond, "labels": torch.where(drop, torch.full_like(labels, null_class), labels)}

@@ -73,17 +73,27 @@ def make_service(model_path: Path, config: ServiceConfig | None = None, **overri
 
 @contextlib.asynccontextmanager
 async def running(
-    service: Service, client_host: str = "127.0.0.1"
+    service: Service, client_host: str = "127.0.0.1", source=None, timeout: float = 120
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """Start the service (as the app's lifespan would), wait until it is ready, yield a client."""
-    app = create_app(service)
+    """Start the service (as the app's lifespan would, with its registry `source` if any), wait
+    until it is ready, yield a client."""
+    app = create_app(service, source)
     async with app.router.lifespan_context(app):
-        await service.wait_ready(timeout=120)
+        await service.wait_ready(timeout=timeout)
         transport = httpx.ASGITransport(app=app, client=(client_host, 40000))
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://testserver", timeout=120
+            transport=transport, base_url="http://testserver", timeout=timeout
         ) as client:
             yield client
+
+
+async def until(predicate, timeout: float = 30.0, poll_s: float = 0.005) -> None:
+    """Wait until `predicate()` is true; fail the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "timed out waiting"
+        await asyncio.sleep(poll_s)
 
 
 class SlowDenoiser:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from difforge.cli import app
 from difforge.data.mnist import ImageDataset, load_mnist
-from difforge.evaluation import report as report_module
+from difforge.evaluation import against as against_module
 from tests.unit.test_eval_report import N, make_tiny_model
 
 runner = CliRunner()
@@ -29,13 +28,12 @@ def small_mnist(split: str = "train") -> ImageDataset:
     return ImageDataset(f"mnist-{split}-{k}", full.images[:k], full.labels[:k], 10)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def small_data(monkeypatch):
-    monkeypatch.setattr(report_module, "load_mnist", small_mnist)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    monkeypatch.setattr(against_module, "load_mnist", small_mnist)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +71,10 @@ def test_evaluate_writes_a_report_the_registry_promotes(ws):
     assert f"pass  fid_max: fid {fid:.4g} <=" in r.stdout
 
 
-def test_evaluate_nfe_sweep_writes_points_and_a_plot(ws):
+def test_sweep_writes_points_and_a_plot(ws):
     out, plot = ws / "sweep.json", ws / "sweep.png"
     result = invoke(
-        ws, "evaluate", "--model", str(ws / "tiny"), "--nfe-sweep", "2,3", "--samplers",
+        ws, "sweep", "--model", str(ws / "tiny"), "--nfe", "2,3", "--samplers",
         "euler,heun", "--reference-line", "euler:4", "--n", str(N), "--guidance", "1",
         "--threads", "1", "--out", str(out), "--plot", str(plot),
     )  # fmt: skip
@@ -103,18 +101,17 @@ def test_evaluate_nfe_sweep_writes_points_and_a_plot(ws):
         (["--labels", "some"], "unknown label policy 'some'"),
         (["--reference-split", "val"], "unknown reference split 'val'"),
         (["--n", "100"], "FID needs more samples than feature dimensions"),
-        (["--plot", "x.png"], "--plot needs --nfe-sweep"),
-        (["--samplers", "all"], "--samplers needs --nfe-sweep"),
-        (["--nfe-sweep", "5,x"], "--nfe-sweep must be comma-separated integers"),
-        (["--nfe-sweep", "5", "--samplers", "heun,foo"], "unknown sampler 'foo'"),
-        (["--nfe-sweep", "5", "--steps", "3"], "--steps does not apply to --nfe-sweep"),
-        (["--nfe-sweep", "5", "--seeds", "0,1,2"], "a sweep draws every point from one seed"),
-        (["--nfe-sweep", "5", "--reference-line", "heun"], "SAMPLER:STEPS or none"),
-        (["--nfe-sweep", "0"], "nfe budget must be an integer >= 1"),
+        (["sweep", "--nfe", "5,x"], "--nfe must be comma-separated integers"),
+        (["sweep", "--nfe", "5", "--samplers", "heun,foo"], "unknown sampler 'foo'"),
+        (["sweep", "--nfe", "5", "--reference-line", "heun"], "SAMPLER:STEPS or none"),
+        (["sweep", "--nfe", "0"], "nfe budget must be an integer >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(ws, args, message):
-    result = invoke(ws, "evaluate", "--model", str(ws / "tiny"), "--out", str(ws / "x.json"), *args)
+    command = ["sweep", *args[1:]] if args[0] == "sweep" else ["evaluate", *args]
+    result = invoke(
+        ws, command[0], "--model", str(ws / "tiny"), "--out", str(ws / "x.json"), *command[1:]
+    )
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from difforge.cli import app
-from tests.helpers import TINY_NET, one_thread  # noqa: F401
+from tests.helpers import TINY_NET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,9 +119,12 @@ def test_resume_rules(workspace, tmp_path):
     ("args", "fragments"),
     [
         (["--labels", "a,b"], ["--labels must be comma-separated integers"]),
-        (["--labels", "7"], ["labels must be integers in [0, 2]"]),
+        (["--labels", "7"], ["labels.0: must be an integer in [0, 2], got 7"]),
+        (["--option", "eta=0.5"], ["options.eta: not an option of sampler"]),
+        (["--option", "eta"], ["--option takes KEY=VALUE"]),
+        (["--cond", "colour=1"], ["colour: unknown field; conditioning keys: labels"]),
         (["--sampler", "plms"], ["unknown sampler 'plms'", "dpmpp_2m"]),
-        (["--grid", "cosine"], ["unknown sigma grid"]),
+        (["--grid", "cosine"], ["grid: Input should be", "karras"]),
     ],
 )
 def test_bad_sample_input_is_one_line(workspace, args, fragments):

@@ -86,9 +86,9 @@ def test_web_page_generates_images_with_provenance_and_progress(tmp_path):
         try:
             page = browser.new_page()
             page.goto(url + "/")
-            page.wait_for_function("document.querySelectorAll('#label option').length === 11")
+            page.wait_for_function("document.querySelectorAll('#cond-labels option').length === 12")
             assert "tiny" in page.inner_text("#model")
-            page.select_option("#label", "7")
+            page.select_option("#cond-labels", "7")
             page.fill("#n", "3")
             page.fill("#steps", "30")
             page.select_option("#sampler", "euler")
@@ -106,7 +106,7 @@ def test_web_page_generates_images_with_provenance_and_progress(tmp_path):
             captions = page.locator("#gallery figcaption").all_inner_texts()
             assert len(captions) == 3
             for i, text in enumerate(captions):
-                assert f"seed {123 + i}" in text and "label 7" in text
+                assert f"seed {123 + i}" in text and "labels 7" in text
                 assert "synthetic image" in text and "euler" in text
             loaded = page.evaluate(
                 "Array.from(document.querySelectorAll('#gallery img')).every(i => i.naturalWidth === 8)"

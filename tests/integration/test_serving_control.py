@@ -18,17 +18,13 @@ from tests.integration.serving_fixtures import (
     run,
     running,
     slow_down,
+    until,
 )
 
 FAST = {"torch_threads": 1, "warmup_steps": 1}
 GEN_KEY, ADMIN_KEY, OTHER_KEY = "gen-secret-1f2e", "admin-secret-9a8b", "other-secret-77aa"
 SLOW = {"labels": [1], "steps": 40, "sampler": "euler"}  # >= 1 s under slow_down(svc, DELAY)
 DELAY = 0.025
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("serving") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +43,6 @@ def keyed_config(**overrides) -> ServiceConfig:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-async def until(predicate, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < end, "timed out waiting"
-        await asyncio.sleep(0.005)
 
 
 def running_job(svc):

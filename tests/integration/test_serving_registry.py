@@ -20,15 +20,17 @@ from difforge.registry import (
     WindowStats,
     should_rollback,
 )
-from difforge.serving import ApiKey, ServiceConfig, create_app, hash_key
+from difforge.serving import ApiKey, ServiceConfig, hash_key
 from difforge.serving.config import RegistryFollow
-from difforge.serving.registry_source import OutcomeWindows, open_service, registry_version
+from difforge.serving.outcomes import OutcomeWindows
+from difforge.serving.registry_source import open_service, registry_version
 from difforge.serving.router import routing_fraction
-from tests.helpers import one_thread  # noqa: F401
 from tests.integration.serving_fixtures import (
     SlowDenoiser,
     make_tiny_model,
     run,
+    running,
+    until,
     wrap_denoisers,
 )
 
@@ -84,22 +86,8 @@ async def serving(reg: Registry, follow: RegistryFollow = MANUAL, host="127.0.0.
     started with its source; yields (source, client); the service is source.service."""
     config = ServiceConfig(audit_db=":memory:", registry=follow, **FAST, **overrides)
     service, source = open_service(reg.config.url, NAME, config)
-    app = create_app(service, source)
-    async with app.router.lifespan_context(app):
-        await service.wait_ready(timeout=60)
-        transport = httpx.ASGITransport(app=app, client=(host, 40000))
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://testserver", timeout=60
-        ) as client:
-            yield source, client
-
-
-async def until(predicate, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < end, "timed out waiting"
-        await asyncio.sleep(0.01)
+    async with running(service, host, source, timeout=60) as client:
+        yield source, client
 
 
 async def generate_seeds(client, seeds, headers=None, chunk: int = 50) -> dict[int, httpx.Response]:

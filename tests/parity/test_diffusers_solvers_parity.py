@@ -107,3 +107,18 @@ def test_parity_detects_the_wrong_deis_time(setup):
     sig = diffusers_grid(sched)
     out = in_vp(ours("deis", net, x, sig), sig)
     assert (out - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("steps", [15, 25])
+def test_dpmpp_3m_is_dpmsolver_multistep_order_3(setup, steps):
+    """diffusers' DPM-Solver++ with solver_order=3, ending at sigma(t = 0) > 0 (at >= 15 steps its
+    lower_order_final is off, so every step after the warm-up is third order in both).
+    solver_type="heun": the second-order warm-up step in the phi_2 form of k-diffusion's 3M; with
+    diffusers' default "midpoint" that one step differs and so does every image (by up to 3.2)."""
+    net, x = setup
+    sched = diffusers.DPMSolverMultistepScheduler(
+        beta_schedule="linear", solver_order=3, solver_type="heun", final_sigmas_type="sigma_min"
+    )
+    ref = run_diffusers(Float64Grid(sched), net, x, steps)
+    sig = diffusers_grid(sched)
+    torch.testing.assert_close(in_vp(ours("dpmpp_3m", net, x, sig), sig), ref, atol=5e-4, rtol=1e-4)

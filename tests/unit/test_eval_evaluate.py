@@ -11,7 +11,7 @@ import torch
 from difforge.core.errors import InvalidArgumentError
 from difforge.data.mnist import ImageDataset, load_mnist
 from difforge.evaluation.evaluate import DUP_FRACTION, METRIC_KEYS, evaluate_images
-from difforge.evaluation.features import extract, load_feature_extractor
+from difforge.evaluation.features import extract
 from difforge.evaluation.metrics import (
     MEMORIZATION_RATIO,
     diversity,
@@ -25,18 +25,7 @@ from difforge.evaluation.reference import reference_stats
 N = 200  # generated-set size in these tests: > 128 feature dimensions, small enough to be quick
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on oversubscribed shared cores, 2-thread OpenMP regions stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def extractor():
-    return load_feature_extractor()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

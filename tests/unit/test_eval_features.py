@@ -30,18 +30,7 @@ from difforge.evaluation.metrics import label_accuracy
 TINY = FeatureNetConfig(name="tiny-test-net", channels=(4, 8), feature_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on oversubscribed shared cores, 2-thread OpenMP regions stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def extractor():
-    return load_feature_extractor()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_net_classifies_the_test_set(extractor):

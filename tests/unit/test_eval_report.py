@@ -24,7 +24,6 @@ from difforge.evaluation import (
     EvalConfig,
     evaluate_model,
     image_seeds,
-    load_feature_extractor,
     make_labels,
     write_json,
 )
@@ -78,18 +77,7 @@ def small_references(extractor, cache_dir: Path) -> dict:
     return {"reference": refs["test"], "other_references": {"train": refs["train"]}, "train": memo}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on oversubscribed shared cores, 2-thread OpenMP regions stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def extractor():
-    return load_feature_extractor()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

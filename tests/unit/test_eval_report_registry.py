@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from difforge.evaluation import evaluate_model, load_feature_extractor
 from difforge.model import load
@@ -17,13 +16,7 @@ from difforge.registry import ConflictError, GateFailedError, Registry
 from difforge.registry.gates import summarize_report
 from tests.unit.test_eval_report import FAST, make_tiny_model, small_references
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,13 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.pipeline import ConditioningSpec, Model, SamplingDefaults
 from difforge.serving.access import AccessControl, AccessDenied, RateLimiter, is_loopback
 from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan
@@ -28,14 +30,21 @@ from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, 
 from difforge.serving.invariance import choose_plan, probe, probe_positions
 from difforge.serving.protocol import (
     GenerateRequest,
-    ModelFacts,
     RequestInvalid,
     parse_body,
     resolve,
 )
 from difforge.serving.router import ModelRouter, ModelVersion, routing_fraction
+from tests.helpers import tamper_sqlite
 
-FACTS = ModelFacts(num_classes=10, sampler="dpmpp_2m", steps=20, guidance=3.0, grid="karras")
+
+def fake_model(classes: int, guidance: float = 3.0) -> SimpleNamespace:
+    """What the resolver reads of a model: its conditioning spec and sampling defaults."""
+    sampling = SamplingDefaults(sampler="dpmpp_2m", steps=20, guidance=guidance)
+    return SimpleNamespace(spec=ConditioningSpec.for_classes(classes), sampling=sampling)
+
+
+FACTS = fake_model(10)
 LIMITS = Limits(max_steps=50, max_n=8, max_guidance=10.0, allowed_samplers=("dpmpp_2m", "ddim"))
 
 
@@ -89,16 +98,19 @@ def test_config_refuses_duplicate_key_ids_and_plain_keys():
 
 def test_resolve_fills_defaults_and_broadcasts_one_label():
     plan = resolve(GenerateRequest(labels=[3], n=3, seed=10), LIMITS, FACTS)
-    assert plan.labels == (3, 3, 3) and plan.seeds == (10, 11, 12)
+    assert plan.conditioning == {"labels": [3, 3, 3]} and plan.seeds == (10, 11, 12)
     assert (plan.sampler, plan.steps, plan.guidance) == ("dpmpp_2m", 20, 3.0)
     assert plan.response_format == "json"
     one = resolve(GenerateRequest(labels=[1], seed=5), LIMITS, FACTS)
     assert one.n == 1 and one.response_format == "png"
-    uncond = resolve(GenerateRequest(n=2, seed=0), LIMITS, FACTS)
-    assert uncond.labels is None and uncond.guidance == 1.0
+    cycled = resolve(GenerateRequest(n=3, seed=0), LIMITS, FACTS)  # the library's default
+    assert cycled.conditioning == {"labels": [0, 1, 2]} and cycled.guidance == 3.0
+    null = resolve(GenerateRequest(labels=[None, 4], seed=0), LIMITS, FACTS)
+    assert null.conditioning == {"labels": [None, 4]} and null.n == 2
     random_seed = resolve(GenerateRequest(labels=[0], n=4), LIMITS, FACTS)
-    assert 0 <= random_seed.seeds[0] <= 2**32 - 4
-    assert GenerateRequest(**plan.params()).seeds == [10, 11, 12]  # params replay
+    assert 0 <= random_seed.seeds[0] <= 2**32 - 1
+    replay = resolve(GenerateRequest(**plan.params()), LIMITS, FACTS)  # params replay
+    assert replay.params() == plan.params()
 
 
 @pytest.mark.parametrize(
@@ -110,16 +122,18 @@ def test_resolve_fills_defaults_and_broadcasts_one_label():
         ({"labels": [10]}, "labels"),
         ({"labels": [1], "guidance": 10.5}, "guidance"),
         ({"labels": [1], "guidance": -1}, "guidance"),
-        ({"seed": 2**32}, "seed"),
+        ({"seed": 2**64}, "seed"),
         ({"seed": -1}, "seed"),
-        ({"seed": 2**32 - 1, "n": 2}, "seed"),
+        ({"seed": 2**64 - 1, "n": 2}, "seed"),
         ({"seeds": [1, 2], "n": 3}, "seeds"),
         ({"seed": 1, "seeds": [1]}, "seeds"),
         ({"sampler": "heun"}, "sampler"),
         ({"sampler": "ddim", "options": {"nope": 1}}, "options"),
         ({"n": 2, "response_format": "png"}, "response_format"),
-        ({"guidance": 2.0}, "guidance"),
         ({"deadline_ms": 0}, "deadline_ms"),
+        ({"colour": "red"}, "colour"),
+        ({"labels": [1, "2"]}, "labels"),
+        ({"sampler": "dpmpp_2m", "options": {"eta": 0.5}}, "options"),
     ],
 )
 def test_every_limit_is_a_field_level_error(body, field):
@@ -137,10 +151,9 @@ def test_every_limit_is_a_field_level_error(body, field):
         b'{"steps": "10"}',
         b'{"steps": 10.0}',
         b'{"n": true}',
-        b'{"colour": "red"}',
         b"[1, 2]",
         b"not json",
-        b'{"labels": [1, "2"]}',
+        b'{"options": {"eta": "1"}}',
     ],
 )
 def test_malformed_bodies_are_422_with_a_location(raw):
@@ -155,11 +168,14 @@ def test_oversized_body_is_413():
     assert e.value.status == 413
 
 
-def test_unconditional_model_refuses_labels():
-    facts = ModelFacts(0, "dpmpp_2m", 10, 1.0, "karras")
+def test_unconditional_model_refuses_labels_and_guidance():
+    facts = fake_model(0)
     with pytest.raises(RequestInvalid, match="unconditional"):
         resolve(GenerateRequest(labels=[0]), LIMITS, facts)
-    assert resolve(GenerateRequest(n=2), LIMITS, facts).labels is None
+    with pytest.raises(RequestInvalid, match="guidance must be 1"):
+        resolve(GenerateRequest(guidance=2.0), LIMITS, facts)
+    plan = resolve(GenerateRequest(n=2), LIMITS, facts)
+    assert plan.conditioning == {} and plan.guidance == 1.0  # the model's default 3 does not apply
 
 
 # -- access and rate limits -----------------------------------------------------------------------
@@ -260,11 +276,12 @@ def test_audit_chain_verifies_and_detects_an_edited_row(tmp_path):
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         log._db.execute("UPDATE audit SET status = 'x' WHERE seq = 2")
     log.close()
-    raw = sqlite3.connect(path)  # an attacker with file access drops the trigger and edits
-    raw.execute("DROP TRIGGER audit_no_update")
-    raw.execute("UPDATE audit SET params = '{\"seeds\":[99]}' WHERE seq = 3")
-    raw.commit()
-    raw.close()
+    # an attacker with file access drops the trigger and edits
+    tamper_sqlite(
+        path,
+        "DROP TRIGGER audit_no_update",
+        "UPDATE audit SET params = '{\"seeds\":[99]}' WHERE seq = 3",
+    )
     reopened = AuditLog(path)
     v = reopened.verify()
     assert not v.ok and v.first_bad_seq == 3 and "hash" in v.reason
@@ -283,11 +300,11 @@ def test_audit_detects_a_deleted_row_and_survives_reopen(tmp_path):
     again.append(_entry(3))
     assert again.verify().ok and again.verify().rows == 4
     again.close()
-    raw = sqlite3.connect(path)
-    raw.execute("DROP TRIGGER audit_no_delete")
-    raw.execute("DELETE FROM audit WHERE seq = 2")
-    raw.commit()
-    raw.close()
+    tamper_sqlite(
+        path,
+        "DROP TRIGGER audit_no_delete",
+        "DELETE FROM audit WHERE seq = 2",
+    )
     v = AuditLog(path).verify()
     assert not v.ok and v.first_bad_seq == 3
 
@@ -299,6 +316,7 @@ class _FakeModel:
     def __init__(self, sha: str, classes: int = 10, shape=(1, 8, 8)):
         self.sha256, self.name = sha * 64, f"m{sha}"
         self.num_classes, self.image_shape = classes, shape
+        self.spec = ConditioningSpec.for_classes(classes)
 
 
 def _ready(model) -> ModelVersion:
@@ -334,8 +352,9 @@ class _PositionDependentModel:
     """A denoiser whose output depends on a row's position when the batch is large: what a
     thread split in a batched kernel does to the last bits."""
 
-    num_classes = 0
-    image_shape = (1, 4, 4)
+    spec = ConditioningSpec()
+    image_shape = latent_shape = (1, 4, 4)
+    sample_latents = Model.sample_latents  # the real sampler call over this fake's denoiser
 
     def __init__(self, bad_from: int | None):
         from difforge.core.processes import make_process

@@ -18,7 +18,7 @@ from difforge.model import (
     save_model,
     save_samples_png,
 )
-from tests.helpers import TINY_NET, one_thread  # noqa: F401
+from tests.helpers import TINY_NET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,20 +76,26 @@ def test_sample_is_seeded_per_image(model_dir):
     assert batch.nfe == 3 and batch.steps == 3
     alone = m.sample(labels=[2], seeds=[9], guidance=2.0)
     assert torch.equal(alone.images[0], batch.images[2])
-    cycled = m.sample(n=4)
-    assert cycled.labels == (0, 1, 2, 0) and cycled.seeds == (42, 43, 44, 45)
+    cycled = m.sample(n=4)  # no labels: classes cycle; no seed: a random one, reported
+    assert cycled.labels == (0, 1, 2, 0)
+    s0 = cycled.seeds[0]
+    assert cycled.seeds == (s0, s0 + 1, s0 + 2, s0 + 3) and 0 <= s0 < 2**32
+    assert torch.equal(m.sample(n=4, seed=s0).images, cycled.images)  # the reported seed replays
     assert m.sample(labels=[1], n=2).labels == (1, 1)
+    assert m.sample(labels=[None, 1], seed=0).labels == (None, 1)  # None: the null class
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"labels": [3]}, r"labels must be integers in \[0, 2\]"),
-        ({"labels": [0, 1], "n": 3}, "2 labels for 3 images"),
-        ({"seeds": [1, 2], "n": 3}, "2 seeds for 3 images"),
-        ({"n": 0}, "n must be a positive integer"),
+        ({"labels": [3]}, r"labels.0: must be an integer in \[0, 2\]"),
+        ({"labels": [0, 1], "n": 3}, "labels: has 2 entries for n = 3"),
+        ({"seeds": [1, 2], "n": 3}, "seeds: has 2 entries for n = 3"),
+        ({"n": 0}, r"n: must be in \[1, inf\]"),
         ({"sampler": "plms"}, "unknown sampler"),
-        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"steps": 0}, r"steps: must be in \[1, inf\]"),
+        ({"max_order": 2}, "not an option of sampler 'dpmpp_2m'"),
+        ({"sampler": "ipndm", "max_order": 2.5}, "must be int"),
     ],
 )
 def test_sample_rejects_bad_arguments(model_dir, kwargs, message):

@@ -22,7 +22,7 @@ from difforge.training import (
     write_checkpoint,
 )
 from difforge.training.losses import denoising_loss, sample_sigma
-from tests.helpers import TINY_NET, one_thread  # noqa: F401
+from tests.helpers import TINY_NET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,11 +58,12 @@ def tiny_config(**overrides):
 
 def fixed_batch_loss(trainer: Trainer, seed: int = 123) -> float:
     g = torch.Generator().manual_seed(seed)
-    x0, labels = trainer.data[:24], trainer.labels[:24]
+    x0 = trainer.data[:24]
+    cond = trainer.spec.from_batch({k: v[:24] for k, v in trainer.fields.items()})
     sigma = sample_sigma(trainer.config, trainer.process, 24, g)
     eps = torch.randn(x0.shape, generator=g)
     with torch.no_grad():
-        loss = denoising_loss(trainer.denoiser, x0, sigma, eps, {"labels": labels}, trainer.config)
+        loss = denoising_loss(trainer.denoiser, x0, sigma, eps, cond, trainer.config)
     return float(loss)
 
 

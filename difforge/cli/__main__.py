@@ -1,0 +1,3 @@
+from difforge.cli.app import main
+
+main()

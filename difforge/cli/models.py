@@ -1,0 +1,183 @@
+"""`difforge train`, `sample`, `info`: parse flags, resolve, call the library (difforge.training, difforge.pipeline)."""
+
+from __future__ import annotations
+
+import typer
+
+from difforge.cli.app import command, fail, int_list
+
+
+@command("train")
+def train_command(
+    config: str = typer.Option(
+        ..., "--config", help="Training config JSON (e.g. configs/mnist.json)."
+    ),
+    out: str = typer.Option(
+        ..., "--out", help="Run folder: checkpoints, metrics, samples, model/."
+    ),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Wall-clock budget; then checkpoint, export the model, stop."
+    ),
+    until_step: int | None = typer.Option(
+        None, "--until-step", help="Stop (checkpoint, export) after this step, before max_steps."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the newest complete checkpoint."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Resume even if the config or dataset changed."
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Validate the config, build the net, print its size and cost; exit.",
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a diffusion model from a JSON config; the model lands in OUT/model."""
+    from difforge.training import describe, load_config, train
+
+    cfg = load_config(config)
+    if dry_run:
+        d = describe(cfg)
+        typer.echo(f"config ok: {config}")
+        typer.echo(
+            f"dataset: {d['dataset']}: {d['dataset_size']} images {d['image_shape']}, "
+            f"{d['num_classes']} classes, {d['dataset_hash']}"
+        )
+        typer.echo(
+            f"net: {d['net']}, {d['parameters']:,} parameters, "
+            f"{d['flops_per_forward'] / 1e6:,.1f} MFLOPs per forward (one image)"
+        )
+        typer.echo(
+            f"training: {d['max_steps']} steps of batch {d['batch_size']}, "
+            f"~{d['flops_per_step'] / 1e9:,.1f} GFLOPs per step"
+        )
+        return
+    result = train(
+        cfg,
+        out,
+        resume=resume,
+        force=force,
+        max_minutes=max_minutes,
+        until_step=until_step,
+        progress=progress,
+    )
+    loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
+    typer.echo(
+        f"{result.status} at step {result.step} in {result.seconds:.0f}s; loss {loss}; "
+        f"non-finite steps skipped: {result.nonfinite_total}"
+    )
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    if result.model_dir is None:
+        typer.echo(f"resume with: difforge train --config {config} --out {out} --resume")
+        raise typer.Exit(130)
+    typer.echo(f"model: {result.model_dir}")
+
+
+def _options(pairs: list[str] | None, flag: str) -> dict[str, object]:
+    """KEY=VALUE pairs, each value parsed as JSON (so 2 is an int, 0.5 a float, true a bool)."""
+    import json
+
+    out: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"{flag} takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fail(f"{flag} {key}: {value!r} is not a JSON value (numbers, true/false, quoted text)")
+    return out
+
+
+@command("sample")
+def sample_command(
+    model: str = typer.Option(..., "--model", help="Model folder."),
+    sampler: str | None = typer.Option(
+        None, "--sampler", help="Sampler name [default: the model's]."
+    ),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Sampling steps [default: the model's]."
+    ),
+    guidance: float | None = typer.Option(None, "--guidance", help="CFG scale; 1 = conditional."),
+    labels: str | None = typer.Option(
+        None, "--labels", help="Comma-separated classes of the class key [default: cycle]."
+    ),
+    cond: list[str] | None = typer.Option(
+        None, "--cond", help="KEY=JSON value of a conditioning key (repeatable)."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Image i uses seed + i [default: random, printed]."
+    ),
+    n: int | None = typer.Option(None, "--n", help="Number of images [default: len(labels) or 1]."),
+    grid: str | None = typer.Option(
+        None, "--grid", help="Sigma grid: karras, exponential, uniform."
+    ),
+    option: list[str] | None = typer.Option(
+        None, "--option", help="KEY=VALUE sampler option, e.g. max_order=3 (repeatable)."
+    ),
+    out: str = typer.Option("grid.png", "--out", help="Output PNG (a captioned grid)."),
+) -> None:
+    """Sample an image grid from a model, with provenance in the PNG's text chunks."""
+    from difforge.pipeline import load, resolve, save_samples_png
+
+    m = load(model)
+    request: dict[str, object] = _options(cond, "--cond")
+    if labels is not None:
+        key = m.spec.class_key()
+        if key is None:
+            fail(f"--labels: model {m.name!r} has no class key (conditioning: {m.spec.names})")
+        request[key.name] = int_list(labels, "--labels")
+    flags = {"n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance}
+    request |= {k: v for k, v in (flags | {"grid": grid}).items() if v is not None}
+    request["options"] = _options(option, "--option")
+    samples = m.generate(resolve(m, request))
+    path = save_samples_png(m, samples, out)
+    typer.echo(
+        f"wrote {path}: {len(samples.seeds)} images, {samples.sampler} {samples.steps} steps, "
+        f"guidance {samples.guidance:g}, {samples.nfe} NFE, seeds {samples.seeds[0]}..{samples.seeds[-1]}"
+    )
+
+
+@command("info")
+def info_command(
+    model: str = typer.Option(..., "--model", help="Model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Summarise a model: identity, size, cost, sampling defaults and provenance."""
+    import json
+
+    from difforge.pipeline import load
+
+    s = load(model).summary()
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+        return
+    p, d = s["provenance"], s["sampling"]
+    keys = [f"{k['name']} ({k['kind']})" for k in s["conditioning"]]
+    kind = f"{s['num_classes']} classes" if s["num_classes"] else "unconditional"
+    lines = [
+        f"{s['name']}  {s['format']}  sha256 {s['sha256']}",
+        f"  {s['net']}: {s['parameters']:,} parameters, "
+        f"{s['flops_per_forward'] / 1e6:,.1f} MFLOPs per forward (one image)",
+        f"  images {s['image_shape']} (denoiser {s['latent_shape']}), {kind}, "
+        f"{s['parameterization']} on {json.dumps(s['process'])}",
+        f"  conditioning: {', '.join(keys) or 'none'}",
+        f"  sampling: {d['sampler']}, {d['steps']} steps, {d['grid']} grid, "
+        f"guidance {d['guidance']:g}",
+    ]
+    for name, c in s["components"].items():
+        base = "".join(f", made for {k} {v[:12]}..." for k, v in c.get("base", {}).items())
+        lines.append(
+            f"  component {name}: {c['net']}, {c['parameters']:,} parameters, "
+            f"sha256 {c['sha256']}{base}"
+        )
+    if p:
+        lines += [
+            f"  trained {p.get('step')} steps on {json.dumps(p.get('dataset'))} "
+            f"({p.get('dataset_hash')})",
+            f"  final loss {p.get('final_loss')}, code {p.get('code_version')}, "
+            f"created {p.get('created')}",
+        ]
+    typer.echo("\n".join(lines))

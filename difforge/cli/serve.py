@@ -1,0 +1,38 @@
+"""`difforge serve`: the HTTP service (difforge.serving)."""
+
+from __future__ import annotations
+
+import typer
+
+from difforge.cli.app import app, friendly_errors
+
+
+@app.command("serve")
+@friendly_errors
+def serve_command(
+    model: str | None = typer.Option(None, "--model", help="Model folder to serve as production."),
+    registry: str | None = typer.Option(
+        None,
+        "--registry",
+        help="Registry URL: serve --name's production and canary, and follow the registry.",
+    ),
+    name: str | None = typer.Option(None, "--name", help="Registered model name (--registry)."),
+    artifacts: str | None = typer.Option(
+        None, "--artifacts", help="Registry artifact directory (default: beside a SQLite file)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    config: str | None = typer.Option(
+        None, "--config", help="Service config JSON (limits, queue, keys, audit db, registry)."
+    ),
+) -> None:
+    """Serve a model over HTTP: POST /v1/generate, /v1/models, /metrics, health, a web page.
+
+    With --registry URL --name NAME: the registry's production version, its canary with its
+    share of traffic, /v1/admin/{promote,rollback,canary}, and automatic canary rollback.
+    """
+    from difforge.serving import serve
+
+    source = {"registry": registry, "name": name, "artifacts": artifacts}  # serve() checks them
+    given = {k: v for k, v in source.items() if v is not None}
+    serve(model, host=host, port=port, config_path=config, **given)

@@ -1,0 +1,208 @@
+"""The conditioning spec: the one place that knows what a model is conditioned on.
+
+A spec lists keys. Each key says how a request value becomes one per-image tensor, what its null
+value is (the unconditional input of classifier-free guidance, Ho & Salimans 2022), how often
+training replaces it by that null (their Alg. 1, "p_uncond"), and where training reads it from
+the data set. The training loop, `Model.sample`, the request resolver, the evaluation runner and the
+serving batcher all go through a spec; none of them knows the names of the keys.
+
+A *row* is the resolved conditioning of one image: {key: tensor without a batch dimension}.
+`collate` stacks rows into the batched `cond` mapping a denoiser takes; rows whose signatures
+(key, dtype, shape) agree can share a sampler call.
+
+Kinds today: "class" (an integer class with a learned null class). New kinds (token context,
+attribute vectors, init images and masks) are new members of `CondKey`, not edits elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from difforge.core.errors import InvalidArgumentError
+
+Row = dict[str, Tensor]  # one image's conditioning: {key: tensor, no batch dimension}
+Signature = tuple[tuple[str, str, tuple[int, ...]], ...]  # (key, dtype, shape) per key, sorted
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FieldProblem(InvalidArgumentError):
+    """A request value is invalid; `loc` is the field path, e.g. ("labels", 2)."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str, kind: str = "value_error"):
+        self.loc, self.msg, self.kind = loc, msg, kind
+        super().__init__(f"{'.'.join(map(str, loc))}: {msg}")
+
+
+class ClassKey(_Frozen):
+    """An integer class per image, with a learned null class for guidance.
+
+    Request value: one int (all images), a list of one per image (None entries: the null class,
+    i.e. unconditional), or absent: the classes cycle 0, 1, ..., num_classes - 1 over the images.
+    """
+
+    kind: Literal["class"] = "class"
+    name: str = "labels"  # request field and the network's cond key
+    num_classes: int = Field(ge=1)
+    class_names: tuple[str, ...] = ()
+    dropout: float = Field(0.1, ge=0, le=1)  # training: P(value -> null)
+    source: str = "labels"  # the data set's field training reads
+
+    @model_validator(mode="after")
+    def _names(self) -> ClassKey:
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries for {self.num_classes} classes"
+            )
+        return self
+
+    @property
+    def null(self) -> int:
+        return self.num_classes  # the extra embedding row the net learns as "no class"
+
+    def null_row(self) -> Tensor:
+        return torch.tensor(self.null, dtype=torch.int64)
+
+    def resolve(self, value: Any, n: int) -> list[Tensor]:
+        """The request value as n per-image tensors, or FieldProblem."""
+        if value is None:
+            return [torch.tensor(i % self.num_classes, dtype=torch.int64) for i in range(n)]
+        values = [value] if _is_int(value) else value
+        if not isinstance(values, list | tuple) or not values:
+            raise FieldProblem((self.name,), "must be a class or a non-empty list of classes")
+        if len(values) not in (1, n):
+            raise FieldProblem((self.name,), f"has {len(values)} entries for n = {n}", "length")
+        out = []
+        for i, v in enumerate(values):
+            if v is None:
+                out.append(self.null_row())
+            elif _is_int(v) and 0 <= v < self.num_classes:
+                out.append(torch.tensor(v, dtype=torch.int64))
+            else:
+                where = (self.name,) if _is_int(value) else (self.name, i)
+                raise FieldProblem(
+                    where, f"must be an integer in [0, {self.num_classes - 1}], got {v!r}", "range"
+                )
+        return out * (n if len(out) == 1 else 1)
+
+    def describe_row(self, row: Tensor) -> int | None:
+        """The JSON value a row came from (the null class is None)."""
+        v = int(row)
+        return None if v == self.null else v
+
+    def caption(self, row: Tensor) -> str:
+        v = self.describe_row(row)
+        if v is None:
+            return "-"
+        return self.class_names[v] if v < len(self.class_names) else str(v)
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return batch[self.source]
+
+    def drop(self, values: Tensor, generator: torch.Generator) -> Tensor:
+        """Replace each value by the null class with probability `dropout` (Ho & Salimans, Alg. 1)."""
+        drop = torch.rand(values.shape[0], generator=generator) < self.dropout
+        return torch.where(drop, torch.full_like(values, self.null), values)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+CondKey = Annotated[ClassKey, Field(discriminator="kind")]
+
+
+class ConditioningSpec(_Frozen):
+    """The keys a model is conditioned on; empty for an unconditional model."""
+
+    keys: tuple[CondKey, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> ConditioningSpec:
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"conditioning key names must be unique, got {names}")
+        return self
+
+    @classmethod
+    def for_classes(
+        cls, num_classes: int, class_names: Sequence[str] = (), dropout: float = 0.1
+    ) -> ConditioningSpec:
+        """The spec of a wave-1 class-conditional model (`num_classes` 0: unconditional)."""
+        if not num_classes:
+            return cls()
+        key = ClassKey(num_classes=num_classes, class_names=tuple(class_names), dropout=dropout)
+        return cls(keys=(key,))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(k.name for k in self.keys)
+
+    @property
+    def guidable(self) -> bool:
+        """Classifier-free guidance needs a null value for some key."""
+        return bool(self.keys)
+
+    def key(self, name: str) -> CondKey:
+        for k in self.keys:
+            if k.name == name:
+                return k
+        raise InvalidArgumentError(f"no conditioning key {name!r}; keys: {list(self.names)}")
+
+    def class_key(self) -> ClassKey | None:
+        """The class key, for evaluation by a classifier (None when there is none)."""
+        return next((k for k in self.keys if k.kind == "class"), None)
+
+    def resolve(self, values: Mapping[str, Any], n: int) -> list[Row]:
+        """Request values {key: value} -> n rows; raises FieldProblem for the first bad key."""
+        unknown = sorted(set(values) - set(self.names))
+        if unknown:
+            allowed = ", ".join(self.names) or "(none: the model is unconditional)"
+            raise FieldProblem(
+                (unknown[0],), f"not a conditioning key of this model; keys: {allowed}", "choice"
+            )
+        per_key = {k.name: k.resolve(values.get(k.name), n) for k in self.keys}
+        return [{name: v[i] for name, v in per_key.items()} for i in range(n)]
+
+    def null_row(self) -> Row:
+        return {k.name: k.null_row() for k in self.keys}
+
+    def collate(self, rows: Sequence[Row]) -> dict[str, Tensor] | None:
+        """Stack rows into the batched cond of a denoiser call (None for no keys)."""
+        if not self.keys:
+            return None
+        return {k.name: torch.stack([r[k.name] for r in rows]) for k in self.keys}
+
+    def null_batch(self, n: int) -> dict[str, Tensor] | None:
+        return self.collate([self.null_row()] * n)
+
+    def describe(self, row: Row) -> dict[str, Any]:
+        """A row as JSON values (what provenance and the audit log record)."""
+        return {k.name: k.describe_row(row[k.name]) for k in self.keys}
+
+    def caption(self, row: Row) -> str:
+        return " ".join(k.caption(row[k.name]) for k in self.keys)
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """Training: the cond of a data batch (each key reads its own source field)."""
+        if not self.keys:
+            return None
+        return {k.name: k.from_batch(batch) for k in self.keys}
+
+    def drop(self, cond: Mapping[str, Tensor] | None, generator: torch.Generator):
+        """Training: each key's dropout to its null value, for classifier-free guidance."""
+        if cond is None:
+            return None
+        return {k.name: k.drop(cond[k.name], generator) for k in self.keys}
+
+
+def signature(row: Row) -> Signature:
+    """What must agree for rows to be stacked into one call."""
+    return tuple(sorted((k, str(v.dtype), tuple(v.shape)) for k, v in row.items()))

@@ -117,7 +117,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--samplers", default="all", help="difforge deterministic samplers, or all")
     ap.add_argument("--diffusers", default="ddim,dpmsolver,dpmsolver_karras,euler,unipc,deis")
     ap.add_argument(
-        "--grids", default="karras", help="difforge grids: karras,exponential,vp_linspace"
+        "--grids",
+        default="karras,vp_linspace",
+        help="difforge grids: karras,exponential,vp_linspace",
     )
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i [0]")
     ap.add_argument("--threads", type=int, default=1)

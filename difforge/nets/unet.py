@@ -12,15 +12,14 @@ cond is None or a mapping with optional
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.nets.jsonconfig import JsonConfig
 from difforge.nets.layers import (
     AttentionBlock,
     Downsample,
@@ -32,7 +31,7 @@ from difforge.nets.layers import (
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(JsonConfig):
     """Hyperparameters of `UNet`; stored as JSON next to the weights (`to_dict`/`from_dict`)."""
 
     in_channels: int = 1  # channels of the input image x
@@ -120,24 +119,6 @@ class UNetConfig:
     def level_channels(self) -> tuple[int, ...]:
         """Channels of each level, base_channels * mult."""
         return tuple(self.base_channels * m for m in self.channel_mults)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists); `from_dict` inverts it."""
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
-        """Build from a dict such as `to_dict()` wrote; unknown keys are refused, missing ones default."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown UNetConfig keys {unknown}; allowed keys: {', '.join(sorted(names))}"
-            )
-        return cls(**dict(d))
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -35,11 +35,17 @@ from pydantic import (
 )
 
 from difforge.core.errors import InvalidArgumentError
-from difforge.pipeline.conditioning import FieldProblem, Row
+from difforge.pipeline.conditioning import ConditioningSpec, FieldProblem, Row
+from difforge.pipeline.config import SamplingDefaults
 from difforge.samplers.noise import MAX_SEED
 
-if TYPE_CHECKING:
-    from difforge.pipeline.model import Model
+
+class Model(Protocol):
+    """What the resolver reads of a model (a `difforge.pipeline.Model` has both)."""
+
+    spec: ConditioningSpec
+    sampling: SamplingDefaults
+
 
 ResponseFormat = Literal["auto", "png", "json"]
 RANDOM_SEED_BOUND = 2**32  # a drawn seed stays below this

@@ -16,7 +16,6 @@ it is replayed from the audit log, so rollback follows exactly what the chain re
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from difforge.registry.gates import (
     smoke_sample,
     summarize_report,
 )
+from difforge.registry.naming import _VERSION, artifacts_dir, check_alias, check_name
 from difforge.registry.provenance import Report, gather_provenance, load_reports, make_report
 from difforge.registry.schema import (
     aliases,
@@ -67,46 +67,7 @@ from difforge.registry.verify import check_aliases, check_reports, check_version
 
 GATED_ALIASES = ("production", "canary")
 DEFAULT_CANARY_PERCENT = 10.0
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_VERSION = re.compile(r"^v?(\d+)$")
 # the columns of a version that never change; their digest is recorded when it is registered
-
-
-def artifacts_dir(config: RegistryConfig) -> Path:
-    """Where `config`'s artifacts live: as given, else beside the SQLite file."""
-    if config.artifacts:
-        return Path(config.artifacts)
-    url = make_url(config.url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        db = Path(url.database)
-        return db.with_name(f"{db.stem}-artifacts")
-    raise InvalidArgumentError(
-        f"registry {url.render_as_string(hide_password=True)} needs an artifacts directory "
-        "(--artifacts DIR): only a SQLite file registry has a default beside it"
-    )
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidArgumentError(
-            f"bad model name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)"
-        )
-    return name
-
-
-def check_alias(alias: str) -> str:
-    if (
-        not isinstance(alias, str)
-        or not _ALIAS.match(alias)
-        or _VERSION.match(alias)
-        or alias == "latest"
-    ):
-        raise InvalidArgumentError(
-            f"bad alias {alias!r}: lowercase letters, digits, '_' or '-', starting with a letter; "
-            "not 'latest' or a version like 'v3'"
-        )
-    return alias
 
 
 def _report_text(report: Mapping[str, Any]) -> str:

@@ -114,4 +114,4 @@ def skip_unless_real(reason: str) -> None:
 
     if os.environ.get(REQUIRE_REAL) == "1":
         pytest.fail(f"{REQUIRE_REAL}=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)

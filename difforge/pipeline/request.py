@@ -41,13 +41,14 @@ from difforge.samplers.noise import MAX_SEED
 
 
 class Model(Protocol):
-    """What the resolver reads of a model (a `difforge.pipeline.Model` has both)."""
+    """What the resolver reads of a model (a `difforge.pipeline.Model` has these)."""
 
     spec: ConditioningSpec
     sampling: SamplingDefaults
+    image_shape: tuple[int, ...]  # (C, H, W) images or (C, T) series
 
 
-ResponseFormat = Literal["auto", "png", "json"]
+ResponseFormat = Literal["auto", "png", "json", "csv"]
 RANDOM_SEED_BOUND = 2**32  # a drawn seed stays below this
 
 
@@ -76,7 +77,7 @@ class SampleRequest(BaseModel):
     guidance: float | None = None  # classifier-free guidance scale (1 = plain conditional)
     grid: Literal["karras", "exponential", "uniform"] | None = None
     options: dict[str, StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)  # knobs
-    response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several
+    response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several or series
     deadline_ms: StrictInt | None = None  # give up this long after arrival (services only)
 
     @property
@@ -109,7 +110,7 @@ class Plan:
     steps: int
     grid: str
     options: tuple[tuple[str, Any], ...]
-    response_format: Literal["png", "json"]
+    response_format: Literal["png", "json", "csv"]
     deadline_s: float | None
 
     @property
@@ -257,6 +258,20 @@ def _fits(value: Any, kind: type) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def _response_format(model: Model, asked: str, n: int, problems: list) -> str:
+    """png: one image; json: images or series; csv: series (one row per series and channel)."""
+    series = len(getattr(model, "image_shape", (1, 1, 1))) == 2  # (C, T)
+    if series and asked == "png":
+        problems.append(FieldProblem(("response_format",), "the model makes series: use json/csv"))
+    elif not series and asked == "csv":
+        problems.append(FieldProblem(("response_format",), "csv holds series; use png or json"))
+    elif asked == "png" and n != 1:
+        problems.append(FieldProblem(("response_format",), "png holds one image; use json"))
+    if asked != "auto":
+        return asked
+    return "png" if n == 1 and not series else "json"
+
+
 def resolve(
     model: Model,
     request: SampleRequest | dict[str, Any],
@@ -282,8 +297,7 @@ def resolve(
     sampler, options = _sampler(req, model.sampling.sampler, limits, problems)
     steps = model.sampling.steps if req.steps is None else req.steps
     _range(problems, ("steps",), steps, 1, limits.max_steps)
-    if req.response_format == "png" and n != 1:
-        problems.append(FieldProblem(("response_format",), "png holds one image; use json"))
+    fmt = _response_format(model, req.response_format, n, problems)
     deadline = default_deadline_s if req.deadline_ms is None else req.deadline_ms / 1000
     if req.deadline_ms is not None:
         _range(problems, ("deadline_ms",), req.deadline_ms, 1, int(limits.max_deadline_s * 1000))
@@ -299,6 +313,6 @@ def resolve(
         steps=steps,
         grid=req.grid or model.sampling.grid,
         options=options,
-        response_format="png" if req.response_format != "json" and n == 1 else "json",
+        response_format=fmt,
         deadline_s=deadline,
     )

@@ -41,6 +41,7 @@ from difforge.serving.access import (
     retry_after_header,
 )
 from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, parse_admin
+from difforge.serving.anomaly import MAX_SERIES_PER_N, parse_series, score_series
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
@@ -265,6 +266,17 @@ def _api_routes(service: Service) -> APIRouter:
         )
         return _stored(await service.generate(call))
 
+    @api.post("/v1/anomaly/score")
+    async def anomaly_score(request: Request) -> dict:
+        _principal(service, request, "generate")
+        require_json(request)
+        detector = service.detector
+        if detector is None:
+            raise ServiceError("not_found", "this service has no anomaly detector")
+        body = await read_body(request, service.config.limits.max_body_bytes)
+        series = parse_series(body, service.config.limits.max_n * MAX_SERIES_PER_N)
+        return await service.engine.call(score_series, detector, series)
+
     @api.get("/v1/models")
     async def models(request: Request) -> dict:
         _principal(service, request, "generate")
@@ -357,7 +369,13 @@ def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
     The load runs on a passing thread: torch work stays off the main thread (see
     `difforge.serving.engine.on_passing_thread`)."""
     from difforge.pipeline import load
+    from difforge.pipeline.anomaly import DETECTOR_FILE, load_detector
 
+    if (Path(model_path) / DETECTOR_FILE).is_file():  # a detector folder: its model + scoring
+        detector = on_passing_thread(load_detector, model_path)
+        service = Service(config, ModelRouter(ModelVersion(detector.model)))
+        service.detector = detector
+        return service
     return Service(config, ModelRouter(ModelVersion(on_passing_thread(load, model_path))))
 
 

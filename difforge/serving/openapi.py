@@ -106,7 +106,11 @@ def generate_request_schema(config: ServiceConfig, model: Model) -> dict[str, An
         "seed": _nullable(seed),
         "seeds": _nullable({"type": "array", "items": seed, "minItems": 1, "maxItems": lim.max_n}),
         "options": {"type": "object", "additionalProperties": option, "default": {}},
-        "response_format": {"type": "string", "enum": ["auto", "png", "json"], "default": "auto"},
+        "response_format": {
+            "type": "string",
+            "enum": ["auto", "json", "csv"] if _series(model) else ["auto", "png", "json"],
+            "default": "auto",
+        },
         "deadline_ms": _nullable(deadline),
     }
     for key in model.spec.keys:
@@ -148,6 +152,24 @@ _IMAGE = {
     },
 }
 _OBJECT = {JSON: {"schema": {"type": "object"}}}
+_SERIES = {
+    "type": "object",
+    "required": ["request_id", "model", "model_version", "output_sha256", "series"],
+    "properties": {
+        "series": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["values", "seed"],
+                "properties": {"values": {"type": "array"}, "seed": {"type": "integer"}},
+            },
+        },
+    },
+}
+
+
+def _series(model: Model) -> bool:
+    return len(model.image_shape) == 2  # (C, T)
 
 
 def _generate_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
@@ -183,12 +205,44 @@ def _generate_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
                 "description": "one image as PNG (with provenance text chunks), or JSON with "
                 "base64 PNGs for several (or when response_format is json)",
                 "headers": headers,
-                "content": {
-                    "image/png": {"schema": {"type": "string", "format": "binary"}},
-                    JSON: {"schema": _IMAGE},
-                },
+                "content": (
+                    {JSON: {"schema": _SERIES}, "text/csv": {"schema": {"type": "string"}}}
+                    if _series(model)
+                    else {
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                        JSON: {"schema": _IMAGE},
+                    }
+                ),
             },
             **_errors(401, 403, 409, 413, 415, 422, 429, 431, 499, 500, 503, 504),
+        },
+    }
+
+
+def _anomaly_operation(config: ServiceConfig) -> dict[str, Any]:
+    from difforge.serving.anomaly import MAX_SERIES_PER_N
+
+    values = {"type": "array", "minItems": 1, "items": {"type": "number"}}
+    one = {"anyOf": [values, {"type": "array", "minItems": 1, "items": values}]}
+    body = {
+        "type": "object",
+        "required": ["series"],
+        "additionalProperties": False,
+        "properties": {
+            "series": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": config.limits.max_n * MAX_SERIES_PER_N,
+                "items": one,
+            }
+        },
+    }
+    return {
+        "summary": "Score series with the served anomaly detector (404 when there is none)",
+        "requestBody": {"required": True, "content": {JSON: {"schema": body}}},
+        "responses": {
+            "200": {"description": "scores, flags and the threshold", "content": _OBJECT},
+            **_errors(401, 403, 404, 413, 415, 422, 429, 431, 500, 503),
         },
     }
 
@@ -238,6 +292,7 @@ def openapi_document(
     text = {"text/plain": {"schema": {"type": "string"}}}
     paths: dict[str, Any] = {
         "/v1/generate": {"post": _generate_operation(config, model)},
+        "/v1/anomaly/score": {"post": _anomaly_operation(config)},
         "/v1/models": {"get": _get("Served versions, defaults and limits", _OBJECT, 401, 403, 431)},
         "/v1/requests/{request_id}": {
             "get": {

@@ -33,7 +33,13 @@ from difforge.serving.access import AccessControl, AccessDenied, Principal, Rate
 from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 from difforge.serving.config import ServiceConfig
-from difforge.serving.encode import encode_images, json_body, pixels_sha256
+from difforge.serving.encode import (
+    encode_images,
+    json_body,
+    pixels_sha256,
+    series_csv_body,
+    series_json_body,
+)
 from difforge.serving.engine import (
     Engine,
     Job,
@@ -111,6 +117,7 @@ class Service:
         self.metrics = ServiceMetrics()
         self.engine = Engine(config, self.metrics)
         self.access = AccessControl(config)
+        self.detector = None  # an anomaly detector over the production model (serving.anomaly)
         self.limiter = RateLimiter(config)
         self.idempotency = IdempotencyStore(config.idempotency_entries, config.idempotency_ttl_s)
         self.audit = AuditLog(config.audit_db)
@@ -393,7 +400,6 @@ class Service:
             "synthetic": True,
             "software": "difforge",
         }
-        encoded = encode_images(images, common, plan.seeds, plan.conditioning)
         headers = {
             "X-Request-Id": job.request_id,
             "X-Output-SHA256": digest,
@@ -401,14 +407,23 @@ class Service:
         }
         self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
         self._audit(call, job.request_id, "ok", "ok", plan.params(), job, digest)
-        if plan.response_format == "png":
-            return StoredResponse(encoded[0][1], "image/png", headers)
         extra = {
             "role": job.role,
             "nfe": job.nfe,
             "batch_images": job.call_images,
             "batch_invariant": job.version.plan is not None and job.version.plan.invariant,
         }
+        if len(model.image_shape) == 2:  # a series model: (C, T) float values, never PNG
+            if plan.response_format == "csv":
+                body = series_csv_body(images, plan.seeds, plan.conditioning)
+                return StoredResponse(body, "text/csv", headers)
+            body = series_json_body(
+                job.request_id, common, images, plan.seeds, plan.conditioning, digest, extra
+            )
+            return StoredResponse(body, "application/json", headers)
+        encoded = encode_images(images, common, plan.seeds, plan.conditioning)
+        if plan.response_format == "png":
+            return StoredResponse(encoded[0][1], "image/png", headers)
         return StoredResponse(
             json_body(job.request_id, common, encoded, digest, extra),
             "application/json",

@@ -124,3 +124,58 @@ def test_web_page_generates_images_with_provenance_and_progress(tmp_path):
             (tmp_path / "page.png").write_bytes(page.screenshot())
         finally:
             browser.close()
+
+
+def _tiny_series_model(folder):
+    import torch
+
+    from difforge.nets import build_net
+    from difforge.pipeline import ModelConfig, NetSpec, SamplingDefaults, save_model
+
+    cfg = {"length": 16, "base_channels": 8, "channel_mults": [1, 2], "attention_resolutions": [8]}
+    cfg |= {"head_dim": 8, "norm_groups": 4, "num_classes": 3}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = build_net("unet1d", cfg)
+    config = ModelConfig(
+        name="tiny-series",
+        net=NetSpec(kind="unet1d", config=cfg),
+        process={"kind": "ve", "sigma_min": 0.01, "sigma_max": 10.0},
+        parameterization="edm",
+        num_classes=3,
+        image_shape=(1, 16),
+        sampling=SamplingDefaults(sampler="euler", steps=3, guidance=1.0),
+    )
+    return save_model(folder, config, net.state_dict(), "# tiny-series\n")
+
+
+def test_web_page_plots_series_of_a_series_model(tmp_path):
+    try:
+        from playwright import sync_api
+    except ImportError:
+        skip_unless_real("the page test needs the playwright package (pip install -e '.[dev]')")
+    from difforge.serving import create_app
+
+    svc = make_service(_tiny_series_model(tmp_path / "series"), torch_threads=1, warmup_steps=1)
+    with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.querySelectorAll('#cond-labels option').length === 5")
+            deadline = time.monotonic() + 60
+            while not svc.ready:
+                assert time.monotonic() < deadline, "model did not warm up"
+                time.sleep(0.05)
+            page.fill("#n", "2")
+            page.click("#go")
+            page.wait_for_selector("#gallery figure:nth-child(2) svg polyline", timeout=60_000)
+            points = page.evaluate(
+                "document.querySelector('#gallery svg polyline').getAttribute('points')"
+            )
+            assert len(points.split()) == 16  # one vertex per time step
+            assert "labels 0" in page.locator("#gallery figcaption").first.inner_text()
+        finally:
+            browser.close()

@@ -146,6 +146,59 @@ def test_anomaly_fit_and_score_cli(tmp_path):
         app, ["anomaly", "score", str(tmp_path / "nope.csv"), "--model", str(det_dir)]
     )
     assert r.exit_code == 2 and "no such file" in r.output
+    _score_over_http(det_dir, test_x, scores)
+
+
+def _score_over_http(det_dir, test_x: np.ndarray, cli_scores: np.ndarray) -> None:
+    """The served detector gives the CLI's scores; no detector is a 404, bad series a 422."""
+    from difforge.serving import ServiceConfig
+    from difforge.serving.app import build_service
+    from tests.integration.serving_fixtures import run, running
+
+    service = build_service(det_dir, ServiceConfig(audit_db=":memory:", warmup_steps=1))
+    assert service.detector is not None
+
+    async def scenario():
+        async with running(service) as c:
+            body = {"series": [[round(float(v), 5) for v in row] for row in test_x[:6]]}
+            r = await c.post("/v1/anomaly/score", json=body)
+            assert r.status_code == 200, r.text
+            got = np.array(r.json()["scores"])
+            np.testing.assert_allclose(got, cli_scores[:6], rtol=1e-4)
+            assert r.json()["flagged"] == [bool(v > r.json()["threshold"]) for v in got]
+            for bad in ({"series": []}, {"series": [[1.0, "x"]]}, {"other": 1}):
+                assert (await c.post("/v1/anomaly/score", json=bad)).status_code == 422
+            gen = await c.post("/v1/generate", json={"n": 2, "seed": 1, "response_format": "csv"})
+            assert gen.status_code == 200 and gen.headers["content-type"].startswith("text/csv")
+            assert len(gen.text.splitlines()) == 3 and gen.text.startswith("index,seed,channel,t0")
+
+    run(scenario())
+
+
+def test_series_over_http_are_json_or_csv_never_png(sines_model):
+    from tests.integration.serving_fixtures import make_service, run, running
+
+    lib = difforge.load(sines_model).sample([0, 2], seed=7)
+
+    async def scenario():
+        async with running(make_service(sines_model, warmup_steps=1)) as c:
+            r = await c.post("/v1/generate", json={"labels": [0, 2], "seed": 7})
+            assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+            items = r.json()["series"]
+            assert [i["conditioning"] for i in items] == [{"labels": 0}, {"labels": 2}]
+            values = np.array([i["values"] for i in items], dtype=np.float32)
+            assert values.shape == (2, 1, 32)
+            np.testing.assert_allclose(values, lib.images.numpy(), atol=1e-4)
+            csv = await c.post("/v1/generate", json={"labels": [1], "response_format": "csv"})
+            assert csv.status_code == 200 and csv.text.splitlines()[0].startswith(
+                "index,seed,labels"
+            )
+            png = await c.post("/v1/generate", json={"labels": [1], "response_format": "png"})
+            assert png.status_code == 422 and "series" in png.text
+            none = await c.post("/v1/anomaly/score", json={"series": [[0.0, 1.0]]})
+            assert none.status_code == 404  # this service has no detector
+
+    run(scenario())
 
 
 def test_a_2d_net_on_series_is_refused_before_training(tmp_path):

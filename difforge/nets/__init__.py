@@ -11,14 +11,33 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.nets.autoencoder import Autoencoder, AutoencoderConfig
+from difforge.nets.dit import DiT, DiTConfig
+from difforge.nets.text_encoder import (
+    TextConditionedConfig,
+    TextConditionedNet,
+    TextEncoder,
+    TextEncoderConfig,
+)
 from difforge.nets.unet import MNIST_UNET, UNet, UNetConfig
 
 # Denoisers take forward(x, c_noise, cond); the autoencoder has encode/decode (a pipeline VAE).
-NET_KINDS: tuple[str, ...] = ("unet", "autoencoder")
-_CONFIGS = {"unet": UNetConfig, "autoencoder": AutoencoderConfig}
-_NETS = {"unet": UNet, "autoencoder": Autoencoder}
+# "text_conditioned" = a text encoder in front of a backbone (one of BACKBONES).
+NET_KINDS: tuple[str, ...] = ("unet", "dit", "text_conditioned", "autoencoder")
+BACKBONES: tuple[str, ...] = ("unet", "dit")
+_CONFIGS = {
+    "unet": UNetConfig,
+    "dit": DiTConfig,
+    "text_conditioned": TextConditionedConfig,
+    "autoencoder": AutoencoderConfig,
+}
+_NETS = {
+    "unet": UNet,
+    "dit": DiT,
+    "text_conditioned": TextConditionedNet,
+    "autoencoder": Autoencoder,
+}
 
-NetConfig = UNetConfig | AutoencoderConfig
+NetConfig = UNetConfig | DiTConfig | TextConditionedConfig | AutoencoderConfig
 
 
 def net_config_from_dict(kind: str, config: Mapping[str, Any]) -> NetConfig:
@@ -80,11 +99,18 @@ def flops_per_forward(
 
 
 __all__ = [
+    "BACKBONES",
     "MNIST_UNET",
     "NET_KINDS",
     "Autoencoder",
     "AutoencoderConfig",
+    "DiT",
+    "DiTConfig",
     "NetConfig",
+    "TextConditionedConfig",
+    "TextConditionedNet",
+    "TextEncoder",
+    "TextEncoderConfig",
     "UNet",
     "UNetConfig",
     "build_net",

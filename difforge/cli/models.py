@@ -179,6 +179,8 @@ def info_command(
     p, d = s["provenance"], s["sampling"]
     keys = [f"{k['name']} ({k['kind']})" for k in s["conditioning"]]
     kind = f"{s['num_classes']} classes" if s["num_classes"] else "unconditional"
+    if not s["num_classes"] and s["conditioning"]:
+        kind = "conditioned on " + ", ".join(k["kind"] for k in s["conditioning"])
     lines = [
         f"{s['name']}  {s['format']}  sha256 {s['sha256']}",
         f"  {s['net']}: {s['parameters']:,} parameters, "

@@ -135,14 +135,24 @@ def measure_digits(
 
 
 def captions_for(
-    metadata: Sequence[Mapping[str, object]], phrasings: Phrasings, seed: int = 0
+    metadata: Sequence[Mapping[str, object]],
+    phrasings: Phrasings,
+    seed: int = 0,
+    held_out_combos: Sequence[tuple[int, str]] = (),
 ) -> list[str]:
-    """One caption per image; image i's caption depends only on (its metadata, seed, i)."""
-    out = []
+    """One caption per image; image i's caption depends only on (its metadata, seed, i).
+
+    `held_out_combos` lists (digit, thickness) pairs that no caption states together: such an
+    image is captioned by its digit alone, so "a thick 4" can be a held-out attribute combination
+    while "thick" and "4" are both seen.
+    """
+    out, combos = [], {(int(d), t) for d, t in held_out_combos}
     for i, meta in enumerate(metadata):
         rng = random.Random(f"{seed}:{i}")
         # Drop each adjective half the time so short prompts ("a 7") are in the corpus too.
         kept = {k: v for k, v in meta.items() if k == "digit" or rng.random() < 0.5}
+        if (int(meta["digit"]), meta.get("thickness")) in combos:
+            kept.pop("thickness", None)
         out.append(caption(kept, phrasings, rng))
     return out
 
@@ -166,7 +176,11 @@ class CaptionedDataset(ImageDataset):
 
 
 def load_mnist_captions(
-    split: str = "train", max_tokens: int = 16, seed: int = 0, limit: int = 0
+    split: str = "train",
+    max_tokens: int = 16,
+    seed: int = 0,
+    limit: int = 0,
+    held_out_combos: Sequence[Sequence[int | str]] = (),
 ) -> CaptionedDataset:
     """28x28 MNIST digits with captions in the seen phrasings and a word-level tokenizer
     trained on the training captions (held-out words become [UNK]).
@@ -176,23 +190,29 @@ def load_mnist_captions(
         max_tokens: token budget per prompt, [CLS] included.
         seed: the caption draw.
         limit: keep only the first `limit` images (0: all), for tests.
+        held_out_combos: (digit, thickness) pairs never stated together (see `captions_for`).
     """
     from difforge.data.mnist import load_mnist
     from difforge.data.tokenizer import train_tokenizer
 
+    combos = [(int(d), str(t)) for d, t in held_out_combos]
     train = load_mnist("train")
     thresholds = fit_thresholds(train.images)
     tokenizer = train_tokenizer(
-        captions_for(measure_digits(train.images, train.labels.tolist(), thresholds), SEEN, seed)
+        captions_for(
+            measure_digits(train.images, train.labels.tolist(), thresholds), SEEN, seed, combos
+        )
     )
     base = train if split == "train" else load_mnist(split)
     images, labels = base.images, base.labels
     if limit:
         images, labels = images[:limit], labels[:limit]
-    texts = captions_for(measure_digits(images, labels.tolist(), thresholds), SEEN, seed)
+    texts = captions_for(measure_digits(images, labels.tolist(), thresholds), SEEN, seed, combos)
     ids = tokenizer.encode_batch(texts, max_tokens)
     digest = hashlib.sha256(
-        json.dumps([base.content_hash, limit, texts, tokenizer.to_json()]).encode()
+        json.dumps(
+            [base.content_hash, limit, texts, tokenizer.to_json(), *([combos] if combos else [])]
+        ).encode()
     ).hexdigest()
     return CaptionedDataset(
         name=f"mnist_captions:{split}",

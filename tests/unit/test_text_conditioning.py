@@ -128,3 +128,13 @@ def test_negative_prompt_becomes_the_plans_unconditional_rows():
         for a, b in zip(again.uncond_rows, plan.uncond_rows, strict=True)
     )
     assert resolve(model, {"prompt": "a 7"}).uncond_rows is None
+
+
+def test_held_out_attribute_combinations_are_never_stated_together():
+    meta = [{"digit": d, "thickness": t} for d in (4, 7) for t in ("thick", "thin")] * 50
+    texts = captions_for(meta, SEEN, seed=0, held_out_combos=[(4, "thick")])
+    thick = ("thick", "bold")
+    four = [t for t, m in zip(texts, meta, strict=True) if m["digit"] == 4]
+    assert not any(w in t for t in four for w in thick)  # "thick 4" is held out
+    assert any(w in t for t in texts for w in thick)  # thick is still seen (on 7s)
+    assert any("thin" in t or "light" in t for t in four)  # and 4 with other attributes

@@ -114,6 +114,7 @@ def test_http_prompts_validate_batch_together_and_replay(text_model, tmp_path):
             assert replay["output_sha256"] == got[2]["output_sha256"]
             models = (await c.get("/v1/models")).json()["models"][0]
             assert models["conditioning"][0]["kind"] == "text"
+            assert "tokenizer" not in models["conditioning"][0]  # kilobytes the page never reads
 
     run(scenario())
 

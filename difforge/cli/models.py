@@ -94,6 +94,21 @@ def _options(pairs: list[str] | None, flag: str) -> dict[str, object]:
     return out
 
 
+def _text_flags(m, prompt: str | None, negative: str | None) -> dict[str, object]:
+    """--prompt / --negative-prompt as the request fields of the model's text key."""
+    if prompt is None and negative is None:
+        return {}
+    key = next((k for k in m.spec.keys if k.kind == "text"), None)
+    if key is None:
+        fail(f"--prompt: model {m.name!r} has no text key (conditioning: {m.spec.names})")
+    out: dict[str, object] = {} if prompt is None else {key.name: prompt}
+    if negative is not None:
+        if not key.negative:
+            fail(f"--negative-prompt: the text key {key.name!r} takes no negative prompt")
+        out[key.negative] = negative
+    return out
+
+
 @command("sample")
 def sample_command(
     model: str = typer.Option(..., "--model", help="Model folder."),
@@ -109,6 +124,12 @@ def sample_command(
     ),
     cond: list[str] | None = typer.Option(
         None, "--cond", help="KEY=JSON value of a conditioning key (repeatable)."
+    ),
+    prompt: str | None = typer.Option(
+        None, "--prompt", help="Text prompt (the model's text key), for every image."
+    ),
+    negative_prompt: str | None = typer.Option(
+        None, "--negative-prompt", help="Replaces the unconditional branch of guidance."
     ),
     seed: int | None = typer.Option(
         None, "--seed", help="Image i uses seed + i [default: random, printed]."
@@ -132,6 +153,7 @@ def sample_command(
         if key is None:
             fail(f"--labels: model {m.name!r} has no class key (conditioning: {m.spec.names})")
         request[key.name] = int_list(labels, "--labels")
+    request |= _text_flags(m, prompt, negative_prompt)
     flags = {"n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance}
     request |= {k: v for k, v in (flags | {"grid": grid}).items() if v is not None}
     request["options"] = _options(option, "--option")
@@ -160,6 +182,8 @@ def info_command(
     p, d = s["provenance"], s["sampling"]
     keys = [f"{k['name']} ({k['kind']})" for k in s["conditioning"]]
     kind = f"{s['num_classes']} classes" if s["num_classes"] else "unconditional"
+    if not s["num_classes"] and s["conditioning"]:
+        kind = "conditioned on " + ", ".join(k["kind"] for k in s["conditioning"])
     lines = [
         f"{s['name']}  {s['format']}  sha256 {s['sha256']}",
         f"  {s['net']}: {s['parameters']:,} parameters, "

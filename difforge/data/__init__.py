@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from difforge.core.errors import InvalidArgumentError, check_choice
+from difforge.data.captions import CaptionedDataset, load_mnist_captions
 from difforge.data.dataset import DatasetError, ImageDataset, PointDataset
 from difforge.data.folder import COLOR_MODES, load_image_folder
 from difforge.data.hashing import content_hash
@@ -21,6 +22,7 @@ _LOADERS: dict[str, Callable[..., ImageDataset | PointDataset | SeriesDataset]] 
     "toy": load_toy,
     "ucr": load_ucr,
     "sines": load_sines,
+    "mnist_captions": load_mnist_captions,
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -78,6 +80,7 @@ __all__ = [
     "COLOR_MODES",
     "DATASETS",
     "TOY_NAMES",
+    "CaptionedDataset",
     "DatasetError",
     "DatasetUnavailableError",
     "GaussianMixture",
@@ -89,6 +92,7 @@ __all__ = [
     "load_dataset",
     "load_image_folder",
     "load_mnist",
+    "load_mnist_captions",
     "load_sines",
     "load_toy",
     "load_ucr",

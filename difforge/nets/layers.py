@@ -131,13 +131,19 @@ class AttentionBlock(nn.Module):
         B, T, C = t.shape
         return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L) True = keep
+        q, k, v = self._split(q), self._split(k), self._split(v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         B, nh, T, hs = out.shape
         return out.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        shape = x.shape  # (B, C, H, W) or (B, C, T)
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """x (B, C, H, W) or (B, C, T), context (B, L, context_dim), mask (B, L) bool (True = a
+        real token)."""
+        shape = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(h).chunk(3, dim=2)  # (B, HW, C) x3
         out = self.proj(self._attend(q, k, v))  # (B, HW, C)
@@ -145,7 +151,7 @@ class AttentionBlock(nn.Module):
         if self.cross is not None and context is not None:
             h = self.cross["norm"](x).flatten(2).transpose(1, 2)  # (B, HW, C)
             k, v = self.cross["kv"](context.to(h.dtype)).chunk(2, dim=2)  # (B, L, C) x2
-            out = self.cross["proj"](self._attend(self.cross["q"](h), k, v))  # (B, HW, C)
+            out = self.cross["proj"](self._attend(self.cross["q"](h), k, v, mask))  # (B, HW, C)
             x = x + out.transpose(1, 2).reshape(shape)
         return x
 

@@ -8,6 +8,9 @@ cond is None or a mapping with optional
   "labels":  (B,) int64 in [0, num_classes]; index num_classes is the learned null class used for
              classifier-free guidance (Ho & Salimans 2022). Missing labels mean the null class.
   "context": (B, L, context_dim) float for cross-attention; missing means no cross-attention.
+  "context_mask": (B, L) bool, True for real tokens (padding is not attended to); optional.
+  "pooled":  (B, context_dim) float, a pooled text vector added to the noise embedding (GLIDE,
+             Nichol et al. 2022, Sec. 2.3); optional.
 """
 
 from __future__ import annotations
@@ -147,9 +150,11 @@ class Stage(nn.Module):
         self.res = res
         self.attn = attn
 
-    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+    def forward(
+        self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None = None
+    ) -> Tensor:
         h = self.res(h, emb)
-        return h if self.attn is None else self.attn(h, context)
+        return h if self.attn is None else self.attn(h, context, mask)
 
 
 class UNet(nn.Module):
@@ -173,6 +178,7 @@ class UNet(nn.Module):
         self.noise_embed = NoiseEmbedding(cfg.base_channels, emb_dim)
         # The last row is the learned null class for classifier-free guidance.
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.pooled_embed = nn.Linear(cfg.context_dim, emb_dim) if cfg.context_dim else None
         self.conv_in = conv_nd(self.dims, cfg.in_channels, cfg.base_channels, 3, padding=1)
         self.down, skip_channels = self._build_encoder(emb_dim)
         ch, bottom = skip_channels[-1], cfg.resolutions[-1]  # the encoder's output
@@ -237,6 +243,9 @@ class UNet(nn.Module):
                 labels = torch.full((batch,), self.config.num_classes, device=c_noise.device)
             _check_labels(labels, batch, self.config.num_classes)
             emb = emb + self.class_embed(labels.long())  # (B, emb_dim)
+        pooled = None if cond is None else cond.get("pooled")
+        if self.pooled_embed is not None and pooled is not None:
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))  # (B, emb_dim)
         return emb
 
     def forward(
@@ -245,19 +254,21 @@ class UNet(nn.Module):
         """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W) in x's dtype."""
         emb = self.embed(c_noise, cond, x.shape[0]).to(x.dtype)  # (B, emb_dim)
         context = None if cond is None or self.config.context_dim is None else cond.get("context")
+        mask = None
         if context is not None:
             _check_context(context, x.shape[0], self.config.context_dim)
+            mask = cond.get("context_mask")  # (B, L) bool or None
         h = self.conv_in(x)  # (B, base, H, W)
         skips = [h]
         for block in self.down:
-            h = block(h, emb, context) if isinstance(block, Stage) else block(h)
+            h = block(h, emb, context, mask) if isinstance(block, Stage) else block(h)
             skips.append(h)
         for block in self.mid:
-            h = block(h, emb, context)  # (B, ch, H / 2^(L-1), W / 2^(L-1))
+            h = block(h, emb, context, mask)  # (B, ch, H / 2^(L-1), W / 2^(L-1))
         for block in self.up:
             if isinstance(block, Stage):
                 h = block(
-                    torch.cat([h, skips.pop()], dim=1), emb, context
+                    torch.cat([h, skips.pop()], dim=1), emb, context, mask
                 )  # cat: (B, ch + skip, h, w)
             else:
                 h = block(h)

@@ -16,7 +16,7 @@ from difforge.pipeline.artifact import (
     sha256_file,
     verify_manifest,
 )
-from difforge.pipeline.conditioning import ClassKey, ConditioningSpec, FieldProblem
+from difforge.pipeline.conditioning import ClassKey, ConditioningSpec, FieldProblem, TextKey
 from difforge.pipeline.config import (
     FORMAT_V1,
     FORMAT_V2,
@@ -73,6 +73,7 @@ __all__ = [
     "SampleRequest",
     "Samples",
     "SamplingDefaults",
+    "TextKey",
     "VAEConfig",
     "build_denoiser",
     "build_network",

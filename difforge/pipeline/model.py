@@ -175,7 +175,7 @@ class Model:
 
     def generate(self, plan: Plan, *, callback: Callable | None = None) -> Samples:
         """Run a resolved plan in one batched sampler call and decode the result to pixels."""
-        x, nfe = self.sample_latents(plan.rows, plan, callback=callback)
+        x, nfe = self.sample_latents(plan.rows, plan, uncond=plan.uncond_rows, callback=callback)
         key = self.spec.class_key()
         labels = None if key is None else tuple(plan.conditioning[key.name])
         return Samples(
@@ -198,11 +198,13 @@ class Model:
         *,
         seeds: Sequence[int] | None = None,
         guidance: Tensor | float | None = None,
+        uncond: Sequence[Row] | None = None,
         callback: Callable | None = None,
     ) -> tuple[Tensor, int]:
         """One sampler call over `rows`: (float32 denoiser-space output (B, *latent_shape), NFE).
 
-        `seeds` and `guidance` default to the plan's (serving passes its own per-row values).
+        `seeds` and `guidance` default to the plan's (serving passes its own per-row values);
+        `uncond` gives guidance's unconditional row per image (negative prompts; None: null).
         """
         from difforge.samplers import sample
 
@@ -215,7 +217,9 @@ class Model:
             seeds=plan.seeds if seeds is None else seeds,
             sampler=plan.sampler,
             cond=self.spec.collate(rows),
-            uncond=self.spec.null_batch(len(rows)) if guided else None,
+            uncond=(self.spec.collate(uncond) if uncond else self.spec.null_batch(len(rows)))
+            if guided
+            else None,
             guidance=w if guided else 1.0,
             callback=callback,
             **dict(plan.options),

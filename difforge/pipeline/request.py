@@ -8,7 +8,8 @@ Semantics (README "Requests" documents them):
 - conditioning: every other field of the request is a key of the model's conditioning spec (for a
   class-conditional model, `labels`). A value is one entry for all images or a list of one per
   image; a None entry is that key's null value (unconditional); an absent key takes the spec's
-  default (classes cycle 0, 1, ...). A key the model does not have is an error.
+  default (classes cycle 0, 1, ...). A key the model does not have is an error. A text key also
+  takes a negative prompt (`negative_prompt`): the unconditional branch of guidance, per image.
 - guidance: the model's default on a guidable model; on a model with no conditioning it is 1, and
   asking for anything else is an error.
 - sampler, steps, grid: the model's defaults. options: the sampler's own knobs, with their types
@@ -96,6 +97,7 @@ class RequestLimits(BaseModel):
     max_guidance: float = math.inf
     allowed_samplers: tuple[str, ...] | None = None  # None: every registered sampler
     max_deadline_s: float = 600.0
+    max_text_chars: int | None = Field(None, ge=1)  # per prompt (text keys; None: the key's own)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class Plan:
     options: tuple[tuple[str, Any], ...]
     response_format: Literal["png", "json", "csv"]
     deadline_s: float | None
+    # guidance's unconditional rows, one per image, when a negative prompt replaces the null
+    uncond_rows: tuple[Row, ...] | None = None
 
     @property
     def n(self) -> int:
@@ -182,9 +186,27 @@ def _seeds(req: SampleRequest, n: int, problems: list) -> tuple[int, ...]:
     return tuple(seed + i for i in range(n))
 
 
+def _texts_fit(values: dict[str, Any], limit: int | None, problems: list) -> None:
+    for name, value in values.items():
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if limit is not None and isinstance(v, str) and len(v) > limit:
+                loc = (name, i) if isinstance(value, list) else (name,)
+                msg = f"has {len(v)} characters; the limit is {limit}"
+                problems.append(FieldProblem(loc, msg, "text"))
+
+
+def _negative_rows(model: Model, req: SampleRequest, n: int, problems: list):
+    try:
+        rows = model.spec.resolve_negative(req.conditioning, n)
+    except FieldProblem as p:
+        problems.append(p)
+        return None
+    return None if rows is None else tuple(rows)
+
+
 def _rows(model: Model, req: SampleRequest, n: int, problems: list) -> list[Row]:
     spec, values = model.spec, req.conditioning
-    for name in sorted(set(values) - set(spec.names)):
+    for name in sorted(set(values) - set(spec.names) - set(spec.negative_fields)):
         keys = ", ".join(spec.names) or "(none: the model is unconditional)"
         problems.append(FieldProblem((name,), f"unknown field; conditioning keys: {keys}", "extra"))
     per_key = {}
@@ -292,7 +314,9 @@ def resolve(
     problems: list[FieldProblem] = []
     n = _count(req, limits, problems)
     seeds = _seeds(req, n, problems)
+    _texts_fit(req.conditioning, limits.max_text_chars, problems)
     rows = _rows(model, req, n, problems)
+    uncond_rows = _negative_rows(model, req, n, problems)
     guidance = _guidance(model, req, limits, problems)
     sampler, options = _sampler(req, model.sampling.sampler, limits, problems)
     steps = model.sampling.steps if req.steps is None else req.steps
@@ -304,9 +328,12 @@ def resolve(
     if problems:
         raise RequestInvalid(problems)
     described = [model.spec.describe(r) for r in rows]
+    conditioning = {k: [d[k] for d in described] for k in model.spec.names}
+    for field, name in model.spec.negative_fields.items() if uncond_rows else ():
+        conditioning[field] = [model.spec.key(name).describe_row(r[name]) for r in uncond_rows]
     return Plan(
         rows=tuple(rows),
-        conditioning={k: [d[k] for d in described] for k in model.spec.names},
+        conditioning=conditioning,
         seeds=seeds,
         guidance=guidance,
         sampler=sampler,
@@ -315,4 +342,5 @@ def resolve(
         options=options,
         response_format=fmt,
         deadline_s=deadline,
+        uncond_rows=uncond_rows,
     )

@@ -58,11 +58,13 @@ class BatchKey:
 @dataclass(frozen=True, eq=False)
 class Row:
     """One image of a sampler call: its seed, its resolved conditioning ({} for the model's null
-    conditioning) and its guidance scale."""
+    conditioning), its guidance scale and guidance's unconditional row (None: the null one; a
+    negative prompt otherwise; same signature, so rows with and without one share a call)."""
 
     seed: int
     cond: Conditioning = field(default_factory=dict)
     guidance: float = 1.0
+    uncond: Conditioning | None = None
 
 
 PAD_ROW = Row(seed=0)  # filler for fixed-shape calls (the null conditioning); output thrown away
@@ -113,12 +115,14 @@ def sample_rows(
     all_rows = list(rows) + [PAD_ROW] * max(0, (pad_to or 0) - len(rows))
     null = model.spec.null_row()
     conds = [r.cond or null for r in all_rows]
+    unconds = [r.uncond or null for r in all_rows] if any(r.uncond for r in all_rows) else None
     guidance = torch.tensor([r.guidance for r in all_rows]) if key.guided else None  # (B,)
     x, nfe = model.sample_latents(
         conds,
         key.plan(),
         seeds=[r.seed for r in all_rows],
         guidance=guidance,
+        uncond=unconds,
         callback=callback,
     )
     return x[: len(rows)], nfe  # (k, *latent_shape)

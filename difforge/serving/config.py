@@ -48,6 +48,7 @@ class Limits(_Frozen):
     min_guidance: float = 0.0  # classifier-free guidance range, inclusive
     max_guidance: float = 20.0
     max_body_bytes: int = Field(16_384, ge=256)  # larger bodies get 413
+    max_prompt_chars: int = Field(256, ge=1)  # per prompt / negative prompt; longer: 422
     allowed_samplers: tuple[str, ...] = (
         "ddim",
         "ddpm",
@@ -81,6 +82,7 @@ class Limits(_Frozen):
             max_guidance=self.max_guidance,
             allowed_samplers=self.allowed_samplers,
             max_deadline_s=max_deadline_s,
+            max_text_chars=self.max_prompt_chars,
         )
 
     @model_validator(mode="after")

@@ -333,9 +333,10 @@ class Service:
     def _job(
         self, request_id: str, version: ModelVersion, role: str, plan: Plan, accepted: float
     ) -> Job:
+        unconds = plan.uncond_rows or [None] * len(plan.rows)
         rows = [
-            Row(seed=s, cond=c, guidance=plan.guidance)
-            for s, c in zip(plan.seeds, plan.rows, strict=True)
+            Row(seed=s, cond=c, guidance=plan.guidance, uncond=u)
+            for s, c, u in zip(plan.seeds, plan.rows, unconds, strict=True)
         ]
         deadline = None if plan.deadline_s is None else accepted + plan.deadline_s
         sig = signature(plan.rows[0]) if plan.rows and len(plan.rows[0]) else ()

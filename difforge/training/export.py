@@ -14,21 +14,77 @@ from torch import Tensor
 from difforge.common.atomic import write_text_atomic
 from difforge.data.dataset import ImageDataset
 from difforge.data.timeseries import SeriesDataset
-from difforge.pipeline import Model, ModelConfig, code_version, save_model, save_samples_png
+from difforge.pipeline import (
+    ConditioningSpec,
+    Model,
+    ModelConfig,
+    PipelineConfig,
+    code_version,
+    save_model,
+    save_pipeline,
+    save_samples_png,
+)
+from difforge.pipeline.conditioning import TextKey
 from difforge.training.config import TrainConfig
+
+
+def text_spec(config: TrainConfig, dataset: ImageDataset) -> ConditioningSpec | None:
+    """The text conditioning of a captioned data set (None for other data sets)."""
+    tokenizer = getattr(dataset, "tokenizer", "")
+    if not tokenizer:
+        return None
+    key = TextKey(
+        tokenizer=tokenizer,
+        max_tokens=dataset.max_tokens,
+        examples=tuple(dataset.examples),
+        dropout=config.cond_dropout,
+    )
+    return ConditioningSpec(keys=(key,))
+
+
+def check_text_net(net_config: Any, spec: ConditioningSpec | None) -> None:
+    """A text model's encoder must cover the tokenizer's vocabulary and prompt length."""
+    from difforge.core.errors import InvalidArgumentError
+    from difforge.data.tokenizer import tokenizer_from_json
+
+    if spec is None:
+        return
+    encoder = getattr(net_config, "encoder", None)
+    if encoder is None:
+        raise InvalidArgumentError("a captioned data set needs net kind 'text_conditioned'")
+    key = spec.keys[0]
+    vocab = tokenizer_from_json(key.tokenizer).vocab_size
+    if encoder["vocab_size"] < vocab or encoder["max_tokens"] != key.max_tokens:
+        raise InvalidArgumentError(
+            f"text encoder has vocab_size {encoder['vocab_size']} and max_tokens "
+            f"{encoder['max_tokens']}; the data set's tokenizer needs vocab_size >= {vocab} and "
+            f"max_tokens {key.max_tokens}"
+        )
+
+
+def training_pipeline(model_config: ModelConfig, spec: ConditioningSpec) -> PipelineConfig:
+    """A one-component pipeline around `model_config` with the text spec (for sample grids)."""
+    return PipelineConfig(
+        name=model_config.name,
+        components={"denoiser": {"path": "denoiser", "sha256": "(training)"}},
+        conditioning=spec,
+        sampling=model_config.sampling,
+        image_shape=model_config.image_shape,
+    )
 
 
 def model_config_for(
     config: TrainConfig, dataset: ImageDataset | SeriesDataset, name: str
 ) -> ModelConfig:
     """The ModelConfig of a network trained under `config` on `dataset` (images or series)."""
+    captioned = bool(getattr(dataset, "tokenizer", ""))  # conditioned on text, not labels
     return ModelConfig(
         name=name,
         net=config.net,
         process=config.process,
         parameterization=config.parameterization,
         sigma_data=config.sigma_data,
-        num_classes=dataset.num_classes if dataset.labels is not None else 0,
+        num_classes=dataset.num_classes if dataset.labels is not None and not captioned else 0,
         image_shape=dataset.sample_shape,  # (C, H, W) or (C, T)
         class_names=tuple(getattr(dataset, "class_names", None) or ()),
         sampling=config.sampling,
@@ -65,6 +121,8 @@ def model_card(
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     classes = model_config.num_classes
     kind = f"class-conditional ({classes} classes)" if classes else "unconditional"
+    if config.net.kind == "text_conditioned":
+        kind = f"text-conditional ({config.net.config['backbone_kind']} backbone)"
     return f"""# {model_config.name}
 
 A {kind} diffusion model trained with difforge. Every image it produces is synthetic.
@@ -103,12 +161,20 @@ def export_model(
     config: TrainConfig,
     ema_weights: Mapping[str, Tensor],
     provenance: Mapping[str, Any],
+    spec: ConditioningSpec | None = None,
 ) -> Path:
-    """Write the final model folder (EMA weights, config, card, manifest)."""
+    """Write the final model folder (EMA weights, config, card, manifest).
+
+    With a text `spec`, a v2 pipeline (its conditioning holds the tokenizer); else a v1 folder.
+    """
     provenance = {**provenance, "code_version": code_version(), "created": _now()}
     model_config = model_config.model_copy(update={"provenance": dict(provenance)})
     card = model_card(model_config, config, provenance)
-    return save_model(folder, model_config, ema_weights, card)
+    if spec is None:
+        return save_model(folder, model_config, ema_weights, card)
+    pipeline = training_pipeline(model_config, spec).model_dump(exclude={"components"})
+    pipeline["provenance"] = dict(provenance)
+    return save_pipeline(folder, pipeline, {"denoiser": (model_config, ema_weights)}, card)
 
 
 def _now() -> str:

@@ -34,10 +34,13 @@ from difforge.pipeline import Model, build_denoiser, build_network, load_weights
 from difforge.training import checkpoint as ckpt
 from difforge.training.config import TrainConfig, config_diff
 from difforge.training.export import (
+    check_text_net,
     export_model,
     model_config_for,
     plot_loss_curve,
     sample_grid,
+    text_spec,
+    training_pipeline,
     truncate_metrics,
 )
 from difforge.training.losses import denoising_loss, sample_sigma
@@ -125,7 +128,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.process = make_process(config.process)
         self.model_config = model_config_for(config, dataset, self.run_dir.name)
-        self.spec = self.model_config.conditioning(config.cond_dropout)  # what cond training feeds
+        self.text_spec = text_spec(config, dataset)  # a captioned data set: prompts
+        self.spec = self.text_spec or self.model_config.conditioning(config.cond_dropout)
         self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1], or series (N, C, T)
         self.fields = dataset.fields()  # {name: (N, ...)} per-example data the spec reads
         torch.manual_seed(config.seed)
@@ -133,6 +137,7 @@ class Trainer:
         random.seed(config.seed)
         self.net = build_network(config.net)
         _check_net_fits(self.net, self.model_config)
+        check_text_net(self.net.config, self.text_spec)
         self.denoiser = build_denoiser(self.model_config, self.net).train()
         self.optimizer = build_optimizer(self.net.parameters(), config)
         self.ema = EMA(self.net)
@@ -346,7 +351,12 @@ class Trainer:
     def write_sample_grid(self, path: Path) -> Path:
         """A labelled grid from the current EMA weights; touches no training RNG."""
         if self._sampler_model is None:
-            self._sampler_model = Model(self.model_config, self.ema.net, sha256="(training)")
+            pipeline = None
+            if self.text_spec is not None:
+                pipeline = training_pipeline(self.model_config, self.text_spec)
+            self._sampler_model = Model(
+                self.model_config, self.ema.net, sha256="(training)", pipeline=pipeline
+            )
         with torch.random.fork_rng(devices=[]):
             return sample_grid(self._sampler_model, path)
 
@@ -385,7 +395,12 @@ class Trainer:
             "train_seconds": round(s.elapsed_s, 1),
         }
         return export_model(
-            folder, self.model_config, self.config, self.ema.net.state_dict(), provenance
+            folder,
+            self.model_config,
+            self.config,
+            self.ema.net.state_dict(),
+            provenance,
+            self.text_spec,
         )
 
 

@@ -34,7 +34,12 @@ def train_command(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train a diffusion model from a JSON config; the model lands in OUT/model."""
+    """Train a diffusion model from a JSON config; the model lands in OUT/model.
+
+    Under `torchrun --nproc_per_node N -m difforge.cli train ...` it trains data-parallel (DDP)
+    at the config's batch_size as the global batch; rank 0 writes the run folder.
+    """
+    from difforge.common.distributed import session
     from difforge.training import describe, load_config, train
 
     cfg = load_config(config)
@@ -54,15 +59,19 @@ def train_command(
             f"~{d['flops_per_step'] / 1e9:,.1f} GFLOPs per step"
         )
         return
-    result = train(
-        cfg,
-        out,
-        resume=resume,
-        force=force,
-        max_minutes=max_minutes,
-        until_step=until_step,
-        progress=progress,
-    )
+    with session() as world:
+        result = train(
+            cfg,
+            out,
+            resume=resume,
+            force=force,
+            max_minutes=max_minutes,
+            until_step=until_step,
+            progress=progress,
+            world=world,
+        )
+    if not world.is_main:
+        raise typer.Exit(0 if result.model_dir is not None else 130)
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     typer.echo(
         f"{result.status} at step {result.step} in {result.seconds:.0f}s; loss {loss}; "

@@ -1,0 +1,157 @@
+"""The process group a command runs in: one process, or the N ranks torchrun started.
+
+torchrun (torch.distributed.elastic) starts N copies of a command with RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/MASTER_PORT and TORCHELASTIC_RESTART_COUNT in the environment. `session()`
+joins that group; `current()` describes it. A command launched by torchrun that never joined the
+group is an error, never N independent copies writing the same files.
+
+Backends: "gloo" for CPU tensors; with CUDA present, "cpu:gloo,cuda:nccl", so collectives on CUDA
+tensors go through NCCL and those on CPU tensors through gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from difforge.core.errors import DifforgeError, InvalidArgumentError
+
+
+class DistributedError(DifforgeError):
+    """The process group is missing, or the ranks disagree about something they must share."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the group: rank in [0, size); restart counts torchrun restarts."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    restart: int = 0  # TORCHELASTIC_RESTART_COUNT: 0 on the first attempt
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous, equal share of n items (n must divide evenly)."""
+        if n % self.size:
+            raise InvalidArgumentError(
+                f"{n} is not divisible by the {self.size} processes; pick a multiple of {self.size}"
+            )
+        b = n // self.size
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, x: Tensor) -> Tensor:
+        """The mean of `x` over the ranks (sum, then divide: gloo has no AVG)."""
+        if not self.distributed:
+            return x
+        y = x.detach().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y / self.size
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over the ranks, so every rank takes the same branch."""
+        if not self.distributed:
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
+    def broadcast_ints(self, values: Sequence[int]) -> list[int]:
+        """Rank 0's `values` on every rank (e.g. a randomly drawn seed); lengths must agree."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.int64)
+        dist.broadcast(t, src=0)
+        return t.tolist()
+
+    def gather(self, x: Tensor) -> list[Tensor]:
+        """Every rank's `x` (same dtype and trailing shape, any length along dim 0), by rank."""
+        if not self.distributed:
+            return [x]
+        n = torch.tensor([x.shape[0]], dtype=torch.int64)
+        sizes = [torch.zeros_like(n) for _ in range(self.size)]
+        dist.all_gather(sizes, n)
+        longest = max(int(s) for s in sizes)
+        padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype)
+        padded[: x.shape[0]] = x
+        out = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(out, padded.contiguous())
+        return [t[: int(s)] for t, s in zip(out, sizes, strict=True)]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def launched() -> World:
+    """The group torchrun's environment variables describe (World() when not launched by it)."""
+    return World(
+        rank=_env_int("RANK", 0),
+        size=_env_int("WORLD_SIZE", 1),
+        local_rank=_env_int("LOCAL_RANK", 0),
+        restart=_env_int("TORCHELASTIC_RESTART_COUNT", 0),
+    )
+
+
+def default_backend() -> str:
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def current() -> World:
+    """The joined group, or World() in a plain process.
+
+    Raises:
+        DistributedError: launched by torchrun with WORLD_SIZE > 1 but the group was not joined
+            (N copies would each act as the only process and overwrite each other's files).
+    """
+    env = launched()
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), env.local_rank, env.restart)
+    if env.distributed:
+        raise DistributedError(
+            f"launched as rank {env.rank} of {env.size} (torchrun) without joining the process "
+            "group: call this inside difforge.common.distributed.session()"
+        )
+    return World()
+
+
+@contextmanager
+def session(backend: str | None = None) -> Iterator[World]:
+    """Join torchrun's process group for the block (nothing to join in a plain process).
+
+    Args:
+        backend: torch.distributed backend [default_backend()].
+    """
+    env = launched()
+    if not env.distributed or dist.is_initialized():
+        yield current()
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(backend or default_backend())
+    try:
+        yield current()
+    finally:
+        dist.destroy_process_group()

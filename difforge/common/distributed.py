@@ -12,7 +12,7 @@ tensors go through NCCL and those on CPU tensors through gloo.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -95,6 +95,47 @@ class World:
         out = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(out, padded.contiguous())
         return [t[: int(s)] for t, s in zip(out, sizes, strict=True)]
+
+    def run_chunks(
+        self,
+        n: int,
+        batch_size: int,
+        call: Callable[[int, int], Tensor],
+        item_shape: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.uint8,
+    ) -> Tensor:
+        """Items [0, n) in calls of `batch_size`: call i, `call(start, stop)`, runs on rank i % size
+        and returns (stop - start, *item_shape) `dtype`; every rank gets all n, in order.
+        item_shape defaults to that of rank 0's first call (rank 0 always makes one when n > 0).
+
+        Each call has the shape a single process running the same chunks would use, so a
+        batch-size-dependent kernel gives the same bytes whatever the number of ranks.
+        """
+        if batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
+        starts = list(range(0, n, batch_size))
+        mine = [call(a, min(a + batch_size, n)) for a in starts[self.rank :: self.size]]
+        if item_shape is None:
+            item_shape = self._main_item_shape(mine)
+        local = torch.cat(mine) if mine else torch.empty((0, *item_shape), dtype=dtype)
+        per_rank = self.gather(local.to(dtype))
+        taken = [0] * self.size
+        out = []
+        for i, a in enumerate(starts):
+            r, m = i % self.size, min(a + batch_size, n) - a
+            out.append(per_rank[r][taken[r] : taken[r] + m])
+            taken[r] += m
+        return torch.cat(out) if out else local
+
+    def _main_item_shape(self, mine: list[Tensor]) -> tuple[int, ...]:
+        shape = list(mine[0].shape[1:]) if mine else []
+        if not self.distributed:
+            return tuple(shape)
+        slots = 8  # item dimensions carried; -1 pads
+        if len(shape) > slots:
+            raise InvalidArgumentError(f"items of more than {slots} dimensions: {shape}")
+        dims = self.broadcast_ints(shape + [-1] * (slots - len(shape)))
+        return tuple(d for d in dims if d >= 0)
 
 
 def _env_int(name: str, default: int) -> int:

@@ -5,8 +5,9 @@ LOCAL_RANK, MASTER_ADDR/MASTER_PORT and TORCHELASTIC_RESTART_COUNT in the enviro
 joins that group; `current()` describes it. A command launched by torchrun that never joined the
 group is an error, never N independent copies writing the same files.
 
-Backends: "gloo" for CPU tensors; with CUDA present, "cpu:gloo,cuda:nccl", so collectives on CUDA
-tensors go through NCCL and those on CPU tensors through gloo.
+Backends: "gloo" for CPU tensors; when every local rank has a GPU of its own, "cpu:gloo,cuda:nccl",
+so collectives on CUDA tensors go through NCCL and those on CPU tensors through gloo. (The
+Trainer and the samplers keep their tensors on the CPU today, so their collectives use gloo.)
 """
 
 from __future__ import annotations
@@ -156,8 +157,13 @@ def launched() -> World:
     )
 
 
+def _own_gpu(env: World) -> bool:
+    """This rank has a GPU of its own (NCCL refuses two ranks on one device)."""
+    return torch.cuda.is_available() and env.local_rank < torch.cuda.device_count()
+
+
 def default_backend() -> str:
-    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    return "cpu:gloo,cuda:nccl" if _own_gpu(launched()) else "gloo"
 
 
 def current() -> World:
@@ -189,7 +195,7 @@ def session(backend: str | None = None) -> Iterator[World]:
     if not env.distributed or dist.is_initialized():
         yield current()
         return
-    if torch.cuda.is_available():
+    if _own_gpu(env):
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend or default_backend())
     try:

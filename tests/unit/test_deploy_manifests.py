@@ -5,6 +5,7 @@ name only metrics and probe paths difforge really serves; the Dockerfile runs as
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -18,8 +19,12 @@ K8S = ROOT / "deploy" / "k8s"
 KUBERNETES = "1.33"
 
 
+def load_all(name: str) -> list[dict]:
+    return list(yaml.safe_load_all((K8S / name).read_text()))
+
+
 def load(name: str) -> dict:
-    return yaml.safe_load((K8S / name).read_text())
+    return load_all(name)[0]
 
 
 def manifests() -> list[str]:
@@ -28,7 +33,8 @@ def manifests() -> list[str]:
 
 @pytest.mark.parametrize("name", manifests())
 def test_a_manifest_validates_strictly_against_the_kubernetes_schemas(name):
-    kv.validate(load(name), KUBERNETES, strict=True)
+    for doc in load_all(name):
+        kv.validate(doc, KUBERNETES, strict=True)
 
 
 def test_strict_validation_rejects_an_unknown_field():
@@ -91,7 +97,13 @@ def test_selectors_probes_and_the_secret_fit_together():
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert f'"{c[probe]["httpGet"]["path"]}"' in app, probe
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    secret = load("secret.example.yaml")
+    secrets = {d["metadata"]["name"]: d for d in load_all("secret.example.yaml")}
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    config_secret = secrets[volumes["service-config"]["secret"]["secretName"]]
+    service_json = json.loads(config_secret["stringData"]["service.json"])
+    assert {k["id"] for k in service_json["api_keys"]} == {"clients", "prometheus"}
+    assert c["args"][c["args"].index("--config") + 1].startswith("/etc/difforge/")
+    secret = secrets["difforge-db"]
     ref = next(e for e in c["env"] if e["name"] == "DIFFORGE_REGISTRY_URL")["valueFrom"]
     assert ref["secretKeyRef"]["name"] == secret["metadata"]["name"]
     assert ref["secretKeyRef"]["key"] in secret["stringData"]

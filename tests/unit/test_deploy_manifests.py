@@ -102,6 +102,8 @@ def test_selectors_probes_and_the_secret_fit_together():
     config_secret = secrets[volumes["service-config"]["secret"]["secretName"]]
     service_json = json.loads(config_secret["stringData"]["service.json"])
     assert {k["id"] for k in service_json["api_keys"]} == {"clients", "prometheus"}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}  # the root file system is read-only
+    assert str(Path(service_json["audit_db"]).parent) in mounts
     assert c["args"][c["args"].index("--config") + 1].startswith("/etc/difforge/")
     secret = secrets["difforge-db"]
     ref = next(e for e in c["env"] if e["name"] == "DIFFORGE_REGISTRY_URL")["valueFrom"]

@@ -95,3 +95,22 @@ def test_elastic_restart_after_a_killed_worker_finishes_with_the_same_weights(wo
     _, restarted = final_tensors(tmp_path / "run")
     _, straight = final_tensors(root / "ddp")
     assert all(torch.equal(restarted[k], straight[k]) for k in straight)
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(workspace, tmp_path):
+    _, config, _ = workspace
+    result = torchrun(
+        "tests/integration/nan_once.py",
+        "train",
+        "--config",
+        config,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        env={"DIFFORGE_TEST_NAN_AT_STEP": "5"},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "non-finite steps skipped: 1" in result.stdout
+    assert "step 5: non-finite loss; skipped" in result.stderr  # on both ranks: one decision
+    _, state = read_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
+    assert state["state"]["nonfinite_total"] == 1 and state["step"] == 12

@@ -44,20 +44,7 @@ def train_command(
 
     cfg = load_config(config)
     if dry_run:
-        d = describe(cfg)
-        typer.echo(f"config ok: {config}")
-        typer.echo(
-            f"dataset: {d['dataset']}: {d['dataset_size']} images {d['image_shape']}, "
-            f"{d['num_classes']} classes, {d['dataset_hash']}"
-        )
-        typer.echo(
-            f"net: {d['net']}, {d['parameters']:,} parameters, "
-            f"{d['flops_per_forward'] / 1e6:,.1f} MFLOPs per forward (one image)"
-        )
-        typer.echo(
-            f"training: {d['max_steps']} steps of batch {d['batch_size']}, "
-            f"~{d['flops_per_step'] / 1e9:,.1f} GFLOPs per step"
-        )
+        _echo_dry_run(describe(cfg), config)
         return
     with session() as world:
         result = train(
@@ -82,6 +69,22 @@ def train_command(
         typer.echo(f"resume with: difforge train --config {config} --out {out} --resume")
         raise typer.Exit(130)
     typer.echo(f"model: {result.model_dir}")
+
+
+def _echo_dry_run(d: dict, config: str) -> None:
+    typer.echo(f"config ok: {config}")
+    typer.echo(
+        f"dataset: {d['dataset']}: {d['dataset_size']} images {d['image_shape']}, "
+        f"{d['num_classes']} classes, {d['dataset_hash']}"
+    )
+    typer.echo(
+        f"net: {d['net']}, {d['parameters']:,} parameters, "
+        f"{d['flops_per_forward'] / 1e6:,.1f} MFLOPs per forward (one image)"
+    )
+    typer.echo(
+        f"training: {d['max_steps']} steps of batch {d['batch_size']}, "
+        f"~{d['flops_per_step'] / 1e9:,.1f} GFLOPs per step"
+    )
 
 
 def _options(pairs: list[str] | None, flag: str) -> dict[str, object]:

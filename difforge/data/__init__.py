@@ -11,13 +11,16 @@ from difforge.data.dataset import DatasetError, ImageDataset, PointDataset
 from difforge.data.folder import COLOR_MODES, load_image_folder
 from difforge.data.hashing import content_hash
 from difforge.data.mnist import DatasetUnavailableError, load_mnist
+from difforge.data.timeseries import SeriesDataset, load_sines, load_ucr, ucr_names
 from difforge.data.toy import TOY_NAMES, GaussianMixture, eight_gaussians, load_toy
 
 # kind -> loader; a spec's other keys are the loader's keyword arguments.
-_LOADERS: dict[str, Callable[..., ImageDataset | PointDataset]] = {
+_LOADERS: dict[str, Callable[..., ImageDataset | PointDataset | SeriesDataset]] = {
     "mnist": load_mnist,
     "folder": load_image_folder,
     "toy": load_toy,
+    "ucr": load_ucr,
+    "sines": load_sines,
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -37,19 +40,21 @@ def _parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return kind, args
 
 
-def load_dataset(spec: str | Mapping[str, Any]) -> ImageDataset | PointDataset:
+def load_dataset(spec: str | Mapping[str, Any]) -> ImageDataset | PointDataset | SeriesDataset:
     """Load the dataset a spec names.
 
     Args:
         spec: a dict with "kind" (one of DATASETS) and that loader's arguments, e.g.
             {"kind": "mnist", "split": "train"},
             {"kind": "folder", "path": "imgs/", "size": 32, "mode": "rgb"},
-            {"kind": "toy", "name": "moons", "n": 10000, "seed": 0};
+            {"kind": "toy", "name": "moons", "n": 10000, "seed": 0},
+            {"kind": "ucr", "name": "GunPoint", "split": "test", "length": 128},
+            {"kind": "sines", "n": 512, "length": 64};
             or the shorthand "kind" / "kind:value" ("mnist:test", "toy:rings") setting the
             loader's first argument and leaving the rest at their defaults.
 
     Returns:
-        ImageDataset (mnist, folder) or PointDataset (toy).
+        ImageDataset (mnist, folder), PointDataset (toy) or SeriesDataset (ucr, sines).
 
     Raises:
         UnknownChoiceError: unknown kind. InvalidArgumentError: unknown or missing arguments.
@@ -78,10 +83,14 @@ __all__ = [
     "GaussianMixture",
     "ImageDataset",
     "PointDataset",
+    "SeriesDataset",
     "content_hash",
     "eight_gaussians",
     "load_dataset",
     "load_image_folder",
     "load_mnist",
+    "load_sines",
     "load_toy",
+    "load_ucr",
+    "ucr_names",
 ]

@@ -12,13 +12,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.nets.autoencoder import Autoencoder, AutoencoderConfig
 from difforge.nets.unet import MNIST_UNET, UNet, UNetConfig
+from difforge.nets.unet1d import UNet1D, UNet1DConfig
 
 # Denoisers take forward(x, c_noise, cond); the autoencoder has encode/decode (a pipeline VAE).
-NET_KINDS: tuple[str, ...] = ("unet", "autoencoder")
-_CONFIGS = {"unet": UNetConfig, "autoencoder": AutoencoderConfig}
-_NETS = {"unet": UNet, "autoencoder": Autoencoder}
+NET_KINDS: tuple[str, ...] = ("unet", "unet1d", "autoencoder")
+_CONFIGS = {"unet": UNetConfig, "unet1d": UNet1DConfig, "autoencoder": AutoencoderConfig}
+_NETS = {"unet": UNet, "unet1d": UNet1D, "autoencoder": Autoencoder}
 
-NetConfig = UNetConfig | AutoencoderConfig
+NetConfig = UNetConfig | UNet1DConfig | AutoencoderConfig
 
 
 def net_config_from_dict(kind: str, config: Mapping[str, Any]) -> NetConfig:
@@ -86,6 +87,8 @@ __all__ = [
     "AutoencoderConfig",
     "NetConfig",
     "UNet",
+    "UNet1D",
+    "UNet1DConfig",
     "UNetConfig",
     "build_net",
     "count_parameters",

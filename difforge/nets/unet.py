@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,30 +27,19 @@ from difforge.nets.layers import (
     NoiseEmbedding,
     ResBlock,
     Upsample,
+    conv_nd,
     zero_module,
 )
 
 
-@dataclass(frozen=True)
-class UNetConfig(JsonConfig):
-    """Hyperparameters of `UNet`; stored as JSON next to the weights (`to_dict`/`from_dict`)."""
+class LevelsConfig(JsonConfig):
+    """Checks and level sizes shared by the 2-D and 1-D U-Net configs (JSON via JsonConfig).
 
-    in_channels: int = 1  # channels of the input image x
-    out_channels: int = 1  # channels of the prediction (usually = in_channels)
-    image_size: int = 28  # H = W of x; must be divisible by 2 ** (len(channel_mults) - 1)
-    base_channels: int = 64  # channels at full resolution
-    # channels of level i = base_channels * channel_mults[i]; H and W halve between levels
-    channel_mults: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
-    # feature-map sizes (H) where attention runs, the middle block included
-    attention_resolutions: tuple[int, ...] = (7,)
-    head_dim: int = 32  # channels per attention head; heads = channels // head_dim
-    dropout: float = 0.0  # dropout probability inside residual blocks
-    # classes 0..num_classes-1 plus the null class num_classes; 0 = unconditional (labels ignored)
-    num_classes: int = 0
-    context_dim: int | None = None  # cross-attention context width; None = no cross-attention
-    norm_groups: int = 32  # GroupNorm groups; must divide every channel count
-    emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
+    A subclass is a frozen dataclass with UNetConfig's fields, naming its full-resolution size field
+    in SIZE_FIELD ("image_size" for H = W, "length" for T).
+    """
+
+    SIZE_FIELD: ClassVar[str] = "image_size"
 
     def __post_init__(self) -> None:
         for name in ("channel_mults", "attention_resolutions"):
@@ -60,7 +50,7 @@ class UNetConfig(JsonConfig):
         self._check_shapes()
 
     def _check_types(self) -> None:
-        positive = ("in_channels", "out_channels", "image_size", "base_channels", "head_dim")
+        positive = ("in_channels", "out_channels", self.SIZE_FIELD, "base_channels", "head_dim")
         for name in (*positive, "num_res_blocks", "norm_groups", "emb_mult"):
             _check_int(name, getattr(self, name), minimum=0 if name == "num_res_blocks" else 1)
         _check_int("num_classes", self.num_classes, minimum=0)
@@ -82,10 +72,10 @@ class UNetConfig(JsonConfig):
             raise InvalidArgumentError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     def _check_shapes(self) -> None:
-        factor = 2 ** (len(self.channel_mults) - 1)
-        if self.image_size % factor:
+        factor, size = 2 ** (len(self.channel_mults) - 1), getattr(self, self.SIZE_FIELD)
+        if size % factor:
             raise InvalidArgumentError(
-                f"image_size {self.image_size} is not divisible by {factor}, which "
+                f"{self.SIZE_FIELD} {size} is not divisible by {factor}, which "
                 f"{len(self.channel_mults)} levels (channel_mults) need"
             )
         sizes = self.resolutions
@@ -98,7 +88,7 @@ class UNetConfig(JsonConfig):
         for size, ch in zip(sizes, self.level_channels, strict=True):
             if ch % self.norm_groups:
                 raise InvalidArgumentError(
-                    f"norm_groups {self.norm_groups} does not divide {ch} channels (level {size}x{size})"
+                    f"norm_groups {self.norm_groups} does not divide {ch} channels (level of size {size})"
                 )
             if size in self.attention_resolutions and ch % self.head_dim:
                 raise InvalidArgumentError(
@@ -112,13 +102,36 @@ class UNetConfig(JsonConfig):
 
     @property
     def resolutions(self) -> tuple[int, ...]:
-        """Feature-map size of each level, e.g. (28, 14, 7)."""
-        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
+        """Feature-map size (H, or T) of each level, e.g. (28, 14, 7)."""
+        size = getattr(self, self.SIZE_FIELD)
+        return tuple(size // 2**i for i in range(len(self.channel_mults)))
 
     @property
     def level_channels(self) -> tuple[int, ...]:
         """Channels of each level, base_channels * mult."""
         return tuple(self.base_channels * m for m in self.channel_mults)
+
+
+@dataclass(frozen=True)
+class UNetConfig(LevelsConfig):
+    """Hyperparameters of `UNet`; stored as JSON next to the weights (`to_dict`/`from_dict`)."""
+
+    in_channels: int = 1  # channels of the input image x
+    out_channels: int = 1  # channels of the prediction (usually = in_channels)
+    image_size: int = 28  # H = W of x; must be divisible by 2 ** (len(channel_mults) - 1)
+    base_channels: int = 64  # channels at full resolution
+    # channels of level i = base_channels * channel_mults[i]; H and W halve between levels
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    # feature-map sizes (H) where attention runs, the middle block included
+    attention_resolutions: tuple[int, ...] = (7,)
+    head_dim: int = 32  # channels per attention head; heads = channels // head_dim
+    dropout: float = 0.0  # dropout probability inside residual blocks
+    # classes 0..num_classes-1 plus the null class num_classes; 0 = unconditional (labels ignored)
+    num_classes: int = 0
+    context_dim: int | None = None  # cross-attention context width; None = no cross-attention
+    norm_groups: int = 32  # GroupNorm groups; must divide every channel count
+    emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -151,6 +164,7 @@ class UNet(nn.Module):
     """
 
     kind = "unet"
+    dims: ClassVar[int] = 2  # convolution axes: 2 for images (B, C, H, W); UNet1D sets 1
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -159,7 +173,7 @@ class UNet(nn.Module):
         self.noise_embed = NoiseEmbedding(cfg.base_channels, emb_dim)
         # The last row is the learned null class for classifier-free guidance.
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, padding=1)
+        self.conv_in = conv_nd(self.dims, cfg.in_channels, cfg.base_channels, 3, padding=1)
         self.down, skip_channels = self._build_encoder(emb_dim)
         ch, bottom = skip_channels[-1], cfg.resolutions[-1]  # the encoder's output
         self.mid = nn.ModuleList(
@@ -168,12 +182,12 @@ class UNet(nn.Module):
         self.up = self._build_decoder(emb_dim, ch, skip_channels)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cfg.base_channels * cfg.channel_mults[0])
         self.conv_out = zero_module(
-            nn.Conv2d(cfg.base_channels * cfg.channel_mults[0], cfg.out_channels, 3, padding=1)
+            conv_nd(self.dims, cfg.level_channels[0], cfg.out_channels, 3, padding=1)
         )
 
     def _stage(self, in_ch: int, out_ch: int, size: int, emb_dim: int, attn: bool = True) -> Stage:
         cfg = self.config
-        res = ResBlock(in_ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout)
+        res = ResBlock(in_ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout, self.dims)
         if not (attn and size in cfg.attention_resolutions):
             return Stage(res, None)
         return Stage(res, AttentionBlock(out_ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim))
@@ -191,7 +205,7 @@ class UNet(nn.Module):
                 ch = out_ch
                 skip_channels.append(ch)
             if level < len(cfg.channel_mults) - 1:
-                blocks.append(Downsample(ch))
+                blocks.append(Downsample(ch, self.dims))
                 skip_channels.append(ch)
         return blocks, skip_channels
 
@@ -205,7 +219,7 @@ class UNet(nn.Module):
                 blocks.append(self._stage(ch + skip_channels.pop(), out_ch, size, emb_dim))
                 ch = out_ch
             if level > 0:
-                blocks.append(Upsample(ch))
+                blocks.append(Upsample(ch, self.dims))
         return blocks
 
     def embed(self, c_noise: Tensor, cond: Mapping[str, Tensor] | None, batch: int) -> Tensor:

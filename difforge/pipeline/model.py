@@ -67,7 +67,7 @@ def to_uint8(x: Tensor) -> Tensor:
 class Samples:
     """Images drawn by `Model.sample`, with what is needed to draw them again."""
 
-    images: Tensor  # uint8 (n, C, H, W)
+    images: Tensor  # uint8 (n, C, H, W); float32 (n, C, T) in data units for a series model
     labels: tuple[int | None, ...] | None  # the class key's values, when the model has one
     seeds: tuple[int, ...]
     nfe: int
@@ -227,14 +227,15 @@ class Model:
         return res.x, res.nfe
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Sampler output (B, *latent_shape) -> uint8 images (B, *image_shape).
+        """Sampler output (B, *latent_shape) -> uint8 images (B, *image_shape); a series model's
+        (B, C, T) output is returned as float32 data values (series are not quantised).
 
         The VAE decodes one image per call: a conv kernel's reduction order can depend on the
         batch size (measured: 1.7e-5 apart on the toy VAE), and an image's bytes must not depend
         on what else was decoded with it. One decode is cheap beside the sampling loop.
         """
         if self.vae is None:
-            return to_uint8(latents)
+            return to_uint8(latents) if len(self.latent_shape) == 3 else latents.float()
         scale = self.vae_config.scaling_factor
         with torch.no_grad():
             images = [self.vae.decode(z[None] / scale).float() for z in latents]  # (1, C, H, W)

@@ -281,8 +281,10 @@ class Registry:
         """The model_versions row `ref` names: a version (3, "3", "v3"), "latest" or an alias."""
         q = select(model_versions).where(model_versions.c.name == name)
         m = _VERSION.match(str(ref))
-        number = int(m.group(1)) if m else None
-        if number is not None:
+        number = ref if isinstance(ref, int) else int(m.group(1)) if m else None
+        if number is not None and not 0 < number < 2**63:  # past any database's integer
+            row = None
+        elif number is not None:
             row = conn.execute(q.where(model_versions.c.version == number)).first()
         elif ref == "latest":
             row = conn.execute(q.order_by(model_versions.c.version.desc()).limit(1)).first()
@@ -384,22 +386,27 @@ class Registry:
         refusal is written to the audit log.
         """
         info = self.get(name, ref)
-        bad = {f: p for f, sha in info.files.items() if (p := self.store.check(sha)) is not None}
-        if not bad:
-            folder = self.store.checkout(
-                info.files, f"{info.weights_sha256}-{info.config_sha256[:12]}"
-            )
-            try:
-                return load(folder)
-            except ModelIntegrityError as e:  # changed after the check above
-                bad = {"(load)": str(e)}
-        problems = {f: p if isinstance(p, str) else p.describe() for f, p in bad.items()}
+        self._require_intact(info, "load")
+        folder = self.store.checkout(info.files, f"{info.weights_sha256}-{info.config_sha256[:12]}")
+        try:
+            return load(folder)
+        except ModelIntegrityError as e:  # changed after the check above
+            self._refuse_damaged(info, "load", {"(load)": str(e)})
+
+    def _require_intact(self, info: VersionInfo, action: str) -> None:
+        """Recompute the sha256 of every blob of `info`; ArtifactIntegrityError (audited) if
+        any is missing or modified. Run by every load and promotion, whatever the gates say."""
+        bad = {f: p.describe() for f, sha in info.files.items() if (p := self.store.check(sha))}
+        if bad:
+            self._refuse_damaged(info, action, bad)
+
+    def _refuse_damaged(self, info: VersionInfo, action: str, problems: dict[str, str]):
         with write_transaction(self.engine) as conn:
-            self._audit(conn, "integrity_failure", name, info.version, files=problems)
+            self._audit(conn, "integrity_failure", info.name, info.version, files=problems)
         listed = "; ".join(f"{f}: {p}" for f, p in problems.items())
         raise ArtifactIntegrityError(
-            f"refusing to load {info.ref}: stored artifacts failed their sha256 check ({listed}); "
-            "recorded in the audit log; re-register the original folder to repair them"
+            f"refusing to {action} {info.ref}: stored artifacts failed their sha256 check "
+            f"({listed}); recorded in the audit log; re-register the original folder to repair them"
         )
 
     # --- aliases --------------------------------------------------------------------------
@@ -468,6 +475,8 @@ class Registry:
 
         Raises:
             GateFailedError: a gate failed; the alias is unchanged and the refusal is audited.
+            ArtifactIntegrityError: a stored blob of the version is missing or does not hash to
+                its sha256 (checked on every promotion, with or without the smoke sample).
         """
         if to not in GATED_ALIASES:
             raise InvalidArgumentError(
@@ -478,6 +487,7 @@ class Registry:
         info = self.get(name, version)
         v = info.version
         smoke = None
+        self._require_intact(info, "promote")  # the smoke sample's load checks again: cheap
         if g.smoke_sample:
             smoke = smoke_sample(self.load_version(name, v), g.smoke_images, g.smoke_steps)
         with write_transaction(self.engine) as conn:
@@ -650,6 +660,7 @@ class Registry:
 
         Returns:
             VerifyReport; `.problems` names each edited row, missing entry or bad artifact.
+            Problems are also recorded in the audit log (action "verify_failed").
         """
         with read_transaction(self.engine) as conn:
             problems, count, head = audit.verify_chain(conn)
@@ -665,6 +676,9 @@ class Registry:
         for sha, what in blobs.items():
             if (p := self.store.check(sha)) is not None:
                 problems.append(f"artifact {what}: {p.describe()}")
+        if problems:  # a finding is an event worth its own (chained) entry
+            with write_transaction(self.engine) as conn:
+                self._audit(conn, "verify_failed", problems=problems[:100], count=len(problems))
         return VerifyReport(problems, count, head, len(blobs), len(rows))
 
 

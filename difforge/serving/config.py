@@ -18,6 +18,7 @@ the key itself is never stored, logged or exported.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from pathlib import Path
 from typing import Literal
@@ -142,6 +143,10 @@ class ServiceConfig(_Frozen):
     batch_invariance: InvarianceMode = "pad"
     rate_limit: RateLimit | None = None  # default bucket for every key (None: unlimited)
     api_keys: tuple[ApiKey, ...] = ()  # none: only loopback clients are answered
+    # Reverse proxies (IP addresses or CIDR networks) whose X-Forwarded-For is believed. None
+    # (the default): the socket peer is the client, whatever the headers or uvicorn's
+    # FORWARDED_ALLOW_IPS say (difforge runs uvicorn with proxy_headers off).
+    trusted_proxies: tuple[str, ...] = ()
     audit_db: str = "difforge-audit.sqlite3"  # SQLite file; ":memory:" keeps it in the process
     default_deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     max_deadline_s: float = Field(600.0, gt=0, allow_inf_nan=False)
@@ -160,6 +165,16 @@ class ServiceConfig(_Frozen):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"duplicate API key ids: {', '.join(dupes)}")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP address or CIDR network") from None
         return v
 
     @property

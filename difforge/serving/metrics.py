@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 ERROR_REASONS = (
     "validation",
     "body_too_large",
+    "unsupported_media_type",
     "unauthorized",
     "forbidden",
     "rate_limited",
@@ -30,6 +31,7 @@ ERROR_REASONS = (
     "idempotency_mismatch",
     "not_found",
     "internal",
+    "non_finite",
     "gate_failed",
     "integrity_failure",
     "registry_conflict",

@@ -13,13 +13,15 @@ from torch import Tensor
 
 from difforge.common.atomic import write_text_atomic
 from difforge.data.dataset import ImageDataset
+from difforge.data.timeseries import SeriesDataset
 from difforge.pipeline import Model, ModelConfig, code_version, save_model, save_samples_png
 from difforge.training.config import TrainConfig
 
 
-def model_config_for(config: TrainConfig, dataset: ImageDataset, name: str) -> ModelConfig:
-    """The ModelConfig of a network trained under `config` on `dataset`."""
-    c, h, w = dataset.images.shape[1:]
+def model_config_for(
+    config: TrainConfig, dataset: ImageDataset | SeriesDataset, name: str
+) -> ModelConfig:
+    """The ModelConfig of a network trained under `config` on `dataset` (images or series)."""
     return ModelConfig(
         name=name,
         net=config.net,
@@ -27,7 +29,7 @@ def model_config_for(config: TrainConfig, dataset: ImageDataset, name: str) -> M
         parameterization=config.parameterization,
         sigma_data=config.sigma_data,
         num_classes=dataset.num_classes if dataset.labels is not None else 0,
-        image_shape=(c, h, w),
+        image_shape=dataset.sample_shape,  # (C, H, W) or (C, T)
         class_names=tuple(getattr(dataset, "class_names", None) or ()),
         sampling=config.sampling,
     )
@@ -114,10 +116,34 @@ def _now() -> str:
 
 
 def sample_grid(model: Model, path: Path, seeds_per_class: int = 2) -> Path:
-    """A labelled grid from the model's sampling defaults, fixed seeds, one column per class."""
+    """A labelled grid (images) or line plot (series) from the model's sampling defaults, fixed
+    seeds, one column per class."""
     n = max(model.num_classes, 1) * seeds_per_class if model.num_classes else 16
     samples = model.sample(n=n, seed=0)
+    if len(model.image_shape) == 2:
+        return plot_series(samples.images, samples.labels, path, title=model.name)
     return save_samples_png(model, samples, path)
+
+
+def plot_series(series: Tensor, labels: tuple[int, ...] | None, out: Path, title: str = "") -> Path:
+    """Series (n, C, T) as a line plot PNG, one colour per label (channel 0 only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for i, s in enumerate(series[:, 0].float().numpy()):
+        lab = None if labels is None else labels[i]
+        ax.plot(s, lw=1.0, color=None if lab is None else f"C{lab % 10}", alpha=0.8)
+    ax.set_xlabel("t")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

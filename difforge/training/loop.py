@@ -30,6 +30,7 @@ from difforge.common.distributed import World, current
 from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.core.processes import make_process
 from difforge.data.dataset import ImageDataset
+from difforge.data.timeseries import SeriesDataset
 from difforge.pipeline import Model, build_denoiser, build_network, load_weights_strict
 from difforge.training import checkpoint as ckpt
 from difforge.training import distributed as ddp
@@ -50,6 +51,7 @@ from difforge.training.optim import (
     lr_at,
     optimizer_state,
 )
+from difforge.training.runlock import run_lock
 
 
 class NonFiniteTrainingError(DifforgeError):
@@ -103,7 +105,8 @@ class Trainer:
 
     Args:
         config: the training recipe.
-        dataset: images uint8 (N, C, H, W) with int64 labels (or None: unconditional).
+        dataset: images uint8 (N, C, H, W) or series float32 (N, C, T), with int64 labels (or
+            None: unconditional).
         run_dir: the run folder.
         log: where human-readable messages go.
         world: the torchrun group to train data-parallel in [the current one]; see
@@ -113,7 +116,7 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        dataset: ImageDataset,
+        dataset: ImageDataset | SeriesDataset,
         run_dir: str | Path,
         *,
         log: Callable[[str], None] = _info,
@@ -130,8 +133,8 @@ class Trainer:
         self.process = make_process(config.process)
         self.model_config = model_config_for(config, dataset, self.run_dir.name)
         self.spec = self.model_config.conditioning(config.cond_dropout)  # what cond training feeds
-        self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1]
-        self.fields = dataset.fields()  # {name: (N, ...)} per-image data the spec reads
+        self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1], or series (N, C, T)
+        self.fields = dataset.fields()  # {name: (N, ...)} per-example data the spec reads
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
@@ -161,7 +164,7 @@ class Trainer:
         return self._perm[1]
 
     def next_batch(self) -> tuple[Tensor, dict[str, Tensor]]:
-        """(x0 (B, C, H, W) float32, the batch's data fields); the last partial batch is dropped.
+        """(x0 (B, *sample_shape) float32, the batch's data fields); the last partial batch is dropped.
 
         B is the global batch: every rank gets all of it; `train_step` keeps its shard.
         """
@@ -182,7 +185,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sigma = sample_sigma(cfg, self.process, x0.shape[0], self.generator)  # (B,)
-        eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W)
+        eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W) or (B, C, T)
         cond = self.spec.drop(self.spec.from_batch(fields), self.generator)  # CFG dropout
         x0, sigma, eps, cond = ddp.shard(self.world, x0, sigma, eps, cond)  # this rank's rows
         autocast = (
@@ -412,10 +415,22 @@ class Trainer:
 
 
 def _check_net_fits(net: torch.nn.Module, model_config) -> None:
-    """The net's declared input, image size and classes must match the dataset."""
-    c, h, _ = model_config.image_shape
+    """The net's declared input, image size (or series length) and classes must match the dataset."""
+    shape = tuple(model_config.image_shape)  # (C, H, W) or (C, T)
     cfg = getattr(net, "config", None)
-    checks = [("in_channels", c), ("image_size", h), ("num_classes", model_config.num_classes)]
+    size = "image_size" if len(shape) == 3 else "length"
+    other = "length" if size == "image_size" else "image_size"
+    if cfg is not None and hasattr(cfg, other) and not hasattr(cfg, size):
+        what = "images (C, H, W)" if size == "image_size" else "series (C, T)"
+        raise InvalidArgumentError(
+            f"network does not fit the dataset: net kind {getattr(net, 'kind', '?')!r} takes "
+            f"{'series' if other == 'length' else 'images'}, the dataset holds {what} {shape}"
+        )
+    checks = [
+        ("in_channels", shape[0]),
+        (size, shape[1]),
+        ("num_classes", model_config.num_classes),
+    ]
     wrong = [
         f"net.config.{name} is {getattr(cfg, name)} but the dataset has {want}"
         for name, want in checks
@@ -446,19 +461,21 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def load_training_data(spec: str | dict[str, Any]) -> ImageDataset:
-    """The image dataset a config names (`difforge.data.load_dataset`)."""
+def load_training_data(spec: str | dict[str, Any]) -> ImageDataset | SeriesDataset:
+    """The image or series dataset a config names (`difforge.data.load_dataset`)."""
     from difforge.data import load_dataset
 
     dataset = load_dataset(spec)
-    if not isinstance(dataset, ImageDataset):
+    if not isinstance(dataset, ImageDataset | SeriesDataset):
         raise InvalidArgumentError(
-            f"dataset {json.dumps(spec)} is not an image dataset; training needs images"
+            f"dataset {json.dumps(spec)} is neither images nor series; training needs one of them"
         )
     return dataset
 
 
-def describe(config: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, Any]:
+def describe(
+    config: TrainConfig, dataset: ImageDataset | SeriesDataset | None = None
+) -> dict[str, Any]:
     """What `--dry-run` prints: the dataset, the net's size and its cost per forward and step.
 
     Builds the net and loads the dataset, so any config error surfaces here without training.
@@ -492,7 +509,7 @@ def train(
     config: TrainConfig,
     run_dir: str | Path,
     *,
-    dataset: ImageDataset | None = None,
+    dataset: ImageDataset | SeriesDataset | None = None,
     resume: bool = False,
     force: bool = False,
     max_minutes: float | None = None,
@@ -525,11 +542,24 @@ def train(
         raise InvalidArgumentError(f"max_minutes must be positive, got {max_minutes}")
     world = world if world is not None else current()
     resume = ddp.resume_on_restart(resume, world)
+    # one trainer per run folder; under torchrun rank 0 holds the lock for the whole group (the
+    # other ranks write nothing), so a second launch on the same --out fails on its rank 0
+    with run_lock(run_dir) if world.is_main else nullcontext():
+        return _train_locked(
+            config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log, world
+        )
+
+
+def _train_locked(
+    config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log, world
+):
     existing = ckpt.list_checkpoints(run_dir)
     if existing and not resume:
         raise InvalidArgumentError(
             f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out"
         )
+    if world.is_main:
+        ckpt.remove_debris(run_dir)  # under the lock, every temp or unmarked folder is a leftover
     dataset = dataset if dataset is not None else load_training_data(config.dataset)
     trainer = Trainer(config, dataset, run_dir, log=log, world=world)
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
@@ -542,6 +572,5 @@ def train(
     elif resume and existing:
         raise ckpt.CheckpointError(f"{run_dir} holds no complete checkpoint to resume from")
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config.to_json() + "\n")
     return trainer.run(max_minutes=max_minutes, until_step=until_step, progress=progress)

@@ -16,12 +16,25 @@ ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def torchrun(*args, nproc: int = 2, extra: tuple = (), env: dict | None = None, timeout=300):
-    """`torchrun --standalone --nproc_per_node nproc [extra] args`; the worktree's code first."""
+def _command(args, nproc: int, extra: tuple, env: dict | None) -> tuple[list[str], dict]:
     environ = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | (env or {})
     cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *extra, *map(str, args)]
+    return cmd, environ
+
+
+def torchrun(*args, nproc: int = 2, extra: tuple = (), env: dict | None = None, timeout=300):
+    """`torchrun --standalone --nproc_per_node nproc [extra] args`; the worktree's code first."""
+    cmd, environ = _command(args, nproc, extra, env)
     return subprocess.run(
         cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def torchrun_background(*args, nproc: int = 2) -> subprocess.Popen:
+    """The same launch, running in the background (output discarded)."""
+    cmd, environ = _command(args, nproc, (), None)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
 
 

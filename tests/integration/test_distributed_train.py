@@ -4,12 +4,21 @@ float tolerance, exact resume on every rank, and an elastic restart after a kill
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import pytest
 import torch
 
-from difforge.training import list_checkpoints, load_config, read_checkpoint, train
-from tests.integration.distributed_helpers import band_config, torchrun
+from difforge.training import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_config,
+    read_checkpoint,
+    train,
+)
+from difforge.training.runlock import RunLocked
+from tests.integration.distributed_helpers import band_config, torchrun, torchrun_background
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -114,3 +123,24 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(workspace, tmp_p
     assert "step 5: non-finite loss; skipped" in result.stderr  # on both ranks: one decision
     _, state = read_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
     assert state["state"]["nonfinite_total"] == 1 and state["step"] == 12
+
+
+def test_the_run_lock_covers_the_whole_group(tmp_path):
+    config = band_config(tmp_path, max_steps=2000)  # still running when the second trainer comes
+    run = tmp_path / "run"
+    group = torchrun_background(*TRAIN, "--config", config, "--out", run)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(run):
+            assert group.poll() is None and time.monotonic() < deadline, "the group did not start"
+            time.sleep(0.1)
+        with pytest.raises(RunLocked, match="in use by another trainer"):
+            train(load_config(config), run, resume=True, progress=False)
+        # SIGTERM to torchrun reaches both workers; they stop at the same step and rank 0
+        # writes a last checkpoint (a rank stopping alone would hang its peer in the all-reduce)
+        group.send_signal(signal.SIGTERM)
+        group.wait(timeout=120)
+    finally:
+        if group.poll() is None:
+            group.kill()
+    assert latest_checkpoint(run) is not None

@@ -34,22 +34,31 @@ def train_command(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train a diffusion model from a JSON config; the model lands in OUT/model."""
+    """Train a diffusion model from a JSON config; the model lands in OUT/model.
+
+    Under `torchrun --nproc_per_node N -m difforge.cli train ...` it trains data-parallel (DDP)
+    at the config's batch_size as the global batch; rank 0 writes the run folder.
+    """
+    from difforge.common.distributed import session
     from difforge.training import describe, load_config, train
 
     cfg = load_config(config)
     if dry_run:
         _echo_dry_run(describe(cfg), config)
         return
-    result = train(
-        cfg,
-        out,
-        resume=resume,
-        force=force,
-        max_minutes=max_minutes,
-        until_step=until_step,
-        progress=progress,
-    )
+    with session() as world:
+        result = train(
+            cfg,
+            out,
+            resume=resume,
+            force=force,
+            max_minutes=max_minutes,
+            until_step=until_step,
+            progress=progress,
+            world=world,
+        )
+    if not world.is_main:
+        raise typer.Exit(0 if result.model_dir is not None else 130)
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     typer.echo(
         f"{result.status} at step {result.step} in {result.seconds:.0f}s; loss {loss}; "
@@ -134,7 +143,10 @@ def sample_command(
     seed: int | None = typer.Option(
         None, "--seed", help="Image i uses seed + i [default: random, printed]."
     ),
-    n: int | None = typer.Option(None, "--n", help="Number of images [default: len(labels) or 1]."),
+    # --num-images: torchrun's argparse takes a bare --n for an abbreviation of its own flags
+    n: int | None = typer.Option(
+        None, "--n", "--num-images", help="Number of images [default: len(labels) or 1]."
+    ),
     grid: str | None = typer.Option(
         None, "--grid", help="Sigma grid: karras, exponential, uniform."
     ),
@@ -142,9 +154,18 @@ def sample_command(
         None, "--option", help="KEY=VALUE sampler option, e.g. max_order=3 (repeatable)."
     ),
     out: str = typer.Option("grid.png", "--out", help="Output PNG (a captioned grid)."),
+    batch_size: int = typer.Option(
+        64, "--batch-size", help="Images per sampler call (under torchrun: calls shared by ranks)."
+    ),
 ) -> None:
-    """Sample an image grid from a model, with provenance in the PNG's text chunks."""
+    """Sample an image grid from a model, with provenance in the PNG's text chunks.
+
+    Under `torchrun --nproc_per_node N -m difforge.cli sample ...` the sampler calls are dealt
+    over the ranks and rank 0 writes the same PNG as one process with the same --batch-size.
+    """
+    from difforge.common.distributed import session
     from difforge.pipeline import load, resolve, save_samples_png
+    from difforge.pipeline.sharded import generate_chunked
 
     m = load(model)
     request: dict[str, object] = _options(cond, "--cond")
@@ -157,7 +178,10 @@ def sample_command(
     flags = {"n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance}
     request |= {k: v for k, v in (flags | {"grid": grid}).items() if v is not None}
     request["options"] = _options(option, "--option")
-    samples = m.generate(resolve(m, request))
+    with session() as world:
+        samples = generate_chunked(m, resolve(m, request), batch_size, world=world)
+    if not world.is_main:
+        return
     path = save_samples_png(m, samples, out)
     typer.echo(
         f"wrote {path}: {len(samples.seeds)} images, {samples.sampler} {samples.steps} steps, "

@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from difforge.common.distributed import current
 from difforge.core.errors import check_choice
 from difforge.evaluation.config import LABEL_POLICIES, SEED_STRIDE, check_n, check_seed
 from difforge.pipeline import Model
@@ -44,15 +44,21 @@ def in_batches(
     seeds: Sequence[int],
     batch_size: int,
 ) -> tuple[Tensor, int]:
-    """Call `draw(labels, seeds) -> (uint8 images, nfe)` on batches; (all images, NFE per image)."""
-    chunks, nfe = [], 0
-    for start in range(0, len(seeds), batch_size):
-        stop = start + batch_size
-        images, nfe = draw(
-            None if labels is None else list(labels[start:stop]), list(seeds[start:stop])
-        )
-        chunks.append(images)
-    return torch.cat(chunks), nfe
+    """Call `draw(labels, seeds) -> (uint8 images, nfe)` on batches; (all images, NFE per image).
+
+    Under torchrun the batches are dealt over the ranks (batch i on rank i % N) and gathered, each
+    at the shape one process would use, so every rank gets the single-process images byte for byte.
+    """
+    world = current()
+    nfe = [0]
+
+    def call(start: int, stop: int) -> Tensor:
+        part = None if labels is None else list(labels[start:stop])
+        images, nfe[0] = draw(part, list(seeds[start:stop]))
+        return images
+
+    images = world.run_chunks(len(seeds), batch_size, call)
+    return images, world.broadcast_ints(nfe)[0]
 
 
 def resolve_sampling(

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from difforge.common.distributed import current
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.evaluation.against import (
     check_model_fits,
@@ -281,6 +282,7 @@ def nfe_sweep(
     config = make_config(SweepConfig, config, settings)
     model = model if isinstance(model, Model) else load(model)
     log = log or (lambda _: None)
+    main = current().is_main
     plan, reference_method = _plan(model, config, methods, reference_method)
     skipped = left_out(plan)
     drop = {(p["method"], p["target_nfe"]) for p in skipped}
@@ -295,7 +297,7 @@ def nfe_sweep(
 
         def save() -> None:
             result["date"], result["wall_time_s"] = now_iso(), round(time.perf_counter() - t0, 3)
-            if out is not None:
+            if out is not None and main:  # under torchrun rank 0 writes
                 write_json(out, result)
 
         if reference_method is not None:
@@ -312,7 +314,7 @@ def nfe_sweep(
             result["points"].append(done[key] | {"target_nfe": target})
             save()
     save()
-    if plot is not None:
+    if plot is not None and main:
         plot_sweep(result, plot)
     return result
 

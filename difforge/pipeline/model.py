@@ -176,10 +176,14 @@ class Model:
     def generate(self, plan: Plan, *, callback: Callable | None = None) -> Samples:
         """Run a resolved plan in one batched sampler call and decode the result to pixels."""
         x, nfe = self.sample_latents(plan.rows, plan, uncond=plan.uncond_rows, callback=callback)
+        return self.samples_of(plan, self.decode(x), nfe)
+
+    def samples_of(self, plan: Plan, images: Tensor, nfe: int) -> Samples:
+        """The Samples record of `plan` drawn as uint8 `images` (n, *image_shape) in nfe NFE."""
         key = self.spec.class_key()
         labels = None if key is None else tuple(plan.conditioning[key.name])
         return Samples(
-            images=self.decode(x),
+            images=images,
             labels=labels,
             seeds=plan.seeds,
             nfe=nfe,

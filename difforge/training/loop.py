@@ -26,12 +26,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from difforge.common.distributed import World, current
 from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.core.processes import make_process
 from difforge.data.dataset import ImageDataset
 from difforge.data.timeseries import SeriesDataset
 from difforge.pipeline import Model, build_denoiser, build_network, load_weights_strict
 from difforge.training import checkpoint as ckpt
+from difforge.training import distributed as ddp
 from difforge.training.config import TrainConfig, config_diff
 from difforge.training.export import (
     check_text_net,
@@ -110,6 +112,8 @@ class Trainer:
             None: unconditional).
         run_dir: the run folder.
         log: where human-readable messages go.
+        world: the torchrun group to train data-parallel in [the current one]; see
+            difforge.training.distributed for how a step splits over the ranks.
     """
 
     def __init__(
@@ -119,7 +123,10 @@ class Trainer:
         run_dir: str | Path,
         *,
         log: Callable[[str], None] = _info,
+        world: World | None = None,
     ):
+        self.world = world if world is not None else current()
+        ddp.check_batch(config.batch_size, self.world)
         if config.batch_size > len(dataset):
             raise InvalidArgumentError(
                 f"batch_size {config.batch_size} exceeds the dataset's {len(dataset)} images"
@@ -139,6 +146,11 @@ class Trainer:
         _check_net_fits(self.net, self.model_config)
         check_text_net(self.net.config, self.text_spec)
         self.denoiser = build_denoiser(self.model_config, self.net).train()
+        # what training calls: under torchrun the same adapter around the DDP-wrapped net (DDP
+        # hooks the net's forward; the adapter's loss_terms calls it)
+        self.forward = self.denoiser
+        if self.world.distributed:
+            self.forward = build_denoiser(self.model_config, ddp.wrap(self.net, self.world))
         self.optimizer = build_optimizer(self.net.parameters(), config)
         self.ema = EMA(self.net)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -157,7 +169,10 @@ class Trainer:
         return self._perm[1]
 
     def next_batch(self) -> tuple[Tensor, dict[str, Tensor]]:
-        """(x0 (B, *sample_shape) float32, the batch's data fields); the last partial batch is dropped."""
+        """(x0 (B, *sample_shape) float32, the batch's data fields); the last partial batch is dropped.
+
+        B is the global batch: every rank gets all of it; `train_step` keeps its shard.
+        """
         b, s = self.config.batch_size, self.state
         if s.position + b > len(self.data):
             s.epoch, s.position = s.epoch + 1, 0
@@ -168,7 +183,8 @@ class Trainer:
     # --- one step -----------------------------------------------------------------------------
 
     def train_step(self, x0: Tensor, fields: dict[str, Tensor]) -> StepOutcome:
-        """One AdamW step on one batch; a non-finite loss or gradient leaves all weights as they were."""
+        """One AdamW step on one global batch; a non-finite loss or gradient (on any rank) leaves
+        all weights as they were."""
         cfg, s = self.config, self.state
         lr = lr_at(cfg, s.step)
         for group in self.optimizer.param_groups:
@@ -176,30 +192,32 @@ class Trainer:
         sigma = sample_sigma(cfg, self.process, x0.shape[0], self.generator)  # (B,)
         eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W) or (B, C, T)
         cond = self.spec.drop(self.spec.from_batch(fields), self.generator)  # CFG dropout
+        x0, sigma, eps, cond = ddp.shard(self.world, x0, sigma, eps, cond)  # this rank's rows
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
             if cfg.precision == "bf16"
             else nullcontext()
         )
         with autocast:
-            loss = denoising_loss(self.denoiser, x0, sigma, eps, cond, cfg)
+            loss = denoising_loss(self.forward, x0, sigma, eps, cond, cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return self._skip(loss.item(), math.nan)
-        loss.backward()
+        loss_value = float(self.world.mean(loss.detach()))  # the global batch's mean loss
+        if not math.isfinite(loss_value):
+            return self._skip(loss_value, math.nan)
+        loss.backward()  # under DDP: gradients averaged over the ranks
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm))
         if not math.isfinite(grad_norm):
-            return self._skip(loss.item(), grad_norm)
+            return self._skip(loss_value, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         s.step += 1
-        s.images_seen += x0.shape[0]
+        s.images_seen += cfg.batch_size
         self.ema.update(self.net, ema_beta(cfg, s.images_seen))
         s.nonfinite_streak = 0
-        s.window_loss += loss.item()
+        s.window_loss += loss_value
         s.window_steps += 1
-        return StepOutcome(loss.item(), grad_norm, skipped=False)
+        return StepOutcome(loss_value, grad_norm, skipped=False)
 
     def _skip(self, loss: float, grad_norm: float) -> StepOutcome:
         self.optimizer.zero_grad(set_to_none=True)
@@ -242,6 +260,9 @@ class Trainer:
         return tensors | opt_tensors | rng_tensors, state
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint (every rank holds the same state); all return its path."""
+        if not self.world.is_main:
+            return ckpt.checkpoint_dir(self.run_dir) / f"step-{self.state.step:09d}"
         tensors, state = self.checkpoint_payload()
         return ckpt.write_checkpoint(
             self.run_dir, self.state.step, tensors, state, self.config.keep_last
@@ -296,17 +317,16 @@ class Trainer:
             total=cfg.max_steps,
             initial=self.state.step,
             unit="step",
-            disable=not progress,
+            disable=not (progress and self.world.is_main),
             dynamic_ncols=True,
             file=sys.stderr,
         )
         with bar, _stop_on_signals() as stop:
             while self.state.step < last:
-                if stop.is_set():
-                    status = "interrupted"
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    status = "time_budget"
+                late = deadline is not None and time.monotonic() >= deadline
+                interrupted, late = self.world.any(stop.is_set(), late)  # every rank stops together
+                if interrupted or late:
+                    status = "interrupted" if interrupted else "time_budget"
                     break
                 outcome = self.train_step(*self.next_batch())
                 if outcome.skipped:
@@ -336,14 +356,16 @@ class Trainer:
             "time": time.time(),
         }
         s.window_loss, s.window_steps = 0.0, 0
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        if not self.world.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
 
     def _periodic_outputs(self) -> None:
         step, cfg = self.state.step, self.config
-        if cfg.sample_every and step % cfg.sample_every == 0:
+        if cfg.sample_every and step % cfg.sample_every == 0 and self.world.is_main:
             self.write_sample_grid(self.run_dir / "samples" / f"step-{step:09d}.png")
         if step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
@@ -364,8 +386,11 @@ class Trainer:
         checkpoint = self.save_checkpoint()
         model_dir = None
         if status != "interrupted":
-            model_dir = self.export(self.run_dir / "model")
-            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            model_dir = self.run_dir / "model"
+            if self.world.is_main:
+                self.export(model_dir)
+                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        self.world.barrier()  # rank 0's files exist before any rank returns
         s = self.state
         return TrainResult(
             status,
@@ -506,8 +531,12 @@ def train(
     until_step: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = _info,
+    world: World | None = None,
 ) -> TrainResult:
     """Train a model, or continue a run, and write its artifacts into `run_dir`.
+
+    Under torchrun every rank calls this inside `difforge.common.distributed.session()`: the run
+    is data-parallel and rank 0 writes the files (difforge.training.distributed).
 
     Args:
         config: the training recipe.
@@ -518,6 +547,7 @@ def train(
         max_minutes: wall-clock budget; on expiry, checkpoint, export and stop cleanly.
         until_step: stop (checkpoint and export) after this step, before max_steps.
         progress: show a tqdm progress bar.
+        world: the torchrun group [the current one]; a restart of the group resumes.
 
     Returns:
         TrainResult: how it ended, the final step and loss, and where the model is.
@@ -525,27 +555,37 @@ def train(
     run_dir = Path(run_dir)
     if max_minutes is not None and not max_minutes > 0:
         raise InvalidArgumentError(f"max_minutes must be positive, got {max_minutes}")
-    with run_lock(run_dir):  # held until training ends: one trainer per run folder
+    world = world if world is not None else current()
+    resume = ddp.resume_on_restart(resume, world)
+    # one trainer per run folder; under torchrun rank 0 holds the lock for the whole group (the
+    # other ranks write nothing), so a second launch on the same --out fails on its rank 0
+    with run_lock(run_dir) if world.is_main else nullcontext():
         return _train_locked(
-            config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log
+            config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log, world
         )
 
 
-def _train_locked(config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log):
+def _train_locked(
+    config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log, world
+):
     existing = ckpt.list_checkpoints(run_dir)
     if existing and not resume:
         raise InvalidArgumentError(
             f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out"
         )
-    ckpt.remove_debris(run_dir)  # under the lock, every temp or unmarked folder is a leftover
+    if world.is_main:
+        ckpt.remove_debris(run_dir)  # under the lock, every temp or unmarked folder is a leftover
     dataset = dataset if dataset is not None else load_training_data(config.dataset)
-    trainer = Trainer(config, dataset, run_dir, log=log)
+    trainer = Trainer(config, dataset, run_dir, log=log, world=world)
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         trainer.restore(latest, force=force)
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-        log(f"resumed from {latest} (step {trainer.state.step})")
+        ddp.check_same_step(trainer.state.step, world)
+        if world.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+            log(f"resumed from {latest} (step {trainer.state.step})")
     elif resume and existing:
         raise ckpt.CheckpointError(f"{run_dir} holds no complete checkpoint to resume from")
-    (run_dir / "config.json").write_text(config.to_json() + "\n")
+    if world.is_main:
+        (run_dir / "config.json").write_text(config.to_json() + "\n")
     return trainer.run(max_minutes=max_minutes, until_step=until_step, progress=progress)

@@ -4,8 +4,8 @@ Two trainers writing one run folder (two `difforge train --out same`, or `torchr
 non-distributed run N times) would prune each other's checkpoints. The first takes an advisory
 `flock` on RUN/.lock and writes who it is into it; the OS drops the lock when that process exits,
 however it exits, so a crash never leaves a stale lock behind. A second trainer fails at once with
-one line naming the holder. (A distributed launch that shares a run folder on purpose would take
-it on rank 0 only; difforge has none yet.)
+one line naming the holder. Under torchrun, rank 0 takes it for the whole group (the other ranks
+write nothing; difforge.training.distributed).
 """
 
 from __future__ import annotations

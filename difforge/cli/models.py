@@ -91,6 +91,26 @@ def _options(pairs: list[str] | None, flag: str) -> dict[str, object]:
     return out
 
 
+def _edit_inputs(init_image, mask, strength, resample) -> dict[str, object]:
+    """The edit fields of a request: files read as PNG bytes (the resolver checks them)."""
+    from pathlib import Path
+
+    out: dict[str, object] = {}
+    for flag, path, key in (("--init-image", init_image, "init_image"), ("--mask", mask, "mask")):
+        if path is not None:
+            if not Path(path).is_file():
+                fail(f"{flag}: no such file: {path}")
+            out[key] = Path(path).read_bytes()
+    if strength is not None:
+        out["strength"] = strength
+    if resample is not None:
+        jumps = int_list(resample, "--resample")
+        if len(jumps) != 2:
+            fail(f"--resample takes JUMP_LENGTH,JUMP_N_SAMPLE, got {resample!r}")
+        out["resample"] = tuple(jumps)
+    return out
+
+
 @command("sample")
 def sample_command(
     model: str = typer.Option(..., "--model", help="Model folder."),
@@ -118,6 +138,18 @@ def sample_command(
         None, "--option", help="KEY=VALUE sampler option, e.g. max_order=3 (repeatable)."
     ),
     out: str = typer.Option("grid.png", "--out", help="Output PNG (a captioned grid)."),
+    init_image: str | None = typer.Option(
+        None, "--init-image", help="PNG to edit (img2img; with --mask, inpainting)."
+    ),
+    mask: str | None = typer.Option(
+        None, "--mask", help="Mask PNG: white = generate, black = keep (needs --init-image)."
+    ),
+    strength: float | None = typer.Option(
+        None, "--strength", help="Edit strength in (0, 1] [default 0.8; inpainting 1]."
+    ),
+    resample: str | None = typer.Option(
+        None, "--resample", help="RePaint resampling JUMP_LENGTH,JUMP_N_SAMPLE (with --mask)."
+    ),
 ) -> None:
     """Sample an image grid from a model, with provenance in the PNG's text chunks."""
     from difforge.pipeline import load, resolve, save_samples_png
@@ -132,6 +164,7 @@ def sample_command(
     flags = {"n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance}
     request |= {k: v for k, v in (flags | {"grid": grid}).items() if v is not None}
     request["options"] = _options(option, "--option")
+    request |= _edit_inputs(init_image, mask, strength, resample)
     samples = m.generate(resolve(m, request))
     path = save_samples_png(m, samples, out)
     typer.echo(

@@ -13,6 +13,9 @@ Semantics (README "Requests" documents them):
   asking for anything else is an error.
 - sampler, steps, grid: the model's defaults. options: the sampler's own knobs, with their types
   (an int knob takes an integer, a float knob a number, a bool knob true/false).
+- editing: init_image, mask, strength, resample (difforge.pipeline.editing): img2img / inpainting.
+  params() records the inputs by their sha256 (init_image_sha256, mask_sha256); putting the
+  images back into those params replays the request, the hashes checked.
 Limits (a service's max_n, max_steps, guidance range, allowed samplers) are checked here too.
 Every violated field is reported at once as a `RequestInvalid` holding one `FieldProblem` each.
 """
@@ -36,6 +39,7 @@ from pydantic import (
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.pipeline.conditioning import FieldProblem, Row
+from difforge.pipeline.editing import Edit, resolve_edit
 from difforge.samplers.noise import MAX_SEED
 
 if TYPE_CHECKING:
@@ -72,6 +76,13 @@ class SampleRequest(BaseModel):
     options: dict[str, StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)  # knobs
     response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several
     deadline_ms: StrictInt | None = None  # give up this long after arrival (services only)
+    # editing (difforge.pipeline.editing documents the values): img2img and inpainting
+    init_image: Any = None  # PNG bytes / base64 PNG / uint8 (C, H, W) tensor, or one per image
+    mask: Any = None  # white = generate, black = keep; like init_image
+    strength: StrictFloat | StrictInt | None = None  # (0, 1]; default 0.8 img2img, 1 inpainting
+    resample: tuple[StrictInt, StrictInt] | None = None  # RePaint (jump_length, jump_n_sample)
+    init_image_sha256: list[str] | None = None  # checks: the inputs must hash to these
+    mask_sha256: list[str] | None = None
 
     @property
     def conditioning(self) -> dict[str, Any]:
@@ -89,6 +100,7 @@ class RequestLimits(BaseModel):
     max_guidance: float = math.inf
     allowed_samplers: tuple[str, ...] | None = None  # None: every registered sampler
     max_deadline_s: float = 600.0
+    max_image_bytes: int | None = Field(None, ge=1)  # one encoded init image or mask
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,7 @@ class Plan:
     options: tuple[tuple[str, Any], ...]
     response_format: Literal["png", "json"]
     deadline_s: float | None
+    edit: Edit | None = None  # img2img / inpainting inputs (None: generate from noise)
 
     @property
     def n(self) -> int:
@@ -126,6 +139,7 @@ class Plan:
             "seeds": list(self.seeds),
             "options": dict(self.options),
             "response_format": self.response_format,
+            **(self.edit.params() if self.edit is not None else {}),
         }
 
 
@@ -281,6 +295,7 @@ def resolve(
     deadline = default_deadline_s if req.deadline_ms is None else req.deadline_ms / 1000
     if req.deadline_ms is not None:
         _range(problems, ("deadline_ms",), req.deadline_ms, 1, int(limits.max_deadline_s * 1000))
+    edit = resolve_edit(model, req, n, steps, limits.max_image_bytes, problems)
     if problems:
         raise RequestInvalid(problems)
     described = [model.spec.describe(r) for r in rows]
@@ -295,4 +310,5 @@ def resolve(
         options=options,
         response_format="png" if req.response_format != "json" and n == 1 else "json",
         deadline_s=deadline,
+        edit=edit,
     )

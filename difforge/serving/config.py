@@ -47,6 +47,9 @@ class Limits(_Frozen):
     min_guidance: float = 0.0  # classifier-free guidance range, inclusive
     max_guidance: float = 20.0
     max_body_bytes: int = Field(16_384, ge=256)  # larger bodies get 413
+    # one encoded init_image or mask (base64 counted as decoded bytes); larger ones get 413.
+    # A 28x28 grey PNG is under 1 KiB; raise it with max_body_bytes for larger images.
+    max_image_bytes: int = Field(16_384, ge=64)
     allowed_samplers: tuple[str, ...] = (
         "ddim",
         "ddpm",
@@ -80,6 +83,7 @@ class Limits(_Frozen):
             max_guidance=self.max_guidance,
             allowed_samplers=self.allowed_samplers,
             max_deadline_s=max_deadline_s,
+            max_image_bytes=self.max_image_bytes,
         )
 
     @model_validator(mode="after")

@@ -82,7 +82,8 @@ def resolve(
             default_deadline_s=default_deadline_s,
         )
     except PipelineRequestInvalid as e:
-        raise RequestInvalid(e.errors(("body",))) from None
+        too_large = any(p.kind == "too_large" for p in e.problems)  # an init image or mask
+        raise RequestInvalid(e.errors(("body",)), status=413 if too_large else 422) from None
 
 
 def validation_body(errors: list[Mapping[str, Any]]) -> dict[str, Any]:

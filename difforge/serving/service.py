@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -285,13 +285,16 @@ class Service:
     def _job(
         self, request_id: str, version: ModelVersion, role: str, plan: Plan, accepted: float
     ) -> Job:
+        edits = plan.edit.rows if plan.edit is not None else [None] * plan.n
         rows = [
-            Row(seed=s, cond=c, guidance=plan.guidance)
-            for s, c in zip(plan.seeds, plan.rows, strict=True)
+            Row(seed=s, cond=c, guidance=plan.guidance, edit=e)
+            for s, c, e in zip(plan.seeds, plan.rows, edits, strict=True)
         ]
         deadline = None if plan.deadline_s is None else accepted + plan.deadline_s
         sig = signature(plan.rows[0]) if plan.rows and len(plan.rows[0]) else ()
         key = self._key(version, plan.sampler, plan.steps, plan.guided, plan.options, sig)
+        if plan.edit is not None:
+            key = replace(key, edit=plan.edit.settings)
         return Job(request_id, version, role, key, rows, deadline=deadline, accepted=accepted)
 
     async def _wait(self, job: Job, future: asyncio.Future, call: GenerateCall, plan: Plan) -> None:
@@ -347,7 +350,8 @@ class Service:
             "synthetic": True,
             "software": "difforge",
         }
-        encoded = encode_images(images, common, plan.seeds, plan.conditioning)
+        edits = None if plan.edit is None else [plan.edit.image_params(i) for i in range(plan.n)]
+        encoded = encode_images(images, common, plan.seeds, plan.conditioning, edits)
         headers = {
             "X-Request-Id": job.request_id,
             "X-Output-SHA256": digest,

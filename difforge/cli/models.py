@@ -150,11 +150,17 @@ def sample_command(
     resample: str | None = typer.Option(
         None, "--resample", help="RePaint resampling JUMP_LENGTH,JUMP_N_SAMPLE (with --mask)."
     ),
+    adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder to apply."),
+    adapter_scale: float = typer.Option(1.0, "--adapter-scale", help="Scale of its update."),
 ) -> None:
     """Sample an image grid from a model, with provenance in the PNG's text chunks."""
     from difforge.pipeline import load, resolve, save_samples_png
 
     m = load(model)
+    if adapter is not None:
+        from difforge.pipeline.adapters import apply_adapter, load_adapter
+
+        m = apply_adapter(m, load_adapter(adapter), scale=adapter_scale)
     request: dict[str, object] = _options(cond, "--cond")
     if labels is not None:
         key = m.spec.class_key()

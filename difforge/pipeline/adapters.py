@@ -169,6 +169,39 @@ def merged_state(net: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class AttachedAdapter:
+    """An adapter a model serves beside its base (`SampleRequest.adapter` names it)."""
+
+    name: str
+    sha256: str
+    scale: float
+    denoiser: nn.Module  # the adapted net in the base's denoiser adapter
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "scale": self.scale}
+
+
+def attach_adapter(
+    model: Model, adapter: Adapter, *, name: str | None = None, scale: float = 1.0
+) -> AttachedAdapter:
+    """Let `model` serve `adapter` at `scale` under `name` (default its own) beside the base:
+    requests that name it sample with the adapted net, the others with the base.
+
+    Raises:
+        AdapterMismatch: `model` is not the adapter's base (the message names both hashes).
+    """
+    from difforge.pipeline.model import build_denoiser
+
+    check_base(model, adapter)
+    net = _adapted_net(model, adapter, float(scale)).eval().requires_grad_(False)
+    attached = AttachedAdapter(
+        name or adapter.name, adapter.sha256, float(scale), build_denoiser(model.config, net)
+    )
+    model.adapters[attached.name] = attached
+    return attached
+
+
 def apply_adapter(model: Model, adapter: Adapter, scale: float = 1.0, merge: bool = False) -> Model:
     """A new Model: `model` with `adapter` applied at `scale` (0 = the base), merged or not.
 

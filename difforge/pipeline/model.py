@@ -112,6 +112,7 @@ class Model:
         self.net = net
         self.denoiser = build_denoiser(config, net).eval()
         self.vae, self.vae_config = vae, vae_config
+        self.adapters: dict[str, Any] = {}  # name -> AttachedAdapter (pipeline.adapters)
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, sha256={self.sha256[:12]}..., cond={self.spec.names})"
@@ -223,7 +224,7 @@ class Model:
         edit = plan.edit if edit is None else edit
         editing = {} if edit is None else sample_arguments(self, edit, seeds)
         res = sample(
-            self.denoiser,
+            self.denoiser_for(plan.adapter),
             get_sigmas(plan.grid, plan.steps, process=self.process),
             shape=self.latent_shape,
             seeds=seeds,
@@ -236,6 +237,15 @@ class Model:
             **dict(plan.options),
         )
         return res.x, res.nfe
+
+    def denoiser_for(self, adapter: str | None) -> nn.Module:
+        """The base denoiser (None) or that of an attached adapter."""
+        if adapter is None:
+            return self.denoiser
+        if adapter not in self.adapters:
+            names = ", ".join(self.adapters) or "(none)"
+            raise InvalidArgumentError(f"model {self.name!r} has no adapter {adapter!r}: {names}")
+        return self.adapters[adapter].denoiser
 
     def decode(self, latents: Tensor) -> Tensor:
         """Sampler output (B, *latent_shape) -> uint8 images (B, *image_shape).

@@ -83,6 +83,7 @@ class SampleRequest(BaseModel):
     resample: tuple[StrictInt, StrictInt] | None = None  # RePaint (jump_length, jump_n_sample)
     init_image_sha256: list[str] | None = None  # checks: the inputs must hash to these
     mask_sha256: list[str] | None = None
+    adapter: str | None = None  # a LoRA adapter attached to the model (pipeline.adapters)
 
     @property
     def conditioning(self) -> dict[str, Any]:
@@ -118,6 +119,7 @@ class Plan:
     response_format: Literal["png", "json"]
     deadline_s: float | None
     edit: Edit | None = None  # img2img / inpainting inputs (None: generate from noise)
+    adapter: str | None = None  # the attached adapter that samples (None: the base)
 
     @property
     def n(self) -> int:
@@ -140,6 +142,7 @@ class Plan:
             "options": dict(self.options),
             "response_format": self.response_format,
             **(self.edit.params() if self.edit is not None else {}),
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
         }
 
 
@@ -296,6 +299,11 @@ def resolve(
     if req.deadline_ms is not None:
         _range(problems, ("deadline_ms",), req.deadline_ms, 1, int(limits.max_deadline_s * 1000))
     edit = resolve_edit(model, req, n, steps, limits.max_image_bytes, problems)
+    if req.adapter is not None and req.adapter not in model.adapters:
+        names = ", ".join(model.adapters) or "(none attached)"
+        problems.append(
+            FieldProblem(("adapter",), f"unknown adapter; available: {names}", "choice")
+        )
     if problems:
         raise RequestInvalid(problems)
     described = [model.spec.describe(r) for r in rows]
@@ -311,4 +319,5 @@ def resolve(
         response_format="png" if req.response_format != "json" and n == 1 else "json",
         deadline_s=deadline,
         edit=edit,
+        adapter=req.adapter,
     )

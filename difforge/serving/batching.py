@@ -5,7 +5,7 @@ version, sampler, steps, sigma grid, image shape, sampler knobs, the conditionin
 (every key's dtype and shape, so rows with prompts or masks stack when their shapes agree) and
 whether classifier-free guidance runs (a guided call doubles the forward batch, and a guidance scale
 of exactly 1 inside a guided call is computed as uncond + 1 * (cond - uncond), not bitwise the
-conditional output), and for edits the start index, whether a mask is re-imposed and RePaint's
+conditional output), the LoRA adapter that samples, and for edits the start index, whether a mask is re-imposed and RePaint's
 resampling (EditSettings). A row's resolved conditioning, seed, guidance scale, init image and
 mask are its own.
 
@@ -42,6 +42,7 @@ class BatchKey:
     options: tuple[tuple[str, Any], ...] = ()  # sampler knobs
     cond: Signature = ()  # (key, dtype, shape) of every conditioning key
     edit: EditSettings | None = None  # img2img / inpainting: start index, mask on, resampling
+    adapter: str | None = None  # the LoRA adapter that samples (different ones never share)
 
     def plan(self) -> Plan:
         """The per-call settings as a Plan (rows, seeds and guidance come per row)."""
@@ -56,6 +57,7 @@ class BatchKey:
             self.options,
             "json",
             None,
+            adapter=self.adapter,
         )
 
 

@@ -293,8 +293,9 @@ class Service:
         deadline = None if plan.deadline_s is None else accepted + plan.deadline_s
         sig = signature(plan.rows[0]) if plan.rows and len(plan.rows[0]) else ()
         key = self._key(version, plan.sampler, plan.steps, plan.guided, plan.options, sig)
-        if plan.edit is not None:
-            key = replace(key, edit=plan.edit.settings)
+        if plan.edit is not None or plan.adapter is not None:
+            edit = None if plan.edit is None else plan.edit.settings
+            key = replace(key, edit=edit, adapter=plan.adapter)
         return Job(request_id, version, role, key, rows, deadline=deadline, accepted=accepted)
 
     async def _wait(self, job: Job, future: asyncio.Future, call: GenerateCall, plan: Plan) -> None:
@@ -345,6 +346,7 @@ class Service:
             "guidance": plan.guidance,
             "grid": plan.grid,
             "options": dict(plan.options),
+            **({"adapter": model.adapters[plan.adapter].describe()} if plan.adapter else {}),
             "request_id": job.request_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "synthetic": True,

@@ -112,3 +112,47 @@ def test_cli_trains_an_adapter_and_samples_with_it(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--stroke", "bold"])
     assert e.value.code == 2 and "stroke" in capsys.readouterr().err
+
+
+def test_serving_a_base_with_adapters_never_mixes_them_in_a_call(adapter_dir, model_dir):
+    import asyncio
+    import base64
+
+    import numpy as np
+
+    from difforge.common.png import png_pixels
+    from difforge.pipeline.adapters import attach_adapter
+    from difforge.serving import ModelRouter, ModelVersion, Service, ServiceConfig
+    from tests.integration.serving_fixtures import run, running
+
+    model = load(model_dir)
+    a = load_adapter(adapter_dir)
+    attach_adapter(model, a, name="thick")
+    attach_adapter(model, a, name="half", scale=0.5)
+    config = ServiceConfig(audit_db=":memory:", torch_threads=1, warmup_steps=1, batch_wait_ms=400)
+    svc = Service(config, ModelRouter(ModelVersion(model)))
+
+    def px(body):
+        return [png_pixels(base64.b64decode(i["png_base64"])) for i in body["images"]]
+
+    async def scenario():
+        async with running(svc) as c:
+            body = {"labels": [2], "seed": 5, "response_format": "json"}
+            alone = {}
+            for name in ("thick", "half", None):
+                r = await c.post("/v1/generate", json={**body, "adapter": name})
+                assert r.status_code == 200, r.text
+                alone[name] = px(r.json())[0]
+            assert not np.array_equal(alone["thick"], alone[None])
+            assert r.json().get("adapter") is None
+            crowd = [{**body, "adapter": name} for name in ("thick", "half", None, "thick")]
+            rs = await asyncio.gather(*[c.post("/v1/generate", json=b) for b in crowd])
+            out = [r.json() for r in rs]
+            assert [o["batch_images"] for o in out] == [[2], [1], [1], [2]]
+            for o, name in zip(out, ("thick", "half", None, "thick"), strict=True):
+                assert np.array_equal(px(o)[0], alone[name]), name
+            assert out[0]["adapter"] == {"name": "thick", "sha256": a.sha256, "scale": 1.0}
+            bad = await c.post("/v1/generate", json={**body, "adapter": "nope"})
+            assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "adapter"]
+
+    run(scenario())

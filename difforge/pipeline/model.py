@@ -224,7 +224,7 @@ class Model:
         edit = plan.edit if edit is None else edit
         editing = {} if edit is None else sample_arguments(self, edit, seeds)
         res = sample(
-            self.denoiser_for(plan.adapter),
+            self.denoiser if plan.adapter is None else self.denoiser_for(plan.adapter),
             get_sigmas(plan.grid, plan.steps, process=self.process),
             shape=self.latent_shape,
             seeds=seeds,

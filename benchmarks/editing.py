@@ -120,7 +120,7 @@ def pasted_control(data, idx, side: str, g) -> torch.Tensor:
     return out
 
 
-def inpaint(model, extractor, data, n, steps, resample) -> list[dict]:
+def inpaint(model, extractor, data, n, steps, resample, sampler=None) -> list[dict]:
     g = torch.Generator().manual_seed(2)
     idx = torch.randperm(len(data), generator=g)[:n]
     real, y = data.images[idx], data.labels[idx]
@@ -134,6 +134,7 @@ def inpaint(model, extractor, data, n, steps, resample) -> list[dict]:
         for jumps in (None, resample):
             t0 = time.perf_counter()
             extra = {} if jumps is None else {"resample": jumps}
+            extra |= {} if sampler is None else {"sampler": sampler}
             out = edit(model, real, [None] * n, seeds, steps, 1.0, mask=mask, **extra)
             known = (mask == 0).expand_as(real)
             kept = sum(
@@ -142,6 +143,7 @@ def inpaint(model, extractor, data, n, steps, resample) -> list[dict]:
             seam = seam_energy(out, side).mean().item()
             points.append({
                 "mask": side, "resample": None if jumps is None else list(jumps),
+                "sampler": sampler or model.sampling.sampler,
                 "accuracy_completed": (classify(extractor, out) == y).float().mean().item(),
                 "accuracy_real": (classify(extractor, real) == y).float().mean().item(),
                 "accuracy_hole_blank": (classify(extractor, blank) == y).float().mean().item(),
@@ -194,6 +196,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--guidance", type=float, default=3.0, help="img2img guidance towards b")
     ap.add_argument("--steps", type=int, default=None, help="[the model's; quick 5]")
     ap.add_argument("--resample", default="5,2", help="RePaint JUMP_LENGTH,JUMP_N_SAMPLE")
+    ap.add_argument("--inpaint-sampler", default=None, help="[the model's]")
+    ap.add_argument("--only", choices=("all", "img2img", "inpaint"), default="all")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     return ap.parse_args()
@@ -212,16 +216,22 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or (5 if args.quick else model.sampling.steps)
     strengths = [float(v) for v in args.strengths.split(",")]
     resample = tuple(int(v) for v in args.resample.split(","))
-    i2i = img2img(model, extractor, data, n, strengths, steps, args.guidance)
-    inp = inpaint(model, extractor, data, n, steps, resample)
+    i2i, inp, png = [], [], None
+    if args.only != "inpaint":
+        i2i = img2img(model, extractor, data, n, strengths, steps, args.guidance)
+    if args.only != "img2img":
+        inp = inpaint(model, extractor, data, n, steps, resample, args.inpaint_sampler)
     stem = "editing_quick" if args.quick else "editing"
-    title = f"img2img a -> b, {model.name}: {model.sampling.sampler} {steps} steps, w = {args.guidance:g}, n = {n}"
-    png = plot(i2i, title, RESULTS_DIR / f"{stem}.png")
+    stem += "" if args.only == "all" else f"_{args.only}"
+    stem += "" if args.inpaint_sampler is None else f"_{args.inpaint_sampler}"
+    if i2i:
+        title = f"img2img a -> b, {model.name}: {model.sampling.sampler} {steps} steps, w = {args.guidance:g}, n = {n}"
+        png = plot(i2i, title, RESULTS_DIR / f"{stem}.png")
     curve = ", ".join(
         f"{p['strength']:g}: {p['fraction_b']:.2f}/{p['pixel_l1_mean']:.3f}" for p in i2i
     )
     fills = "; ".join(
-        f"{p['mask']}{'+RePaint' + str(tuple(p['resample'])) if p['resample'] else ''}: acc "
+        f"{p['mask']} {p['sampler']}{'+RePaint' + str(tuple(p['resample'])) if p['resample'] else ''}: acc "
         f"{p['accuracy_completed']:.3f} (real {p['accuracy_real']:.3f}, blank "
         f"{p['accuracy_hole_blank']:.3f}), seam {p['seam_ratio']:.2f}x real (pasted "
         f"{p['seam_ratio_pasted_control']:.2f}x), known region identical "
@@ -230,21 +240,25 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = (
         ("QUICK (plumbing only): " if args.quick else "")
-        + f"{model.name}, {model.sampling.sampler} {steps} steps, n={n}; img2img a->b, w="
-        + f"{args.guidance:g}, strength: fraction b / L1 from input: {curve}; inpainting "
-        + f"(unconditional): {fills}"
+        + f"{model.name}, {model.sampling.sampler} {steps} steps, n={n}"
+        + (
+            f"; img2img a->b, w={args.guidance:g}, strength: fraction b / L1 from input: {curve}"
+            if i2i
+            else ""
+        )
+        + (f"; inpainting (unconditional): {fills}" if inp else "")
     )
     payload = {
         "model": describe_model(model), "sampler": model.sampling.sampler, "steps": steps,
         "num_samples": n, "guidance_img2img": args.guidance,
         "extractor": {"name": extractor.name, "sha256": extractor.sha256},
         "data": {"name": data.name, "content_hash": data.content_hash},
-        "img2img": i2i, "inpainting": inp, "plot": str(png.relative_to(ROOT)),
+        "img2img": i2i, "inpainting": inp, "plot": None if png is None else str(png.relative_to(ROOT)),
         "wall_time_s": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     out = write_result(stem, payload, summary)
     print(summary)
-    print(f"wrote {out} and {png}")
+    print(f"wrote {out}" + ("" if png is None else f" and {png}"))
     return 0
 
 

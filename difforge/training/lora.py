@@ -100,6 +100,31 @@ def _objective(model, config: LoraTrainConfig):
     )
 
 
+def _fit(denoiser, params: list, model, data: ImageDataset, config: LoraTrainConfig) -> float:
+    """AdamW on the adapter parameters with the base's denoising loss; the last 50 steps' mean
+    loss. Batches, noise levels, noise and CFG dropout come from one generator (config.seed)."""
+    from difforge.training.losses import denoising_loss, sample_sigma
+
+    objective, g = _objective(model, config), torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, foreach=False)
+    x_all, fields, spec = data.as_float(), data.fields(), model.spec
+    loss_sum, last = 0.0, math.nan
+    for step in range(config.steps):
+        idx = torch.randint(len(data), (config.batch_size,), generator=g)
+        x0 = x_all[idx]  # (B, C, H, W)
+        cond = spec.drop(spec.from_batch({k: v[idx] for k, v in fields.items()}), g)
+        sigma = sample_sigma(objective, model.process, len(idx), g)  # (B,)
+        eps = torch.randn(x0.shape, generator=g)
+        loss = denoising_loss(denoiser, x0, sigma, eps, cond, objective)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == config.steps:
+            last, loss_sum = loss_sum / ((step % 50) + 1), 0.0
+    return last
+
+
 def train_lora(
     base: str | Path, config: LoraTrainConfig, out: str | Path, data: ImageDataset | None = None
 ) -> LoraResult:
@@ -115,35 +140,16 @@ def train_lora(
     from difforge.pipeline import build_denoiser, load
     from difforge.pipeline.adapters import inject_lora, save_adapter
     from difforge.training.loop import load_training_data
-    from difforge.training.losses import denoising_loss, sample_sigma
 
     t0 = time.perf_counter()
     model = load(base)
     data = select(data if data is not None else load_training_data(config.dataset), config)
-    objective = _objective(model, config)
-    g = torch.Generator().manual_seed(config.seed)
     base_parameters = count_parameters(model.net)  # before the adapters join it
     net = inject_lora(model.net, config.rank, config.alpha, config.target_modules).train()
     params = [p for n, p in net.named_parameters() if ".lora_" in n]
     for p in params:
         p.requires_grad_(True)
-    denoiser = build_denoiser(model.config, net)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, foreach=False)
-    x_all, spec = data.as_float(), model.spec
-    loss_sum, last = 0.0, math.nan
-    for step in range(config.steps):
-        idx = torch.randint(len(data), (config.batch_size,), generator=g)
-        x0 = x_all[idx]  # (B, C, H, W)
-        cond = spec.drop(spec.from_batch({"labels": data.labels[idx]}), g)
-        sigma = sample_sigma(objective, model.process, len(idx), g)
-        eps = torch.randn(x0.shape, generator=g)
-        loss = denoising_loss(denoiser, x0, sigma, eps, cond, objective)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == config.steps:
-            last, loss_sum = loss_sum / ((step % 50) + 1), 0.0
+    last = _fit(build_denoiser(model.config, net), params, model, data, config)
     trained = sum(p.numel() for p in params)
     training = {
         **config.model_dump(mode="json"),

@@ -84,7 +84,7 @@ def save_adapter(
     """Write an adapter folder (adapter.safetensors with metadata, README.md); returns it."""
     from safetensors.torch import save
 
-    from difforge.common.atomic import write_bytes_atomic
+    from difforge.common.atomic import atomic_file
 
     meta = {
         "format": ADAPTER_FORMAT,
@@ -96,9 +96,9 @@ def save_adapter(
         "training": json.dumps(training, sort_keys=True),
     }
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(folder / ADAPTER_FILE, save(lora_state(net), metadata=meta))
-    write_bytes_atomic(folder / "README.md", card.encode())
+    for name_, data in ((ADAPTER_FILE, save(lora_state(net), metadata=meta)), ("README.md", card)):
+        with atomic_file(folder / name_, mode=0o644) as f:  # as a model folder's files
+            f.write(data if isinstance(data, bytes) else data.encode())
     return folder
 
 

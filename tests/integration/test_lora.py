@@ -56,6 +56,7 @@ def test_adapter_file_records_its_base_and_shape(adapter_dir, model_dir):
     assert a.tensors and all(".lora_" in k for k in a.tensors)
     assert any(t.abs().sum() > 0 for k, t in a.tensors.items() if "lora_B" in k), "B trained"
     assert a.training["subset_images"] > 0 and "README" not in a.training
+    assert oct((adapter_dir / "adapter.safetensors").stat().st_mode & 0o777) == "0o644"
 
 
 def test_apply_scale_and_merge(adapter_dir, model_dir):

@@ -157,3 +157,31 @@ def test_serving_a_base_with_adapters_never_mixes_them_in_a_call(adapter_dir, mo
             assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "adapter"]
 
     run(scenario())
+
+
+def test_build_service_attaches_adapters_and_lists_them(adapter_dir, model_dir):
+    from difforge.cli.serve import _adapter_spec
+    from difforge.serving import ServiceConfig, create_app  # noqa: F401  (the app module)
+    from difforge.serving.app import build_service
+    from tests.integration.serving_fixtures import run, running
+
+    spec = _adapter_spec(f"thick={adapter_dir}@0.5")
+    assert spec == ("thick", str(adapter_dir), 0.5)
+    assert _adapter_spec(f"t={adapter_dir}") == ("t", str(adapter_dir), 1.0)
+    import typer
+
+    with pytest.raises(typer.Exit):
+        _adapter_spec("no-equals-sign")
+    config = ServiceConfig(audit_db=":memory:", torch_threads=1, warmup_steps=1)
+    svc = build_service(model_dir, config, [spec])
+
+    async def scenario():
+        async with running(svc) as c:
+            listed = (await c.get("/v1/models")).json()["models"][0]["adapters"]
+            assert listed == [
+                {"name": "thick", "sha256": load_adapter(adapter_dir).sha256, "scale": 0.5}
+            ]
+            r = await c.post("/v1/generate", json={"labels": [1], "seed": 1, "adapter": "thick"})
+            assert r.status_code == 200
+
+    run(scenario())

@@ -120,7 +120,7 @@ def pasted_control(data, idx, side: str, g) -> torch.Tensor:
     return out
 
 
-def inpaint(model, extractor, data, n, steps, resample, sampler=None) -> list[dict]:
+def inpaint(model, extractor, data, n, steps, resample, sampler=None, true_labels=False):
     g = torch.Generator().manual_seed(2)
     idx = torch.randperm(len(data), generator=g)[:n]
     real, y = data.images[idx], data.labels[idx]
@@ -135,7 +135,8 @@ def inpaint(model, extractor, data, n, steps, resample, sampler=None) -> list[di
             t0 = time.perf_counter()
             extra = {} if jumps is None else {"resample": jumps}
             extra |= {} if sampler is None else {"sampler": sampler}
-            out = edit(model, real, [None] * n, seeds, steps, 1.0, mask=mask, **extra)
+            labels = y.tolist() if true_labels else [None] * n  # true: the upper bound
+            out = edit(model, real, labels, seeds, steps, 1.0, mask=mask, **extra)
             known = (mask == 0).expand_as(real)
             kept = sum(
                 torch.equal(o[known[0]], r[known[0]]) for o, r in zip(out, real, strict=True)
@@ -144,6 +145,7 @@ def inpaint(model, extractor, data, n, steps, resample, sampler=None) -> list[di
             points.append({
                 "mask": side, "resample": None if jumps is None else list(jumps),
                 "sampler": sampler or model.sampling.sampler,
+                "conditioning": "true label" if true_labels else "none",
                 "accuracy_completed": (classify(extractor, out) == y).float().mean().item(),
                 "accuracy_real": (classify(extractor, real) == y).float().mean().item(),
                 "accuracy_hole_blank": (classify(extractor, blank) == y).float().mean().item(),
@@ -197,6 +199,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="[the model's; quick 5]")
     ap.add_argument("--resample", default="5,2", help="RePaint JUMP_LENGTH,JUMP_N_SAMPLE")
     ap.add_argument("--inpaint-sampler", default=None, help="[the model's]")
+    ap.add_argument("--true-labels", action="store_true", help="inpaint given the true label")
     ap.add_argument("--only", choices=("all", "img2img", "inpaint"), default="all")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
@@ -220,10 +223,13 @@ def run(args: argparse.Namespace) -> int:
     if args.only != "inpaint":
         i2i = img2img(model, extractor, data, n, strengths, steps, args.guidance)
     if args.only != "img2img":
-        inp = inpaint(model, extractor, data, n, steps, resample, args.inpaint_sampler)
+        inp = inpaint(
+            model, extractor, data, n, steps, resample, args.inpaint_sampler, args.true_labels
+        )
     stem = "editing_quick" if args.quick else "editing"
     stem += "" if args.only == "all" else f"_{args.only}"
     stem += "" if args.inpaint_sampler is None else f"_{args.inpaint_sampler}"
+    stem += "_true_labels" if args.true_labels else ""
     if i2i:
         title = f"img2img a -> b, {model.name}: {model.sampling.sampler} {steps} steps, w = {args.guidance:g}, n = {n}"
         png = plot(i2i, title, RESULTS_DIR / f"{stem}.png")
@@ -246,7 +252,11 @@ def run(args: argparse.Namespace) -> int:
             if i2i
             else ""
         )
-        + (f"; inpainting (unconditional): {fills}" if inp else "")
+        + (
+            f"; inpainting ({'given the true label' if args.true_labels else 'unconditional'}): {fills}"
+            if inp
+            else ""
+        )
     )
     payload = {
         "model": describe_model(model), "sampler": model.sampling.sampler, "steps": steps,

@@ -167,3 +167,39 @@ def test_web_page_inpaints_an_uploaded_image_with_before_and_after(tmp_path):
                 assert np.array_equal(px[:4], init[0, :4].numpy())
         finally:
             browser.close()
+
+
+def test_web_page_offers_the_served_adapters(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+    pytest.importorskip("peft", reason="LoRA adapters need peft")
+    from difforge.serving import create_app
+    from difforge.serving.app import build_service
+    from difforge.serving.config import ServiceConfig
+    from difforge.training.lora import LoraTrainConfig, train_lora
+    from tests.integration.test_lora import thick_data
+
+    model_dir = make_tiny_model(tmp_path / "tiny")
+    config = LoraTrainConfig(name="bars", rank=2, steps=2, batch_size=4, target_modules=("qkv",))
+    train_lora(model_dir, config, tmp_path / "bars", data=thick_data(16))
+    service_config = ServiceConfig(audit_db=":memory:", torch_threads=1, warmup_steps=1)
+    svc = build_service(model_dir, service_config, [("bars", str(tmp_path / "bars"), 1.0)])
+    with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
+        deadline = time.monotonic() + 60
+        while not svc.ready:
+            assert time.monotonic() < deadline, "model did not warm up"
+            time.sleep(0.05)
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.querySelectorAll('#adapter option').length === 2")
+            page.select_option("#adapter", "bars")
+            page.fill("#n", "1")
+            page.fill("#steps", "2")
+            page.click("#go")
+            page.wait_for_selector("#gallery figure img", timeout=60_000)
+            assert "+ bars" in page.inner_text("#gallery figcaption")
+        finally:
+            browser.close()

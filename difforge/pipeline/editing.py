@@ -188,8 +188,19 @@ def _mask(value: Any, loc: tuple, shape, max_bytes, problems) -> Tensor | None:
     return None if grey is None else torch.where(grey >= 128, 255, 0).to(torch.uint8)
 
 
+def per_image_counts(req) -> list[int]:
+    """Lengths of the request's per-image edit inputs (lists, a batched init tensor), for n."""
+    out = [len(v) for v in (req.init_image, req.mask) if isinstance(v, list)]
+    if isinstance(req.init_image, Tensor) and req.init_image.ndim == 4:
+        out.append(req.init_image.shape[0])
+    return out
+
+
 def _per_image(value: Any, n: int, name: str, problems: list) -> list[tuple[Any, tuple]] | None:
-    """One value for all images or a list of one per image -> n (value, loc) pairs."""
+    """One value for all images or a list of one per image -> n (value, loc) pairs; a batched
+    init tensor (n, C, H, W) is one per image."""
+    if name == "init_image" and isinstance(value, Tensor) and value.ndim == 4:
+        value = list(value)
     if not isinstance(value, list):
         return [(value, (name,))] * n
     if len(value) != n:

@@ -2,7 +2,8 @@
 becomes a fully resolved `Plan` with the same defaults and the same errors everywhere.
 
 Semantics (README "Requests" documents them):
-- n: as given; else len(seeds); else the length of the longest per-image conditioning list; else 1.
+- n: as given; else len(seeds); else the length of the longest per-image conditioning (or
+  init_image / mask) list; else 1.
 - seeds: image i uses seed + i, or seeds[i]; no seed: one is drawn at random (< 2**32, so that
   JSON clients hold it exactly) and reported back. Seeds are integers in [0, MAX_SEED].
 - conditioning: every other field of the request is a key of the model's conditioning spec (for a
@@ -39,7 +40,7 @@ from pydantic import (
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.pipeline.conditioning import FieldProblem, Row
-from difforge.pipeline.editing import Edit, resolve_edit
+from difforge.pipeline.editing import Edit, per_image_counts, resolve_edit
 from difforge.samplers.noise import MAX_SEED
 
 if TYPE_CHECKING:
@@ -170,6 +171,7 @@ def _range(problems: list, loc: tuple, value: int, lo: int, hi: int | None) -> N
 
 def _count(req: SampleRequest, limits: RequestLimits, problems: list) -> int:
     lists = [len(v) for v in req.conditioning.values() if isinstance(v, list)]
+    lists += per_image_counts(req)  # a list of init images is one per image too
     n = req.n if req.n is not None else len(req.seeds) if req.seeds else max(lists, default=1)
     _range(problems, ("n",), n, 1, limits.max_n)
     if req.seeds is not None and len(req.seeds) != n:

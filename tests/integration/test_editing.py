@@ -81,6 +81,8 @@ def test_png_base64_and_tensor_inputs_resolve_to_the_same_plan(model):
     assert by_tensor.params() == by_bytes.params() == by_text.params() == by_url.params()
     assert by_tensor.params()["init_image_sha256"] == [pixels_sha256(init)]
     assert by_tensor.params()["strength"] == 0.8
+    batched = resolve(model, {"init_image": torch.stack([init, digit(9)]), "seed": 1})
+    assert batched.edit.init_sha256 == (pixels_sha256(init), pixels_sha256(digit(9)))
     # an RGB PNG becomes grey for a grey model
     rgb = Image.fromarray(np.repeat(init[0].numpy()[..., None], 3, 2), "RGB")
     buf = io.BytesIO()

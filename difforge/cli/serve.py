@@ -40,8 +40,9 @@ def serve_command(
 
     source = {"registry": registry, "name": name, "artifacts": artifacts}  # serve() checks them
     given = {k: v for k, v in source.items() if v is not None}
-    adapters = [_adapter_spec(a) for a in adapter or []]
-    serve(model, host=host, port=port, config_path=config, adapters=adapters, **given)
+    if adapter:
+        given["adapters"] = [_adapter_spec(a) for a in adapter]
+    serve(model, host=host, port=port, config_path=config, **given)
 
 
 def _adapter_spec(text: str) -> tuple[str, str, float]:

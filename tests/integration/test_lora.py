@@ -185,3 +185,17 @@ def test_build_service_attaches_adapters_and_lists_them(adapter_dir, model_dir):
             assert r.status_code == 200
 
     run(scenario())
+
+
+def test_cli_serve_passes_adapters(model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    import difforge.serving
+    from difforge.cli import app
+
+    calls = []
+    monkeypatch.setattr(difforge.serving, "serve", lambda *a, **kw: calls.append((a, kw)))
+    args = ["serve", "--model", str(model_dir), "--adapter", "a=/x@0.5", "--adapter", "b=/y"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls[0][1]["adapters"] == [("a", "/x", 0.5), ("b", "/y", 1.0)]

@@ -246,9 +246,9 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = (
         ("QUICK (plumbing only): " if args.quick else "")
-        + f"{model.name}, {model.sampling.sampler} {steps} steps, n={n}"
+        + f"{model.name}, {steps} steps, n={n}"
         + (
-            f"; img2img a->b, w={args.guidance:g}, strength: fraction b / L1 from input: {curve}"
+            f"; img2img ({model.sampling.sampler}) a->b, w={args.guidance:g}, strength: fraction b / L1 from input: {curve}"
             if i2i
             else ""
         )

@@ -118,6 +118,26 @@ def _text_flags(m, prompt: str | None, negative: str | None) -> dict[str, object
     return out
 
 
+def _edit_inputs(init_image, mask, strength, resample) -> dict[str, object]:
+    """The edit fields of a request: files read as PNG bytes (the resolver checks them)."""
+    from pathlib import Path
+
+    out: dict[str, object] = {}
+    for flag, path, key in (("--init-image", init_image, "init_image"), ("--mask", mask, "mask")):
+        if path is not None:
+            if not Path(path).is_file():
+                fail(f"{flag}: no such file: {path}")
+            out[key] = Path(path).read_bytes()
+    if strength is not None:
+        out["strength"] = strength
+    if resample is not None:
+        jumps = int_list(resample, "--resample")
+        if len(jumps) != 2:
+            fail(f"--resample takes JUMP_LENGTH,JUMP_N_SAMPLE, got {resample!r}")
+        out["resample"] = tuple(jumps)
+    return out
+
+
 @command("sample")
 def sample_command(
     model: str = typer.Option(..., "--model", help="Model folder."),
@@ -157,6 +177,20 @@ def sample_command(
     batch_size: int = typer.Option(
         64, "--batch-size", help="Images per sampler call (under torchrun: calls shared by ranks)."
     ),
+    init_image: str | None = typer.Option(
+        None, "--init-image", help="PNG to edit (img2img; with --mask, inpainting)."
+    ),
+    mask: str | None = typer.Option(
+        None, "--mask", help="Mask PNG: white = generate, black = keep (needs --init-image)."
+    ),
+    strength: float | None = typer.Option(
+        None, "--strength", help="Edit strength in (0, 1] [default 0.8; inpainting 1]."
+    ),
+    resample: str | None = typer.Option(
+        None, "--resample", help="RePaint resampling JUMP_LENGTH,JUMP_N_SAMPLE (with --mask)."
+    ),
+    adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder to apply."),
+    adapter_scale: float = typer.Option(1.0, "--adapter-scale", help="Scale of its update."),
 ) -> None:
     """Sample an image grid from a model, with provenance in the PNG's text chunks.
 
@@ -168,6 +202,10 @@ def sample_command(
     from difforge.pipeline.sharded import generate_chunked
 
     m = load(model)
+    if adapter is not None:
+        from difforge.pipeline.adapters import apply_adapter, load_adapter
+
+        m = apply_adapter(m, load_adapter(adapter), scale=adapter_scale)
     request: dict[str, object] = _options(cond, "--cond")
     if labels is not None:
         key = m.spec.class_key()
@@ -178,6 +216,7 @@ def sample_command(
     flags = {"n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance}
     request |= {k: v for k, v in (flags | {"grid": grid}).items() if v is not None}
     request["options"] = _options(option, "--option")
+    request |= _edit_inputs(init_image, mask, strength, resample)
     with session() as world:
         samples = generate_chunked(m, resolve(m, request), batch_size, world=world)
     if not world.is_main:

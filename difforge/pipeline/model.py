@@ -27,6 +27,7 @@ from difforge.pipeline.config import (
     SamplingDefaults,
     VAEConfig,
 )
+from difforge.pipeline.editing import Edit, sample_arguments
 from difforge.pipeline.request import Plan, RequestLimits, resolve
 
 
@@ -77,6 +78,7 @@ class Samples:
     grid: str
     conditioning: dict[str, list[Any]] | None = None  # every key's JSON values, one per image
     captions: tuple[str, ...] | None = None  # one short text per image (grids)
+    edit: dict[str, Any] | None = None  # an edit's parameters (Edit.params(): input hashes)
 
 
 class Model:
@@ -110,6 +112,7 @@ class Model:
         self.net = net
         self.denoiser = build_denoiser(config, net).eval()
         self.vae, self.vae_config = vae, vae_config
+        self.adapters: dict[str, Any] = {}  # name -> AttachedAdapter (pipeline.adapters)
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, sha256={self.sha256[:12]}..., cond={self.spec.names})"
@@ -139,6 +142,9 @@ class Model:
         grid: str | None = None,
         callback: Callable | None = None,
         limits: RequestLimits | None = None,
+        init_image: Any = None,
+        mask: Any = None,
+        strength: float | None = None,
         **knobs,
     ) -> Samples:
         """Draw n images; image i depends only on (seeds[i], its conditioning) and the settings.
@@ -153,6 +159,8 @@ class Model:
             sampler, steps, guidance, grid: default to the model's sampling settings.
             seed: image i uses seed + i, unless `seeds` gives one seed per image; none: random.
             callback: called after each sampler step with a StepInfo.
+            init_image, mask, strength: img2img / inpainting (difforge.pipeline.editing), e.g.
+                a uint8 (C, H, W) tensor, a mask (H, W) with 1 = generate, strength in (0, 1].
             **knobs: sampler-specific options (e.g. eta for ddim, max_order for ipndm).
 
         Returns:
@@ -166,6 +174,7 @@ class Model:
             values[key.name] = list(labels) if isinstance(labels, Sequence) else labels
         request = {"n": n, "seed": seed, "seeds": None if seeds is None else list(seeds)}
         request |= {"sampler": sampler, "steps": steps, "guidance": guidance, "grid": grid}
+        request |= {"init_image": init_image, "mask": mask, "strength": strength}
         request = {k: v for k, v in request.items() if v is not None}
         reserved = set(request) & set(values)
         if reserved:
@@ -193,6 +202,7 @@ class Model:
             grid=plan.grid,
             conditioning=plan.conditioning,
             captions=tuple(self.spec.caption(r) for r in plan.rows) if self.spec.keys else None,
+            edit=None if plan.edit is None else plan.edit.params(),
         )
 
     def sample_latents(
@@ -204,21 +214,26 @@ class Model:
         guidance: Tensor | float | None = None,
         uncond: Sequence[Row] | None = None,
         callback: Callable | None = None,
+        edit: Edit | None = None,
     ) -> tuple[Tensor, int]:
         """One sampler call over `rows`: (float32 denoiser-space output (B, *latent_shape), NFE).
 
-        `seeds` and `guidance` default to the plan's (serving passes its own per-row values);
-        `uncond` gives guidance's unconditional row per image (negative prompts; None: null).
+        `seeds`, `guidance` and `edit` default to the plan's (serving passes its own per-row
+        values); `uncond` gives guidance's unconditional row per image (negative prompts; None:
+        null); an edit runs img2img / inpainting (difforge.pipeline.editing).
         """
         from difforge.samplers import sample
 
         w = plan.guidance if guidance is None else guidance
         guided = plan.guided if guidance is None else True
+        seeds = plan.seeds if seeds is None else seeds
+        edit = plan.edit if edit is None else edit
+        editing = {} if edit is None else sample_arguments(self, edit, seeds)
         res = sample(
-            self.denoiser,
+            self.denoiser if plan.adapter is None else self.denoiser_for(plan.adapter),
             get_sigmas(plan.grid, plan.steps, process=self.process),
             shape=self.latent_shape,
-            seeds=plan.seeds if seeds is None else seeds,
+            seeds=seeds,
             sampler=plan.sampler,
             cond=self.spec.collate(rows),
             uncond=(self.spec.collate(uncond) if uncond else self.spec.null_batch(len(rows)))
@@ -226,9 +241,19 @@ class Model:
             else None,
             guidance=w if guided else 1.0,
             callback=callback,
+            **editing,
             **dict(plan.options),
         )
         return res.x, res.nfe
+
+    def denoiser_for(self, adapter: str | None) -> nn.Module:
+        """The base denoiser (None) or that of an attached adapter."""
+        if adapter is None:
+            return self.denoiser
+        if adapter not in self.adapters:
+            names = ", ".join(self.adapters) or "(none)"
+            raise InvalidArgumentError(f"model {self.name!r} has no adapter {adapter!r}: {names}")
+        return self.adapters[adapter].denoiser
 
     def decode(self, latents: Tensor) -> Tensor:
         """Sampler output (B, *latent_shape) -> uint8 images (B, *image_shape); a series model's

@@ -2,7 +2,8 @@
 becomes a fully resolved `Plan` with the same defaults and the same errors everywhere.
 
 Semantics (README "Requests" documents them):
-- n: as given; else len(seeds); else the length of the longest per-image conditioning list; else 1.
+- n: as given; else len(seeds); else the length of the longest per-image conditioning (or
+  init_image / mask) list; else 1.
 - seeds: image i uses seed + i, or seeds[i]; no seed: one is drawn at random (< 2**32, so that
   JSON clients hold it exactly) and reported back. Seeds are integers in [0, MAX_SEED].
 - conditioning: every other field of the request is a key of the model's conditioning spec (for a
@@ -14,6 +15,9 @@ Semantics (README "Requests" documents them):
   asking for anything else is an error.
 - sampler, steps, grid: the model's defaults. options: the sampler's own knobs, with their types
   (an int knob takes an integer, a float knob a number, a bool knob true/false).
+- editing: init_image, mask, strength, resample (difforge.pipeline.editing): img2img / inpainting.
+  params() records the inputs by their sha256 (init_image_sha256, mask_sha256); putting the
+  images back into those params replays the request, the hashes checked.
 Limits (a service's max_n, max_steps, guidance range, allowed samplers) are checked here too.
 Every violated field is reported at once as a `RequestInvalid` holding one `FieldProblem` each.
 """
@@ -38,6 +42,7 @@ from pydantic import (
 from difforge.core.errors import InvalidArgumentError
 from difforge.pipeline.conditioning import ConditioningSpec, FieldProblem, Row
 from difforge.pipeline.config import SamplingDefaults
+from difforge.pipeline.editing import Edit, per_image_counts, resolve_edit
 from difforge.samplers.noise import MAX_SEED
 
 
@@ -80,6 +85,14 @@ class SampleRequest(BaseModel):
     options: dict[str, StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)  # knobs
     response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several or series
     deadline_ms: StrictInt | None = None  # give up this long after arrival (services only)
+    # editing (difforge.pipeline.editing documents the values): img2img and inpainting
+    init_image: Any = None  # PNG bytes / base64 PNG / uint8 (C, H, W) tensor, or one per image
+    mask: Any = None  # white = generate, black = keep; like init_image
+    strength: StrictFloat | StrictInt | None = None  # (0, 1]; default 0.8 img2img, 1 inpainting
+    resample: tuple[StrictInt, StrictInt] | None = None  # RePaint (jump_length, jump_n_sample)
+    init_image_sha256: list[str] | None = None  # checks: the inputs must hash to these
+    mask_sha256: list[str] | None = None
+    adapter: str | None = None  # a LoRA adapter attached to the model (pipeline.adapters)
 
     @property
     def conditioning(self) -> dict[str, Any]:
@@ -98,6 +111,7 @@ class RequestLimits(BaseModel):
     allowed_samplers: tuple[str, ...] | None = None  # None: every registered sampler
     max_deadline_s: float = 600.0
     max_text_chars: int | None = Field(None, ge=1)  # per prompt (text keys; None: the key's own)
+    max_image_bytes: int | None = Field(None, ge=1)  # one encoded init image or mask
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,8 @@ class Plan:
     deadline_s: float | None
     # guidance's unconditional rows, one per image, when a negative prompt replaces the null
     uncond_rows: tuple[Row, ...] | None = None
+    edit: Edit | None = None  # img2img / inpainting inputs (None: generate from noise)
+    adapter: str | None = None  # the attached adapter that samples (None: the base)
 
     @property
     def n(self) -> int:
@@ -137,6 +153,8 @@ class Plan:
             "seeds": list(self.seeds),
             "options": dict(self.options),
             "response_format": self.response_format,
+            **(self.edit.params() if self.edit is not None else {}),
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
         }
 
 
@@ -164,6 +182,7 @@ def _range(problems: list, loc: tuple, value: int, lo: int, hi: int | None) -> N
 
 def _count(req: SampleRequest, limits: RequestLimits, problems: list) -> int:
     lists = [len(v) for v in req.conditioning.values() if isinstance(v, list)]
+    lists += per_image_counts(req)  # a list of init images is one per image too
     n = req.n if req.n is not None else len(req.seeds) if req.seeds else max(lists, default=1)
     _range(problems, ("n",), n, 1, limits.max_n)
     if req.seeds is not None and len(req.seeds) != n:
@@ -325,6 +344,12 @@ def resolve(
     deadline = default_deadline_s if req.deadline_ms is None else req.deadline_ms / 1000
     if req.deadline_ms is not None:
         _range(problems, ("deadline_ms",), req.deadline_ms, 1, int(limits.max_deadline_s * 1000))
+    edit = resolve_edit(model, req, n, steps, limits.max_image_bytes, problems)
+    if req.adapter is not None and req.adapter not in model.adapters:
+        names = ", ".join(model.adapters) or "(none attached)"
+        problems.append(
+            FieldProblem(("adapter",), f"unknown adapter; available: {names}", "choice")
+        )
     if problems:
         raise RequestInvalid(problems)
     described = [model.spec.describe(r) for r in rows]
@@ -343,4 +368,6 @@ def resolve(
         response_format=fmt,
         deadline_s=deadline,
         uncond_rows=uncond_rows,
+        edit=edit,
+        adapter=req.adapter,
     )

@@ -39,8 +39,9 @@ def generate_chunked(
 
     def call(start: int, stop: int):
         uncond = None if plan.uncond_rows is None else plan.uncond_rows[start:stop]
+        edit = None if plan.edit is None else replace(plan.edit, rows=plan.edit.rows[start:stop])
         rows, seeds = plan.rows[start:stop], plan.seeds[start:stop]
-        x, nfe[0] = model.sample_latents(rows, plan, seeds=seeds, uncond=uncond)
+        x, nfe[0] = model.sample_latents(rows, plan, seeds=seeds, uncond=uncond, edit=edit)
         return model.decode(x)
 
     size = batch_size or DEFAULT_BATCH

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from difforge.core.errors import InvalidArgumentError
 from difforge.serving.access import (
     AccessDenied,
     Principal,
@@ -363,12 +365,16 @@ def _admin_routes(service: Service, source: RegistrySource) -> APIRouter:
     return admin
 
 
-def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
-    """Load the model at `model_path` as the production version of a new Service.
+def build_service(
+    model_path: str | Path, config: ServiceConfig, adapters: Sequence[tuple[str, str, float]] = ()
+) -> Service:
+    """Load the model at `model_path` as the production version of a new Service, with LoRA
+    `adapters` (name, folder, scale) attached beside it (requests name them).
 
     The load runs on a passing thread: torch work stays off the main thread (see
     `difforge.serving.engine.on_passing_thread`)."""
     from difforge.pipeline import load
+    from difforge.pipeline.adapters import attach_adapter, load_adapter
     from difforge.pipeline.anomaly import DETECTOR_FILE, load_detector
 
     if (Path(model_path) / DETECTOR_FILE).is_file():  # a detector folder: its model + scoring
@@ -376,7 +382,14 @@ def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
         service = Service(config, ModelRouter(ModelVersion(detector.model)))
         service.detector = detector
         return service
-    return Service(config, ModelRouter(ModelVersion(on_passing_thread(load, model_path))))
+
+    def load_all():
+        model = load(model_path)
+        for name, folder, scale in adapters:
+            attach_adapter(model, load_adapter(folder), name=name, scale=scale)
+        return model
+
+    return Service(config, ModelRouter(ModelVersion(on_passing_thread(load_all))))
 
 
 def serve(
@@ -388,6 +401,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     config_path: str | Path | None = None,
+    adapters: Sequence[tuple[str, str, float]] = (),
 ) -> None:
     """Run the HTTP service until interrupted (`difforge serve`).
 
@@ -398,6 +412,7 @@ def serve(
         artifacts: the registry's artifact directory (default: beside a SQLite registry).
         host, port: where to listen.
         config_path: the service config JSON (default: all defaults).
+        adapters: LoRA adapters (name, folder, scale) served beside a --model (not --registry).
     """
     import uvicorn
 
@@ -405,9 +420,11 @@ def serve(
     config = load_service_config(config_path)
     source = None
     if registry is not None:
+        if adapters:
+            raise InvalidArgumentError("--adapter serves beside --model, not --registry")
         service, source = open_service(registry, name or "", config, artifacts)
     else:
-        service = build_service(model_path or "", config)
+        service = build_service(model_path or "", config, adapters)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

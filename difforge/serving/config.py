@@ -49,6 +49,9 @@ class Limits(_Frozen):
     max_guidance: float = 20.0
     max_body_bytes: int = Field(16_384, ge=256)  # larger bodies get 413
     max_prompt_chars: int = Field(256, ge=1)  # per prompt / negative prompt; longer: 422
+    # one encoded init_image or mask (base64 counted as decoded bytes); larger ones get 413.
+    # A 28x28 grey PNG is under 1 KiB; raise it with max_body_bytes for larger images.
+    max_image_bytes: int = Field(16_384, ge=64)
     allowed_samplers: tuple[str, ...] = (
         "ddim",
         "ddpm",
@@ -83,6 +86,7 @@ class Limits(_Frozen):
             allowed_samplers=self.allowed_samplers,
             max_deadline_s=max_deadline_s,
             max_text_chars=self.max_prompt_chars,
+            max_image_bytes=self.max_image_bytes,
         )
 
     @model_validator(mode="after")

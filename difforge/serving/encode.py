@@ -46,11 +46,15 @@ def encode_images(
     common: Mapping[str, Any],
     seeds: Sequence[int],
     conditioning: Mapping[str, Sequence[Any]],
+    edits: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[tuple[dict[str, Any], bytes]]:
-    """(provenance, PNG bytes) per image; `conditioning` is {key: one JSON value per image}."""
+    """(provenance, PNG bytes) per image; `conditioning` is {key: one JSON value per image};
+    `edits` one edit record per image (its init image's and mask's sha256, strength)."""
     out = []
     for i, img in enumerate(images):
         prov = provenance(common, seeds[i], {k: v[i] for k, v in conditioning.items()}, i)
+        if edits is not None:
+            prov["edit"] = dict(edits[i])
         out.append((prov, png_bytes(img, as_text_chunks(prov))))
     return out
 

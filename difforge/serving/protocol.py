@@ -106,7 +106,9 @@ def resolve(
             default_deadline_s=default_deadline_s,
         )
     except PipelineRequestInvalid as e:
-        raise RequestInvalid(e.errors(("body",))) from None
+        too_large = any(p.kind == "too_large" for p in e.problems)  # an init image or mask
+        reason = "body_too_large" if too_large else "validation"
+        raise RequestInvalid(e.errors(("body",)), reason) from None
 
 
 def validation_body(errors: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class ModelVersion:
             if self.plan is None
             else {"mode": self.plan.mode, "invariant": self.plan.invariant},
             **({"registry": dict(self.meta)} if self.meta else {}),
+            "adapters": [a.describe() for a in getattr(m, "adapters", {}).values()],
         }
 
 

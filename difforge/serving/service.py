@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -334,13 +334,17 @@ class Service:
         self, request_id: str, version: ModelVersion, role: str, plan: Plan, accepted: float
     ) -> Job:
         unconds = plan.uncond_rows or [None] * len(plan.rows)
+        edits = plan.edit.rows if plan.edit is not None else [None] * plan.n
         rows = [
-            Row(seed=s, cond=c, guidance=plan.guidance, uncond=u)
-            for s, c, u in zip(plan.seeds, plan.rows, unconds, strict=True)
+            Row(seed=s, cond=c, guidance=plan.guidance, uncond=u, edit=e)
+            for s, c, u, e in zip(plan.seeds, plan.rows, unconds, edits, strict=True)
         ]
         deadline = None if plan.deadline_s is None else accepted + plan.deadline_s
         sig = signature(plan.rows[0]) if plan.rows and len(plan.rows[0]) else ()
         key = self._key(version, plan.sampler, plan.steps, plan.guided, plan.options, sig)
+        if plan.edit is not None or plan.adapter is not None:
+            edit = None if plan.edit is None else plan.edit.settings
+            key = replace(key, edit=edit, adapter=plan.adapter)
         return Job(request_id, version, role, key, rows, deadline=deadline, accepted=accepted)
 
     async def _wait(self, job: Job, future: asyncio.Future, call: GenerateCall, plan: Plan) -> None:
@@ -396,6 +400,7 @@ class Service:
             "guidance": plan.guidance,
             "grid": plan.grid,
             "options": dict(plan.options),
+            **({"adapter": model.adapters[plan.adapter].describe()} if plan.adapter else {}),
             "request_id": job.request_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "synthetic": True,
@@ -422,7 +427,8 @@ class Service:
                 job.request_id, common, images, plan.seeds, plan.conditioning, digest, extra
             )
             return StoredResponse(body, "application/json", headers)
-        encoded = encode_images(images, common, plan.seeds, plan.conditioning)
+        edits = None if plan.edit is None else [plan.edit.image_params(i) for i in range(plan.n)]
+        encoded = encode_images(images, common, plan.seeds, plan.conditioning, edits)
         if plan.response_format == "png":
             return StoredResponse(encoded[0][1], "image/png", headers)
         return StoredResponse(

@@ -1,7 +1,7 @@
 """The `difforge` command line, one module per area. Thin: parse, resolve, call one library
 function; every error is one line on stderr and exit code 2."""
 
-from difforge.cli import adapters, evaluate, models, registry, serve, signals  # noqa: F401
+from difforge.cli import adapters, evaluate, export, models, registry, serve, signals  # noqa: F401
 from difforge.cli.app import app, fail, friendly_errors, main
 
 __all__ = ["app", "fail", "friendly_errors", "main"]

@@ -114,6 +114,15 @@ class Model:
         self.vae, self.vae_config = vae, vae_config
         self.adapters: dict[str, Any] = {}  # name -> AttachedAdapter (pipeline.adapters)
 
+    backend: Any = None  # the Backend that `with_backend` set; None: eager, the default
+
+    def with_backend(self, backend: Any = "eager", **options: Any) -> Model:
+        """This model with its network run by another backend: "eager", "compile" or
+        "onnxruntime" (see difforge.pipeline.backends.Backend for the options)."""
+        from difforge.pipeline.backends import with_backend
+
+        return with_backend(self, backend, **options)
+
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, sha256={self.sha256[:12]}..., cond={self.spec.names})"
 

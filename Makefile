@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,mnist,serve,bench]'
+	$(PY) -m pip install -q -e '.[dev,mnist,serve,bench,signals,text,lora,onnx]'
 	touch $(STAMP)
 
 MODEL ?= models/mnist-cond

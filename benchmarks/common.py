@@ -47,7 +47,12 @@ def git_commit() -> str:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.executable).name, *sys.argv])
+    """The command as run, with a script inside the repository named relative to its root."""
+    argv = list(sys.argv)
+    script = Path(argv[0]).resolve() if argv else None
+    if script is not None and script.is_relative_to(HERE.parent):
+        argv[0] = str(script.relative_to(HERE.parent))
+    return " ".join([Path(sys.executable).name, *argv])
 
 
 def write_result(name: str, payload: dict, summary: str) -> Path:

@@ -19,6 +19,8 @@ BENCHMARKS = {
     "guidance_sweep": ([], ["--quick"]),
     "serve_load": ([], ["--quick"]),
     "time_to_quality": ([], ["--quick"]),
+    "onnx_loop": ([], ["--batches", "1", "--rounds", "1"]),
+    "compile": (["--cache"], ["--batches", "1", "--rounds", "1", "--variants", "channels_last"]),
 }
 
 

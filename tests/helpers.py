@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -101,3 +102,16 @@ def tamper_sqlite(path: str | Path, *statements: str) -> None:
         raw.commit()
     finally:
         raw.close()
+
+
+REQUIRE_REAL = "DIFFORGE_REQUIRE_REAL"  # set to 1 by .ci/run: real components must be there
+
+
+def skip_unless_real(reason: str) -> None:
+    """Skip a test whose real component (Chromium, a PostgreSQL server) is missing, with a
+    one-line reason; under DIFFORGE_REQUIRE_REAL=1 (CI) the missing component is a failure."""
+    import os
+
+    if os.environ.get(REQUIRE_REAL) == "1":
+        pytest.fail(f"{REQUIRE_REAL}=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)

@@ -1,7 +1,17 @@
 """The `difforge` command line, one module per area. Thin: parse, resolve, call one library
 function; every error is one line on stderr and exit code 2."""
 
-from difforge.cli import data, evaluate, models, registry, serve, vae  # noqa: F401  (they register)
+from difforge.cli import (  # noqa: F401  (they register)
+    adapters,
+    data,
+    evaluate,
+    export,
+    models,
+    registry,
+    serve,
+    signals,
+    vae,
+)
 from difforge.cli.app import app, fail, friendly_errors, main
 
 __all__ = ["app", "fail", "friendly_errors", "main"]

@@ -49,7 +49,7 @@ def evaluate_command(
     steps: int | None = typer.Option(None, "--steps", help="Steps [default: the model's]."),
     guidance: float | None = GUIDANCE,
     grid: str | None = GRID,
-    n: int | None = typer.Option(None, "--n", help="Images per repeat [10000]."),
+    n: int | None = typer.Option(None, "--n", "--num-images", help="Images per repeat [10000]."),
     seeds: str | None = typer.Option(
         None, "--seeds", help="One repeat per seed, at least 3 [0,1,2]."
     ),
@@ -64,6 +64,7 @@ def evaluate_command(
     cache_dir: str | None = CACHE,
 ) -> None:
     """Evaluate a model: FID, KID, label accuracy, memorization over seed repeats."""
+    from difforge.common.distributed import session
     from difforge.evaluation import load_feature_extractor
     from difforge.pipeline import load
 
@@ -73,7 +74,8 @@ def evaluate_command(
     common |= {} if seed_list is None else {"seeds": tuple(seed_list)}
     common |= {} if memorization is None else {"memorization": memorization}
     feats, m = load_feature_extractor(extractor), load(model)
-    _evaluate_report(m, feats, common, out)
+    with session() as world:  # under torchrun: sampler calls dealt over the ranks
+        _evaluate_report(m, feats, common, out, world.is_main)
 
 
 @command("sweep")
@@ -90,7 +92,9 @@ def sweep_command(
     plot: str | None = typer.Option(None, "--plot", help="Write FID/KID vs NFE (PNG)."),
     guidance: float | None = GUIDANCE,
     grid: str | None = GRID,
-    n: int | None = typer.Option(None, "--n", help="Images per sweep point [2000]."),
+    n: int | None = typer.Option(
+        None, "--n", "--num-images", help="Images per sweep point [2000]."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="The one seed every point draws [0]."),
     labels: str = LABELS,
     split: str = SPLIT,
@@ -100,6 +104,7 @@ def sweep_command(
     cache_dir: str | None = CACHE,
 ) -> None:
     """Sweep quality against NFE: samplers x budgets, with a converged reference line."""
+    from difforge.common.distributed import session
     from difforge.evaluation import load_feature_extractor
     from difforge.pipeline import load
 
@@ -110,13 +115,16 @@ def sweep_command(
     common |= {} if reference_line is None else _reference_line(reference_line)
     common |= {} if seed is None else {"seed": seed}
     feats, m = load_feature_extractor(extractor), load(model)
-    _evaluate_sweep(m, feats, common, out, plot)
+    with session() as world:
+        _evaluate_sweep(m, feats, common, out, plot, world.is_main)
 
 
-def _evaluate_report(m, feats, settings: dict, out: str) -> None:
+def _evaluate_report(m, feats, settings: dict, out: str, main: bool) -> None:
     from difforge.evaluation import evaluate_model
 
-    r = evaluate_model(m, extractor=feats, out=out, log=_echo_err, **settings)
+    r = evaluate_model(m, extractor=feats, out=out, log=_echo_err if main else None, **settings)
+    if not main:
+        return
     s, met = r["sampler"], r["metrics"]
     parts = [
         f"{k} {met[k]['mean']:.4g} ± {met[k]['std']:.2g} (min {met[k]['min']:.4g})"
@@ -129,10 +137,13 @@ def _evaluate_report(m, feats, settings: dict, out: str) -> None:
     )
 
 
-def _evaluate_sweep(m, feats, settings: dict, out: str, plot: str | None) -> None:
+def _evaluate_sweep(m, feats, settings: dict, out: str, plot: str | None, main: bool) -> None:
     from difforge.evaluation import nfe_sweep
 
-    r = nfe_sweep(m, extractor=feats, out=out, plot=plot, log=_echo_err, **settings)
+    log = _echo_err if main else None
+    r = nfe_sweep(m, extractor=feats, out=out, plot=plot, log=log, **settings)
+    if not main:
+        return
     ref = r["reference_line"]
     line = ""
     if ref is not None:

@@ -25,6 +25,11 @@ def serve_command(
     config: str | None = typer.Option(
         None, "--config", help="Service config JSON (limits, queue, keys, audit db, registry)."
     ),
+    adapter: list[str] | None = typer.Option(
+        None,
+        "--adapter",
+        help="NAME=DIR[@SCALE]: serve a LoRA adapter beside --model (repeatable).",
+    ),
 ) -> None:
     """Serve a model over HTTP: POST /v1/generate, /v1/models, /metrics, health, a web page.
 
@@ -35,4 +40,21 @@ def serve_command(
 
     source = {"registry": registry, "name": name, "artifacts": artifacts}  # serve() checks them
     given = {k: v for k, v in source.items() if v is not None}
+    if adapter:
+        given["adapters"] = [_adapter_spec(a) for a in adapter]
     serve(model, host=host, port=port, config_path=config, **given)
+
+
+def _adapter_spec(text: str) -> tuple[str, str, float]:
+    """NAME=DIR[@SCALE] -> (name, folder, scale)."""
+    from difforge.cli.app import fail
+
+    name, sep, rest = text.partition("=")
+    folder, _, scale = rest.rpartition("@") if "@" in rest else (rest, "", "1")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = float("nan")
+    if not sep or not name or not folder or value != value:
+        fail(f"--adapter takes NAME=DIR or NAME=DIR@SCALE, got {text!r}")
+    return name, folder, value

@@ -7,19 +7,24 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from difforge.core.errors import InvalidArgumentError, check_choice
+from difforge.data.captions import CaptionedDataset, load_mnist_captions
 from difforge.data.dataset import DatasetError, ImageDataset, PointDataset
 from difforge.data.folder import COLOR_MODES, load_image_folder
 from difforge.data.hashing import content_hash
 from difforge.data.mnist import DatasetUnavailableError, load_mnist
 from difforge.data.scenes import SceneDataset, load_scenes
+from difforge.data.timeseries import SeriesDataset, load_sines, load_ucr, ucr_names
 from difforge.data.toy import TOY_NAMES, GaussianMixture, eight_gaussians, load_toy
 
 # kind -> loader; a spec's other keys are the loader's keyword arguments.
-_LOADERS: dict[str, Callable[..., ImageDataset | PointDataset]] = {
+_LOADERS: dict[str, Callable[..., ImageDataset | PointDataset | SeriesDataset]] = {
     "mnist": load_mnist,
     "folder": load_image_folder,
     "toy": load_toy,
     "scenes": load_scenes,
+    "ucr": load_ucr,
+    "sines": load_sines,
+    "mnist_captions": load_mnist_captions,
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -39,7 +44,7 @@ def _parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return kind, args
 
 
-def load_dataset(spec: str | Mapping[str, Any]) -> ImageDataset | PointDataset:
+def load_dataset(spec: str | Mapping[str, Any]) -> ImageDataset | PointDataset | SeriesDataset:
     """Load the dataset a spec names.
 
     Args:
@@ -47,12 +52,14 @@ def load_dataset(spec: str | Mapping[str, Any]) -> ImageDataset | PointDataset:
             {"kind": "mnist", "split": "train"},
             {"kind": "folder", "path": "imgs/", "size": 32, "mode": "rgb"},
             {"kind": "toy", "name": "moons", "n": 10000, "seed": 0},
-            {"kind": "scenes", "split": "train", "n": 20000, "seed": 0};
+            {"kind": "scenes", "split": "train", "n": 20000, "seed": 0},
+            {"kind": "ucr", "name": "GunPoint", "split": "test", "length": 128},
+            {"kind": "sines", "n": 512, "length": 64};
             or the shorthand "kind" / "kind:value" ("mnist:test", "toy:rings") setting the
             loader's first argument and leaving the rest at their defaults.
 
     Returns:
-        ImageDataset (mnist, folder; SceneDataset for scenes) or PointDataset (toy).
+        ImageDataset (mnist, folder; SceneDataset for scenes), PointDataset (toy) or SeriesDataset (ucr, sines).
 
     Raises:
         UnknownChoiceError: unknown kind. InvalidArgumentError: unknown or missing arguments.
@@ -76,17 +83,23 @@ __all__ = [
     "COLOR_MODES",
     "DATASETS",
     "TOY_NAMES",
+    "CaptionedDataset",
     "DatasetError",
     "DatasetUnavailableError",
     "GaussianMixture",
     "ImageDataset",
     "PointDataset",
     "SceneDataset",
+    "SeriesDataset",
     "content_hash",
     "eight_gaussians",
     "load_dataset",
     "load_image_folder",
     "load_mnist",
+    "load_mnist_captions",
     "load_scenes",
+    "load_sines",
     "load_toy",
+    "load_ucr",
+    "ucr_names",
 ]

@@ -53,6 +53,11 @@ class ImageDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One example's shape, (C, H, W)."""
+        return tuple(self.images.shape[1:])
+
     def as_float(self) -> torch.Tensor:
         """Images as float32 in [-1, 1], shape (N, C, H, W)."""
         return self.images.float().div(127.5).sub(1.0)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from difforge.common.distributed import current
 from difforge.data.mnist import ImageDataset
 from difforge.evaluation.against import Against, check_model_fits, load_against, score
 from difforge.evaluation.config import SEED_STRIDE, EvalConfig, Log, make_config
@@ -160,6 +161,6 @@ def evaluate_model(
         )
         repeats = [_run_repeat(model, config, sampling, against, s, log) for s in config.seeds]
     report = _assemble(model, config, sampling, against, repeats, time.perf_counter() - t0)
-    if out is not None:
+    if out is not None and current().is_main:  # under torchrun every rank holds the report
         write_json(out, report)
     return report

@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from difforge.common.distributed import current
 from difforge.core.errors import check_choice
 from difforge.evaluation.config import LABEL_POLICIES, SEED_STRIDE, check_n, check_seed
 from difforge.pipeline import Model
@@ -44,15 +44,21 @@ def in_batches(
     seeds: Sequence[int],
     batch_size: int,
 ) -> tuple[Tensor, int]:
-    """Call `draw(labels, seeds) -> (uint8 images, nfe)` on batches; (all images, NFE per image)."""
-    chunks, nfe = [], 0
-    for start in range(0, len(seeds), batch_size):
-        stop = start + batch_size
-        images, nfe = draw(
-            None if labels is None else list(labels[start:stop]), list(seeds[start:stop])
-        )
-        chunks.append(images)
-    return torch.cat(chunks), nfe
+    """Call `draw(labels, seeds) -> (uint8 images, nfe)` on batches; (all images, NFE per image).
+
+    Under torchrun the batches are dealt over the ranks (batch i on rank i % N) and gathered, each
+    at the shape one process would use, so every rank gets the single-process images byte for byte.
+    """
+    world = current()
+    nfe = [0]
+
+    def call(start: int, stop: int) -> Tensor:
+        part = None if labels is None else list(labels[start:stop])
+        images, nfe[0] = draw(part, list(seeds[start:stop]))
+        return images
+
+    images = world.run_chunks(len(seeds), batch_size, call)
+    return images, world.broadcast_ints(nfe)[0]
 
 
 def resolve_sampling(
@@ -63,15 +69,20 @@ def resolve_sampling(
     grid: str | None,
     knobs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The sampler settings `Model.sample` will use: the given ones over the model's defaults."""
-    d = model.config.sampling
-    w = float(d.guidance if guidance is None else guidance)
+    """The sampler settings `Model.sample` will use, resolved by the library's one resolver (the
+    same defaults and errors as the CLI and HTTP: e.g. guidance on an unconditional model is an
+    error, not silently 1)."""
+    from difforge.pipeline import resolve
+
+    given = {"sampler": sampler, "steps": steps, "guidance": guidance, "grid": grid}
+    request = {k: v for k, v in given.items() if v is not None} | {"seed": 0}
+    plan = resolve(model, request | {"options": dict(knobs or {})})
     return {
-        "sampler": d.sampler if sampler is None else sampler,
-        "steps": d.steps if steps is None else steps,
-        "guidance": w if model.num_classes else 1.0,  # an unconditional model is never guided
-        "grid": d.grid if grid is None else grid,
-        "knobs": dict(knobs or {}),
+        "sampler": plan.sampler,
+        "steps": plan.steps,
+        "guidance": plan.guidance,
+        "grid": plan.grid,
+        "knobs": dict(plan.options),
     }
 
 

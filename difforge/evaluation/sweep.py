@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from difforge.common.distributed import current
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.evaluation.against import (
     check_model_fits,
@@ -57,6 +58,7 @@ from difforge.evaluation.sampling import (
 from difforge.evaluation.threads import compute_threads
 from difforge.pipeline import Model, load
 from difforge.samplers import SAMPLERS, canonical_samplers, expected_nfe, get_sigmas
+from difforge.samplers.advice import few_step_problem
 
 SWEEP_FORMAT = "difforge-nfe-sweep/1"
 DEFAULT_NFE = (5, 8, 10, 15, 20, 50)
@@ -272,7 +274,7 @@ def nfe_sweep(
         plot: PNG path for the FID/KID-vs-NFE figure. log: called with one line per point.
 
     Returns:
-        {"points", "reference_line" (or None), "model", "num_samples", "seed", "guidance",
+        {"points", "left_out" (points not drawn: `left_out`), "reference_line" (or None), "model", "num_samples", "seed", "guidance",
         "extractor", "reference", "software", "date", "wall_time_s", "config"}; points as
         `evaluate_point` returns them, plus "target_nfe".
     """
@@ -280,15 +282,22 @@ def nfe_sweep(
     config = make_config(SweepConfig, config, settings)
     model = model if isinstance(model, Model) else load(model)
     log = log or (lambda _: None)
+    main = current().is_main
     plan, reference_method = _plan(model, config, methods, reference_method)
+    skipped = left_out(plan)
+    drop = {(p["method"], p["target_nfe"]) for p in skipped}
+    plan = [(m, t, steps) for m, t, steps in plan if (m.name, t) not in drop]
     check_reference(reference)
     with compute_threads(config.threads):
         inputs = _inputs(model, config, extractor, reference)
         result = _header(model, config, inputs) | {"reference_line": None, "points": []}
+        result["left_out"] = skipped
+        for p in skipped:
+            log(f"left out {p['method']} at {p['target_nfe']} NFE: {p['why']}")
 
         def save() -> None:
             result["date"], result["wall_time_s"] = now_iso(), round(time.perf_counter() - t0, 3)
-            if out is not None:
+            if out is not None and main:  # under torchrun rank 0 writes
                 write_json(out, result)
 
         if reference_method is not None:
@@ -305,7 +314,7 @@ def nfe_sweep(
             result["points"].append(done[key] | {"target_nfe": target})
             save()
     save()
-    if plot is not None:
+    if plot is not None and main:
         plot_sweep(result, plot)
     return result
 
@@ -326,7 +335,21 @@ def _plan(
         reference_method = DifforgeMethod(
             model, config.reference_sampler, config.guidance, config.grid
         )
-    return [(m, t, steps_for_nfe(m, t)) for m in all_methods for t in config.nfe], reference_method
+    plan = [(m, t, steps_for_nfe(m, t)) for m in all_methods for t in config.nfe]
+    return plan, reference_method
+
+
+def left_out(plan: list[tuple[SweepMethod, int, int]]) -> list[dict[str, Any]]:
+    """The points of `plan` on a grid where their difforge sampler is known to fail (Heun at
+    <= 5 Karras steps: `difforge.samplers.advice`), with the reason; a sweep does not draw them."""
+    out = []
+    for m, target, steps in plan:
+        if isinstance(m, DifforgeMethod):
+            grid = get_sigmas(m._settings(steps)["grid"], steps, process=m.model.process)
+            why = few_step_problem(m.sampler, grid)
+            if why is not None:
+                out.append({"method": m.name, "target_nfe": target, "steps": steps, "why": why})
+    return out
 
 
 def _inputs(

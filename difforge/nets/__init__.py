@@ -11,14 +11,37 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.nets.autoencoder import Autoencoder, AutoencoderConfig
+from difforge.nets.dit import DiT, DiTConfig
+from difforge.nets.text_encoder import (
+    TextConditionedConfig,
+    TextConditionedNet,
+    TextEncoder,
+    TextEncoderConfig,
+)
 from difforge.nets.unet import MNIST_UNET, UNet, UNetConfig
+from difforge.nets.unet1d import UNet1D, UNet1DConfig
 
 # Denoisers take forward(x, c_noise, cond); the autoencoder has encode/decode (a pipeline VAE).
-NET_KINDS: tuple[str, ...] = ("unet", "autoencoder")
-_CONFIGS = {"unet": UNetConfig, "autoencoder": AutoencoderConfig}
-_NETS = {"unet": UNet, "autoencoder": Autoencoder}
+# "text_conditioned" = a text encoder in front of a backbone (one of BACKBONES); "unet1d" works
+# on series (C, T).
+NET_KINDS: tuple[str, ...] = ("unet", "unet1d", "dit", "text_conditioned", "autoencoder")
+BACKBONES: tuple[str, ...] = ("unet", "dit")
+_CONFIGS = {
+    "unet": UNetConfig,
+    "unet1d": UNet1DConfig,
+    "dit": DiTConfig,
+    "text_conditioned": TextConditionedConfig,
+    "autoencoder": AutoencoderConfig,
+}
+_NETS = {
+    "unet": UNet,
+    "unet1d": UNet1D,
+    "dit": DiT,
+    "text_conditioned": TextConditionedNet,
+    "autoencoder": Autoencoder,
+}
 
-NetConfig = UNetConfig | AutoencoderConfig
+NetConfig = UNetConfig | UNet1DConfig | DiTConfig | TextConditionedConfig | AutoencoderConfig
 
 
 def net_config_from_dict(kind: str, config: Mapping[str, Any]) -> NetConfig:
@@ -80,12 +103,21 @@ def flops_per_forward(
 
 
 __all__ = [
+    "BACKBONES",
     "MNIST_UNET",
     "NET_KINDS",
     "Autoencoder",
     "AutoencoderConfig",
+    "DiT",
+    "DiTConfig",
     "NetConfig",
+    "TextConditionedConfig",
+    "TextConditionedNet",
+    "TextEncoder",
+    "TextEncoderConfig",
     "UNet",
+    "UNet1D",
+    "UNet1DConfig",
     "UNetConfig",
     "build_net",
     "count_parameters",

@@ -8,19 +8,17 @@ latent scaling factor and the KL weight live in the pipeline and the training ob
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.nets.jsonconfig import JsonConfig
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(JsonConfig):
     """Hyperparameters of `Autoencoder`; stored as JSON next to the weights."""
 
     in_channels: int = 1  # image channels
@@ -59,22 +57,6 @@ class AutoencoderConfig:
     def latent_shape(self) -> tuple[int, int, int]:
         s = self.image_size // self.factor
         return (self.latent_channels, s, s)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AutoencoderConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown AutoencoderConfig keys {unknown}; allowed: {', '.join(sorted(names))}"
-            )
-        return cls(**dict(d))
 
 
 class _Res(nn.Module):

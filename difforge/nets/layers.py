@@ -40,6 +40,16 @@ def sinusoidal_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, dim)
 
 
+_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """nn.Conv1d or nn.Conv2d: the same layer (and the same state_dict keys) over 1 or 2 axes."""
+    if dims not in _CONVS:
+        raise ValueError(f"dims must be 1 or 2, got {dims!r}")
+    return _CONVS[dims](*args, **kwargs)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero a layer's parameters so its residual branch starts as the identity (ADM, Dhariwal & Nichol 2021)."""
     for p in module.parameters():
@@ -66,29 +76,34 @@ class ResBlock(nn.Module):
     """GroupNorm residual block with noise-embedding scale/shift (AdaGN / FiLM; ADM, Sec. 3).
 
     h = conv(SiLU(GN(x))); h = GN(h) * (1 + scale) + shift; out = skip(x) + conv(drop(SiLU(h))),
-    with (scale, shift) = Linear(SiLU(emb)) and the last conv zero-initialised.
+    with (scale, shift) = Linear(SiLU(emb)) and the last conv zero-initialised. `dims` = 2 for
+    images (B, C, H, W), 1 for series (B, C, T).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float, dims: int = 2
+    ):
         super().__init__()
+        self.dims = dims
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv_nd(dims, in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = zero_module(conv_nd(dims, out_ch, out_ch, 3, padding=1))
+        self.skip = conv_nd(dims, in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out, 1, 1) x2
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, *spatial)
+        film = self.emb(F.silu(emb)).reshape(*emb.shape[:1], -1, *(1,) * self.dims)
+        scale, shift = film.chunk(2, dim=1)  # (B, out, 1[, 1]) x2
         h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))  # (B, out, H, W)
+        h = self.conv2(self.dropout(F.silu(h)))  # (B, out, *spatial)
         return self.skip(x) + h
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, plus cross-attention to a context.
+    """Multi-head self-attention over all positions (H*W, or T), plus cross-attention to a context.
 
     x = x + SelfAttn(GN(x)); if context is given: x = x + CrossAttn(GN(x), context), queries
     from the image, keys/values from the (B, L, context_dim) context (Rombach et al. 2022,
@@ -116,42 +131,48 @@ class AttentionBlock(nn.Module):
         B, T, C = t.shape
         return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L) True = keep
+        q, k, v = self._split(q), self._split(k), self._split(v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         B, nh, T, hs = out.shape
         return out.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        B, C, H, W = x.shape
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """x (B, C, H, W) or (B, C, T), context (B, L, context_dim), mask (B, L) bool (True = a
+        real token)."""
+        shape = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(h).chunk(3, dim=2)  # (B, HW, C) x3
         out = self.proj(self._attend(q, k, v))  # (B, HW, C)
-        x = x + out.transpose(1, 2).reshape(B, C, H, W)
+        x = x + out.transpose(1, 2).reshape(shape)
         if self.cross is not None and context is not None:
             h = self.cross["norm"](x).flatten(2).transpose(1, 2)  # (B, HW, C)
             k, v = self.cross["kv"](context.to(h.dtype)).chunk(2, dim=2)  # (B, L, C) x2
-            out = self.cross["proj"](self._attend(self.cross["q"](h), k, v))  # (B, HW, C)
-            x = x + out.transpose(1, 2).reshape(B, C, H, W)
+            out = self.cross["proj"](self._attend(self.cross["q"](h), k, v, mask))  # (B, HW, C)
+            x = x + out.transpose(1, 2).reshape(shape)
         return x
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 convolution: (B, C, H, W) -> (B, C, H/2, W/2)."""
+    """Stride-2 3x3 (or 3-tap) convolution: (B, C, H, W) -> (B, C, H/2, W/2), (B, C, T) -> T/2."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, dims: int = 2):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = conv_nd(dims, ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 convolution: (B, C, H, W) -> (B, C, 2H, 2W)."""
+    """Nearest-neighbour x2 then a 3x3 (or 3-tap) conv: (B, C, H, W) -> (B, C, 2H, 2W); T -> 2T."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, dims: int = 2):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = conv_nd(dims, ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -14,31 +14,117 @@ cond is None or a mapping with optional
              Each cell's token embedding is broadcast over its cell of the image and added after
              conv_in (so the net knows *where* each slot is), and the summed position-specific
              embeddings are added to the noise embedding (so every block knows *what* is there).
+  "context_mask": (B, L) bool, True for real tokens (padding is not attended to); optional.
+  "pooled":  (B, context_dim) float, a pooled text vector added to the noise embedding (GLIDE,
+             Nichol et al. 2022, Sec. 2.3); optional.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.nets.jsonconfig import JsonConfig
 from difforge.nets.layers import (
     AttentionBlock,
     Downsample,
     NoiseEmbedding,
     ResBlock,
     Upsample,
+    conv_nd,
     zero_module,
 )
 
 
+class LevelsConfig(JsonConfig):
+    """Checks and level sizes shared by the 2-D and 1-D U-Net configs (JSON via JsonConfig).
+
+    A subclass is a frozen dataclass with UNetConfig's fields, naming its full-resolution size field
+    in SIZE_FIELD ("image_size" for H = W, "length" for T).
+    """
+
+    SIZE_FIELD: ClassVar[str] = "image_size"
+
+    def __post_init__(self) -> None:
+        for name in ("channel_mults", "attention_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self._check_types()
+        self._check_shapes()
+
+    def _check_types(self) -> None:
+        positive = ("in_channels", "out_channels", self.SIZE_FIELD, "base_channels", "head_dim")
+        for name in (*positive, "num_res_blocks", "norm_groups", "emb_mult"):
+            _check_int(name, getattr(self, name), minimum=0 if name == "num_res_blocks" else 1)
+        _check_int("num_classes", self.num_classes, minimum=0)
+        if hasattr(self, "slot_grid"):  # the 2-D U-Net's slot conditioning
+            self._check_slots()
+        if self.context_dim is not None:
+            _check_int("context_dim", self.context_dim, minimum=1)
+        if not (isinstance(self.channel_mults, tuple) and self.channel_mults):
+            raise InvalidArgumentError(
+                f"channel_mults must be a non-empty tuple, got {self.channel_mults!r}"
+            )
+        for m in self.channel_mults:
+            _check_int("channel_mults entry", m, minimum=1)
+        if not isinstance(self.attention_resolutions, tuple):
+            raise InvalidArgumentError(
+                f"attention_resolutions must be a tuple, got {self.attention_resolutions!r}"
+            )
+        for r in self.attention_resolutions:
+            _check_int("attention_resolutions entry", r, minimum=1)
+        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
+            raise InvalidArgumentError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def _check_shapes(self) -> None:
+        factor, size = 2 ** (len(self.channel_mults) - 1), getattr(self, self.SIZE_FIELD)
+        if size % factor:
+            raise InvalidArgumentError(
+                f"{self.SIZE_FIELD} {size} is not divisible by {factor}, which "
+                f"{len(self.channel_mults)} levels (channel_mults) need"
+            )
+        sizes = self.resolutions
+        unknown = sorted(set(self.attention_resolutions) - set(sizes))
+        if unknown:
+            raise InvalidArgumentError(
+                f"attention_resolutions {unknown} are not feature-map sizes of this net; "
+                f"its sizes are {list(sizes)}"
+            )
+        for size, ch in zip(sizes, self.level_channels, strict=True):
+            if ch % self.norm_groups:
+                raise InvalidArgumentError(
+                    f"norm_groups {self.norm_groups} does not divide {ch} channels (level of size {size})"
+                )
+            if size in self.attention_resolutions and ch % self.head_dim:
+                raise InvalidArgumentError(
+                    f"head_dim {self.head_dim} does not divide {ch} channels at attention "
+                    f"resolution {size}"
+                )
+        if self.base_channels % self.norm_groups:
+            raise InvalidArgumentError(
+                f"norm_groups {self.norm_groups} does not divide base_channels {self.base_channels}"
+            )
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map size (H, or T) of each level, e.g. (28, 14, 7)."""
+        size = getattr(self, self.SIZE_FIELD)
+        return tuple(size // 2**i for i in range(len(self.channel_mults)))
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        """Channels of each level, base_channels * mult."""
+        return tuple(self.base_channels * m for m in self.channel_mults)
+
+
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(LevelsConfig):
     """Hyperparameters of `UNet`; stored as JSON next to the weights (`to_dict`/`from_dict`)."""
 
     in_channels: int = 1  # channels of the input image x
@@ -60,19 +146,7 @@ class UNetConfig:
     slot_grid: int = 0  # side of the slot layout (2: four quadrants); 0 = no slot conditioning
     slot_classes: int = 0  # tokens a slot can hold (classes + "empty"); the null is one more
 
-    def __post_init__(self) -> None:
-        for name in ("channel_mults", "attention_resolutions"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        self._check_types()
-        self._check_shapes()
-
-    def _check_types(self) -> None:
-        positive = ("in_channels", "out_channels", "image_size", "base_channels", "head_dim")
-        for name in (*positive, "num_res_blocks", "norm_groups", "emb_mult"):
-            _check_int(name, getattr(self, name), minimum=0 if name == "num_res_blocks" else 1)
-        _check_int("num_classes", self.num_classes, minimum=0)
+    def _check_slots(self) -> None:
         _check_int("slot_grid", self.slot_grid, minimum=0)
         _check_int("slot_classes", self.slot_classes, minimum=0)
         if bool(self.slot_grid) != bool(self.slot_classes):
@@ -81,79 +155,6 @@ class UNetConfig:
             raise InvalidArgumentError(
                 f"image_size {self.image_size} is not divisible by slot_grid {self.slot_grid}"
             )
-        if self.context_dim is not None:
-            _check_int("context_dim", self.context_dim, minimum=1)
-        if not (isinstance(self.channel_mults, tuple) and self.channel_mults):
-            raise InvalidArgumentError(
-                f"channel_mults must be a non-empty tuple, got {self.channel_mults!r}"
-            )
-        for m in self.channel_mults:
-            _check_int("channel_mults entry", m, minimum=1)
-        if not isinstance(self.attention_resolutions, tuple):
-            raise InvalidArgumentError(
-                f"attention_resolutions must be a tuple, got {self.attention_resolutions!r}"
-            )
-        for r in self.attention_resolutions:
-            _check_int("attention_resolutions entry", r, minimum=1)
-        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
-            raise InvalidArgumentError(f"dropout must be in [0, 1), got {self.dropout!r}")
-
-    def _check_shapes(self) -> None:
-        factor = 2 ** (len(self.channel_mults) - 1)
-        if self.image_size % factor:
-            raise InvalidArgumentError(
-                f"image_size {self.image_size} is not divisible by {factor}, which "
-                f"{len(self.channel_mults)} levels (channel_mults) need"
-            )
-        sizes = self.resolutions
-        unknown = sorted(set(self.attention_resolutions) - set(sizes))
-        if unknown:
-            raise InvalidArgumentError(
-                f"attention_resolutions {unknown} are not feature-map sizes of this net; "
-                f"its sizes are {list(sizes)}"
-            )
-        for size, ch in zip(sizes, self.level_channels, strict=True):
-            if ch % self.norm_groups:
-                raise InvalidArgumentError(
-                    f"norm_groups {self.norm_groups} does not divide {ch} channels (level {size}x{size})"
-                )
-            if size in self.attention_resolutions and ch % self.head_dim:
-                raise InvalidArgumentError(
-                    f"head_dim {self.head_dim} does not divide {ch} channels at attention "
-                    f"resolution {size}"
-                )
-        if self.base_channels % self.norm_groups:
-            raise InvalidArgumentError(
-                f"norm_groups {self.norm_groups} does not divide base_channels {self.base_channels}"
-            )
-
-    @property
-    def resolutions(self) -> tuple[int, ...]:
-        """Feature-map size of each level, e.g. (28, 14, 7)."""
-        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
-
-    @property
-    def level_channels(self) -> tuple[int, ...]:
-        """Channels of each level, base_channels * mult."""
-        return tuple(self.base_channels * m for m in self.channel_mults)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists); `from_dict` inverts it."""
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
-        """Build from a dict such as `to_dict()` wrote; unknown keys are refused, missing ones default."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown UNetConfig keys {unknown}; allowed keys: {', '.join(sorted(names))}"
-            )
-        return cls(**dict(d))
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -169,9 +170,11 @@ class Stage(nn.Module):
         self.res = res
         self.attn = attn
 
-    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+    def forward(
+        self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None = None
+    ) -> Tensor:
         h = self.res(h, emb)
-        return h if self.attn is None else self.attn(h, context)
+        return h if self.attn is None else self.attn(h, context, mask)
 
 
 class UNet(nn.Module):
@@ -186,6 +189,7 @@ class UNet(nn.Module):
     """
 
     kind = "unet"
+    dims: ClassVar[int] = 2  # convolution axes: 2 for images (B, C, H, W); UNet1D sets 1
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -194,8 +198,9 @@ class UNet(nn.Module):
         self.noise_embed = NoiseEmbedding(cfg.base_channels, emb_dim)
         # The last row is the learned null class for classifier-free guidance.
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
-        self.slot_embed = SlotEmbedding(cfg, emb_dim) if cfg.slot_grid else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, padding=1)
+        self.slot_embed = SlotEmbedding(cfg, emb_dim) if getattr(cfg, "slot_grid", 0) else None
+        self.pooled_embed = nn.Linear(cfg.context_dim, emb_dim) if cfg.context_dim else None
+        self.conv_in = conv_nd(self.dims, cfg.in_channels, cfg.base_channels, 3, padding=1)
         self.down, skip_channels = self._build_encoder(emb_dim)
         ch, bottom = skip_channels[-1], cfg.resolutions[-1]  # the encoder's output
         self.mid = nn.ModuleList(
@@ -204,12 +209,12 @@ class UNet(nn.Module):
         self.up = self._build_decoder(emb_dim, ch, skip_channels)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cfg.base_channels * cfg.channel_mults[0])
         self.conv_out = zero_module(
-            nn.Conv2d(cfg.base_channels * cfg.channel_mults[0], cfg.out_channels, 3, padding=1)
+            conv_nd(self.dims, cfg.level_channels[0], cfg.out_channels, 3, padding=1)
         )
 
     def _stage(self, in_ch: int, out_ch: int, size: int, emb_dim: int, attn: bool = True) -> Stage:
         cfg = self.config
-        res = ResBlock(in_ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout)
+        res = ResBlock(in_ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout, self.dims)
         if not (attn and size in cfg.attention_resolutions):
             return Stage(res, None)
         return Stage(res, AttentionBlock(out_ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim))
@@ -227,7 +232,7 @@ class UNet(nn.Module):
                 ch = out_ch
                 skip_channels.append(ch)
             if level < len(cfg.channel_mults) - 1:
-                blocks.append(Downsample(ch))
+                blocks.append(Downsample(ch, self.dims))
                 skip_channels.append(ch)
         return blocks, skip_channels
 
@@ -241,7 +246,7 @@ class UNet(nn.Module):
                 blocks.append(self._stage(ch + skip_channels.pop(), out_ch, size, emb_dim))
                 ch = out_ch
             if level > 0:
-                blocks.append(Upsample(ch))
+                blocks.append(Upsample(ch, self.dims))
         return blocks
 
     def embed(self, c_noise: Tensor, cond: Mapping[str, Tensor] | None, batch: int) -> Tensor:
@@ -259,6 +264,9 @@ class UNet(nn.Module):
                 labels = torch.full((batch,), self.config.num_classes, device=c_noise.device)
             _check_labels(labels, batch, self.config.num_classes)
             emb = emb + self.class_embed(labels.long())  # (B, emb_dim)
+        pooled = None if cond is None else cond.get("pooled")
+        if self.pooled_embed is not None and pooled is not None:
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))  # (B, emb_dim)
         return emb
 
     def _slots(self, cond: Mapping[str, Tensor] | None, batch: int, device) -> Tensor:
@@ -289,21 +297,23 @@ class UNet(nn.Module):
             )
             emb = emb + slot_emb.to(x.dtype)
         context = None if cond is None or self.config.context_dim is None else cond.get("context")
+        mask = None
         if context is not None:
             _check_context(context, x.shape[0], self.config.context_dim)
+            mask = cond.get("context_mask")  # (B, L) bool or None
         h = self.conv_in(x)  # (B, base, H, W)
         if slot_map is not None:
             h = h + slot_map.to(h.dtype)  # (B, base, H, W): each slot's embedding over its cell
         skips = [h]
         for block in self.down:
-            h = block(h, emb, context) if isinstance(block, Stage) else block(h)
+            h = block(h, emb, context, mask) if isinstance(block, Stage) else block(h)
             skips.append(h)
         for block in self.mid:
-            h = block(h, emb, context)  # (B, ch, H / 2^(L-1), W / 2^(L-1))
+            h = block(h, emb, context, mask)  # (B, ch, H / 2^(L-1), W / 2^(L-1))
         for block in self.up:
             if isinstance(block, Stage):
                 h = block(
-                    torch.cat([h, skips.pop()], dim=1), emb, context
+                    torch.cat([h, skips.pop()], dim=1), emb, context, mask
                 )  # cat: (B, ch + skip, h, w)
             else:
                 h = block(h)
@@ -335,6 +345,10 @@ def _check_labels(labels: Tensor, batch: int, num_classes: int) -> None:
         raise InvalidArgumentError(
             f"labels must be an integer tensor of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}"
         )
+    if torch.compiler.is_compiling():
+        # Reading the values is a data-dependent branch that torch.compile and torch.export
+        # cannot trace; there the embedding lookup still rejects an index out of range.
+        return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi > num_classes:
         raise InvalidArgumentError(

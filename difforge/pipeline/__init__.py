@@ -16,7 +16,13 @@ from difforge.pipeline.artifact import (
     sha256_file,
     verify_manifest,
 )
-from difforge.pipeline.conditioning import ClassKey, ConditioningSpec, FieldProblem, SlotsKey
+from difforge.pipeline.conditioning import (
+    ClassKey,
+    ConditioningSpec,
+    FieldProblem,
+    SlotsKey,
+    TextKey,
+)
 from difforge.pipeline.config import (
     FORMAT_V1,
     FORMAT_V2,
@@ -74,6 +80,7 @@ __all__ = [
     "Samples",
     "SamplingDefaults",
     "SlotsKey",
+    "TextKey",
     "VAEConfig",
     "build_denoiser",
     "build_network",

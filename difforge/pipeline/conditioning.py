@@ -10,9 +10,11 @@ A *row* is the resolved conditioning of one image: {key: tensor without a batch 
 `collate` stacks rows into the batched `cond` mapping a denoiser takes; rows whose signatures
 (key, dtype, shape) agree can share a sampler call.
 
-Kinds today: "class" (an integer class with a learned null class) and "slots" (a class per slot
-with an empty token, e.g. the quadrants of a scene). New kinds (token context,
-attribute vectors, init images and masks) are new members of `CondKey`, not edits elsewhere.
+Kinds today: "class" (an integer class with a learned null class), "slots" (a class per
+slot with an empty token, e.g. the quadrants of a scene) and "text" (a prompt as
+token ids; the null value is the empty prompt; a key may also take a negative prompt, which
+replaces the null value in the unconditional branch of guidance). New kinds (attribute vectors,
+init images and masks) are new members of `CondKey`, not edits elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.data.tokenizer import PromptError, check_text, tokenizer_from_json
 
 Row = dict[str, Tensor]  # one image's conditioning: {key: tensor, no batch dimension}
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]  # (key, dtype, shape) per key, sorted
@@ -224,7 +227,80 @@ class SlotsKey(_Frozen):
         return torch.where(drop[:, None], torch.full_like(values, self.null), values)
 
 
-CondKey = Annotated[ClassKey | SlotsKey, Field(discriminator="kind")]
+class TextKey(_Frozen):
+    """A text prompt per image, as token ids (int64 (max_tokens,), [CLS] first, [PAD] after).
+
+    Request value: one prompt (all images), a list of one per image (None or "": the null prompt,
+    i.e. unconditional), or absent: the images cycle through `examples` (an error if there are
+    none). Rules for the text itself (unknown words -> [UNK], empty -> null, too many words or
+    control characters or non-UTF-8 -> an error) are difforge.data.tokenizer's.
+
+    `negative` names the request field of the negative prompt: guidance's unconditional branch
+    uses it instead of the null prompt, per image (same value forms; absent: the null prompt).
+    The tokenizer (a `tokenizers` JSON) is part of the key, so it is hashed with the pipeline.
+    """
+
+    kind: Literal["text"] = "text"
+    name: str = "prompt"  # request field and the network's cond key
+    negative: str | None = "negative_prompt"  # request field of the negative prompt
+    tokenizer: str = Field(repr=False)  # `tokenizers` JSON, trained on the caption corpus
+    max_tokens: int = Field(16, ge=2)  # ids per prompt, [CLS] included
+    max_chars: int = Field(256, ge=1)  # longer text is refused before tokenising
+    examples: tuple[str, ...] = ()  # default prompts, cycled like ClassKey's classes
+    dropout: float = Field(0.1, ge=0, le=1)  # training: P(prompt -> null)
+    source: str = "prompt"  # the data set's field of token ids
+
+    def _encode(self, text: Any, loc: tuple[str | int, ...]) -> Tensor:
+        try:
+            check_text(text, self.max_chars)
+            ids = tokenizer_from_json(self.tokenizer).encode(text, self.max_tokens)
+        except PromptError as e:
+            raise FieldProblem(loc, str(e), "text") from None
+        return torch.tensor(ids, dtype=torch.int64)
+
+    def null_row(self) -> Tensor:
+        return self._encode("", (self.name,))
+
+    def resolve(self, value: Any, n: int, field: str | None = None) -> list[Tensor]:
+        """The request value as n per-image id tensors, or FieldProblem (`field`: its name)."""
+        field = field or self.name
+        if value is None:
+            if field != self.name:
+                return [self.null_row()] * n
+            if not self.examples:
+                raise FieldProblem((field,), "is required (this model has no example prompts)")
+            value = [self.examples[i % len(self.examples)] for i in range(n)]
+        single = not isinstance(value, list | tuple)
+        values = [value] if single else list(value)
+        if not values:
+            raise FieldProblem((field,), "must be a prompt or a non-empty list of prompts")
+        if len(values) not in (1, n):
+            raise FieldProblem((field,), f"has {len(values)} entries for n = {n}", "length")
+        out = [
+            self.null_row() if v is None else self._encode(v, (field,) if single else (field, i))
+            for i, v in enumerate(values)
+        ]
+        return out * (n if len(out) == 1 else 1)
+
+    def describe_row(self, row: Tensor) -> str:
+        """The prompt as the model read it: normalised words, unknown ones as [UNK] ("": null).
+
+        Resolving this text again gives the same ids, so a replay reproduces the row."""
+        return tokenizer_from_json(self.tokenizer).decode(row.tolist())
+
+    def caption(self, row: Tensor) -> str:
+        return self.describe_row(row) or "-"
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return batch[self.source]  # (B, max_tokens)
+
+    def drop(self, values: Tensor, generator: torch.Generator) -> Tensor:
+        """Replace each prompt by the null prompt with probability `dropout` (Ho & Salimans, Alg. 1)."""
+        drop = torch.rand(values.shape[0], generator=generator) < self.dropout  # (B,)
+        return torch.where(drop[:, None], self.null_row()[None], values)  # (B, max_tokens)
+
+
+CondKey = Annotated[ClassKey | SlotsKey | TextKey, Field(discriminator="kind")]
 
 
 class ConditioningSpec(_Frozen):
@@ -270,7 +346,7 @@ class ConditioningSpec(_Frozen):
 
     def resolve(self, values: Mapping[str, Any], n: int) -> list[Row]:
         """Request values {key: value} -> n rows; raises FieldProblem for the first bad key."""
-        unknown = sorted(set(values) - set(self.names))
+        unknown = sorted(set(values) - set(self.names) - set(self.negative_fields))
         if unknown:
             allowed = ", ".join(self.names) or "(none: the model is unconditional)"
             raise FieldProblem(
@@ -281,6 +357,24 @@ class ConditioningSpec(_Frozen):
 
     def null_row(self) -> Row:
         return {k.name: k.null_row() for k in self.keys}
+
+    @property
+    def negative_fields(self) -> dict[str, str]:
+        """{request field of a negative value: its key's name} (text keys with `negative`)."""
+        return {k.negative: k.name for k in self.keys if getattr(k, "negative", None)}
+
+    def resolve_negative(self, values: Mapping[str, Any], n: int) -> list[Row] | None:
+        """The unconditional rows of guidance: null rows with the negative values given in
+        `values` in place ({negative field: value}); None when no negative value is given."""
+        given = {f: values[f] for f in self.negative_fields if values.get(f) is not None}
+        if not given:
+            return None
+        rows = [self.null_row() for _ in range(n)]
+        for f, value in given.items():
+            name = self.negative_fields[f]
+            for row, v in zip(rows, self.key(name).resolve(value, n, field=f), strict=True):
+                row[name] = v
+        return rows
 
     def collate(self, rows: Sequence[Row]) -> dict[str, Tensor] | None:
         """Stack rows into the batched cond of a denoiser call (None for no keys)."""

@@ -75,7 +75,8 @@ class ModelConfig(_Frozen):
     sigma_data: float = Field(0.5, gt=0)  # EDM preconditioning only
     time_scale: float = Field(1.0, gt=0)  # ModelDenoiser's time input multiplier
     num_classes: int = Field(0, ge=0)  # v1: 0 unconditional; label num_classes = the null class
-    image_shape: tuple[int, int, int]  # (C, H, W) of what the denoiser sees (latents in v2)
+    # (C, H, W) of what the denoiser sees (latents in v2), or (C, T) for series (a unet1d net)
+    image_shape: tuple[int, int, int] | tuple[int, int]
     class_names: tuple[str, ...] = ()  # the name of each label, when the dataset has them
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     provenance: dict[str, Any] = Field(default_factory=dict)  # informational, not used to rebuild

@@ -27,6 +27,7 @@ from difforge.pipeline.config import (
     SamplingDefaults,
     VAEConfig,
 )
+from difforge.pipeline.editing import Edit, sample_arguments
 from difforge.pipeline.request import Plan, RequestLimits, resolve
 
 
@@ -67,7 +68,7 @@ def to_uint8(x: Tensor) -> Tensor:
 class Samples:
     """Images drawn by `Model.sample`, with what is needed to draw them again."""
 
-    images: Tensor  # uint8 (n, C, H, W)
+    images: Tensor  # uint8 (n, C, H, W); float32 (n, C, T) in data units for a series model
     labels: tuple[int | None, ...] | None  # the class key's values, when the model has one
     seeds: tuple[int, ...]
     nfe: int
@@ -77,6 +78,7 @@ class Samples:
     grid: str
     conditioning: dict[str, list[Any]] | None = None  # every key's JSON values, one per image
     captions: tuple[str, ...] | None = None  # one short text per image (grids)
+    edit: dict[str, Any] | None = None  # an edit's parameters (Edit.params(): input hashes)
 
 
 class Model:
@@ -110,6 +112,16 @@ class Model:
         self.net = net
         self.denoiser = build_denoiser(config, net).eval()
         self.vae, self.vae_config = vae, vae_config
+        self.adapters: dict[str, Any] = {}  # name -> AttachedAdapter (pipeline.adapters)
+
+    backend: Any = None  # the Backend that `with_backend` set; None: eager, the default
+
+    def with_backend(self, backend: Any = "eager", **options: Any) -> Model:
+        """This model with its network run by another backend: "eager", "compile" or
+        "onnxruntime" (see difforge.pipeline.backends.Backend for the options)."""
+        from difforge.pipeline.backends import with_backend
+
+        return with_backend(self, backend, **options)
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, sha256={self.sha256[:12]}..., cond={self.spec.names})"
@@ -139,6 +151,9 @@ class Model:
         grid: str | None = None,
         callback: Callable | None = None,
         limits: RequestLimits | None = None,
+        init_image: Any = None,
+        mask: Any = None,
+        strength: float | None = None,
         **knobs,
     ) -> Samples:
         """Draw n images; image i depends only on (seeds[i], its conditioning) and the settings.
@@ -153,6 +168,8 @@ class Model:
             sampler, steps, guidance, grid: default to the model's sampling settings.
             seed: image i uses seed + i, unless `seeds` gives one seed per image; none: random.
             callback: called after each sampler step with a StepInfo.
+            init_image, mask, strength: img2img / inpainting (difforge.pipeline.editing), e.g.
+                a uint8 (C, H, W) tensor, a mask (H, W) with 1 = generate, strength in (0, 1].
             **knobs: sampler-specific options (e.g. eta for ddim, max_order for ipndm).
 
         Returns:
@@ -166,6 +183,7 @@ class Model:
             values[key.name] = list(labels) if isinstance(labels, Sequence) else labels
         request = {"n": n, "seed": seed, "seeds": None if seeds is None else list(seeds)}
         request |= {"sampler": sampler, "steps": steps, "guidance": guidance, "grid": grid}
+        request |= {"init_image": init_image, "mask": mask, "strength": strength}
         request = {k: v for k, v in request.items() if v is not None}
         reserved = set(request) & set(values)
         if reserved:
@@ -175,11 +193,15 @@ class Model:
 
     def generate(self, plan: Plan, *, callback: Callable | None = None) -> Samples:
         """Run a resolved plan in one batched sampler call and decode the result to pixels."""
-        x, nfe = self.sample_latents(plan.rows, plan, callback=callback)
+        x, nfe = self.sample_latents(plan.rows, plan, uncond=plan.uncond_rows, callback=callback)
+        return self.samples_of(plan, self.decode(x), nfe)
+
+    def samples_of(self, plan: Plan, images: Tensor, nfe: int) -> Samples:
+        """The Samples record of `plan` drawn as uint8 `images` (n, *image_shape) in nfe NFE."""
         key = self.spec.class_key()
         labels = None if key is None else tuple(plan.conditioning[key.name])
         return Samples(
-            images=self.decode(x),
+            images=images,
             labels=labels,
             seeds=plan.seeds,
             nfe=nfe,
@@ -189,6 +211,7 @@ class Model:
             grid=plan.grid,
             conditioning=plan.conditioning,
             captions=tuple(self.spec.caption(r) for r in plan.rows) if self.spec.keys else None,
+            edit=None if plan.edit is None else plan.edit.params(),
         )
 
     def sample_latents(
@@ -198,39 +221,59 @@ class Model:
         *,
         seeds: Sequence[int] | None = None,
         guidance: Tensor | float | None = None,
+        uncond: Sequence[Row] | None = None,
         callback: Callable | None = None,
+        edit: Edit | None = None,
     ) -> tuple[Tensor, int]:
         """One sampler call over `rows`: (float32 denoiser-space output (B, *latent_shape), NFE).
 
-        `seeds` and `guidance` default to the plan's (serving passes its own per-row values).
+        `seeds`, `guidance` and `edit` default to the plan's (serving passes its own per-row
+        values); `uncond` gives guidance's unconditional row per image (negative prompts; None:
+        null); an edit runs img2img / inpainting (difforge.pipeline.editing).
         """
         from difforge.samplers import sample
 
         w = plan.guidance if guidance is None else guidance
         guided = plan.guided if guidance is None else True
+        seeds = plan.seeds if seeds is None else seeds
+        edit = plan.edit if edit is None else edit
+        editing = {} if edit is None else sample_arguments(self, edit, seeds)
         res = sample(
-            self.denoiser,
+            self.denoiser if plan.adapter is None else self.denoiser_for(plan.adapter),
             get_sigmas(plan.grid, plan.steps, process=self.process),
             shape=self.latent_shape,
-            seeds=plan.seeds if seeds is None else seeds,
+            seeds=seeds,
             sampler=plan.sampler,
             cond=self.spec.collate(rows),
-            uncond=self.spec.null_batch(len(rows)) if guided else None,
+            uncond=(self.spec.collate(uncond) if uncond else self.spec.null_batch(len(rows)))
+            if guided
+            else None,
             guidance=w if guided else 1.0,
             callback=callback,
+            **editing,
             **dict(plan.options),
         )
         return res.x, res.nfe
 
+    def denoiser_for(self, adapter: str | None) -> nn.Module:
+        """The base denoiser (None) or that of an attached adapter."""
+        if adapter is None:
+            return self.denoiser
+        if adapter not in self.adapters:
+            names = ", ".join(self.adapters) or "(none)"
+            raise InvalidArgumentError(f"model {self.name!r} has no adapter {adapter!r}: {names}")
+        return self.adapters[adapter].denoiser
+
     def decode(self, latents: Tensor) -> Tensor:
-        """Sampler output (B, *latent_shape) -> uint8 images (B, *image_shape).
+        """Sampler output (B, *latent_shape) -> uint8 images (B, *image_shape); a series model's
+        (B, C, T) output is returned as float32 data values (series are not quantised).
 
         The VAE decodes one image per call: a conv kernel's reduction order can depend on the
         batch size (measured: 1.7e-5 apart on the toy VAE), and an image's bytes must not depend
         on what else was decoded with it. One decode is cheap beside the sampling loop.
         """
         if self.vae is None:
-            return to_uint8(latents)
+            return to_uint8(latents) if len(self.latent_shape) == 3 else latents.float()
         scale = self.vae_config.scaling_factor
         with torch.no_grad():
             images = [self.vae.decode(z[None] / scale).float() for z in latents]  # (1, C, H, W)

@@ -29,6 +29,8 @@ def grid_metadata(model: Model, samples: Samples) -> dict[str, str]:
     }
     if samples.conditioning is not None:
         meta["conditioning"] = json.dumps(samples.conditioning)
+    if samples.edit is not None:  # img2img / inpainting: the inputs by their sha256
+        meta["edit"] = json.dumps(samples.edit)
     return meta
 
 

@@ -2,17 +2,22 @@
 becomes a fully resolved `Plan` with the same defaults and the same errors everywhere.
 
 Semantics (README "Requests" documents them):
-- n: as given; else len(seeds); else the length of the longest per-image conditioning list; else 1.
+- n: as given; else len(seeds); else the length of the longest per-image conditioning (or
+  init_image / mask) list; else 1.
 - seeds: image i uses seed + i, or seeds[i]; no seed: one is drawn at random (< 2**32, so that
   JSON clients hold it exactly) and reported back. Seeds are integers in [0, MAX_SEED].
 - conditioning: every other field of the request is a key of the model's conditioning spec (for a
   class-conditional model, `labels`). A value is one entry for all images or a list of one per
   image; a None entry is that key's null value (unconditional); an absent key takes the spec's
-  default (classes cycle 0, 1, ...). A key the model does not have is an error.
+  default (classes cycle 0, 1, ...). A key the model does not have is an error. A text key also
+  takes a negative prompt (`negative_prompt`): the unconditional branch of guidance, per image.
 - guidance: the model's default on a guidable model; on a model with no conditioning it is 1, and
   asking for anything else is an error.
 - sampler, steps, grid: the model's defaults. options: the sampler's own knobs, with their types
   (an int knob takes an integer, a float knob a number, a bool knob true/false).
+- editing: init_image, mask, strength, resample (difforge.pipeline.editing): img2img / inpainting.
+  params() records the inputs by their sha256 (init_image_sha256, mask_sha256); putting the
+  images back into those params replays the request, the hashes checked.
 Limits (a service's max_n, max_steps, guidance range, allowed samplers) are checked here too.
 Every violated field is reported at once as a `RequestInvalid` holding one `FieldProblem` each.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -35,13 +40,21 @@ from pydantic import (
 )
 
 from difforge.core.errors import InvalidArgumentError
-from difforge.pipeline.conditioning import FieldProblem, Row
+from difforge.pipeline.conditioning import ConditioningSpec, FieldProblem, Row
+from difforge.pipeline.config import SamplingDefaults
+from difforge.pipeline.editing import Edit, per_image_counts, resolve_edit
 from difforge.samplers.noise import MAX_SEED
 
-if TYPE_CHECKING:
-    from difforge.pipeline.model import Model
 
-ResponseFormat = Literal["auto", "png", "json"]
+class Model(Protocol):
+    """What the resolver reads of a model (a `difforge.pipeline.Model` has these)."""
+
+    spec: ConditioningSpec
+    sampling: SamplingDefaults
+    image_shape: tuple[int, ...]  # (C, H, W) images or (C, T) series
+
+
+ResponseFormat = Literal["auto", "png", "json", "csv"]
 RANDOM_SEED_BOUND = 2**32  # a drawn seed stays below this
 
 
@@ -70,8 +83,16 @@ class SampleRequest(BaseModel):
     guidance: float | None = None  # classifier-free guidance scale (1 = plain conditional)
     grid: Literal["karras", "exponential", "uniform"] | None = None
     options: dict[str, StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)  # knobs
-    response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several
+    response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several or series
     deadline_ms: StrictInt | None = None  # give up this long after arrival (services only)
+    # editing (difforge.pipeline.editing documents the values): img2img and inpainting
+    init_image: Any = None  # PNG bytes / base64 PNG / uint8 (C, H, W) tensor, or one per image
+    mask: Any = None  # white = generate, black = keep; like init_image
+    strength: StrictFloat | StrictInt | None = None  # (0, 1]; default 0.8 img2img, 1 inpainting
+    resample: tuple[StrictInt, StrictInt] | None = None  # RePaint (jump_length, jump_n_sample)
+    init_image_sha256: list[str] | None = None  # checks: the inputs must hash to these
+    mask_sha256: list[str] | None = None
+    adapter: str | None = None  # a LoRA adapter attached to the model (pipeline.adapters)
 
     @property
     def conditioning(self) -> dict[str, Any]:
@@ -89,6 +110,8 @@ class RequestLimits(BaseModel):
     max_guidance: float = math.inf
     allowed_samplers: tuple[str, ...] | None = None  # None: every registered sampler
     max_deadline_s: float = 600.0
+    max_text_chars: int | None = Field(None, ge=1)  # per prompt (text keys; None: the key's own)
+    max_image_bytes: int | None = Field(None, ge=1)  # one encoded init image or mask
 
 
 @dataclass(frozen=True)
@@ -103,8 +126,12 @@ class Plan:
     steps: int
     grid: str
     options: tuple[tuple[str, Any], ...]
-    response_format: Literal["png", "json"]
+    response_format: Literal["png", "json", "csv"]
     deadline_s: float | None
+    # guidance's unconditional rows, one per image, when a negative prompt replaces the null
+    uncond_rows: tuple[Row, ...] | None = None
+    edit: Edit | None = None  # img2img / inpainting inputs (None: generate from noise)
+    adapter: str | None = None  # the attached adapter that samples (None: the base)
 
     @property
     def n(self) -> int:
@@ -126,6 +153,8 @@ class Plan:
             "seeds": list(self.seeds),
             "options": dict(self.options),
             "response_format": self.response_format,
+            **(self.edit.params() if self.edit is not None else {}),
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
         }
 
 
@@ -152,13 +181,18 @@ def _range(problems: list, loc: tuple, value: int, lo: int, hi: int | None) -> N
 
 
 def _count(req: SampleRequest, spec, limits: RequestLimits, problems: list) -> int:
-    # A key says how many images its value is for (a list of classes: one each; a slot vector: all).
+    # A key may say how many images its value is for (a slot vector: all of them).
     keys = {k.name: k for k in spec.keys}
     lists = [
-        keys[k].images(v) if k in keys else len(v) if isinstance(v, list) else None
+        keys[k].images(v)
+        if hasattr(keys.get(k), "images")
+        else len(v)
+        if isinstance(v, list)
+        else None
         for k, v in req.conditioning.items()
     ]
     lists = [m for m in lists if m is not None]
+    lists += per_image_counts(req)  # a list of init images is one per image too
     n = req.n if req.n is not None else len(req.seeds) if req.seeds else max(lists, default=1)
     _range(problems, ("n",), n, 1, limits.max_n)
     if req.seeds is not None and len(req.seeds) != n:
@@ -181,9 +215,27 @@ def _seeds(req: SampleRequest, n: int, problems: list) -> tuple[int, ...]:
     return tuple(seed + i for i in range(n))
 
 
+def _texts_fit(values: dict[str, Any], limit: int | None, problems: list) -> None:
+    for name, value in values.items():
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if limit is not None and isinstance(v, str) and len(v) > limit:
+                loc = (name, i) if isinstance(value, list) else (name,)
+                msg = f"has {len(v)} characters; the limit is {limit}"
+                problems.append(FieldProblem(loc, msg, "text"))
+
+
+def _negative_rows(model: Model, req: SampleRequest, n: int, problems: list):
+    try:
+        rows = model.spec.resolve_negative(req.conditioning, n)
+    except FieldProblem as p:
+        problems.append(p)
+        return None
+    return None if rows is None else tuple(rows)
+
+
 def _rows(model: Model, req: SampleRequest, n: int, problems: list) -> list[Row]:
     spec, values = model.spec, req.conditioning
-    for name in sorted(set(values) - set(spec.names)):
+    for name in sorted(set(values) - set(spec.names) - set(spec.negative_fields)):
         keys = ", ".join(spec.names) or "(none: the model is unconditional)"
         problems.append(FieldProblem((name,), f"unknown field; conditioning keys: {keys}", "extra"))
     per_key = {}
@@ -257,6 +309,20 @@ def _fits(value: Any, kind: type) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def _response_format(model: Model, asked: str, n: int, problems: list) -> str:
+    """png: one image; json: images or series; csv: series (one row per series and channel)."""
+    series = len(getattr(model, "image_shape", (1, 1, 1))) == 2  # (C, T)
+    if series and asked == "png":
+        problems.append(FieldProblem(("response_format",), "the model makes series: use json/csv"))
+    elif not series and asked == "csv":
+        problems.append(FieldProblem(("response_format",), "csv holds series; use png or json"))
+    elif asked == "png" and n != 1:
+        problems.append(FieldProblem(("response_format",), "png holds one image; use json"))
+    if asked != "auto":
+        return asked
+    return "png" if n == 1 and not series else "json"
+
+
 def resolve(
     model: Model,
     request: SampleRequest | dict[str, Any],
@@ -277,28 +343,41 @@ def resolve(
     problems: list[FieldProblem] = []
     n = _count(req, model.spec, limits, problems)
     seeds = _seeds(req, n, problems)
+    _texts_fit(req.conditioning, limits.max_text_chars, problems)
     rows = _rows(model, req, n, problems)
+    uncond_rows = _negative_rows(model, req, n, problems)
     guidance = _guidance(model, req, limits, problems)
     sampler, options = _sampler(req, model.sampling.sampler, limits, problems)
     steps = model.sampling.steps if req.steps is None else req.steps
     _range(problems, ("steps",), steps, 1, limits.max_steps)
-    if req.response_format == "png" and n != 1:
-        problems.append(FieldProblem(("response_format",), "png holds one image; use json"))
+    fmt = _response_format(model, req.response_format, n, problems)
     deadline = default_deadline_s if req.deadline_ms is None else req.deadline_ms / 1000
     if req.deadline_ms is not None:
         _range(problems, ("deadline_ms",), req.deadline_ms, 1, int(limits.max_deadline_s * 1000))
+    edit = resolve_edit(model, req, n, steps, limits.max_image_bytes, problems)
+    if req.adapter is not None and req.adapter not in model.adapters:
+        names = ", ".join(model.adapters) or "(none attached)"
+        problems.append(
+            FieldProblem(("adapter",), f"unknown adapter; available: {names}", "choice")
+        )
     if problems:
         raise RequestInvalid(problems)
     described = [model.spec.describe(r) for r in rows]
+    conditioning = {k: [d[k] for d in described] for k in model.spec.names}
+    for field, name in model.spec.negative_fields.items() if uncond_rows else ():
+        conditioning[field] = [model.spec.key(name).describe_row(r[name]) for r in uncond_rows]
     return Plan(
         rows=tuple(rows),
-        conditioning={k: [d[k] for d in described] for k in model.spec.names},
+        conditioning=conditioning,
         seeds=seeds,
         guidance=guidance,
         sampler=sampler,
         steps=steps,
         grid=req.grid or model.sampling.grid,
         options=options,
-        response_format="png" if req.response_format != "json" and n == 1 else "json",
+        response_format=fmt,
         deadline_s=deadline,
+        uncond_rows=uncond_rows,
+        edit=edit,
+        adapter=req.adapter,
     )

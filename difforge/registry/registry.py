@@ -16,7 +16,6 @@ it is replayed from the audit log, so rollback follows exactly what the chain re
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from difforge.core.errors import InvalidArgumentError
 from difforge.pipeline import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    PIPELINE_FILE,
     WEIGHTS_FILE,
     Model,
     ModelIntegrityError,
@@ -51,6 +51,7 @@ from difforge.registry.gates import (
     smoke_sample,
     summarize_report,
 )
+from difforge.registry.naming import _VERSION, artifacts_dir, check_alias, check_name
 from difforge.registry.provenance import Report, gather_provenance, load_reports, make_report
 from difforge.registry.schema import (
     aliases,
@@ -66,46 +67,7 @@ from difforge.registry.verify import check_aliases, check_reports, check_version
 
 GATED_ALIASES = ("production", "canary")
 DEFAULT_CANARY_PERCENT = 10.0
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_VERSION = re.compile(r"^v?(\d+)$")
 # the columns of a version that never change; their digest is recorded when it is registered
-
-
-def artifacts_dir(config: RegistryConfig) -> Path:
-    """Where `config`'s artifacts live: as given, else beside the SQLite file."""
-    if config.artifacts:
-        return Path(config.artifacts)
-    url = make_url(config.url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        db = Path(url.database)
-        return db.with_name(f"{db.stem}-artifacts")
-    raise InvalidArgumentError(
-        f"registry {url.render_as_string(hide_password=True)} needs an artifacts directory "
-        "(--artifacts DIR): only a SQLite file registry has a default beside it"
-    )
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidArgumentError(
-            f"bad model name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)"
-        )
-    return name
-
-
-def check_alias(alias: str) -> str:
-    if (
-        not isinstance(alias, str)
-        or not _ALIAS.match(alias)
-        or _VERSION.match(alias)
-        or alias == "latest"
-    ):
-        raise InvalidArgumentError(
-            f"bad alias {alias!r}: lowercase letters, digits, '_' or '-', starting with a letter; "
-            "not 'latest' or a version like 'v3'"
-        )
-    return alias
 
 
 def _report_text(report: Mapping[str, Any]) -> str:
@@ -198,10 +160,17 @@ class Registry:
         folder = Path(path)
         folder = folder.parent if folder.is_file() else folder
         model = load(folder)  # proves the folder is complete, intact and loadable
-        name = check_name(name or model.config.name)
+        name = check_name(name or model.name)
         listed = json.loads((folder / MANIFEST_FILE).read_text())["files"]
         files = {**listed, MANIFEST_FILE: sha256_file(folder / MANIFEST_FILE)}
-        if files[WEIGHTS_FILE] != model.sha256:
+        # A v1 folder is identified by its weights, a v2 pipeline by pipeline.json (which
+        # records every component's weights sha256); either is the model's sha256.
+        identity, config_file = (
+            (PIPELINE_FILE, PIPELINE_FILE)
+            if PIPELINE_FILE in files
+            else (WEIGHTS_FILE, CONFIG_FILE)
+        )
+        if files[identity] != model.sha256:
             raise ModelIntegrityError(f"{folder} changed while it was being registered")
         prov = gather_provenance(folder, model.config)
         reps = load_reports(folder, reports, model.sha256)
@@ -209,10 +178,10 @@ class Registry:
             self.store.put_file(folder / fname, sha)
         row = {
             "name": name,
-            "weights_sha256": files[WEIGHTS_FILE],
-            "config_sha256": files[CONFIG_FILE],
+            "weights_sha256": files[identity],
+            "config_sha256": files[config_file],
             "files": canonical_json(files),
-            "config": self.store.read_bytes(files[CONFIG_FILE]).decode(),
+            "config": self.store.read_bytes(files[config_file]).decode(),
             "dataset_hash": prov.dataset_hash,
             "code_version": prov.code_version,
             "training_config": _json_or_none(prov.training_config),
@@ -312,8 +281,10 @@ class Registry:
         """The model_versions row `ref` names: a version (3, "3", "v3"), "latest" or an alias."""
         q = select(model_versions).where(model_versions.c.name == name)
         m = _VERSION.match(str(ref))
-        number = int(m.group(1)) if m else None
-        if number is not None:
+        number = ref if isinstance(ref, int) else int(m.group(1)) if m else None
+        if number is not None and not 0 < number < 2**63:  # past any database's integer
+            row = None
+        elif number is not None:
             row = conn.execute(q.where(model_versions.c.version == number)).first()
         elif ref == "latest":
             row = conn.execute(q.order_by(model_versions.c.version.desc()).limit(1)).first()
@@ -415,22 +386,27 @@ class Registry:
         refusal is written to the audit log.
         """
         info = self.get(name, ref)
-        bad = {f: p for f, sha in info.files.items() if (p := self.store.check(sha)) is not None}
-        if not bad:
-            folder = self.store.checkout(
-                info.files, f"{info.weights_sha256}-{info.config_sha256[:12]}"
-            )
-            try:
-                return load(folder)
-            except ModelIntegrityError as e:  # changed after the check above
-                bad = {"(load)": str(e)}
-        problems = {f: p if isinstance(p, str) else p.describe() for f, p in bad.items()}
+        self._require_intact(info, "load")
+        folder = self.store.checkout(info.files, f"{info.weights_sha256}-{info.config_sha256[:12]}")
+        try:
+            return load(folder)
+        except ModelIntegrityError as e:  # changed after the check above
+            self._refuse_damaged(info, "load", {"(load)": str(e)})
+
+    def _require_intact(self, info: VersionInfo, action: str) -> None:
+        """Recompute the sha256 of every blob of `info`; ArtifactIntegrityError (audited) if
+        any is missing or modified. Run by every load and promotion, whatever the gates say."""
+        bad = {f: p.describe() for f, sha in info.files.items() if (p := self.store.check(sha))}
+        if bad:
+            self._refuse_damaged(info, action, bad)
+
+    def _refuse_damaged(self, info: VersionInfo, action: str, problems: dict[str, str]):
         with write_transaction(self.engine) as conn:
-            self._audit(conn, "integrity_failure", name, info.version, files=problems)
+            self._audit(conn, "integrity_failure", info.name, info.version, files=problems)
         listed = "; ".join(f"{f}: {p}" for f, p in problems.items())
         raise ArtifactIntegrityError(
-            f"refusing to load {info.ref}: stored artifacts failed their sha256 check ({listed}); "
-            "recorded in the audit log; re-register the original folder to repair them"
+            f"refusing to {action} {info.ref}: stored artifacts failed their sha256 check "
+            f"({listed}); recorded in the audit log; re-register the original folder to repair them"
         )
 
     # --- aliases --------------------------------------------------------------------------
@@ -499,6 +475,8 @@ class Registry:
 
         Raises:
             GateFailedError: a gate failed; the alias is unchanged and the refusal is audited.
+            ArtifactIntegrityError: a stored blob of the version is missing or does not hash to
+                its sha256 (checked on every promotion, with or without the smoke sample).
         """
         if to not in GATED_ALIASES:
             raise InvalidArgumentError(
@@ -509,6 +487,7 @@ class Registry:
         info = self.get(name, version)
         v = info.version
         smoke = None
+        self._require_intact(info, "promote")  # the smoke sample's load checks again: cheap
         if g.smoke_sample:
             smoke = smoke_sample(self.load_version(name, v), g.smoke_images, g.smoke_steps)
         with write_transaction(self.engine) as conn:
@@ -681,6 +660,7 @@ class Registry:
 
         Returns:
             VerifyReport; `.problems` names each edited row, missing entry or bad artifact.
+            Problems are also recorded in the audit log (action "verify_failed").
         """
         with read_transaction(self.engine) as conn:
             problems, count, head = audit.verify_chain(conn)
@@ -696,6 +676,9 @@ class Registry:
         for sha, what in blobs.items():
             if (p := self.store.check(sha)) is not None:
                 problems.append(f"artifact {what}: {p.describe()}")
+        if problems:  # a finding is an event worth its own (chained) entry
+            with write_transaction(self.engine) as conn:
+                self._audit(conn, "verify_failed", problems=problems[:100], count=len(problems))
         return VerifyReport(problems, count, head, len(blobs), len(rows))
 
 

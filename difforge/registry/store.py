@@ -91,5 +91,6 @@ class ArtifactStore:
         # another process may make it meanwhile; theirs is as good as ours
         with atomic_folder(folder, if_exists="keep") as tmp:
             for fname, target in targets.items():
+                (tmp / fname).parent.mkdir(parents=True, exist_ok=True)  # v2: component folders
                 (tmp / fname).symlink_to(target)
         return folder

@@ -9,8 +9,10 @@ from difforge.core.sigmas import GRID_KINDS, get_sigmas
 from difforge.samplers.base import StepInfo
 from difforge.samplers.ddim import sample_ddim, sample_ddpm
 from difforge.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from difforge.samplers.dpmpp3m import sample_dpmpp_3m, sample_dpmpp_3m_sde
 from difforge.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from difforge.samplers.ipndm import sample_ipndm
+from difforge.samplers.multistep import sample_deis, sample_deis_logrho, sample_ipndm_v
 from difforge.samplers.noise import GeneratorNoise, NoiseSource, PerSampleNoise, stream_seeds
 from difforge.samplers.registry import (
     ALIASES,
@@ -23,6 +25,7 @@ from difforge.samplers.registry import (
     sampler_knobs,
     start_for_strength,
 )
+from difforge.samplers.unipc import sample_unipc, sample_unipc_bh1
 
 __all__ = [
     "ALIASES",
@@ -40,12 +43,19 @@ __all__ = [
     "sample",
     "sample_ddim",
     "sample_ddpm",
+    "sample_deis",
+    "sample_deis_logrho",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m",
+    "sample_dpmpp_3m_sde",
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
     "sample_ipndm",
+    "sample_ipndm_v",
+    "sample_unipc",
+    "sample_unipc_bh1",
     "sampler_knobs",
     "start_for_strength",
     "stream_seeds",

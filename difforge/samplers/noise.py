@@ -65,9 +65,18 @@ class PerSampleNoise:
         self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
 
     def draw(self, shape: Sequence[int], device: torch.device | str | None = None) -> Tensor:
-        """Standard normal noise of shape (len(seeds), *shape), float32."""
-        out = torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
-        return out.to(device) if device is not None else out
+        """Standard normal noise of shape (len(seeds), *shape), float32.
+
+        Row i is filled in place by generator i: the same values, bit for bit, as
+        `torch.randn(shape, generator=g_i)` stacked (normal_ on a contiguous float32 block draws
+        by element count, whatever its offset), without one tensor per sample and a copy.
+        """
+        out = torch.empty((len(self.generators), *shape))  # (B, *shape) float32
+        for row, g in zip(out, self.generators, strict=True):
+            row.normal_(generator=g)
+        if device is None or out.device == torch.device(device):
+            return out
+        return out.to(device)
 
     def stream(self, stream: int) -> PerSampleNoise:
         """A fresh source over the same samples, independent of this one (see `stream_seeds`)."""
@@ -79,7 +88,8 @@ class PerSampleNoise:
                 f"noise for a batch of {like.shape[0]} asked of a source with "
                 f"{len(self.generators)} seeds"
             )
-        return self.draw(like.shape[1:], like.device).to(like.dtype)
+        out = self.draw(like.shape[1:], like.device)
+        return out if out.dtype == like.dtype else out.to(like.dtype)
 
 
 class GeneratorNoise:

@@ -17,10 +17,13 @@ from difforge.core.guidance import CFGDenoiser
 from difforge.samplers.base import Callback, StepInfo, sigma_list
 from difforge.samplers.ddim import sample_ddim, sample_ddpm
 from difforge.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from difforge.samplers.dpmpp3m import sample_dpmpp_3m, sample_dpmpp_3m_sde
 from difforge.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from difforge.samplers.ipndm import sample_ipndm
+from difforge.samplers.multistep import sample_deis, sample_deis_logrho, sample_ipndm_v
 from difforge.samplers.noise import PerSampleNoise
 from difforge.samplers.repaint import jump_schedule, run_with_jumps
+from difforge.samplers.unipc import sample_unipc, sample_unipc_bh1
 
 SamplerFn = Callable[..., Tensor]
 
@@ -33,6 +36,14 @@ SAMPLERS: dict[str, SamplerFn] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "ipndm": sample_ipndm,
+    # training-free few-step solvers (issue #14), one evaluation per step each
+    "ipndm_v": sample_ipndm_v,
+    "deis": sample_deis,
+    "deis_logrho": sample_deis_logrho,
+    "unipc": sample_unipc,
+    "unipc_bh1": sample_unipc_bh1,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
 }
 
 # Names that run another entry's algorithm (see samplers/ddim.py for the derivation): alias ->

@@ -4,8 +4,14 @@ Keys: `Authorization: Bearer <key>` (or `X-API-Key: <key>`). The service stores 
 and compares digests in constant time; a principal carries the key *id*, which is what logs,
 metrics and the audit log may see.
 
-With no keys configured the service answers loopback clients only (the socket peer is 127.0.0.0/8
-or ::1; behind a reverse proxy on the same host every client looks local, so configure keys there).
+With no keys configured the service answers loopback clients only (the client is 127.0.0.0/8 or
+::1; behind a reverse proxy on the same host every client looks local, so configure keys there),
+except the two health routes, which answer anyone: they say only "live" and "ready", and a
+health checker (a load balancer, the kubelet) probes from another host.
+
+The client is the socket peer. X-Forwarded-For is believed only from the proxies listed in the
+service config's `trusted_proxies` (none by default), never from uvicorn's proxy settings
+(FORWARDED_ALLOW_IPS), which difforge turns off.
 With keys: `generate` routes need a key with scope generate (missing or unknown -> 401 with no
 detail, wrong scope -> 403); `/metrics` and admin routes need scope admin or a loopback client.
 
@@ -29,12 +35,12 @@ ANONYMOUS = "loopback"  # the key id of keyless loopback clients (rate limits, a
 
 
 class AccessDenied(DifforgeError):
-    """401 or 403; `public_detail` is all the client is told."""
+    """reason "unauthorized" (no valid key) or "forbidden" (not allowed); `public_detail` is all
+    the client is told."""
 
-    def __init__(self, status: int, public_detail: str, reason: str):
-        self.status = status
+    def __init__(self, reason: str, public_detail: str):
+        self.reason = reason  # also the metrics label
         self.public_detail = public_detail
-        self.reason = reason  # metrics label: "unauthorized" or "forbidden"
         super().__init__(public_detail)
 
 
@@ -55,6 +61,35 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def _ip(host: str | None):
+    try:
+        return ipaddress.ip_address((host or "").strip().split("%")[0])
+    except ValueError:
+        return None
+
+
+class ProxyTrust:
+    """Who the client is: the socket peer, unless the peer is a configured trusted proxy; then
+    the right-most X-Forwarded-For hop that is not itself a trusted proxy."""
+
+    def __init__(self, trusted: tuple[str, ...]):
+        self._nets = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
+
+    def _trusted(self, host: str | None) -> bool:
+        ip = _ip(host)
+        return ip is not None and any(ip in net for net in self._nets)
+
+    def client(self, peer: str | None, forwarded_for: list[str]) -> str | None:
+        """The client's address, from the peer and every X-Forwarded-For header value."""
+        if not self._trusted(peer):
+            return peer
+        hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop if _ip(hop) is not None else "invalid"  # never loopback
+        return hops[0] if hops else peer
 
 
 def presented_key(headers) -> str | None:
@@ -96,7 +131,7 @@ class AccessControl:
         local = is_loopback(host)
         if self.loopback_only:
             if not local:
-                raise AccessDenied(403, "this service answers loopback clients only", "forbidden")
+                raise AccessDenied("forbidden", "this service answers loopback clients only")
             return Principal(ANONYMOUS, frozenset({"generate", "admin"}), True)
         key = presented_key(headers)
         entry = self._lookup(key) if key else None
@@ -104,11 +139,11 @@ class AccessControl:
         if entry is None:
             if loopback_ok and not key:
                 return Principal(ANONYMOUS, frozenset({"admin"}), True)
-            raise AccessDenied(401, "unauthorized", "unauthorized")
+            raise AccessDenied("unauthorized", "unauthorized")
         principal = Principal(entry.id, frozenset(entry.scopes), local)
         if scope == "any" or principal.may(scope) or loopback_ok:
             return principal
-        raise AccessDenied(403, f"this key lacks the {scope!r} scope", "forbidden")
+        raise AccessDenied("forbidden", f"this key lacks the {scope!r} scope")
 
 
 class RateLimiter:
@@ -138,6 +173,16 @@ class RateLimiter:
                 return None
             self._buckets[key_id] = (tokens, now)
             return (cost - tokens) / limit.per_second
+
+    def refund(self, key_id: str, cost: float = 1.0) -> None:
+        """Give back tokens taken by `acquire` for a request refused before any work."""
+        limit = self.limit_for(key_id)
+        if limit is None:
+            return
+        with self._lock:
+            if key_id in self._buckets:
+                tokens, last = self._buckets[key_id]
+                self._buckets[key_id] = (min(float(limit.burst), tokens + cost), last)
 
 
 def retry_after_header(seconds: float) -> str:

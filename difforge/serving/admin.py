@@ -1,5 +1,5 @@
 """The admin API's edge: request bodies in (POST /v1/admin/promote, /rollback, /canary), parsed
-with field-level 422s, and registry errors out, mapped to the HTTP answer of an admin route.
+with field-level 422s, and registry errors out, as the ServiceError of an admin route.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from difforge.common.validation import error_details
 from difforge.core.errors import InvalidArgumentError
 from difforge.registry import ArtifactIntegrityError, GateFailedError, NotFoundError, RegistryError
 from difforge.serving.protocol import RequestInvalid, field_error
-from difforge.serving.service import HTTPFailure
+from difforge.serving.service import ServiceError
 
 
 class _Body(BaseModel):
@@ -47,7 +47,7 @@ class CanaryBody(_Body):
 
 
 def parse_admin(model: type[_Body], body: bytes) -> _Body:
-    """Bytes -> an admin body, or RequestInvalid (422) with field-level messages."""
+    """Bytes -> an admin body, or RequestInvalid ("validation") with field-level messages."""
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as e:
@@ -55,22 +55,22 @@ def parse_admin(model: type[_Body], body: bytes) -> _Body:
 
 
 @contextlib.contextmanager
-def http_errors() -> Iterator[None]:
-    """Registry errors -> the HTTP answer of an admin route (the registry's message as detail)."""
+def registry_errors() -> Iterator[None]:
+    """Registry errors -> the ServiceError of an admin route (the registry's message as detail;
+    the app maps the reason to a status)."""
     try:
         yield
     except GateFailedError as e:
-        raise HTTPFailure(409, str(e), "gate_failed") from None
+        raise ServiceError("gate_failed", str(e)) from None
     except ArtifactIntegrityError as e:
-        raise HTTPFailure(409, str(e), "integrity_failure") from None
+        raise ServiceError("integrity_failure", str(e)) from None
     except NotFoundError as e:
-        raise HTTPFailure(404, str(e), "not_found") from None
+        raise ServiceError("not_found", str(e)) from None
     except RegistryError as e:
-        raise HTTPFailure(409, str(e), "registry_conflict") from None
+        raise ServiceError("registry_conflict", str(e)) from None
     except InvalidArgumentError as e:
-        raise HTTPFailure(422, [field_error((), str(e))], "validation") from None
+        raise ServiceError("validation", [field_error((), str(e))]) from None
     except SQLAlchemyError as e:
         first = str(getattr(e, "orig", None) or e).splitlines()[0]
-        raise HTTPFailure(
-            503, f"registry database error: {first}", "registry_unavailable", {"Retry-After": "5"}
-        ) from None
+        msg = f"registry database error: {first}"
+        raise ServiceError("registry_unavailable", msg, retry_after=5.0) from None

@@ -26,37 +26,91 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
-from difforge.serving.access import AccessDenied, Principal, is_loopback
+from difforge.core.errors import InvalidArgumentError
+from difforge.serving.access import (
+    AccessDenied,
+    Principal,
+    ProxyTrust,
+    is_loopback,
+    retry_after_header,
+)
 from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, parse_admin
+from difforge.serving.anomaly import MAX_SERIES_PER_N, parse_series, score_series
 from difforge.serving.config import ServiceConfig, load_service_config
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.idempotency import StoredResponse
+from difforge.serving.openapi import openapi_document
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
 from difforge.serving.registry_source import RegistrySource, open_service
 from difforge.serving.router import ModelRouter, ModelVersion
-from difforge.serving.service import GenerateCall, HTTPFailure, Service
+from difforge.serving.service import GenerateCall, Service, ServiceError
 
 log = logging.getLogger("difforge.serving")
 
+# The one place outcomes become HTTP statuses: the service raises ServiceError(reason), the routes
+# answer HTTP_STATUS[reason], and the audit log records the same number.
+HTTP_STATUS: dict[str, int] = {
+    "ok": 200,
+    "validation": 422,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "idempotency_conflict": 409,
+    "idempotency_mismatch": 422,
+    "rate_limited": 429,
+    "disconnect": 499,  # nginx's "client closed request": nobody reads it, metrics do
+    "internal": 500,
+    "non_finite": 500,
+    "queue_full": 503,
+    "not_ready": 503,
+    "shutdown": 503,
+    "deadline": 504,
+    "gate_failed": 409,
+    "integrity_failure": 409,
+    "registry_conflict": 409,
+    "registry_unavailable": 503,
+}
+MAX_IDEMPOTENCY_KEY = 128  # characters of an Idempotency-Key header
+MAX_HEADER_BYTES = 8192  # all request headers together; more is a 431
+
+
+# answered for any client, keys or not: a remote health checker must be able to probe
+_PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
+
 
 class _Edge:
-    """Pure ASGI middleware: loopback-only enforcement and the request-duration histogram."""
+    """Pure ASGI middleware: who the client is (trusted proxies), loopback-only enforcement and
+    the request-duration histogram."""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
+        self.proxies = ProxyTrust(service.config.trusted_proxies)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
-        host = (scope.get("client") or (None,))[0]
-        if self.service.access.loopback_only and not is_loopback(host):
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            self.service.metrics.error("validation")
+            msg = f"request headers exceed {MAX_HEADER_BYTES} bytes"
+            return await JSONResponse({"detail": msg}, 431)(scope, receive, send)
+        peer, port = scope.get("client") or (None, 0)
+        forwarded = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
+        host = self.proxies.client(peer, forwarded)
+        if host != peer:  # what every route sees as request.client
+            scope = {**scope, "client": (host, port)}
+        public = scope["path"] in _PUBLIC
+        if self.service.access.loopback_only and not is_loopback(host) and not public:
             self.service.metrics.error("forbidden")
             resp = JSONResponse({"detail": "this service answers loopback clients only"}, 403)
             return await resp(scope, receive, send)
@@ -75,25 +129,53 @@ class _Edge:
             ).observe(time.perf_counter() - start)
 
 
+def require_json(request: Request) -> None:
+    """415 unless the body is declared `application/json` (text/plain, forms and multipart are
+    refused rather than guessed at)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        shown = media or "none"
+        msg = f"Content-Type must be application/json, got {shown}"
+        raise ServiceError("unsupported_media_type", msg)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) past `limit` bytes without reading the rest."""
+    """The body, refusing (413) past `limit` bytes without reading the rest; a client that leaves
+    while sending it is a disconnect (499 in the metrics), not a server error."""
     declared = request.headers.get("content-length")
     too_big = RequestInvalid(
-        [field_error((), f"body exceeds {limit} bytes", "body_too_large")], 413
+        [field_error((), f"body exceeds {limit} bytes", "body_too_large")], "body_too_large"
     )
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        msg = "the client disconnected while sending the body"
+        raise ServiceError("disconnect", msg) from None
     return b"".join(chunks)
 
 
+def _header(request: Request, name: str, limit: int) -> str | None:
+    """A header of at most `limit` visible ASCII characters (422 otherwise), or None."""
+    value = request.headers.get(name)
+    if value is not None and not (
+        0 < len(value) <= limit and value.isascii() and value.isprintable()
+    ):
+        msg = f"1-{limit} printable ASCII characters"
+        raise ServiceError(
+            "validation", [{"loc": ["header", name], "msg": msg, "type": "value_error"}]
+        )
+    return value
+
+
 def _stored(resp: StoredResponse) -> Response:
-    return Response(resp.body, resp.status, headers=resp.headers, media_type=resp.media_type)
+    return Response(resp.body, 200, headers=resp.headers, media_type=resp.media_type)
 
 
 def create_app(service: Service, source: RegistrySource | None = None) -> FastAPI:
@@ -118,6 +200,7 @@ def create_app(service: Service, source: RegistrySource | None = None) -> FastAP
 
     app = FastAPI(title="difforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
+    service.status_of = HTTP_STATUS.__getitem__  # what the audit log records
     app.state.source = source
     app.add_middleware(_Edge, service=service)
     _add_error_handlers(app, service)
@@ -125,6 +208,16 @@ def create_app(service: Service, source: RegistrySource | None = None) -> FastAP
     app.include_router(_ops_routes(service))
     if source is not None:
         app.include_router(_admin_routes(service, source))
+
+    def contract() -> dict:  # the routes read raw bodies: the contract is written out
+        if app.openapi_schema is None:
+            model = service.router.production.model
+            app.openapi_schema = openapi_document(
+                service.config, model, admin=source is not None, version=app.version
+            )
+        return app.openapi_schema
+
+    app.openapi = contract
     return app
 
 
@@ -134,21 +227,26 @@ def _principal(service: Service, request: Request, scope: str) -> Principal:
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
-    @app.exception_handler(HTTPFailure)
-    async def _failure(request: Request, exc: HTTPFailure):
+    @app.exception_handler(ServiceError)
+    async def _failure(request: Request, exc: ServiceError):
         service.metrics.error(exc.reason)
-        return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = retry_after_header(exc.retry_after)
+        if exc.request_id is not None:
+            headers["X-Request-Id"] = exc.request_id
+        return JSONResponse({"detail": exc.detail}, HTTP_STATUS[exc.reason], headers=headers)
 
     @app.exception_handler(AccessDenied)
     async def _denied(request: Request, exc: AccessDenied):
         service.metrics.error(exc.reason)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"detail": exc.public_detail}, exc.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.reason == "unauthorized" else None
+        return JSONResponse({"detail": exc.public_detail}, HTTP_STATUS[exc.reason], headers=headers)
 
     @app.exception_handler(RequestInvalid)
     async def _invalid(request: Request, exc: RequestInvalid):
-        service.metrics.error("body_too_large" if exc.status == 413 else "validation")
-        return JSONResponse(validation_body(exc.errors), exc.status)
+        service.metrics.error(exc.reason)
+        return JSONResponse(validation_body(exc.errors), HTTP_STATUS[exc.reason])
 
 
 def _api_routes(service: Service) -> APIRouter:
@@ -158,15 +256,28 @@ def _api_routes(service: Service) -> APIRouter:
     @api.post("/v1/generate")
     async def generate(request: Request) -> Response:
         who = _principal(service, request, "generate")
+        require_json(request)
+        idempotency_key = _header(request, "idempotency-key", MAX_IDEMPOTENCY_KEY)
         body = await read_body(request, service.config.limits.max_body_bytes)
         call = GenerateCall(
             who,
             body,
             request_id=request.headers.get("x-request-id"),
-            idempotency_key=request.headers.get("idempotency-key"),
+            idempotency_key=idempotency_key,
             receive=request.receive,
         )
         return _stored(await service.generate(call))
+
+    @api.post("/v1/anomaly/score")
+    async def anomaly_score(request: Request) -> dict:
+        _principal(service, request, "generate")
+        require_json(request)
+        detector = service.detector
+        if detector is None:
+            raise ServiceError("not_found", "this service has no anomaly detector")
+        body = await read_body(request, service.config.limits.max_body_bytes)
+        series = parse_series(body, service.config.limits.max_n * MAX_SERIES_PER_N)
+        return await service.engine.call(score_series, detector, series)
 
     @api.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -182,7 +293,7 @@ def _api_routes(service: Service) -> APIRouter:
     async def request_status(request_id: str, request: Request) -> dict:
         status = service.request_status(request_id, _principal(service, request, "any"))
         if status is None:
-            raise HTTPFailure(404, "no such request", "not_found")
+            raise ServiceError("not_found", "no such request")
         return status
 
     return api
@@ -228,18 +339,21 @@ def _admin_routes(service: Service, source: RegistrySource) -> APIRouter:
     @admin.post("/v1/admin/promote")
     async def promote(request: Request) -> dict:
         who = _principal(service, request, "admin")
+        require_json(request)
         body = parse_admin(PromoteBody, await read_body(request, limit))
         return await source.promote(body, who)
 
     @admin.post("/v1/admin/rollback")
     async def rollback(request: Request) -> dict:
         who = _principal(service, request, "admin")
+        require_json(request)
         body = parse_admin(RollbackBody, await read_body(request, limit))
         return await source.rollback(body, who)
 
     @admin.post("/v1/admin/canary")
     async def canary(request: Request) -> dict:
         who = _principal(service, request, "admin")
+        require_json(request)
         body = parse_admin(CanaryBody, await read_body(request, limit))
         return await source.set_canary(body, who)
 
@@ -251,14 +365,31 @@ def _admin_routes(service: Service, source: RegistrySource) -> APIRouter:
     return admin
 
 
-def build_service(model_path: str | Path, config: ServiceConfig) -> Service:
-    """Load the model at `model_path` as the production version of a new Service.
+def build_service(
+    model_path: str | Path, config: ServiceConfig, adapters: Sequence[tuple[str, str, float]] = ()
+) -> Service:
+    """Load the model at `model_path` as the production version of a new Service, with LoRA
+    `adapters` (name, folder, scale) attached beside it (requests name them).
 
     The load runs on a passing thread: torch work stays off the main thread (see
     `difforge.serving.engine.on_passing_thread`)."""
     from difforge.pipeline import load
+    from difforge.pipeline.adapters import attach_adapter, load_adapter
+    from difforge.pipeline.anomaly import DETECTOR_FILE, load_detector
 
-    return Service(config, ModelRouter(ModelVersion(on_passing_thread(load, model_path))))
+    if (Path(model_path) / DETECTOR_FILE).is_file():  # a detector folder: its model + scoring
+        detector = on_passing_thread(load_detector, model_path)
+        service = Service(config, ModelRouter(ModelVersion(detector.model)))
+        service.detector = detector
+        return service
+
+    def load_all():
+        model = load(model_path)
+        for name, folder, scale in adapters:
+            attach_adapter(model, load_adapter(folder), name=name, scale=scale)
+        return model
+
+    return Service(config, ModelRouter(ModelVersion(on_passing_thread(load_all))))
 
 
 def serve(
@@ -270,6 +401,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     config_path: str | Path | None = None,
+    adapters: Sequence[tuple[str, str, float]] = (),
 ) -> None:
     """Run the HTTP service until interrupted (`difforge serve`).
 
@@ -280,6 +412,7 @@ def serve(
         artifacts: the registry's artifact directory (default: beside a SQLite registry).
         host, port: where to listen.
         config_path: the service config JSON (default: all defaults).
+        adapters: LoRA adapters (name, folder, scale) served beside a --model (not --registry).
     """
     import uvicorn
 
@@ -287,9 +420,11 @@ def serve(
     config = load_service_config(config_path)
     source = None
     if registry is not None:
+        if adapters:
+            raise InvalidArgumentError("--adapter serves beside --model, not --registry")
         service, source = open_service(registry, name or "", config, artifacts)
     else:
-        service = build_service(model_path or "", config)
+        service = build_service(model_path or "", config, adapters)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -305,7 +440,10 @@ def serve(
         )
     else:
         log.info("%d API key(s) configured", len(config.api_keys))
-    uvicorn.run(create_app(service, source), host=host, port=port, log_level="info")
+    # proxy_headers off: uvicorn would otherwise take the client from X-Forwarded-For for any
+    # peer in FORWARDED_ALLOW_IPS (an environment variable); config.trusted_proxies decides that
+    app = create_app(service, source)
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
 
 
 def check_model_source(

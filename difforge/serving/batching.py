@@ -5,7 +5,9 @@ version, sampler, steps, sigma grid, image shape, sampler knobs, the conditionin
 (every key's dtype and shape, so rows with prompts or masks stack when their shapes agree) and
 whether classifier-free guidance runs (a guided call doubles the forward batch, and a guidance scale
 of exactly 1 inside a guided call is computed as uncond + 1 * (cond - uncond), not bitwise the
-conditional output). A row's resolved conditioning, seed and guidance scale are its own.
+conditional output), the LoRA adapter that samples, and for edits the start index, whether a mask is re-imposed and RePaint's
+resampling (EditSettings). A row's resolved conditioning, seed, guidance scale, init image and
+mask are its own.
 
 `BatchPlan` decides how many rows one call holds and whether it is padded to a fixed shape; see
 difforge.serving.invariance for why the shape must be fixed.
@@ -23,6 +25,7 @@ from torch import Tensor
 from difforge.pipeline import Model, Plan
 from difforge.pipeline.conditioning import Row as Conditioning
 from difforge.pipeline.conditioning import Signature
+from difforge.pipeline.editing import Edit, EditRow, EditSettings, pad_row
 from difforge.samplers import StepInfo
 
 
@@ -38,6 +41,8 @@ class BatchKey:
     guided: bool  # classifier-free guidance on (every row has guidance != 1)
     options: tuple[tuple[str, Any], ...] = ()  # sampler knobs
     cond: Signature = ()  # (key, dtype, shape) of every conditioning key
+    edit: EditSettings | None = None  # img2img / inpainting: start index, mask on, resampling
+    adapter: str | None = None  # the LoRA adapter that samples (different ones never share)
 
     def plan(self) -> Plan:
         """The per-call settings as a Plan (rows, seeds and guidance come per row)."""
@@ -52,17 +57,22 @@ class BatchKey:
             self.options,
             "json",
             None,
+            adapter=self.adapter,
         )
 
 
 @dataclass(frozen=True, eq=False)
 class Row:
     """One image of a sampler call: its seed, its resolved conditioning ({} for the model's null
-    conditioning) and its guidance scale."""
+    conditioning), its guidance scale, guidance's unconditional row (None: the null one; a
+    negative prompt otherwise; same signature, so rows with and without one share a call) and its
+    edit inputs."""
 
     seed: int
     cond: Conditioning = field(default_factory=dict)
     guidance: float = 1.0
+    uncond: Conditioning | None = None
+    edit: EditRow | None = None  # its init image and mask (when the key has an edit)
 
 
 PAD_ROW = Row(seed=0)  # filler for fixed-shape calls (the null conditioning); output thrown away
@@ -113,12 +123,19 @@ def sample_rows(
     all_rows = list(rows) + [PAD_ROW] * max(0, (pad_to or 0) - len(rows))
     null = model.spec.null_row()
     conds = [r.cond or null for r in all_rows]
+    unconds = [r.uncond or null for r in all_rows] if any(r.uncond for r in all_rows) else None
     guidance = torch.tensor([r.guidance for r in all_rows]) if key.guided else None  # (B,)
+    edit = None
+    if key.edit is not None:  # padding rows edit a zero image, generated everywhere
+        filler = pad_row(model, key.edit)
+        edit = Edit(key.edit, tuple(r.edit or filler for r in all_rows))
     x, nfe = model.sample_latents(
         conds,
         key.plan(),
         seeds=[r.seed for r in all_rows],
         guidance=guidance,
+        uncond=unconds,
         callback=callback,
+        edit=edit,
     )
     return x[: len(rows)], nfe  # (k, *latent_shape)

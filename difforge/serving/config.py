@@ -18,6 +18,7 @@ the key itself is never stored, logged or exported.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,10 @@ class Limits(_Frozen):
     min_guidance: float = 0.0  # classifier-free guidance range, inclusive
     max_guidance: float = 20.0
     max_body_bytes: int = Field(16_384, ge=256)  # larger bodies get 413
+    max_prompt_chars: int = Field(256, ge=1)  # per prompt / negative prompt; longer: 422
+    # one encoded init_image or mask (base64 counted as decoded bytes); larger ones get 413.
+    # A 28x28 grey PNG is under 1 KiB; raise it with max_body_bytes for larger images.
+    max_image_bytes: int = Field(16_384, ge=64)
     allowed_samplers: tuple[str, ...] = (
         "ddim",
         "ddpm",
@@ -80,6 +85,8 @@ class Limits(_Frozen):
             max_guidance=self.max_guidance,
             allowed_samplers=self.allowed_samplers,
             max_deadline_s=max_deadline_s,
+            max_text_chars=self.max_prompt_chars,
+            max_image_bytes=self.max_image_bytes,
         )
 
     @model_validator(mode="after")
@@ -142,6 +149,10 @@ class ServiceConfig(_Frozen):
     batch_invariance: InvarianceMode = "pad"
     rate_limit: RateLimit | None = None  # default bucket for every key (None: unlimited)
     api_keys: tuple[ApiKey, ...] = ()  # none: only loopback clients are answered
+    # Reverse proxies (IP addresses or CIDR networks) whose X-Forwarded-For is believed. None
+    # (the default): the socket peer is the client, whatever the headers or uvicorn's
+    # FORWARDED_ALLOW_IPS say (difforge runs uvicorn with proxy_headers off).
+    trusted_proxies: tuple[str, ...] = ()
     audit_db: str = "difforge-audit.sqlite3"  # SQLite file; ":memory:" keeps it in the process
     default_deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     max_deadline_s: float = Field(600.0, gt=0, allow_inf_nan=False)
@@ -160,6 +171,16 @@ class ServiceConfig(_Frozen):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"duplicate API key ids: {', '.join(dupes)}")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP address or CIDR network") from None
         return v
 
     @property

@@ -46,11 +46,15 @@ def encode_images(
     common: Mapping[str, Any],
     seeds: Sequence[int],
     conditioning: Mapping[str, Sequence[Any]],
+    edits: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[tuple[dict[str, Any], bytes]]:
-    """(provenance, PNG bytes) per image; `conditioning` is {key: one JSON value per image}."""
+    """(provenance, PNG bytes) per image; `conditioning` is {key: one JSON value per image};
+    `edits` one edit record per image (its init image's and mask's sha256, strength)."""
     out = []
     for i, img in enumerate(images):
         prov = provenance(common, seeds[i], {k: v[i] for k, v in conditioning.items()}, i)
+        if edits is not None:
+            prov["edit"] = dict(edits[i])
         out.append((prov, png_bytes(img, as_text_chunks(prov))))
     return out
 
@@ -65,3 +69,40 @@ def json_body(
     body = {"request_id": request_id, **common, "output_sha256": output_sha256, **extra}
     body["images"] = images
     return json.dumps(body).encode()
+
+
+def series_json_body(
+    request_id: str,
+    common: Mapping[str, Any],
+    series: Sequence[Tensor],
+    seeds: Sequence[int],
+    conditioning: Mapping[str, Sequence[Any]],
+    output_sha256: str,
+    extra: Mapping,
+) -> bytes:
+    """The JSON response of a series model: per series its provenance and `values` (C, T)."""
+    items = [
+        {
+            **provenance(common, seeds[i], {k: v[i] for k, v in conditioning.items()}, i),
+            "values": x.float().tolist(),
+        }
+        for i, x in enumerate(series)
+    ]
+    body = {"request_id": request_id, **common, "output_sha256": output_sha256, **extra}
+    body["series"] = items
+    return json.dumps(body).encode()
+
+
+def series_csv_body(
+    series: Sequence[Tensor], seeds: Sequence[int], conditioning: Mapping[str, Sequence[Any]]
+) -> bytes:
+    """CSV: a header `index,seed,<conditioning keys>,channel,t0..t{T-1}`, one row per series
+    and channel; values as float32 printed exactly (repr)."""
+    keys = list(conditioning)
+    length = series[0].shape[-1] if series else 0
+    lines = [",".join(["index", "seed", *keys, "channel", *(f"t{t}" for t in range(length))])]
+    for i, x in enumerate(series):
+        cond = ["" if conditioning[k][i] is None else str(conditioning[k][i]) for k in keys]
+        for c, row in enumerate(x.float().tolist()):
+            lines.append(",".join([str(i), str(seeds[i]), *cond, str(c), *map(repr, row)]))
+    return ("\n".join(lines) + "\n").encode()

@@ -1,7 +1,7 @@
 """The batching engine: a bounded queue, a batcher that merges compatible requests, and one worker
 thread that runs the sampler calls (batch -> predict -> unbatch of the serving contract).
 
-* Bounded: `submit` refuses a request when `queue_size` requests wait (QueueFull -> 503); the
+* Bounded: `submit` refuses a request when `queue_size` requests wait (QueueFull: queue_full); the
   queue never grows past it.
 * Batching: the oldest waiting request (the head) fixes the BatchKey; later requests with the same
   key join it, oldest first, until the call holds `plan.micro(guided)` images or the head has waited
@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from difforge.core.errors import DifforgeError, SamplingCancelled
@@ -84,6 +85,16 @@ class JobFailed(DifforgeError):
     """The sampler call of a request raised (an internal error, not the client's)."""
 
 
+class NonFiniteOutput(JobFailed):
+    """The model produced NaN or inf for an image: a broken version, never an image to send
+    (uint8 conversion would turn it into plausible-looking black pixels)."""
+
+
+def finite_rows(x: Tensor) -> list[bool]:
+    """Whether each sample of a batch (B, ...) is finite everywhere."""
+    return torch.isfinite(x).flatten(1).all(1).tolist()
+
+
 @dataclass(eq=False)
 class Job:
     """One accepted request inside the engine."""
@@ -105,6 +116,7 @@ class Job:
     nfe: int = 0
     cpu_seconds: float = 0.0
     cancel_reason: str | None = None  # "deadline" or "disconnect"; set from any thread
+    failure: JobFailed | None = None  # set when one of its images came out non-finite
     future: asyncio.Future | None = None
 
     def __post_init__(self) -> None:
@@ -175,6 +187,10 @@ class Engine:
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the sampler thread (warm-ups, probes), in turn with batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def retry_after_s(self) -> float:
+        """A guess at when a request now queued will be done: for Retry-After."""
+        return min(60.0, max(1.0, self._call_seconds * (1 + len(self._pending))))
 
     @property
     def depth(self) -> int:
@@ -291,6 +307,8 @@ class Engine:
         for job in call.jobs:
             if job.cancel_reason is not None:
                 self._finish(job, None)
+            elif job.failure is not None:
+                self._finish(job, job.failure)
             elif job.done == len(job.rows):
                 self._finish(job, job)
 
@@ -310,8 +328,14 @@ class Engine:
             job.cpu_seconds += cpu * len(mine) / n
         if images is None:
             return
-        for (job, i), img in zip(call.slots, images, strict=True):
-            job.images[i] = img
+        for (job, i), (img, finite) in zip(call.slots, images, strict=True):
+            if finite:
+                job.images[i] = img
+            elif job.failure is None:
+                log.error("model version %s produced non-finite output (%s)", version, job.key)
+                job.failure = NonFiniteOutput(
+                    f"model version {version} produced non-finite values (NaN or inf)"
+                )
 
     def _finish(self, job: Job, result: Job | BaseException | None) -> None:
         """Answer a job: result = the job (success), an exception (failure), None (cancelled)."""
@@ -335,7 +359,8 @@ class Engine:
     # -- the sampler thread ----------------------------------------------------------------------
 
     def _compute(self, call: _Call, rows: list[Row], pad_to: int | None):
-        """Runs on the sampler thread: (uint8 images or None if stopped, NFE, CPU seconds)."""
+        """Runs on the sampler thread: ((uint8 image, finite) per row, or None if stopped; NFE;
+        CPU seconds)."""
         jobs = call.jobs
         steps = call.key.steps
         per_job = {job: sum(1 for j, _ in call.slots if j is job) for job in jobs}
@@ -364,4 +389,6 @@ class Engine:
             done = max((job.step for job in jobs), default=0)
             nfe = expected_nfe(call.key.sampler, done) if done else 0  # forwards actually run
             return None, nfe, time.process_time() - cpu0
-        return list(call.version.model.decode(x)), nfe, time.process_time() - cpu0
+        # finite is judged before decoding: uint8 pixels would hide a NaN as black
+        images = list(zip(call.version.model.decode(x), finite_rows(x), strict=True))
+        return images, nfe, time.process_time() - cpu0

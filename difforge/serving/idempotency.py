@@ -21,16 +21,18 @@ from difforge.core.errors import DifforgeError
 
 
 class IdempotencyConflict(DifforgeError):
-    """409 (the first request with this key is still running) or 422 (a different body)."""
+    """reason "idempotency_conflict" (the first request with this key is still running) or
+    "idempotency_mismatch" (the key was used with a different body)."""
 
-    def __init__(self, status: int, message: str):
-        self.status = status
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
         super().__init__(message)
 
 
 @dataclass(frozen=True)
 class StoredResponse:
-    status: int
+    """A successful answer (images), as stored for an Idempotency-Key replay."""
+
     body: bytes
     media_type: str
     headers: dict[str, str] = field(default_factory=dict)
@@ -65,7 +67,8 @@ class IdempotencyStore:
         """Claim `key` for a new request (None), or return the stored response of a retry.
 
         Raises:
-            IdempotencyConflict: 409 while the first request runs, 422 for a different body.
+            IdempotencyConflict: "idempotency_conflict" while the first request runs,
+                "idempotency_mismatch" for a different body.
         """
         fp = body_fingerprint(body)
         now = self._clock()
@@ -78,10 +81,13 @@ class IdempotencyStore:
                 return None
             if entry.fingerprint != fp:
                 raise IdempotencyConflict(
-                    422, "Idempotency-Key was already used with a different request body"
+                    "idempotency_mismatch",
+                    "Idempotency-Key was already used with a different request body",
                 )
             if entry.response is None:
-                raise IdempotencyConflict(409, "a request with this Idempotency-Key is in progress")
+                raise IdempotencyConflict(
+                    "idempotency_conflict", "a request with this Idempotency-Key is in progress"
+                )
             return entry.response
 
     def complete(self, owner: str, key: str, response: StoredResponse) -> None:

@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 ERROR_REASONS = (
     "validation",
     "body_too_large",
+    "unsupported_media_type",
     "unauthorized",
     "forbidden",
     "rate_limited",
@@ -30,6 +31,7 @@ ERROR_REASONS = (
     "idempotency_mismatch",
     "not_found",
     "internal",
+    "non_finite",
     "gate_failed",
     "integrity_failure",
     "registry_conflict",
@@ -42,95 +44,120 @@ _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+# attribute: (kind, exported name, help, labels, histogram buckets)
+_METRICS: dict[str, tuple[type, str, str, tuple[str, ...], tuple[float, ...] | None]] = {
+    "request_seconds": (
+        Histogram,
+        "difforge_http_request_duration_seconds",
+        "HTTP request latency by route template, method and status code.",
+        ("route", "method", "status"),
+        _LATENCY,
+    ),
+    "queue_wait_seconds": (
+        Histogram,
+        "difforge_queue_wait_seconds",
+        "Time from acceptance to the start of the request's first sampler call.",
+        (),
+        _LATENCY,
+    ),
+    "batch_images": (
+        Histogram,
+        "difforge_batch_size_images",
+        "Real images (requests' images, padding excluded) per sampler call.",
+        ("version",),
+        _BATCH,
+    ),
+    "padding_images": (
+        Counter,
+        "difforge_batch_padding_images_total",
+        "Padding rows computed to keep sampler calls at a fixed, batch-invariant shape.",
+        ("version",),
+        None,
+    ),
+    "step_seconds": (
+        Histogram,
+        "difforge_denoising_step_seconds",
+        "Wall time of one denoising step of a sampler call.",
+        ("version", "sampler"),
+        _STEP,
+    ),
+    "nfe": (
+        Counter,
+        "difforge_nfe_total",
+        "Network function evaluations (batched forwards).",
+        ("version",),
+        None,
+    ),
+    "images": (
+        Counter,
+        "difforge_images_total",
+        "Images returned to clients.",
+        ("version", "sampler"),
+        None,
+    ),
+    "errors": (
+        Counter,
+        "difforge_errors_total",
+        "Requests that ended in an error, by reason.",
+        ("reason",),
+        None,
+    ),
+    "queue_depth": (
+        Gauge,
+        "difforge_queue_depth_requests",
+        "Requests waiting for a sampler call.",
+        (),
+        None,
+    ),
+    "inflight": (
+        Gauge,
+        "difforge_inflight_requests",
+        "Requests accepted and not yet answered.",
+        (),
+        None,
+    ),
+    "model_info": (
+        Gauge,
+        "difforge_model_info",
+        "Served model versions (value 1) with their name, version id and role.",
+        ("name", "version", "role"),
+        None,
+    ),
+    "image_cpu_seconds": (
+        Histogram,
+        "difforge_image_cpu_seconds",
+        "Process CPU seconds of a sampler call attributed to each of its real images.",
+        ("version",),
+        (*_STEP, 10, 30),
+    ),
+    "registry_events": (
+        Counter,
+        "difforge_registry_events_total",
+        "Changes and failures while following a registry (serve --registry), by event.",
+        ("event",),
+        None,
+    ),
+    "registry_version": (
+        Gauge,
+        "difforge_registry_version",
+        "The registry version number each served role runs (serve --registry).",
+        ("name", "role", "version"),
+        None,
+    ),
+}
+
+
 class ServiceMetrics:
-    """Every metric the service exports; `exposition()` is the body of GET /metrics."""
+    """Every metric the service exports (one attribute per `_METRICS` entry); `exposition()` is
+    the body of GET /metrics."""
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.request_seconds = Histogram(
-            "difforge_http_request_duration_seconds",
-            "HTTP request latency by route template, method and status code.",
-            ["route", "method", "status"],
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.queue_wait_seconds = Histogram(
-            "difforge_queue_wait_seconds",
-            "Time from acceptance to the start of the request's first sampler call.",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.batch_images = Histogram(
-            "difforge_batch_size_images",
-            "Real images (requests' images, padding excluded) per sampler call.",
-            ["version"],
-            buckets=_BATCH,
-            registry=r,
-        )
-        self.padding_images = Counter(
-            "difforge_batch_padding_images_total",
-            "Padding rows computed to keep sampler calls at a fixed, batch-invariant shape.",
-            ["version"],
-            registry=r,
-        )
-        self.step_seconds = Histogram(
-            "difforge_denoising_step_seconds",
-            "Wall time of one denoising step of a sampler call.",
-            ["version", "sampler"],
-            buckets=_STEP,
-            registry=r,
-        )
-        self.nfe = Counter(
-            "difforge_nfe_total",
-            "Network function evaluations (batched forwards).",
-            ["version"],
-            registry=r,
-        )
-        self.images = Counter(
-            "difforge_images_total",
-            "Images returned to clients.",
-            ["version", "sampler"],
-            registry=r,
-        )
-        self.errors = Counter(
-            "difforge_errors_total",
-            "Requests that ended in an error, by reason.",
-            ["reason"],
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "difforge_queue_depth_requests", "Requests waiting for a sampler call.", registry=r
-        )
-        self.inflight = Gauge(
-            "difforge_inflight_requests", "Requests accepted and not yet answered.", registry=r
-        )
-        self.model_info = Gauge(
-            "difforge_model_info",
-            "Served model versions (value 1) with their name, version id and role.",
-            ["name", "version", "role"],
-            registry=r,
-        )
-        self.image_cpu_seconds = Histogram(
-            "difforge_image_cpu_seconds",
-            "Process CPU seconds of a sampler call attributed to each of its real images.",
-            ["version"],
-            buckets=(*_STEP, 10, 30),
-            registry=r,
-        )
-        self.registry_events = Counter(
-            "difforge_registry_events_total",
-            "Changes and failures while following a registry (serve --registry), by event.",
-            ["event"],
-            registry=r,
-        )
-        self.registry_version = Gauge(
-            "difforge_registry_version",
-            "The registry version number each served role runs (serve --registry).",
-            ["name", "role", "version"],
-            registry=r,
-        )
+        for attr, (kind, name, doc, labels, buckets) in _METRICS.items():
+            extra = {} if buckets is None else {"buckets": buckets}
+            setattr(self, attr, kind(name, doc, list(labels), registry=r, **extra))
         for reason in ERROR_REASONS:
             self.errors.labels(reason)  # exported as 0 from the start
 

@@ -10,6 +10,8 @@ of field-level errors, and nothing reaches the queue before it succeeds. Errors 
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,11 +28,12 @@ __all__ = ["GenerateRequest", "Plan", "RequestInvalid", "field_error", "parse_bo
 
 
 class RequestInvalid(DifforgeError):
-    """A request failed validation; `errors` are FastAPI-style field errors, `status` 422 or 413."""
+    """A request failed validation; `errors` are FastAPI-style field errors, `reason`
+    "validation" or "body_too_large"."""
 
-    def __init__(self, errors: list[dict[str, Any]], status: int = 422):
+    def __init__(self, errors: list[dict[str, Any]], reason: str = "validation"):
         self.errors = errors
-        self.status = status
+        self.reason = reason
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
 
 
@@ -43,7 +46,7 @@ GenerateRequest = SampleRequest  # the body of POST /v1/generate: the library's 
 
 
 def parse_body(body: bytes, limits: Limits) -> GenerateRequest:
-    """Bytes -> GenerateRequest, or RequestInvalid (413 past the size limit, 422 otherwise)."""
+    """Bytes -> GenerateRequest, or RequestInvalid ("body_too_large" past the size limit)."""
     if len(body) > limits.max_body_bytes:
         raise RequestInvalid(
             [
@@ -53,12 +56,33 @@ def parse_body(body: bytes, limits: Limits) -> GenerateRequest:
                     "body_too_large",
                 )
             ],
-            status=413,
+            reason="body_too_large",
         )
+    if not body.strip():
+        raise RequestInvalid([field_error((), "the body is empty; send a JSON object", "missing")])
+    _refuse_duplicate_keys(body)
     try:
-        return SampleRequest.model_validate_json(body or b"{}")
+        return SampleRequest.model_validate_json(body)
     except ValidationError as e:
         raise RequestInvalid(error_details(e, prefix=("body",))) from None
+
+
+def _refuse_duplicate_keys(body: bytes) -> None:
+    """RequestInvalid if a JSON object in `body` repeats a key (JSON parsers disagree on which
+    one wins; the audit log must record what the client meant). Invalid JSON is left to pydantic,
+    whose error says where."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise RequestInvalid(
+                [field_error(k, "the key appears more than once", "duplicate_key") for k in dupes]
+            )
+        return dict(items)
+
+    with contextlib.suppress(ValueError):  # RequestInvalid is no ValueError: it goes through
+        json.loads(body, object_pairs_hook=pairs)
 
 
 def resolve(
@@ -72,7 +96,7 @@ def resolve(
     """Resolve `req` for `model` under the service's limits (the library's one resolver).
 
     Raises:
-        RequestInvalid: every violated field, each with its own message (422).
+        RequestInvalid: every violated field, each with its own message.
     """
     try:
         return resolve_request(
@@ -82,7 +106,9 @@ def resolve(
             default_deadline_s=default_deadline_s,
         )
     except PipelineRequestInvalid as e:
-        raise RequestInvalid(e.errors(("body",))) from None
+        too_large = any(p.kind == "too_large" for p in e.problems)  # an init image or mask
+        reason = "body_too_large" if too_large else "validation"
+        raise RequestInvalid(e.errors(("body",)), reason) from None
 
 
 def validation_body(errors: list[Mapping[str, Any]]) -> dict[str, Any]:

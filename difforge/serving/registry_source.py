@@ -35,13 +35,13 @@ from typing import Any
 from difforge.pipeline import Model
 from difforge.registry import Registry, RegistryError, Resolution, should_rollback
 from difforge.serving.access import Principal
-from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, http_errors
+from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, registry_errors
 from difforge.serving.config import RegistryFollow, ServiceConfig
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.outcomes import OutcomeWindows
 from difforge.serving.protocol import RequestInvalid, field_error
 from difforge.serving.router import ModelRouter, ModelVersion, check_compatible
-from difforge.serving.service import HTTPFailure, Service
+from difforge.serving.service import Service, ServiceError
 
 log = logging.getLogger("difforge.serving")
 
@@ -291,7 +291,7 @@ class RegistrySource:
     async def promote(self, body: PromoteBody, who: Principal) -> dict[str, Any]:
         """Load and verify a version, promote it in the registry (gates), warm it, route to it."""
         reg = self._as(who)
-        with http_errors():
+        with registry_errors():
             async with self._lock:
                 info = await asyncio.to_thread(reg.get, self.name, body.version)
                 model = await self._load_checked(info.version)
@@ -319,7 +319,7 @@ class RegistrySource:
     async def rollback(self, body: RollbackBody, who: Principal) -> dict[str, Any]:
         """Point the alias back at its previous version in the registry, then serve that."""
         reg = self._as(who)
-        with http_errors():
+        with registry_errors():
             async with self._lock:
                 info = await asyncio.to_thread(reg.rollback, self.name, body.alias, body.reason)
                 await self._sync_locked(force=True)
@@ -336,7 +336,7 @@ class RegistrySource:
         if body.gates is not None:
             raise RequestInvalid([field_error("gates", "gates apply with a version only")])
         reg = self._as(who)
-        with http_errors():
+        with registry_errors():
             async with self._lock:
                 await asyncio.to_thread(reg.set_canary_percent, self.name, body.percent)
                 await self._sync_locked(force=True)
@@ -348,11 +348,10 @@ class RegistrySource:
         )
         if registry_version(served) != number:
             why = self.problems.get(alias, "unknown")
-            raise HTTPFailure(
-                500,
+            raise ServiceError(
+                "internal",
                 f"the registry now has {self.name} v{number} as {alias}, but this service "
                 f"still serves the previous version: {why}",
-                "internal",
             )
 
     # -- reporting -------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ class ModelVersion:
             "version": self.id,
             "sha256": m.sha256,
             "num_classes": m.num_classes,
-            "conditioning": m.spec.model_dump()["keys"],
+            # the keys as the page needs them (a text key's tokenizer JSON stays in the model)
+            "conditioning": m.spec.model_dump(exclude={"keys": {"__all__": {"tokenizer"}}})["keys"],
             "image_shape": list(m.image_shape),
             "defaults": m.sampling.model_dump(),
             "ready": self.ready,
@@ -65,6 +66,7 @@ class ModelVersion:
             if self.plan is None
             else {"mode": self.plan.mode, "invariant": self.plan.invariant},
             **({"registry": dict(self.meta)} if self.meta else {}),
+            "adapters": [a.describe() for a in getattr(m, "adapters", {}).values()],
         }
 
 

@@ -2,9 +2,14 @@
 store, audit log and metrics, and carries a generation request through them.
 
 POST /v1/generate, in order (each step costs less than the next, so cheap rejections stay cheap):
-authorize (401/403) -> rate limit (429) -> read the body (413) -> idempotency claim (replay, 409,
-422) -> parse and validate (422) -> route to a model version -> enqueue (503) -> wait for the
-images, the deadline (504) or a disconnect -> encode -> audit -> answer.
+authorize (unauthorized/forbidden) -> rate limit (rate_limited) -> read the body
+(body_too_large) -> idempotency claim (replay, idempotency_conflict, idempotency_mismatch) -> parse
+and validate (validation) -> route to a model version -> enqueue (queue_full) -> wait for the
+images, the deadline (deadline) or a disconnect (disconnect) -> encode -> audit -> answer.
+
+The service knows nothing of HTTP status codes: it raises ServiceError with a reason, and the app
+(difforge.serving.app.HTTP_STATUS) maps reasons to statuses; the audit log's http_status comes from
+that mapping too (`status_of`, set by create_app).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,8 +33,21 @@ from difforge.serving.access import AccessControl, AccessDenied, Principal, Rate
 from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 from difforge.serving.config import ServiceConfig
-from difforge.serving.encode import encode_images, json_body, pixels_sha256
-from difforge.serving.engine import Engine, Job, JobFailed, QueueFull
+from difforge.serving.encode import (
+    encode_images,
+    json_body,
+    pixels_sha256,
+    series_csv_body,
+    series_json_body,
+)
+from difforge.serving.engine import (
+    Engine,
+    Job,
+    JobFailed,
+    NonFiniteOutput,
+    QueueFull,
+    finite_rows,
+)
 from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse
 from difforge.serving.invariance import choose_plan
 from difforge.serving.metrics import ServiceMetrics
@@ -40,17 +58,37 @@ log = logging.getLogger("difforge.serving")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # failures that count against the version that served the request (not the client's doing)
-_VERSION_FAILURES = frozenset({"internal", "deadline"})
+_VERSION_FAILURES = frozenset({"internal", "non_finite", "deadline"})
+# refusals before any work: they give the rate-limit token back
+_REFUSED_BEFORE_WORK = frozenset({"not_ready", "queue_full", "shutdown"})
 Receive = Callable[[], Awaitable[dict]]
 
 
-class HTTPFailure(DifforgeError):
-    """A request that ends in an error response (the app turns it into JSON)."""
+class ServiceError(DifforgeError):
+    """A request that ends without images.
 
-    def __init__(self, status: int, detail: Any, reason: str, headers: dict | None = None):
-        self.status, self.detail, self.reason = status, detail, reason
-        self.headers = headers or {}
+    Attributes:
+        reason: why, one of metrics.ERROR_REASONS (the app maps it to an HTTP status).
+        detail: what the client is told: a message or field-level errors.
+        retry_after: seconds after which a retry may succeed, if it may.
+        request_id: the request's id, once it has one.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        detail: Any,
+        *,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+    ):
+        self.reason, self.detail = reason, detail
+        self.retry_after, self.request_id = retry_after, request_id
         super().__init__(str(detail))
+
+
+def _no_status(reason: str) -> int:
+    return 0  # not answered over HTTP (a service driven without the app)
 
 
 @dataclass
@@ -79,12 +117,15 @@ class Service:
         self.metrics = ServiceMetrics()
         self.engine = Engine(config, self.metrics)
         self.access = AccessControl(config)
+        self.detector = None  # an anomaly detector over the production model (serving.anomaly)
         self.limiter = RateLimiter(config)
         self.idempotency = IdempotencyStore(config.idempotency_entries, config.idempotency_ttl_s)
         self.audit = AuditLog(config.audit_db)
         # observer(job, ok, latency_s) for each request that succeeds, fails inside or misses its
         # deadline: the per-version windows of canary rollback (difforge.serving.registry_source)
         self.outcome_observers: list[Callable[[Job, bool, float], None]] = []
+        # outcome reason -> the HTTP status recorded in the audit log (set by the app)
+        self.status_of: Callable[[str], int] = _no_status
         self._warming: asyncio.Task | None = None
         self._threads_before: int | None = None
         self._publish_models()
@@ -143,7 +184,12 @@ class Service:
         probe_plan = BatchPlan(self.config.batch_invariance, self.config.limits.max_batch_images)
         for key in keys:  # the first call at a shape pays one-off kernel set-up; do it now
             rows = [Row(seed=0, cond=cond, guidance=2.0 if key.guided else 1.0)]
-            sample_rows(model, key, rows, pad_to=probe_plan.micro(key.guided))
+            x, _ = sample_rows(model, key, rows, pad_to=probe_plan.micro(key.guided))
+            if not all(finite_rows(x)):  # a broken version must never become ready
+                raise NonFiniteOutput(
+                    f"refusing model {version.name} ({version.id}): warm-up sample at "
+                    f"{key.sampler}, {key.steps} steps, guided={key.guided} is non-finite"
+                )
         return choose_plan(model, keys, self.config.batch_invariance, probe_plan.max_rows)
 
     async def install(
@@ -177,22 +223,31 @@ class Service:
     # -- generate --------------------------------------------------------------------------------
 
     async def generate(self, call: GenerateCall) -> StoredResponse:
-        """Run one POST /v1/generate; raises HTTPFailure for every error response."""
+        """Run one POST /v1/generate; raises ServiceError for every outcome without images."""
         principal = call.principal
         wait = self.limiter.acquire(principal.key_id)
         if wait is not None:
-            raise HTTPFailure(429, "rate limit exceeded for this key", "rate_limited", _retry(wait))
+            raise ServiceError("rate_limited", "rate limit exceeded for this key", retry_after=wait)
+        try:
+            return await self._generate_limited(call)
+        except ServiceError as e:
+            if e.reason in _REFUSED_BEFORE_WORK:  # the service's state, not the client's use
+                self.limiter.refund(principal.key_id)
+            raise
+
+    async def _generate_limited(self, call: GenerateCall) -> StoredResponse:
+        principal = call.principal
         request_id = self._request_id(call.request_id)
         idem = call.idempotency_key
         if idem:
             try:
                 stored = self.idempotency.claim(principal.key_id, idem, call.body)
             except IdempotencyConflict as e:
-                reason = "idempotency_conflict" if e.status == 409 else "idempotency_mismatch"
-                raise HTTPFailure(e.status, str(e), reason) from None
+                # still running: a retry after it finishes gets the stored answer
+                retry = self.engine.retry_after_s() if e.reason == "idempotency_conflict" else None
+                raise ServiceError(e.reason, str(e), retry_after=retry) from None
             if stored is not None:
                 return StoredResponse(
-                    stored.status,
                     stored.body,
                     stored.media_type,
                     {**stored.headers, "Idempotent-Replayed": "true"},
@@ -211,27 +266,21 @@ class Service:
         if given is None:
             return uuid.uuid4().hex
         if not _REQUEST_ID.match(given):
-            raise HTTPFailure(
-                422,
-                [
-                    {
-                        "loc": ["header", "x-request-id"],
-                        "msg": "8-64 of A-Z a-z 0-9 . _ -",
-                        "type": "value_error",
-                    }
-                ],
-                "validation",
-            )
+            msg = "8-64 of A-Z a-z 0-9 . _ -"
+            loc = ["header", "x-request-id"]
+            raise ServiceError("validation", [{"loc": loc, "msg": msg, "type": "value_error"}])
         if given in self.engine.jobs:
-            raise HTTPFailure(
-                409, "a request with this X-Request-Id is in progress", "idempotency_conflict"
+            raise ServiceError(
+                "idempotency_conflict",
+                "a request with this X-Request-Id is in progress",
+                retry_after=self.engine.retry_after_s(),
             )
         return given
 
     async def _generate(self, call: GenerateCall, request_id: str) -> StoredResponse:
-        plan = self._plan(call, request_id)  # before any 5xx: an invalid request is always a 4xx
+        plan = self._plan(call, request_id)  # first: an invalid request is always "validation"
         if not self.ready:
-            raise HTTPFailure(503, "the model is warming up", "not_ready", _retry(1.0))
+            raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
         role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
         job = self._job(request_id, version, role, plan, call.accepted)
@@ -239,12 +288,12 @@ class Service:
         try:
             future = self.engine.submit(job)
         except QueueFull as e:
-            raise HTTPFailure(
-                503, "the queue is full", "queue_full", _retry(e.retry_after)
+            raise ServiceError(
+                "queue_full", "the queue is full", retry_after=e.retry_after
             ) from None
         try:
             await self._wait(job, future, call, plan)
-        except HTTPFailure as e:
+        except ServiceError as e:
             if e.reason in _VERSION_FAILURES:
                 self._outcome(job, False)
             raise
@@ -270,9 +319,8 @@ class Service:
                 max_deadline_s=self.config.max_deadline_s,
             )
         except RequestInvalid as e:
-            self._audit(call, request_id, "invalid", e.status, {"errors": e.errors}, None)
-            reason = "body_too_large" if e.status == 413 else "validation"
-            raise HTTPFailure(e.status, e.errors, reason, {"X-Request-Id": request_id}) from None
+            self._audit(call, request_id, "invalid", e.reason, {"errors": e.errors}, None)
+            raise ServiceError(e.reason, e.errors, request_id=request_id) from None
 
     def _key(
         self, version: ModelVersion, sampler: str, steps: int, guided: bool, options, cond=()
@@ -285,13 +333,18 @@ class Service:
     def _job(
         self, request_id: str, version: ModelVersion, role: str, plan: Plan, accepted: float
     ) -> Job:
+        unconds = plan.uncond_rows or [None] * len(plan.rows)
+        edits = plan.edit.rows if plan.edit is not None else [None] * plan.n
         rows = [
-            Row(seed=s, cond=c, guidance=plan.guidance)
-            for s, c in zip(plan.seeds, plan.rows, strict=True)
+            Row(seed=s, cond=c, guidance=plan.guidance, uncond=u, edit=e)
+            for s, c, u, e in zip(plan.seeds, plan.rows, unconds, edits, strict=True)
         ]
         deadline = None if plan.deadline_s is None else accepted + plan.deadline_s
         sig = signature(plan.rows[0]) if plan.rows and len(plan.rows[0]) else ()
         key = self._key(version, plan.sampler, plan.steps, plan.guided, plan.options, sig)
+        if plan.edit is not None or plan.adapter is not None:
+            edit = None if plan.edit is None else plan.edit.settings
+            key = replace(key, edit=edit, adapter=plan.adapter)
         return Job(request_id, version, role, key, rows, deadline=deadline, accepted=accepted)
 
     async def _wait(self, job: Job, future: asyncio.Future, call: GenerateCall, plan: Plan) -> None:
@@ -313,21 +366,26 @@ class Service:
             exc = future.exception()
             if exc is None:
                 return
-            self._audit(call, job.request_id, "error", 500, plan.params(), job)
-            raise HTTPFailure(500, "internal error", "internal", _rid(job)) from exc
+            rid = job.request_id
+            if isinstance(exc, NonFiniteOutput):
+                self._audit(call, rid, "non_finite", "non_finite", plan.params(), job)
+                detail = "the model produced non-finite values (NaN or inf); no image returned"
+                raise ServiceError("non_finite", detail, request_id=rid) from exc
+            self._audit(call, rid, "error", "internal", plan.params(), job)
+            raise ServiceError("internal", "internal error", request_id=rid) from exc
         reason = "disconnect" if watcher is not None and watcher in done else "deadline"
         raise self._cancel(job, call, plan, job.cancel_reason or reason)
 
-    def _cancel(self, job: Job, call: GenerateCall, plan: Plan, reason: str) -> HTTPFailure:
+    def _cancel(self, job: Job, call: GenerateCall, plan: Plan, reason: str) -> ServiceError:
         """Cancel `job` (the engine drops or stops it), audit it, and return the error to answer."""
         job.cancel(reason)
         self.engine.wake()
         if reason == "shutdown":
-            return HTTPFailure(503, "the service is shutting down", "shutdown", _retry(5.0))
-        status = 504 if reason == "deadline" else 499
-        outcome = "deadline_exceeded" if status == 504 else "cancelled"
-        self._audit(call, job.request_id, outcome, status, plan.params(), job)
-        return HTTPFailure(status, f"request cancelled: {reason}", reason, _rid(job))
+            return ServiceError("shutdown", "the service is shutting down", retry_after=5.0)
+        outcome = "deadline_exceeded" if reason == "deadline" else "cancelled"
+        self._audit(call, job.request_id, outcome, reason, plan.params(), job)
+        msg = f"request cancelled: {reason}"
+        return ServiceError(reason, msg, request_id=job.request_id)
 
     def _respond(self, call: GenerateCall, job: Job, plan: Plan) -> StoredResponse:
         images = [img for img in job.images if img is not None]
@@ -342,29 +400,38 @@ class Service:
             "guidance": plan.guidance,
             "grid": plan.grid,
             "options": dict(plan.options),
+            **({"adapter": model.adapters[plan.adapter].describe()} if plan.adapter else {}),
             "request_id": job.request_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "synthetic": True,
             "software": "difforge",
         }
-        encoded = encode_images(images, common, plan.seeds, plan.conditioning)
         headers = {
             "X-Request-Id": job.request_id,
             "X-Output-SHA256": digest,
             "X-Model-Version": job.version.id,
         }
         self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
-        self._audit(call, job.request_id, "ok", 200, plan.params(), job, digest)
-        if plan.response_format == "png":
-            return StoredResponse(200, encoded[0][1], "image/png", headers)
+        self._audit(call, job.request_id, "ok", "ok", plan.params(), job, digest)
         extra = {
             "role": job.role,
             "nfe": job.nfe,
             "batch_images": job.call_images,
             "batch_invariant": job.version.plan is not None and job.version.plan.invariant,
         }
+        if len(model.image_shape) == 2:  # a series model: (C, T) float values, never PNG
+            if plan.response_format == "csv":
+                body = series_csv_body(images, plan.seeds, plan.conditioning)
+                return StoredResponse(body, "text/csv", headers)
+            body = series_json_body(
+                job.request_id, common, images, plan.seeds, plan.conditioning, digest, extra
+            )
+            return StoredResponse(body, "application/json", headers)
+        edits = None if plan.edit is None else [plan.edit.image_params(i) for i in range(plan.n)]
+        encoded = encode_images(images, common, plan.seeds, plan.conditioning, edits)
+        if plan.response_format == "png":
+            return StoredResponse(encoded[0][1], "image/png", headers)
         return StoredResponse(
-            200,
             json_body(job.request_id, common, encoded, digest, extra),
             "application/json",
             headers,
@@ -375,7 +442,7 @@ class Service:
         call: GenerateCall,
         request_id: str,
         status: str,
-        http: int,
+        reason: str,
         params,
         job: Job | None,
         digest=None,
@@ -393,7 +460,7 @@ class Service:
             AuditEntry(
                 request_id=request_id,
                 status=status,
-                http_status=http,
+                http_status=self.status_of(reason),
                 params=params,
                 latency_ms=(time.monotonic() - call.accepted) * 1000,
                 key_id=call.principal.key_id,
@@ -429,20 +496,10 @@ class Service:
         }
 
 
-def _rid(job: Job) -> dict[str, str]:
-    return {"X-Request-Id": job.request_id}
-
-
 def _set_threads(n: int) -> int:
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     return before
-
-
-def _retry(seconds: float) -> dict[str, str]:
-    from difforge.serving.access import retry_after_header
-
-    return {"Retry-After": retry_after_header(seconds)}
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -453,4 +510,4 @@ async def _disconnected(receive: Receive) -> None:
             return
 
 
-__all__ = ["AccessDenied", "GenerateCall", "HTTPFailure", "JobFailed", "Service"]
+__all__ = ["AccessDenied", "GenerateCall", "JobFailed", "Service", "ServiceError"]

@@ -66,19 +66,36 @@ def write_checkpoint(
     if (final / MARKER).is_file():
         return final  # this step is already saved
     # an existing `final` is an incomplete leftover of a crashed write: replaced
-    with atomic_folder(final, tmp=root / f".tmp-step-{step:09d}-{os.getpid()}") as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS)
-        )
-        (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
-        marker = {
-            "format": FORMAT,
-            "step": step,
-            "files": {n: sha256_file(tmp / n) for n in (TENSORS, STATE)},
-        }
-        (tmp / MARKER).write_text(json.dumps(marker))
+    try:
+        with atomic_folder(final, tmp=root / f".tmp-step-{step:09d}-{os.getpid()}") as tmp:
+            _build(tmp, step, tensors, state)
+    except OSError as e:  # disk full, quota, I/O error: atomic_folder removed the temp folder
+        raise CheckpointError(
+            f"cannot write the checkpoint of step {step} in {root}: "
+            f"{e.strerror or e}; the partial copy was removed and the previous checkpoint is intact"
+        ) from None
     prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def _build(tmp: Path, step: int, tensors: Mapping[str, Tensor], state: Mapping[str, Any]) -> None:
+    """Write the checkpoint's files into the temp folder `tmp`, the marker last."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+    (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.chmod(tmp / TENSORS, (tmp / STATE).stat().st_mode & 0o777)  # safetensors writes 0600
+    marker = {
+        "format": FORMAT,
+        "step": step,
+        "files": {n: sha256_file(tmp / n) for n in (TENSORS, STATE)},
+    }
+    (tmp / MARKER).write_text(json.dumps(marker))
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder, its marker first: a kill half-way leaves an unmarked folder,
+    which is never resumed from and which `remove_debris` deletes later."""
+    (path / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_complete(path: Path) -> bool:
@@ -112,13 +129,32 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale temp folders."""
-    root = checkpoint_dir(run_dir)
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of other writers
+    (temp folders, folders without a marker)."""
     for _, path in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-    for p in root.glob(".tmp-step-*"):
-        if not p.name.endswith(f"-{os.getpid()}"):
+        _remove(path)
+    remove_debris(run_dir, keep=f"-{os.getpid()}")
+
+
+def remove_debris(run_dir: str | Path, keep: str | None = None) -> list[Path]:
+    """Delete temp folders (except names ending in `keep`) and step folders with no COMPLETE
+    marker: the remains of a crashed write or of a kill during pruning. Call it only while
+    holding the run's lock (difforge.training.runlock), so no other writer is mid-checkpoint.
+
+    Returns:
+        The folders removed.
+    """
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        stale_tmp = p.name.startswith(".tmp-step-") and not (keep and p.name.endswith(keep))
+        unmarked = _NAME.match(p.name) is not None and not (p / MARKER).is_file()
+        if p.is_dir() and (stale_tmp or unmarked):
             shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -13,33 +13,84 @@ from torch import Tensor
 
 from difforge.common.atomic import write_text_atomic
 from difforge.data.dataset import ImageDataset
+from difforge.data.timeseries import SeriesDataset
 from difforge.pipeline import (
     ConditioningSpec,
     Model,
     ModelConfig,
+    PipelineConfig,
     code_version,
     save_model,
     save_pipeline,
     save_samples_png,
 )
+from difforge.pipeline.conditioning import TextKey
 from difforge.training.config import TrainConfig
 
 
-def model_config_for(config: TrainConfig, dataset: ImageDataset, name: str) -> ModelConfig:
-    """The ModelConfig of a network trained under `config` on `dataset`."""
-    c, h, w = dataset.images.shape[1:]
+def text_spec(config: TrainConfig, dataset: ImageDataset) -> ConditioningSpec | None:
+    """The text conditioning of a captioned data set (None for other data sets)."""
+    tokenizer = getattr(dataset, "tokenizer", "")
+    if not tokenizer:
+        return None
+    key = TextKey(
+        tokenizer=tokenizer,
+        max_tokens=dataset.max_tokens,
+        examples=tuple(dataset.examples),
+        dropout=config.cond_dropout,
+    )
+    return ConditioningSpec(keys=(key,))
+
+
+def check_text_net(net_config: Any, spec: ConditioningSpec | None) -> None:
+    """A text model's encoder must cover the tokenizer's vocabulary and prompt length."""
+    from difforge.core.errors import InvalidArgumentError
+    from difforge.data.tokenizer import tokenizer_from_json
+
+    if spec is None:
+        return
+    encoder = getattr(net_config, "encoder", None)
+    if encoder is None:
+        raise InvalidArgumentError("a captioned data set needs net kind 'text_conditioned'")
+    key = spec.keys[0]
+    vocab = tokenizer_from_json(key.tokenizer).vocab_size
+    if encoder["vocab_size"] < vocab or encoder["max_tokens"] != key.max_tokens:
+        raise InvalidArgumentError(
+            f"text encoder has vocab_size {encoder['vocab_size']} and max_tokens "
+            f"{encoder['max_tokens']}; the data set's tokenizer needs vocab_size >= {vocab} and "
+            f"max_tokens {key.max_tokens}"
+        )
+
+
+def training_pipeline(model_config: ModelConfig, spec: ConditioningSpec) -> PipelineConfig:
+    """A one-component pipeline around `model_config` with the text spec (for sample grids)."""
+    return PipelineConfig(
+        name=model_config.name,
+        components={"denoiser": {"path": "denoiser", "sha256": "(training)"}},
+        conditioning=spec,
+        sampling=model_config.sampling,
+        image_shape=model_config.image_shape,
+    )
+
+
+def model_config_for(
+    config: TrainConfig, dataset: ImageDataset | SeriesDataset, name: str
+) -> ModelConfig:
+    """The ModelConfig of a network trained under `config` on `dataset` (images or series)."""
+    captioned = bool(getattr(dataset, "tokenizer", ""))  # conditioned on text, not labels
+    shape = dataset.sample_shape  # (C, H, W) or (C, T)
     if config.vae:  # a latent denoiser sees the VAE's latents
         from difforge.training.vae import read_vae_config
 
-        c, h, w = read_vae_config(config.vae).latent_shape
+        shape = read_vae_config(config.vae).latent_shape
     return ModelConfig(
         name=name,
         net=config.net,
         process=config.process,
         parameterization=config.parameterization,
         sigma_data=config.sigma_data,
-        num_classes=dataset.num_classes if dataset.labels is not None else 0,
-        image_shape=(c, h, w),
+        num_classes=dataset.num_classes if dataset.labels is not None and not captioned else 0,
+        image_shape=shape,
         class_names=tuple(getattr(dataset, "class_names", None) or ()),
         sampling=config.sampling,
     )
@@ -54,6 +105,8 @@ def reproduce_command(name: str, step: int, max_steps: int) -> str:
 def _kind(model_config: ModelConfig, config: TrainConfig) -> tuple[str, str]:
     """What the card calls the model, and the extra `difforge sample` flags of its example."""
     classes = model_config.num_classes
+    if config.net.kind == "text_conditioned":
+        return f"text-conditional ({config.net.config['backbone_kind']} backbone)", ""
     if config.conditioning is None or not config.conditioning.keys:
         return (f"class-conditional ({classes} classes)" if classes else "unconditional"), ""
     keys = config.conditioning.keys
@@ -123,12 +176,20 @@ def export_model(
     config: TrainConfig,
     ema_weights: Mapping[str, Tensor],
     provenance: Mapping[str, Any],
+    spec: ConditioningSpec | None = None,
 ) -> Path:
-    """Write the final model folder (EMA weights, config, card, manifest)."""
+    """Write the final model folder (EMA weights, config, card, manifest).
+
+    With a text `spec`, a v2 pipeline (its conditioning holds the tokenizer); else a v1 folder.
+    """
     provenance = {**provenance, "code_version": code_version(), "created": _now()}
     model_config = model_config.model_copy(update={"provenance": dict(provenance)})
     card = model_card(model_config, config, provenance)
-    return save_model(folder, model_config, ema_weights, card)
+    if spec is None:
+        return save_model(folder, model_config, ema_weights, card)
+    pipeline = training_pipeline(model_config, spec).model_dump(exclude={"components"})
+    pipeline["provenance"] = dict(provenance)
+    return save_pipeline(folder, pipeline, {"denoiser": (model_config, ema_weights)}, card)
 
 
 def export_pipeline(
@@ -205,10 +266,34 @@ def _now() -> str:
 
 
 def sample_grid(model: Model, path: Path, seeds_per_class: int = 2) -> Path:
-    """A labelled grid from the model's sampling defaults, fixed seeds, one column per class."""
+    """A labelled grid (images) or line plot (series) from the model's sampling defaults, fixed
+    seeds, one column per class."""
     n = max(model.num_classes, 1) * seeds_per_class if model.num_classes else 16
     samples = model.sample(n=n, seed=0)
+    if len(model.image_shape) == 2:
+        return plot_series(samples.images, samples.labels, path, title=model.name)
     return save_samples_png(model, samples, path)
+
+
+def plot_series(series: Tensor, labels: tuple[int, ...] | None, out: Path, title: str = "") -> Path:
+    """Series (n, C, T) as a line plot PNG, one colour per label (channel 0 only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for i, s in enumerate(series[:, 0].float().numpy()):
+        lab = None if labels is None else labels[i]
+        ax.plot(s, lw=1.0, color=None if lab is None else f"C{lab % 10}", alpha=0.8)
+    ax.set_xlabel("t")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

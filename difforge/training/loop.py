@@ -26,18 +26,24 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from difforge.common.distributed import World, current
 from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.core.processes import make_process
 from difforge.data.dataset import ImageDataset
+from difforge.data.timeseries import SeriesDataset
 from difforge.pipeline import Model, build_denoiser, build_network, load_weights_strict
 from difforge.training import checkpoint as ckpt
+from difforge.training import distributed as ddp
 from difforge.training.config import TrainConfig, config_diff
 from difforge.training.export import (
+    check_text_net,
     export_model,
     export_pipeline,
     model_config_for,
     plot_loss_curve,
     sample_grid,
+    text_spec,
+    training_pipeline,
     truncate_metrics,
 )
 from difforge.training.losses import denoising_loss, sample_sigma
@@ -49,6 +55,7 @@ from difforge.training.optim import (
     lr_at,
     optimizer_state,
 )
+from difforge.training.runlock import run_lock
 
 
 class NonFiniteTrainingError(DifforgeError):
@@ -102,19 +109,25 @@ class Trainer:
 
     Args:
         config: the training recipe.
-        dataset: images uint8 (N, C, H, W) with int64 labels (or None: unconditional).
+        dataset: images uint8 (N, C, H, W) or series float32 (N, C, T), with int64 labels (or
+            None: unconditional).
         run_dir: the run folder.
         log: where human-readable messages go.
+        world: the torchrun group to train data-parallel in [the current one]; see
+            difforge.training.distributed for how a step splits over the ranks.
     """
 
     def __init__(
         self,
         config: TrainConfig,
-        dataset: ImageDataset,
+        dataset: ImageDataset | SeriesDataset,
         run_dir: str | Path,
         *,
         log: Callable[[str], None] = _info,
+        world: World | None = None,
     ):
+        self.world = world if world is not None else current()
+        ddp.check_batch(config.batch_size, self.world)
         if config.batch_size > len(dataset):
             raise InvalidArgumentError(
                 f"batch_size {config.batch_size} exceeds the dataset's {len(dataset)} images"
@@ -123,8 +136,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.process = make_process(config.process)
         self.model_config = model_config_for(config, dataset, self.run_dir.name)
-        # what cond training feeds: the config's spec, else the dataset's class labels (v1)
-        self.spec = config.conditioning or self.model_config.conditioning(config.cond_dropout)
+        self.text_spec = text_spec(config, dataset)  # a captioned data set: prompts
+        # what cond training feeds: the config's spec, the text spec, or the dataset's labels (v1)
+        self.spec = (
+            config.conditioning
+            or self.text_spec
+            or self.model_config.conditioning(config.cond_dropout)
+        )
         self.latents = None  # a LatentSource when training in a VAE's latent space
         if config.vae:
             from difforge.training.vae import encoded_dataset
@@ -132,14 +150,20 @@ class Trainer:
             self.latents = encoded_dataset(config.vae, dataset)
             self.data = self.latents.latents  # (N, c, h, w), scaled
         else:
-            self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1]
-        self.fields = dataset.fields()  # {name: (N, ...)} per-image data the spec reads
+            self.data = dataset.as_float()  # (N, C, H, W) in [-1, 1], or series (N, C, T)
+        self.fields = dataset.fields()  # {name: (N, ...)} per-example data the spec reads
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
         self.net = build_network(config.net)
         _check_net_fits(self.net, self.model_config)
+        check_text_net(self.net.config, self.text_spec)
         self.denoiser = build_denoiser(self.model_config, self.net).train()
+        # what training calls: under torchrun the same adapter around the DDP-wrapped net (DDP
+        # hooks the net's forward; the adapter's loss_terms calls it)
+        self.forward = self.denoiser
+        if self.world.distributed:
+            self.forward = build_denoiser(self.model_config, ddp.wrap(self.net, self.world))
         self.optimizer = build_optimizer(self.net.parameters(), config)
         self.ema = EMA(self.net)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -158,7 +182,10 @@ class Trainer:
         return self._perm[1]
 
     def next_batch(self) -> tuple[Tensor, dict[str, Tensor]]:
-        """(x0 (B, C, H, W) float32, the batch's data fields); the last partial batch is dropped."""
+        """(x0 (B, *sample_shape) float32, the batch's data fields); the last partial batch is dropped.
+
+        B is the global batch: every rank gets all of it; `train_step` keeps its shard.
+        """
         b, s = self.config.batch_size, self.state
         if s.position + b > len(self.data):
             s.epoch, s.position = s.epoch + 1, 0
@@ -169,38 +196,41 @@ class Trainer:
     # --- one step -----------------------------------------------------------------------------
 
     def train_step(self, x0: Tensor, fields: dict[str, Tensor]) -> StepOutcome:
-        """One AdamW step on one batch; a non-finite loss or gradient leaves all weights as they were."""
+        """One AdamW step on one global batch; a non-finite loss or gradient (on any rank) leaves
+        all weights as they were."""
         cfg, s = self.config, self.state
         lr = lr_at(cfg, s.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sigma = sample_sigma(cfg, self.process, x0.shape[0], self.generator)  # (B,)
-        eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W)
+        eps = torch.randn(x0.shape, generator=self.generator)  # (B, C, H, W) or (B, C, T)
         cond = self.spec.drop(self.spec.from_batch(fields), self.generator)  # CFG dropout
+        x0, sigma, eps, cond = ddp.shard(self.world, x0, sigma, eps, cond)  # this rank's rows
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
             if cfg.precision == "bf16"
             else nullcontext()
         )
         with autocast:
-            loss = denoising_loss(self.denoiser, x0, sigma, eps, cond, cfg)
+            loss = denoising_loss(self.forward, x0, sigma, eps, cond, cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return self._skip(loss.item(), math.nan)
-        loss.backward()
+        loss_value = float(self.world.mean(loss.detach()))  # the global batch's mean loss
+        if not math.isfinite(loss_value):
+            return self._skip(loss_value, math.nan)
+        loss.backward()  # under DDP: gradients averaged over the ranks
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm))
         if not math.isfinite(grad_norm):
-            return self._skip(loss.item(), grad_norm)
+            return self._skip(loss_value, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         s.step += 1
-        s.images_seen += x0.shape[0]
+        s.images_seen += cfg.batch_size
         self.ema.update(self.net, ema_beta(cfg, s.images_seen))
         s.nonfinite_streak = 0
-        s.window_loss += loss.item()
+        s.window_loss += loss_value
         s.window_steps += 1
-        return StepOutcome(loss.item(), grad_norm, skipped=False)
+        return StepOutcome(loss_value, grad_norm, skipped=False)
 
     def _skip(self, loss: float, grad_norm: float) -> StepOutcome:
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,6 +273,9 @@ class Trainer:
         return tensors | opt_tensors | rng_tensors, state
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint (every rank holds the same state); all return its path."""
+        if not self.world.is_main:
+            return ckpt.checkpoint_dir(self.run_dir) / f"step-{self.state.step:09d}"
         tensors, state = self.checkpoint_payload()
         return ckpt.write_checkpoint(
             self.run_dir, self.state.step, tensors, state, self.config.keep_last
@@ -297,17 +330,16 @@ class Trainer:
             total=cfg.max_steps,
             initial=self.state.step,
             unit="step",
-            disable=not progress,
+            disable=not (progress and self.world.is_main),
             dynamic_ncols=True,
             file=sys.stderr,
         )
         with bar, _stop_on_signals() as stop:
             while self.state.step < last:
-                if stop.is_set():
-                    status = "interrupted"
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    status = "time_budget"
+                late = deadline is not None and time.monotonic() >= deadline
+                interrupted, late = self.world.any(stop.is_set(), late)  # every rank stops together
+                if interrupted or late:
+                    status = "interrupted" if interrupted else "time_budget"
                     break
                 outcome = self.train_step(*self.next_batch())
                 if outcome.skipped:
@@ -337,14 +369,16 @@ class Trainer:
             "time": time.time(),
         }
         s.window_loss, s.window_steps = 0.0, 0
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        if not self.world.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
 
     def _periodic_outputs(self) -> None:
         step, cfg = self.state.step, self.config
-        if cfg.sample_every and step % cfg.sample_every == 0:
+        if cfg.sample_every and step % cfg.sample_every == 0 and self.world.is_main:
             self.write_sample_grid(self.run_dir / "samples" / f"step-{step:09d}.png")
         if step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
@@ -352,7 +386,12 @@ class Trainer:
     def write_sample_grid(self, path: Path) -> Path:
         """A labelled grid from the current EMA weights; touches no training RNG."""
         if self._sampler_model is None:
-            self._sampler_model = Model(self.model_config, self.ema.net, sha256="(training)")
+            pipeline = None
+            if self.text_spec is not None:
+                pipeline = training_pipeline(self.model_config, self.text_spec)
+            self._sampler_model = Model(
+                self.model_config, self.ema.net, sha256="(training)", pipeline=pipeline
+            )
         with torch.random.fork_rng(devices=[]):
             return sample_grid(self._sampler_model, path)
 
@@ -360,8 +399,11 @@ class Trainer:
         checkpoint = self.save_checkpoint()
         model_dir = None
         if status != "interrupted":
-            model_dir = self.export(self.run_dir / "model")
-            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            model_dir = self.run_dir / "model"
+            if self.world.is_main:
+                self.export(model_dir)
+                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        self.world.barrier()  # rank 0's files exist before any rank returns
         s = self.state
         return TrainResult(
             status,
@@ -397,17 +439,31 @@ class Trainer:
             )  # not in train_seconds
         weights = self.ema.net.state_dict()
         if self.config.conditioning is None and self.latents is None:
-            return export_model(folder, self.model_config, self.config, weights, provenance)
+            return export_model(
+                folder, self.model_config, self.config, weights, provenance, self.text_spec
+            )
         return export_pipeline(
             folder, self.model_config, self.config, weights, provenance, self.spec, self.latents
         )
 
 
 def _check_net_fits(net: torch.nn.Module, model_config) -> None:
-    """The net's declared input, image size and classes must match the dataset."""
-    c, h, _ = model_config.image_shape
+    """The net's declared input, image size (or series length) and classes must match the dataset."""
+    shape = tuple(model_config.image_shape)  # (C, H, W) or (C, T)
     cfg = getattr(net, "config", None)
-    checks = [("in_channels", c), ("image_size", h), ("num_classes", model_config.num_classes)]
+    size = "image_size" if len(shape) == 3 else "length"
+    other = "length" if size == "image_size" else "image_size"
+    if cfg is not None and hasattr(cfg, other) and not hasattr(cfg, size):
+        what = "images (C, H, W)" if size == "image_size" else "series (C, T)"
+        raise InvalidArgumentError(
+            f"network does not fit the dataset: net kind {getattr(net, 'kind', '?')!r} takes "
+            f"{'series' if other == 'length' else 'images'}, the dataset holds {what} {shape}"
+        )
+    checks = [
+        ("in_channels", shape[0]),
+        (size, shape[1]),
+        ("num_classes", model_config.num_classes),
+    ]
     wrong = [
         f"net.config.{name} is {getattr(cfg, name)} but the dataset has {want}"
         for name, want in checks
@@ -438,19 +494,21 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def load_training_data(spec: str | dict[str, Any]) -> ImageDataset:
-    """The image dataset a config names (`difforge.data.load_dataset`)."""
+def load_training_data(spec: str | dict[str, Any]) -> ImageDataset | SeriesDataset:
+    """The image or series dataset a config names (`difforge.data.load_dataset`)."""
     from difforge.data import load_dataset
 
     dataset = load_dataset(spec)
-    if not isinstance(dataset, ImageDataset):
+    if not isinstance(dataset, ImageDataset | SeriesDataset):
         raise InvalidArgumentError(
-            f"dataset {json.dumps(spec)} is not an image dataset; training needs images"
+            f"dataset {json.dumps(spec)} is neither images nor series; training needs one of them"
         )
     return dataset
 
 
-def describe(config: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, Any]:
+def describe(
+    config: TrainConfig, dataset: ImageDataset | SeriesDataset | None = None
+) -> dict[str, Any]:
     """What `--dry-run` prints: the dataset, the net's size and its cost per forward and step.
 
     Builds the net and loads the dataset, so any config error surfaces here without training.
@@ -484,15 +542,19 @@ def train(
     config: TrainConfig,
     run_dir: str | Path,
     *,
-    dataset: ImageDataset | None = None,
+    dataset: ImageDataset | SeriesDataset | None = None,
     resume: bool = False,
     force: bool = False,
     max_minutes: float | None = None,
     until_step: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = _info,
+    world: World | None = None,
 ) -> TrainResult:
     """Train a model, or continue a run, and write its artifacts into `run_dir`.
+
+    Under torchrun every rank calls this inside `difforge.common.distributed.session()`: the run
+    is data-parallel and rank 0 writes the files (difforge.training.distributed).
 
     Args:
         config: the training recipe.
@@ -503,6 +565,7 @@ def train(
         max_minutes: wall-clock budget; on expiry, checkpoint, export and stop cleanly.
         until_step: stop (checkpoint and export) after this step, before max_steps.
         progress: show a tqdm progress bar.
+        world: the torchrun group [the current one]; a restart of the group resumes.
 
     Returns:
         TrainResult: how it ended, the final step and loss, and where the model is.
@@ -510,20 +573,37 @@ def train(
     run_dir = Path(run_dir)
     if max_minutes is not None and not max_minutes > 0:
         raise InvalidArgumentError(f"max_minutes must be positive, got {max_minutes}")
+    world = world if world is not None else current()
+    resume = ddp.resume_on_restart(resume, world)
+    # one trainer per run folder; under torchrun rank 0 holds the lock for the whole group (the
+    # other ranks write nothing), so a second launch on the same --out fails on its rank 0
+    with run_lock(run_dir) if world.is_main else nullcontext():
+        return _train_locked(
+            config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log, world
+        )
+
+
+def _train_locked(
+    config, run_dir, dataset, resume, force, max_minutes, until_step, progress, log, world
+):
     existing = ckpt.list_checkpoints(run_dir)
     if existing and not resume:
         raise InvalidArgumentError(
             f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out"
         )
+    if world.is_main:
+        ckpt.remove_debris(run_dir)  # under the lock, every temp or unmarked folder is a leftover
     dataset = dataset if dataset is not None else load_training_data(config.dataset)
-    trainer = Trainer(config, dataset, run_dir, log=log)
+    trainer = Trainer(config, dataset, run_dir, log=log, world=world)
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         trainer.restore(latest, force=force)
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-        log(f"resumed from {latest} (step {trainer.state.step})")
+        ddp.check_same_step(trainer.state.step, world)
+        if world.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+            log(f"resumed from {latest} (step {trainer.state.step})")
     elif resume and existing:
         raise ckpt.CheckpointError(f"{run_dir} holds no complete checkpoint to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json() + "\n")
+    if world.is_main:
+        (run_dir / "config.json").write_text(config.to_json() + "\n")
     return trainer.run(max_minutes=max_minutes, until_step=until_step, progress=progress)

@@ -80,12 +80,14 @@ def test_sweep_writes_points_and_a_plot(ws):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == (
-        f"wrote {out} and {plot}: 4 points of {N} images each; reference euler 4 NFE: fid "
+        f"wrote {out} and {plot}: 3 points of {N} images each; reference euler 4 NFE: fid "
         + result.stdout.split("fid ")[-1].strip()
     )
     sweep = json.loads(out.read_text())
     got = [(p["method"], p["target_nfe"], p["nfe"]) for p in sweep["points"]]
-    assert got == [("euler", 2, 2), ("euler", 3, 3), ("heun", 2, 1), ("heun", 3, 3)]
+    assert got == [("euler", 2, 2), ("euler", 3, 3), ("heun", 2, 1)]
+    # Heun at 2 steps (3 NFE) is left out: its corrector would run at sigma 0.002 after 80
+    assert [(p["method"], p["target_nfe"]) for p in sweep["left_out"]] == [("heun", 3)]
     assert sweep["reference_line"]["nfe"] == 4 and sweep["guidance"] == 1.0
     assert plot.read_bytes()[:4] == b"\x89PNG"
 

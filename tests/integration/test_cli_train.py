@@ -148,3 +148,13 @@ def test_bad_files_are_one_line(workspace, tmp_path):
         "sample", "--model", model, "--steps", "1", "--out", tmp_path / "afile" / "g.png"
     )
     assert_one_line_error(result, "afile")
+
+
+def test_a_second_trainer_on_a_run_folder_is_one_line_naming_the_holder(workspace, tmp_path):
+    import os
+
+    from difforge.training.runlock import run_lock
+
+    with run_lock(tmp_path / "run"):
+        result = invoke("train", "--config", workspace / "config.json", "--out", tmp_path / "run")
+    assert_one_line_error(result, "is in use by another trainer", f"pid {os.getpid()} on ")

@@ -197,4 +197,4 @@ def test_the_shipped_scenes_model_loads_and_samples():
     out = m.sample(cond={"slots": "_6/3_"}, seed=0, steps=2)
     assert out.images.shape == (1, 1, 64, 64)
     info = CliRunner().invoke(app, ["info", "--model", str(root)])
-    assert info.exit_code == 0 and "conditional, edm" in info.output, info.output
+    assert info.exit_code == 0 and "conditioned on slots" in info.output, info.output

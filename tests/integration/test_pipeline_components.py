@@ -215,3 +215,18 @@ def test_http_generates_pipeline_images_batch_invariantly(toy):
             assert np.array_equal(png_pixels(alone.content), images[1])  # same seed, same bytes
 
     run(scenario())
+
+
+def test_the_registry_stores_and_loads_a_pipeline(toy, tmp_path):
+    from difforge.registry import Registry
+
+    reg = Registry(f"sqlite:///{tmp_path / 'reg.db'}", tmp_path / "artifacts")
+    info = reg.register(toy, name="toy").info
+    loaded = reg.load_version("toy", info.version)
+    assert loaded.sha256 == difforge.load(toy).sha256 and loaded.vae is not None
+    assert torch.equal(
+        loaded.sample(labels=[2], seed=3).images,
+        difforge.load(toy).sample(labels=[2], seed=3).images,
+    )
+    report = reg.verify()
+    assert report.problems == [] and report.artifacts_checked >= 6  # every component file

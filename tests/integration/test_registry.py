@@ -27,6 +27,7 @@ from difforge.registry import (
     Registry,
     RegistryError,
 )
+from tests.helpers import skip_unless_real
 
 PG_ENV = "DIFFORGE_TEST_POSTGRES_URL"
 TINY = UNetConfig(
@@ -80,8 +81,11 @@ def registry_url(request, tmp_path):
         return
     base = os.environ.get(PG_ENV)
     if not base:
-        pytest.skip(f"PostgreSQL tests need {PG_ENV}=postgresql+psycopg://user@host:port/db")
-    pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (pip install psycopg)")
+        skip_unless_real(f"PostgreSQL tests need {PG_ENV}=postgresql+psycopg://user@host:port/db")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        skip_unless_real("PostgreSQL tests need psycopg (pip install psycopg)")
     schema = f"difforge_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base)
     with admin.begin() as conn:
@@ -408,3 +412,40 @@ def test_verify_detects_a_rehashed_row_and_edited_state_tables(reg, tmp_path):
     assert "version m v2 was edited after it was registered" in problems
     assert "alias production of m points at v2 but the audit log says v1" in problems
     assert "evaluation report 1 of m v1 was edited" in problems
+
+
+def test_promotion_without_the_smoke_sample_still_checks_every_artifact(reg, tmp_path):
+    info = reg.register(make_model(tmp_path / "a", 0, report(10.0)), "m").info
+    blob = reg.store.path(info.weights_sha256)
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    for to in ("production", "canary"):
+        with pytest.raises(ArtifactIntegrityError, match=r"refusing to promote m:v1: .*corrupted"):
+            reg.promote("m", 1, to, gates=NO_SMOKE)
+        entry = reg.audit_log("m")[-1]
+        assert entry.action == "integrity_failure" and "model.safetensors" in entry.details["files"]
+    with pytest.raises(NotFoundError):
+        reg.get("m", "production")
+    with pytest.raises(NotFoundError):
+        reg.get("m", "canary")
+
+
+def test_verify_records_what_it_finds_in_the_audit_log(reg, tmp_path):
+    info = reg.register(make_model(tmp_path / "a", 0), "m").info
+    assert reg.verify().ok and reg.audit_log("m")[-1].action == "register"
+    blob = reg.store.path(info.weights_sha256)
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes()[:100])
+    v = reg.verify()
+    last = reg.audit_log()[-1]
+    assert last.action == "verify_failed" and last.details["problems"] == v.problems
+    assert last.details["count"] == len(v.problems) >= 1
+
+
+def test_a_version_number_past_any_database_integer_is_not_found(reg, tmp_path):
+    reg.register(make_model(tmp_path / "a", 0), "m")
+    for ref in (2**63, 10**30, f"v{10**30}", -(10**30), 0):
+        with pytest.raises(NotFoundError, match="m has no version"):
+            reg.get("m", ref)

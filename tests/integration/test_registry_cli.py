@@ -89,7 +89,7 @@ def test_tampering_fails_verify_with_exit_1(cli, tmp_path):
     result = cli("verify", code=1)
     assert "registry verification failed (4 problems)" in result.stderr
     assert result.stderr.count("problem: artifact ") == 4
-    assert "refusing to load m:v1" in cli("promote", "m", "1", code=2).stderr
+    assert "refusing to promote m:v1" in cli("promote", "m", "1", code=2).stderr
 
 
 def test_errors_are_one_line(cli, tmp_path):

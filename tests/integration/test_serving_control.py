@@ -93,9 +93,11 @@ def test_loopback_only_without_keys(model_dir, caplog):
             await svc.wait_ready()
             remote = httpx.ASGITransport(app=app, client=("192.168.3.4", 5555))
             async with httpx.AsyncClient(transport=remote, base_url="http://t") as c:
-                for path in ("/v1/models", "/metrics", "/v2/health/live", "/"):
+                for path in ("/v1/models", "/metrics", "/v1/audit/verify", "/"):
                     r = await c.get(path)
                     assert r.status_code == 403 and "loopback" in r.json()["detail"], path
+                for path in ("/v2/health/live", "/v2/health/ready"):  # health checkers probe
+                    assert (await c.get(path)).status_code == 200, path
                 r = await c.post("/v1/generate", json={"labels": [1]})
                 assert r.status_code == 403
             local = httpx.ASGITransport(app=app, client=("::1", 5555))
@@ -116,7 +118,12 @@ def test_serve_announces_loopback_only_mode(model_dir, monkeypatch, caplog):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
     caplog.set_level(logging.INFO, logger="difforge.serving")
     app_module.serve(model_dir, port=8123)
-    assert seen == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
+    assert seen == {
+        "host": "127.0.0.1",
+        "port": 8123,
+        "log_level": "info",
+        "proxy_headers": False,  # proxy trust comes from difforge's config only
+    }
     assert "loopback clients only" in caplog.text
 
 
@@ -212,7 +219,7 @@ def test_idempotency_key_replays_conflicts_and_mismatches(model_dir):
             )
             await until(lambda: bool(svc.engine.jobs))
             dup = await c.post("/v1/generate", json=SLOW, headers={"Idempotency-Key": "slow"})
-            assert dup.status_code == 409
+            assert dup.status_code == 409 and int(dup.headers["retry-after"]) >= 1
             assert (await slow).status_code == 200
             bad = await c.post("/v1/generate", json={"steps": 0}, headers={"Idempotency-Key": "x"})
             fixed = await c.post(

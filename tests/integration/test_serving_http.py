@@ -24,6 +24,7 @@ from tests.integration.serving_fixtures import (
 )
 
 FAST = {"torch_threads": 1, "warmup_steps": 1}
+JSON = {"content-type": "application/json"}
 PROVENANCE_KEYS = {
     "model",
     "model_sha256",
@@ -218,7 +219,7 @@ def test_validation_errors_are_422_or_413_and_cost_no_queue_slot(model_dir):
                 )
                 assert r.status_code == 422, content
             big = json.dumps({"labels": [1] * 10_000}).encode()
-            r = await c.post("/v1/generate", content=big)
+            r = await c.post("/v1/generate", content=big, headers=JSON)
             assert r.status_code == 413 and r.json()["detail"][0]["type"] == "body_too_large"
             assert svc.engine.depth == 0 and not svc.engine.jobs
             ok = await c.post("/v1/generate", json={"labels": [1], "seed": 1})  # queue of 1 free

@@ -10,6 +10,7 @@ import json
 
 import httpx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from difforge.cli import app as cli_app
@@ -307,7 +308,15 @@ class Broken:
         raise RuntimeError("injected fault")
 
 
-def test_a_failing_canary_is_rolled_back_automatically(reg, caplog):
+class NaNOutput:
+    """A denoiser whose output is NaN: a canary that would otherwise answer black images."""
+
+    def __call__(self, x, sigma, cond=None):
+        return torch.full_like(x, float("nan"))
+
+
+@pytest.mark.parametrize("fault", [Broken, NaNOutput])
+def test_a_failing_canary_is_rolled_back_automatically(reg, caplog, fault):
     reg.promote(NAME, 2, to="canary", percent=50)
 
     async def scenario():
@@ -316,12 +325,14 @@ def test_a_failing_canary_is_rolled_back_automatically(reg, caplog):
             svc = source.service
             canary = svc.router.canary
             assert registry_version(canary) == 2
-            canary.model.denoiser = Broken()  # after its warm-up: it fails only on traffic
+            canary.model.denoiser = fault()  # after its warm-up: it fails only on traffic
             rs = await generate_seeds(c, range(40), chunk=10)
             on_canary = [s for s in range(40) if routing_fraction(f"loopback:{s}") < 0.5]
             assert len(on_canary) >= 6
             assert all(rs[s].status_code in (200, 500) for s in on_canary)
             assert any(rs[s].status_code == 500 for s in on_canary)
+            why = "non-finite" if fault is NaNOutput else "internal error"
+            assert all(why in r.json()["detail"] for r in rs.values() if r.status_code == 500)
             await until(lambda: svc.router.canary is None)
             res = reg.resolve(NAME)
             assert res.canary is None and res.production.version == 1
@@ -364,7 +375,7 @@ def tamper(reg: Registry, version: int) -> None:
     blob.write_bytes(bytes(data))
 
 
-def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg):
+def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg, folders):
     tamper(reg, 2)
 
     async def scenario():
@@ -378,8 +389,10 @@ def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg):
             assert "sha256" in r.json()["detail"]
             assert reg.resolve(NAME).canary is None and actions(reg)[-1] == "integrity_failure"
 
-            # set elsewhere (smoke gate off, so the registry itself does not load it)
+            # promoted elsewhere while intact, damaged afterwards (promotion checks the blobs)
+            reg.register(folders[1], NAME)  # repairs the blob
             reg.promote(NAME, 2, to="canary", percent=50, gates={"smoke_sample": False})
+            tamper(reg, 2)
             await until(lambda: "canary" in source.problems)
             assert "refusing to load tiny:v2" in source.problems["canary"]
             assert svc.router.canary is None
@@ -399,7 +412,11 @@ def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg):
             assert actions(reg).count("integrity_failure") == failures == 2
 
     run(scenario())
+    with pytest.raises(ArtifactIntegrityError, match="refusing to promote tiny:v2"):
+        reg.promote(NAME, 2, to="production", gates={"smoke_sample": False})
+    reg.register(folders[1], NAME)
     reg.promote(NAME, 2, to="production", gates={"smoke_sample": False})
+    tamper(reg, 2)
     with pytest.raises(
         ArtifactIntegrityError, match="refusing to load tiny:v2"
     ):  # nothing to fall back on

@@ -142,6 +142,7 @@ def test_gradients_reach_every_parameter():
     net = make(config).train()
     x, t = inputs(config)
     cond = {"labels": torch.tensor([0, 1, 2, 3]), "context": torch.randn(4, 5, 4)}
+    cond["pooled"] = torch.randn(4, 4)  # the pooled text vector (context_dim wide)
     x, t = torch.cat([x, x[:1]]), torch.cat([t, t[:1]])
     net(x, t, cond).square().mean().backward()
     dead = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -139,7 +139,7 @@ def test_resolve_fills_defaults_and_broadcasts_one_label():
 def test_every_limit_is_a_field_level_error(body, field):
     with pytest.raises(RequestInvalid) as e:
         resolve(parse_body(json.dumps(body).encode(), LIMITS), LIMITS, FACTS)
-    assert e.value.status == 422
+    assert e.value.reason == "validation"
     assert any(err["loc"][:2] == ["body", field] for err in e.value.errors), e.value.errors
 
 
@@ -159,13 +159,13 @@ def test_every_limit_is_a_field_level_error(body, field):
 def test_malformed_bodies_are_422_with_a_location(raw):
     with pytest.raises(RequestInvalid) as e:
         parse_body(raw, LIMITS)
-    assert e.value.status == 422 and all(err["loc"][0] == "body" for err in e.value.errors)
+    assert e.value.reason == "validation" and all(err["loc"][0] == "body" for err in e.value.errors)
 
 
 def test_oversized_body_is_413():
     with pytest.raises(RequestInvalid) as e:
         parse_body(b" " * (LIMITS.max_body_bytes + 1), LIMITS)
-    assert e.value.status == 413
+    assert e.value.reason == "body_too_large"
 
 
 def test_unconditional_model_refuses_labels_and_guidance():
@@ -197,24 +197,24 @@ def test_authorize_matrix():
     bearer = lambda k: {"authorization": f"Bearer {k}"}  # noqa: E731
     assert ac.authorize(bearer("g-key"), "10.0.0.1", "generate").key_id == "gen"
     assert ac.authorize({"x-api-key": "a-key"}, "10.0.0.1", "admin").key_id == "ops"
-    for headers, host, scope, status in [
-        ({}, "10.0.0.1", "generate", 401),
-        (bearer("wrong"), "10.0.0.1", "generate", 401),
-        ({}, "127.0.0.1", "generate", 401),  # keys configured: loopback needs one to generate
-        (bearer("a-key"), "10.0.0.1", "generate", 403),
-        (bearer("g-key"), "10.0.0.1", "admin", 403),
-        ({}, "10.0.0.1", "admin", 401),
+    for headers, host, scope, reason in [
+        ({}, "10.0.0.1", "generate", "unauthorized"),
+        (bearer("wrong"), "10.0.0.1", "generate", "unauthorized"),
+        ({}, "127.0.0.1", "generate", "unauthorized"),  # keys configured: loopback needs one
+        (bearer("a-key"), "10.0.0.1", "generate", "forbidden"),
+        (bearer("g-key"), "10.0.0.1", "admin", "forbidden"),
+        ({}, "10.0.0.1", "admin", "unauthorized"),
     ]:
         with pytest.raises(AccessDenied) as e:
             ac.authorize(headers, host, scope)
-        assert e.value.status == status, (headers, host, scope)
-        assert "key" not in e.value.public_detail or status == 403
+        assert e.value.reason == reason, (headers, host, scope)
+        assert "key" not in e.value.public_detail or reason == "forbidden"
     assert ac.authorize({}, "127.0.0.1", "admin").loopback  # metrics from loopback, no key
     open_ac = AccessControl(ServiceConfig())
     assert open_ac.authorize({}, "::1", "generate").key_id == "loopback"
     with pytest.raises(AccessDenied) as e:
         open_ac.authorize({}, "192.168.1.2", "generate")
-    assert e.value.status == 403
+    assert e.value.reason == "forbidden"
 
 
 def test_token_bucket_per_key():
@@ -245,11 +245,11 @@ def test_idempotency_claim_conflict_replay_release():
     assert store.claim("k", "x", body) is None
     with pytest.raises(IdempotencyConflict) as e:
         store.claim("k", "x", body)
-    assert e.value.status == 409
+    assert e.value.reason == "idempotency_conflict"
     with pytest.raises(IdempotencyConflict) as e:
         store.claim("k", "x", b'{"seed": 2}')
-    assert e.value.status == 422
-    resp = StoredResponse(200, b"png", "image/png", {"X-Request-Id": "r"})
+    assert e.value.reason == "idempotency_mismatch"
+    resp = StoredResponse(b"png", "image/png", {"X-Request-Id": "r"})
     store.complete("k", "x", resp)
     assert store.claim("k", "x", b'{"n": 2, "seed": 1}') == resp  # same JSON, other key order
     assert store.claim("other-key-id", "x", body) is None  # scoped per API key id
@@ -424,3 +424,13 @@ def test_build_service_leaves_no_openmp_team_on_the_calling_thread():
     before, after_service, after_direct = map(int, out.stdout.split())
     assert after_service == before
     assert after_direct > before
+
+
+def test_every_outcome_reason_has_exactly_one_http_status_in_the_app():
+    from difforge.serving.app import HTTP_STATUS
+    from difforge.serving.metrics import ERROR_REASONS
+    from difforge.serving.service import ServiceError
+
+    assert set(ERROR_REASONS) | {"ok"} == set(HTTP_STATUS)
+    err = ServiceError("queue_full", "the queue is full", retry_after=2.0)
+    assert not hasattr(err, "status") and (err.reason, err.retry_after) == ("queue_full", 2.0)

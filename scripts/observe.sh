@@ -4,7 +4,7 @@
 # folder and goes with it). For people who want to look; no test runs it.
 #
 #   difforge serve --model models/mnist-cond --host 127.0.0.1 --port 8000 &
-#   bash scripts/observe.sh            # then open http://127.0.0.1:9090 (Alerts, Graph)
+#   bash scripts/observe.sh            # or `make observe`; then open http://127.0.0.1:9090
 #
 # Environment: PORT (the service's, 8000), PROM_PORT (Prometheus', 9090), SCRAPE (interval, 5s).
 # /metrics answers loopback clients without a key; a service behind API keys needs scope admin,

@@ -134,6 +134,19 @@ def test_every_query_names_only_metrics_the_service_exports(tmp_path):
     assert not unknown, unknown
 
 
+def test_the_queue_size_in_the_rules_is_the_configured_default():
+    """The queue size is not exported, so the saturation rule and the on-call board carry it."""
+    from difforge.serving import ServiceConfig
+
+    size = ServiceConfig().queue_size
+    saturation = [
+        r for g in rule_groups() for r in g["rules"] if r.get("alert") == "DifforgeQueueSaturated"
+    ]
+    assert f"/ {size} > 0.8" in saturation[0]["expr"]
+    oncall = [e for w, e in queries() if w.startswith("oncall.json") and "queue_depth" in e]
+    assert any(f"/ {size}" in e for e in oncall)
+
+
 def test_promtool_lints_the_live_exposition(tmp_path):
     tool = promtool()
     text = live_metrics(tmp_path)

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test bench lint format clean
+.PHONY: run test bench lint format clean observe
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# a local Prometheus scraping a service started with `make run` (scripts/observe.sh)
+observe:
+	PORT=$(PORT) bash scripts/observe.sh

@@ -320,11 +320,16 @@ class Service:
         return response
 
     def _cache_key(self, call: GenerateCall, version: ModelVersion, plan: Plan) -> CacheKey | None:
-        """The request's result cache key; None when the cache is off or its seed was drawn."""
-        if not self.cache.enabled or plan.seed_drawn:
+        """The request's result cache key; None when the cache is off, its seed was drawn or its
+        version batches without invariance (its pixels then depend on the call they shared)."""
+        invariant = version.plan is not None and version.plan.invariant
+        if not self.cache.enabled or plan.seed_drawn or not invariant:
             return None
         tenant = call.principal.key_id if self.config.result_cache.per_tenant else ""
-        return result_key(tenant, version.id, plan.params())
+        params = plan.params()
+        if plan.adapter is not None:  # a name may be attached again with other weights
+            params["adapter"] = version.model.adapters[plan.adapter].describe()
+        return result_key(tenant, version.id, params)
 
     def _outcome(self, job: Job, ok: bool) -> None:
         latency = time.monotonic() - job.accepted

@@ -98,6 +98,18 @@ def test_off_by_default_and_drawn_seeds_never_hit(model_dir):
     run(scenario())
 
 
+def test_a_version_without_batch_invariance_is_not_cached(model_dir):
+    async def scenario():
+        svc = make_service(model_dir, **FAST, result_cache=ON, batch_invariance="off")
+        async with running(svc) as c:
+            for _ in range(2):
+                r = await c.post("/v1/generate", json=BODY)
+                assert r.status_code == 200 and "x-cache" not in r.headers
+            assert len(svc.cache) == 0
+
+    run(scenario())
+
+
 def test_tenants_do_not_share_entries(model_dir):
     keys = tuple(ApiKey(id=t, sha256=hash_key(f"{t}-secret-key")) for t in ("alice", "bob"))
     auth = {t: {"Authorization": f"Bearer {t}-secret-key"} for t in ("alice", "bob")}

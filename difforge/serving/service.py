@@ -4,8 +4,9 @@ store, audit log and metrics, and carries a generation request through them.
 POST /v1/generate, in order (each step costs less than the next, so cheap rejections stay cheap):
 authorize (unauthorized/forbidden) -> rate limit (rate_limited) -> read the body
 (body_too_large) -> idempotency claim (replay, idempotency_conflict, idempotency_mismatch) -> parse
-and validate (validation) -> route to a model version -> enqueue (queue_full) -> wait for the
-images, the deadline (deadline) or a disconnect (disconnect) -> encode -> audit -> answer.
+and validate (validation) -> route to a model version -> result cache (a hit skips to encode;
+difforge.serving.cache) -> enqueue (queue_full) -> wait for the images, the deadline (deadline) or
+a disconnect (disconnect) -> encode -> audit -> answer.
 
 The service knows nothing of HTTP status codes: it raises ServiceError with a reason, and the app
 (difforge.serving.app.HTTP_STATUS) maps reasons to statuses; the audit log's http_status comes from

@@ -190,3 +190,32 @@ def test_result_cache_lru_ttl_and_limits():
     off = ResultCache(0)
     off.put(a, _result(1))
     assert not off.enabled and off.get(a) is None
+
+
+def test_the_key_names_the_adapter_weights_and_the_version(model_dir):
+    from dataclasses import replace
+
+    from difforge.serving.access import Principal
+    from difforge.serving.batching import BatchPlan
+    from difforge.serving.service import GenerateCall
+
+    class Stub:
+        def __init__(self, sha):
+            self.sha = sha
+
+        def describe(self):
+            return {"name": "x", "sha256": self.sha, "scale": 1.0}
+
+    svc = make_service(model_dir, result_cache=ON)
+    version = svc.router.production
+    version.plan = BatchPlan("pad", 8)
+    plan = svc._plan(GenerateCall(Principal("t", frozenset(), False), b'{"seed": 1}'), "r" * 8)
+    call = GenerateCall(Principal("t", frozenset(), False), b"")
+    base = svc._cache_key(call, version, plan)
+    adapted = replace(plan, adapter="x")
+    version.model.adapters["x"] = Stub("a" * 64)
+    first = svc._cache_key(call, version, adapted)
+    version.model.adapters["x"] = Stub("b" * 64)  # attached again under its name, new weights
+    assert len({base, first, svc._cache_key(call, version, adapted)}) == 3
+    version.plan = BatchPlan("off", 8)
+    assert svc._cache_key(call, version, plan) is None

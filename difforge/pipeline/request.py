@@ -132,6 +132,7 @@ class Plan:
     uncond_rows: tuple[Row, ...] | None = None
     edit: Edit | None = None  # img2img / inpainting inputs (None: generate from noise)
     adapter: str | None = None  # the attached adapter that samples (None: the base)
+    seed_drawn: bool = False  # the request named no seed: one was drawn at random
 
     @property
     def n(self) -> int:
@@ -380,4 +381,5 @@ def resolve(
         uncond_rows=uncond_rows,
         edit=edit,
         adapter=req.adapter,
+        seed_drawn=req.seed is None and req.seeds is None,
     )

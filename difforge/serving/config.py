@@ -11,7 +11,8 @@ the key itself is never stored, logged or exported.
       "rate_limit": {"per_second": 5, "burst": 10},
       "api_keys": [{"id": "alice", "sha256": "<hex of sha256(key)>", "scopes": ["generate"]}],
       "audit_db": "audit.sqlite3",
-      "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}}
+      "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}},
+      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true}
     }
 """
 
@@ -128,6 +129,15 @@ class RegistryFollow(_Frozen):
     margins: RollbackMargins = Field(default_factory=RollbackMargins)
 
 
+class ResultCacheConfig(_Frozen):
+    """The exact result cache (difforge.serving.cache): identical resolved requests answered
+    from stored pixels, without a sampler call. Off by default."""
+
+    max_bytes: int = Field(0, ge=0)  # pixel bytes kept, least recently used evicted; 0: off
+    ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # None: until evicted
+    per_tenant: bool = True  # entries are per API key id (False: shared by every caller)
+
+
 class ServiceConfig(_Frozen):
     """Everything `difforge serve` needs besides the model.
 
@@ -163,6 +173,7 @@ class ServiceConfig(_Frozen):
     )  # intra-op threads of the sampler thread (None: torch's default)
     warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
     registry: RegistryFollow = Field(default_factory=RegistryFollow)  # serve --registry only
+    result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
 
     @field_validator("api_keys")
     @classmethod

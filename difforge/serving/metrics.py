@@ -38,6 +38,7 @@ ERROR_REASONS = (
     "registry_unavailable",
 )
 REGISTRY_EVENTS = ("install", "load_failed", "auto_rollback", "poll_error")
+CACHE_EVICTIONS = ("bytes", "ttl")  # why a result cache entry was dropped
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -144,6 +145,34 @@ _METRICS: dict[str, tuple[type, str, str, tuple[str, ...], tuple[float, ...] | N
         ("name", "role", "version"),
         None,
     ),
+    "cache_hits": (
+        Counter,
+        "difforge_result_cache_hits_total",
+        "Requests answered from the exact result cache (no sampler call).",
+        (),
+        None,
+    ),
+    "cache_misses": (
+        Counter,
+        "difforge_result_cache_misses_total",
+        "Cacheable requests (seeds given, cache on) not found in the result cache.",
+        (),
+        None,
+    ),
+    "cache_evictions": (
+        Counter,
+        "difforge_result_cache_evictions_total",
+        "Result cache entries dropped, by reason (bytes: over max_bytes, ttl: expired).",
+        ("reason",),
+        None,
+    ),
+    "cache_bytes": (
+        Gauge,
+        "difforge_result_cache_bytes",
+        "Pixel bytes held by the result cache.",
+        (),
+        None,
+    ),
 }
 
 
@@ -160,6 +189,8 @@ class ServiceMetrics:
             setattr(self, attr, kind(name, doc, list(labels), registry=r, **extra))
         for reason in ERROR_REASONS:
             self.errors.labels(reason)  # exported as 0 from the start
+        for reason in CACHE_EVICTIONS:
+            self.cache_evictions.labels(reason)
 
     def set_models(self, versions: list[tuple[str, str, str]]) -> None:
         """(name, version, role) of every served version; replaces the previous set."""

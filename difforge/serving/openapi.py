@@ -174,6 +174,10 @@ def _series(model: Model) -> bool:
 
 def _generate_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
     headers = {n: {"schema": {"type": "string"}} for n in ("X-Request-Id", "X-Output-SHA256")}
+    headers["X-Cache"] = {
+        "schema": {"type": "string", "enum": ["hit", "miss"]},
+        "description": "with the result cache on: hit (served from the cache) or miss",
+    }
     return {
         "summary": "Generate images",
         "parameters": [

@@ -4,8 +4,9 @@ store, audit log and metrics, and carries a generation request through them.
 POST /v1/generate, in order (each step costs less than the next, so cheap rejections stay cheap):
 authorize (unauthorized/forbidden) -> rate limit (rate_limited) -> read the body
 (body_too_large) -> idempotency claim (replay, idempotency_conflict, idempotency_mismatch) -> parse
-and validate (validation) -> route to a model version -> enqueue (queue_full) -> wait for the
-images, the deadline (deadline) or a disconnect (disconnect) -> encode -> audit -> answer.
+and validate (validation) -> route to a model version -> result cache (a hit skips to encode;
+difforge.serving.cache) -> enqueue (queue_full) -> wait for the images, the deadline (deadline) or
+a disconnect (disconnect) -> encode -> audit -> answer.
 
 The service knows nothing of HTTP status codes: it raises ServiceError with a reason, and the app
 (difforge.serving.app.HTTP_STATUS) maps reasons to statuses; the audit log's http_status comes from
@@ -32,6 +33,7 @@ from difforge.pipeline.conditioning import signature
 from difforge.serving.access import AccessControl, AccessDenied, Principal, RateLimiter
 from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
+from difforge.serving.cache import CachedResult, CacheKey, ResultCache, result_key
 from difforge.serving.config import ServiceConfig
 from difforge.serving.encode import (
     encode_images,
@@ -121,6 +123,12 @@ class Service:
         self.limiter = RateLimiter(config)
         self.idempotency = IdempotencyStore(config.idempotency_entries, config.idempotency_ttl_s)
         self.audit = AuditLog(config.audit_db)
+        rc = config.result_cache
+        self.cache = ResultCache(
+            rc.max_bytes,
+            rc.ttl_s,
+            on_evict=lambda why: self.metrics.cache_evictions.labels(why).inc(),
+        )
         # observer(job, ok, latency_s) for each request that succeeds, fails inside or misses its
         # deadline: the per-version windows of canary rollback (difforge.serving.registry_source)
         self.outcome_observers: list[Callable[[Job, bool, float], None]] = []
@@ -285,6 +293,13 @@ class Service:
         role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
         job = self._job(request_id, version, role, plan, call.accepted)
         job.key_id = call.principal.key_id
+        cache_key = self._cache_key(call, version, plan)
+        if cache_key is not None:
+            hit = self.cache.get(cache_key)
+            (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
+            if hit is not None:  # no sampler call: the stored pixels, encoded for this request
+                job.images, job.nfe, job.call_images = list(hit.images), hit.nfe, [*hit.call_images]
+                return self._respond(call, job, plan, cache="hit")
         try:
             future = self.engine.submit(job)
         except QueueFull as e:
@@ -297,9 +312,25 @@ class Service:
             if e.reason in _VERSION_FAILURES:
                 self._outcome(job, False)
             raise
-        response = self._respond(call, job, plan)
+        if cache_key is not None:
+            result = CachedResult(tuple(job.images), job.nfe, tuple(job.call_images))
+            self.cache.put(cache_key, result)
+            self.metrics.cache_bytes.set(self.cache.nbytes)
+        response = self._respond(call, job, plan, cache=None if cache_key is None else "miss")
         self._outcome(job, True)
         return response
+
+    def _cache_key(self, call: GenerateCall, version: ModelVersion, plan: Plan) -> CacheKey | None:
+        """The request's result cache key; None when the cache is off, its seed was drawn or its
+        version batches without invariance (its pixels then depend on the call they shared)."""
+        invariant = version.plan is not None and version.plan.invariant
+        if not self.cache.enabled or plan.seed_drawn or not invariant:
+            return None
+        tenant = call.principal.key_id if self.config.result_cache.per_tenant else ""
+        params = plan.params()
+        if plan.adapter is not None:  # a name may be attached again with other weights
+            params["adapter"] = version.model.adapters[plan.adapter].describe()
+        return result_key(tenant, version.id, params)
 
     def _outcome(self, job: Job, ok: bool) -> None:
         latency = time.monotonic() - job.accepted
@@ -387,7 +418,10 @@ class Service:
         msg = f"request cancelled: {reason}"
         return ServiceError(reason, msg, request_id=job.request_id)
 
-    def _respond(self, call: GenerateCall, job: Job, plan: Plan) -> StoredResponse:
+    def _respond(
+        self, call: GenerateCall, job: Job, plan: Plan, cache: str | None = None
+    ) -> StoredResponse:
+        """Encode the job's images; `cache` ("hit" or "miss", None when off) becomes X-Cache."""
         images = [img for img in job.images if img is not None]
         digest = pixels_sha256(images)
         model = job.version.model
@@ -410,9 +444,10 @@ class Service:
             "X-Request-Id": job.request_id,
             "X-Output-SHA256": digest,
             "X-Model-Version": job.version.id,
+            **({"X-Cache": cache} if cache else {}),
         }
         self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
-        self._audit(call, job.request_id, "ok", "ok", plan.params(), job, digest)
+        self._audit(call, job.request_id, "ok", "ok", plan.params(), job, digest, cache)
         extra = {
             "role": job.role,
             "nfe": job.nfe,
@@ -446,6 +481,7 @@ class Service:
         params,
         job: Job | None,
         digest=None,
+        cache: str | None = None,
     ):
         version = job.version if job is not None else None
         detail = {}
@@ -456,6 +492,8 @@ class Service:
                 "nfe": job.nfe,
                 "cancel": job.cancel_reason,
             }
+        if cache is not None:  # "hit": answered from the result cache; calls and nfe are the
+            detail["cache"] = cache  # stored result's, none of them ran for this request
         self.audit.append(
             AuditEntry(
                 request_id=request_id,

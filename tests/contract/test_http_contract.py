@@ -39,6 +39,7 @@ def _service_config() -> ServiceConfig:
         warmup_steps=1,
         batch_wait_ms=0,
         queue_size=256,
+        result_cache={"max_bytes": 1 << 20},  # repeated examples hit: X-Cache is checked too
     )
 
 

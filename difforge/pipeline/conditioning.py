@@ -345,14 +345,29 @@ class ConditioningSpec(_Frozen):
         return next((k for k in self.keys if k.kind == "class"), None)
 
     def resolve(self, values: Mapping[str, Any], n: int) -> list[Row]:
-        """Request values {key: value} -> n rows; raises FieldProblem for the first bad key."""
-        unknown = sorted(set(values) - set(self.names) - set(self.negative_fields))
-        if unknown:
-            allowed = ", ".join(self.names) or "(none: the model is unconditional)"
-            raise FieldProblem(
-                (unknown[0],), f"not a conditioning key of this model; keys: {allowed}", "choice"
+        """Request values {key: value} -> n rows; raises the first FieldProblem."""
+        problems: list[FieldProblem] = []
+        rows = self.resolve_all(values, n, problems)
+        if problems:
+            raise problems[0]
+        return rows
+
+    def resolve_all(self, values: Mapping[str, Any], n: int, problems: list) -> list[Row]:
+        """Request values -> n rows, appending a FieldProblem per bad field (rows [] then)."""
+        before = len(problems)
+        for name in sorted(set(values) - set(self.names) - set(self.negative_fields)):
+            keys = ", ".join(self.names) or "(none: the model is unconditional)"
+            problems.append(
+                FieldProblem((name,), f"unknown field; conditioning keys: {keys}", "extra")
             )
-        per_key = {k.name: k.resolve(values.get(k.name), n) for k in self.keys}
+        per_key = {}
+        for key in self.keys:
+            try:
+                per_key[key.name] = key.resolve(values.get(key.name), n)
+            except FieldProblem as p:
+                problems.append(p)
+        if len(problems) > before:
+            return []
         return [{name: v[i] for name, v in per_key.items()} for i in range(n)]
 
     def null_row(self) -> Row:

@@ -234,22 +234,6 @@ def _negative_rows(model: Model, req: SampleRequest, n: int, problems: list):
     return None if rows is None else tuple(rows)
 
 
-def _rows(model: Model, req: SampleRequest, n: int, problems: list) -> list[Row]:
-    spec, values = model.spec, req.conditioning
-    for name in sorted(set(values) - set(spec.names) - set(spec.negative_fields)):
-        keys = ", ".join(spec.names) or "(none: the model is unconditional)"
-        problems.append(FieldProblem((name,), f"unknown field; conditioning keys: {keys}", "extra"))
-    per_key = {}
-    for key in spec.keys:
-        try:
-            per_key[key.name] = key.resolve(values.get(key.name), n)
-        except FieldProblem as p:
-            problems.append(p)
-    if len(per_key) != len(spec.keys):
-        return []
-    return [{name: v[i] for name, v in per_key.items()} for i in range(n)]
-
-
 def _guidance(model: Model, req: SampleRequest, limits: RequestLimits, problems: list) -> float:
     if not model.spec.guidable:
         if req.guidance is not None and req.guidance != 1.0:
@@ -345,7 +329,7 @@ def resolve(
     n = _count(req, model.spec, limits, problems)
     seeds = _seeds(req, n, problems)
     _texts_fit(req.conditioning, limits.max_text_chars, problems)
-    rows = _rows(model, req, n, problems)
+    rows = model.spec.resolve_all(req.conditioning, n, problems)
     uncond_rows = _negative_rows(model, req, n, problems)
     guidance = _guidance(model, req, limits, problems)
     sampler, options = _sampler(req, model.sampling.sampler, limits, problems)

@@ -52,20 +52,8 @@ def _random(kind: str, config, seed: int) -> dict[str, torch.Tensor]:
 
 
 def make_tiny_pipeline(folder: Path, *, vae_seed: int = 1, name: str = "toy-latent") -> Path:
-    denoiser = ModelConfig(
-        name=name,
-        net=NetSpec(kind="unet", config=LATENT_UNET.to_dict()),
-        process={"kind": "vp", "schedule": "cosine"},
-        parameterization="x0",
-        num_classes=10,
-        image_shape=VAE.latent_shape,
-    )
-    vae = VAEConfig(
-        net=NetSpec(kind="autoencoder", config=VAE.to_dict()),
-        scaling_factor=0.8,
-        image_shape=(1, 16, 16),
-        latent_shape=VAE.latent_shape,
-    )
+    denoiser = _toy_denoiser_config(name)
+    vae = _toy_vae_config(scaling_factor=0.8)
     pipeline = {
         "name": name,
         "conditioning": ConditioningSpec.for_classes(10),
@@ -166,17 +154,18 @@ def test_save_refuses_a_base_hash_that_does_not_match(tmp_path):
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 
 
-def _toy_vae_config() -> VAEConfig:
+def _toy_vae_config(scaling_factor: float = 1.0) -> VAEConfig:
     return VAEConfig(
         net=NetSpec(kind="autoencoder", config=VAE.to_dict()),
+        scaling_factor=scaling_factor,
         image_shape=(1, 16, 16),
         latent_shape=VAE.latent_shape,
     )
 
 
-def _toy_denoiser_config() -> ModelConfig:
+def _toy_denoiser_config(name: str = "x") -> ModelConfig:
     return ModelConfig(
-        name="x",
+        name=name,
         net=NetSpec(kind="unet", config=LATENT_UNET.to_dict()),
         process={"kind": "vp", "schedule": "cosine"},
         parameterization="x0",

@@ -45,6 +45,24 @@ def _playwright():
     return sync_api
 
 
+def launch(pw, tmp_path, **options):
+    """Debian's Chromium, headless, with a fresh profile (--user-data-dir) under tmp_path."""
+    return pw.chromium.launch_persistent_context(
+        str(tmp_path / "profile"),
+        executable_path=CHROMIUM,
+        args=CHROMIUM_ARGS,
+        headless=True,
+        **options,
+    )
+
+
+def wait_ready(svc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not svc.ready:
+        assert time.monotonic() < deadline, "model did not warm up"
+        time.sleep(0.05)
+
+
 class ServerThread:
     """uvicorn on a loopback socket in a background thread."""
 
@@ -80,18 +98,9 @@ def test_web_page_generates_images_with_provenance_and_progress(tmp_path):
 
     svc = make_service(make_tiny_model(tmp_path / "tiny"), torch_threads=1, warmup_steps=1)
     with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
-        deadline = time.monotonic() + 60
-        while not svc.ready:
-            assert time.monotonic() < deadline, "model did not warm up"
-            time.sleep(0.05)
+        wait_ready(svc)
         slow_down(svc, 0.03)  # 30 steps take about a second: long enough to see progress
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),  # a fresh --user-data-dir
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-            headless=True,
-            viewport={"width": 900, "height": 700},
-        )
+        browser = launch(pw, tmp_path, viewport={"width": 900, "height": 700})
         try:
             page = browser.new_page()
             page.goto(url + "/")
@@ -148,13 +157,8 @@ def test_web_page_inpaints_an_uploaded_image_with_before_and_after(tmp_path):
     (tmp_path / "mask.png").write_bytes(png_bytes(mask))
     svc = make_service(make_tiny_model(tmp_path / "tiny"), torch_threads=1, warmup_steps=1)
     with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
-        deadline = time.monotonic() + 60
-        while not svc.ready:
-            assert time.monotonic() < deadline, "model did not warm up"
-            time.sleep(0.05)
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
+        wait_ready(svc)
+        browser = launch(pw, tmp_path)
         try:
             page = browser.new_page()
             page.goto(url + "/")
@@ -193,13 +197,8 @@ def test_web_page_offers_the_served_adapters(tmp_path):
     service_config = ServiceConfig(audit_db=":memory:", torch_threads=1, warmup_steps=1)
     svc = build_service(model_dir, service_config, [("bars", str(tmp_path / "bars"), 1.0)])
     with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
-        deadline = time.monotonic() + 60
-        while not svc.ready:
-            assert time.monotonic() < deadline, "model did not warm up"
-            time.sleep(0.05)
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
+        wait_ready(svc)
+        browser = launch(pw, tmp_path)
         try:
             page = browser.new_page()
             page.goto(url + "/")
@@ -246,17 +245,12 @@ def test_web_page_plots_series_of_a_series_model(tmp_path):
 
     svc = make_service(_tiny_series_model(tmp_path / "series"), torch_threads=1, warmup_steps=1)
     with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
+        browser = launch(pw, tmp_path)
         try:
             page = browser.new_page()
             page.goto(url + "/")
             page.wait_for_function("document.querySelectorAll('#cond-labels option').length === 5")
-            deadline = time.monotonic() + 60
-            while not svc.ready:
-                assert time.monotonic() < deadline, "model did not warm up"
-                time.sleep(0.05)
+            wait_ready(svc)
             page.fill("#n", "2")
             page.click("#go")
             page.wait_for_selector("#gallery figure:nth-child(2) svg polyline", timeout=60_000)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 from tests.helpers import skip_unless_real
 from tests.integration.serving_fixtures import make_service
 from tests.integration.test_serving_browser import (  # noqa: F401  (the autouse fixture)
-    CHROMIUM,
-    CHROMIUM_ARGS,
     ServerThread,
     _chromium_present,
+    launch,
+    wait_ready,
 )
 from tests.text_fixtures import make_tiny_text_model
 
@@ -26,13 +24,8 @@ def test_web_page_sends_prompt_and_negative_prompt(tmp_path):
         make_tiny_text_model(tmp_path / "tiny-text"), torch_threads=1, warmup_steps=1
     )
     with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
-        deadline = time.monotonic() + 60
-        while not svc.ready:
-            assert time.monotonic() < deadline, "model did not warm up"
-            time.sleep(0.05)
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
+        wait_ready(svc)
+        browser = launch(pw, tmp_path)
         try:
             page = browser.new_page()
             page.goto(url + "/")

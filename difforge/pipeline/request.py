@@ -296,7 +296,7 @@ def _fits(value: Any, kind: type) -> bool:
 
 def _response_format(model: Model, asked: str, n: int, problems: list) -> str:
     """png: one image; json: images or series; csv: series (one row per series and channel)."""
-    series = len(getattr(model, "image_shape", (1, 1, 1))) == 2  # (C, T)
+    series = len(model.image_shape) == 2  # (C, T)
     if series and asked == "png":
         problems.append(FieldProblem(("response_format",), "the model makes series: use json/csv"))
     elif not series and asked == "csv":

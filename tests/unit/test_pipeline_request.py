@@ -26,8 +26,11 @@ from difforge.serving.protocol import resolve as http_resolve
 CLASSES = SimpleNamespace(
     spec=ConditioningSpec.for_classes(4, ("a", "b", "c", "d")),
     sampling=SamplingDefaults(sampler="ipndm", steps=7, guidance=2.5, grid="exponential"),
+    image_shape=(1, 8, 8),
 )
-UNCOND = SimpleNamespace(spec=ConditioningSpec(), sampling=SamplingDefaults(guidance=3.0))
+UNCOND = SimpleNamespace(
+    spec=ConditioningSpec(), sampling=SamplingDefaults(guidance=3.0), image_shape=(1, 8, 8)
+)
 
 
 def test_defaults_come_from_the_model_and_the_spec():

@@ -41,7 +41,8 @@ from tests.helpers import tamper_sqlite
 def fake_model(classes: int, guidance: float = 3.0) -> SimpleNamespace:
     """What the resolver reads of a model: its conditioning spec and sampling defaults."""
     sampling = SamplingDefaults(sampler="dpmpp_2m", steps=20, guidance=guidance)
-    return SimpleNamespace(spec=ConditioningSpec.for_classes(classes), sampling=sampling)
+    spec = ConditioningSpec.for_classes(classes)
+    return SimpleNamespace(spec=spec, sampling=sampling, image_shape=(1, 8, 8))
 
 
 FACTS = fake_model(10)

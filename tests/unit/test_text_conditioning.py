@@ -26,6 +26,7 @@ from tests.text_fixtures import CORPUS, MAX_TOKENS, tiny_text_spec
 class _Model:  # what the resolver reads
     def __init__(self, spec):
         self.spec, self.sampling = spec, SamplingDefaults(steps=4)
+        self.image_shape = (1, 28, 28)
 
 
 def test_captions_are_deterministic_and_state_the_metadata():

@@ -17,6 +17,10 @@ cond is None or a mapping with optional
   "context_mask": (B, L) bool, True for real tokens (padding is not attended to); optional.
   "pooled":  (B, context_dim) float, a pooled text vector added to the noise embedding (GLIDE,
              Nichol et al. 2022, Sec. 2.3); optional.
+  "guidance": (B,) float, the guidance scale w of a guidance-distilled student (Meng et al. 2023,
+             "On Distillation of Guided Diffusion Models", Sec. 4.1), embedded like the noise
+             level and added to the noise embedding; only when guidance_embed is set; missing
+             means w = 1 (the plain conditional model).
 """
 
 from __future__ import annotations
@@ -145,6 +149,9 @@ class UNetConfig(LevelsConfig):
     emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
     slot_grid: int = 0  # side of the slot layout (2: four quadrants); 0 = no slot conditioning
     slot_classes: int = 0  # tokens a slot can hold (classes + "empty"); the null is one more
+    # a guidance-scale input (cond["guidance"]) for a guidance-distilled student; its embedding's
+    # last layer starts at zero, so a student made from a teacher starts as the teacher
+    guidance_embed: bool = False
 
     def _check_slots(self) -> None:
         _check_int("slot_grid", self.slot_grid, minimum=0)
@@ -200,6 +207,10 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         self.slot_embed = SlotEmbedding(cfg, emb_dim) if getattr(cfg, "slot_grid", 0) else None
         self.pooled_embed = nn.Linear(cfg.context_dim, emb_dim) if cfg.context_dim else None
+        self.guidance_embed = None
+        if getattr(cfg, "guidance_embed", False):
+            self.guidance_embed = NoiseEmbedding(cfg.base_channels, emb_dim)
+            zero_module(self.guidance_embed.mlp[-1])
         self.conv_in = conv_nd(self.dims, cfg.in_channels, cfg.base_channels, 3, padding=1)
         self.down, skip_channels = self._build_encoder(emb_dim)
         ch, bottom = skip_channels[-1], cfg.resolutions[-1]  # the encoder's output
@@ -267,6 +278,14 @@ class UNet(nn.Module):
         pooled = None if cond is None else cond.get("pooled")
         if self.pooled_embed is not None and pooled is not None:
             emb = emb + self.pooled_embed(pooled.to(emb.dtype))  # (B, emb_dim)
+        if self.guidance_embed is not None:
+            w = None if cond is None else cond.get("guidance")
+            w = torch.ones(batch, device=c_noise.device) if w is None else w.float()
+            if w.shape != (batch,):
+                raise InvalidArgumentError(
+                    f"guidance must have shape ({batch},), got {tuple(w.shape)}"
+                )
+            emb = emb + self.guidance_embed(w)  # (B, emb_dim)
         return emb
 
     def _slots(self, cond: Mapping[str, Tensor] | None, batch: int, device) -> Tensor:

@@ -113,6 +113,8 @@ class Model:
         self.denoiser = build_denoiser(config, net).eval()
         self.vae, self.vae_config = vae, vae_config
         self.adapters: dict[str, Any] = {}  # name -> AttachedAdapter (pipeline.adapters)
+        # a guidance-distilled student takes w as an input: one forward per step, no uncond half
+        self.guidance_input = bool(config.net.config.get("guidance_embed", False))
 
     backend: Any = None  # the Backend that `with_backend` set; None: eager, the default
 
@@ -238,13 +240,17 @@ class Model:
         seeds = plan.seeds if seeds is None else seeds
         edit = plan.edit if edit is None else edit
         editing = {} if edit is None else sample_arguments(self, edit, seeds)
+        cond = self.spec.collate(rows)
+        if self.guidance_input and guided:  # the student is the guided denoiser (Meng et al. 2023)
+            w_rows = torch.as_tensor(w, dtype=torch.float32).expand(len(rows)).clone()
+            cond, guided = {**cond, "guidance": w_rows}, False
         res = sample(
             self.denoiser if plan.adapter is None else self.denoiser_for(plan.adapter),
             get_sigmas(plan.grid, plan.steps, process=self.process),
             shape=self.latent_shape,
             seeds=seeds,
             sampler=plan.sampler,
-            cond=self.spec.collate(rows),
+            cond=cond,
             uncond=(self.spec.collate(uncond) if uncond else self.spec.null_batch(len(rows)))
             if guided
             else None,

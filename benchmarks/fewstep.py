@@ -1,0 +1,166 @@
+"""Few-step generation: the teacher at 50 and 20 steps against distilled students at 1/2/4 steps.
+
+    python -m benchmarks.fewstep [--teacher models/mnist-cond] [--n 1000] [--seed 0]
+        [--student PATH[:STEPS]] ... [--threads 1] [--batch 100] [--fresh]
+
+Every method draws the same n images: image i has seed `seed + i` and label i mod 10, at the
+teacher's guidance (3.0) unless a student says otherwise. For each it records FID and KID in
+difforge's feature space (`models/mnist-features`, against MNIST train), label accuracy judged by
+the same network's classifier head (no student is trained with it: difforge.training.distill uses
+only the teacher's outputs, so the classifier is independent of the students), NFE (sampler
+steps), network forwards per image (2 per step for the classifier-free-guided teacher, 1 for a
+guidance-distilled student) and CPU wall ms/image on --threads threads.
+
+A method's result is cached under benchmarks/results/fewstep/ keyed by model sha256, sampler,
+steps, guidance, n and seed, so students can be added to a run without redrawing the teacher;
+--fresh redraws.
+
+Targets (issue #14), reported met or not with the numbers:
+  (1) a 4-step student's FID within 1.3x of the teacher's 50-step FID;
+  (2) a 1-step student with label accuracy >= 0.98;
+  (3) the guidance-distilled student at the teacher's default steps: half the forwards per image
+      of the guided teacher at the same steps and label accuracy at least the teacher's (equal
+      within the binomial standard error at this n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS_DIR, write_result
+from difforge.evaluation import evaluate_images, load_feature_extractor
+from difforge.evaluation.against import default_reference
+from difforge.pipeline import Model, load
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = RESULTS_DIR / "fewstep"
+
+
+def forwards_per_step(model: Model, guidance: float) -> int:
+    """Network forwards per sampler evaluation: CFG runs cond and null halves."""
+    return 1 if model.guidance_input or guidance == 1.0 else 2
+
+
+def draw(model: Model, sampler: str, steps: int, guidance: float, n: int, seed: int, batch: int):
+    """n images (uint8), their labels, NFE per image and CPU wall ms per image."""
+    labels = [i % 10 for i in range(n)]
+    images, nfe, start = [], 0, time.perf_counter()
+    for k in range(0, n, batch):
+        out = model.sample(
+            labels=labels[k : k + batch],
+            seeds=[seed + i for i in range(k, min(n, k + batch))],
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            grid="karras",
+        )
+        images.append(out.images)
+        nfe = out.nfe
+    ms = 1000 * (time.perf_counter() - start) / n
+    return torch.cat(images), torch.tensor(labels), nfe, ms
+
+
+def measure(model: Model, path: str, sampler: str, steps: int, guidance: float, args, against):
+    """One method's record, from the cache when the same draw was measured before."""
+    key = f"{model.sha256[:16]}-{sampler}-{steps}-w{guidance}-n{args.n}-s{args.seed}"
+    cached = CACHE / f"{key}.json"
+    if cached.exists() and not args.fresh:
+        return json.loads(cached.read_text())
+    images, labels, nfe, ms = draw(model, sampler, steps, guidance, args.n, args.seed, args.batch)
+    extractor, reference = against
+    ev = evaluate_images(images, labels, extractor, reference, seed=args.seed)
+    m = ev["metrics"]
+    rec = {
+        "model": path, "name": model.name, "sha256": model.sha256, "sampler": sampler,
+        "steps": steps, "guidance": guidance, "n": args.n, "seed": args.seed, "nfe": nfe,
+        "forwards_per_image": nfe * forwards_per_step(model, guidance), "ms_per_image": ms,
+        "fid": m["fid"], "kid": m["kid"], "label_accuracy": m["label_accuracy"],
+        "threads": torch.get_num_threads(), "batch": args.batch,
+        "extractor": ev["extractor"], "reference": ev["reference"],
+    }  # fmt: skip
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def verdicts(teacher50: dict, teacher20: dict, students: list[dict]) -> dict[str, Any]:
+    """The three targets, each with the numbers it was judged on."""
+    out: dict[str, Any] = {}
+    four = [s for s in students if s["steps"] == 4]
+    if four:
+        best = min(four, key=lambda s: s["fid"])
+        ratio = best["fid"] / teacher50["fid"]
+        out["fid_4step_within_1.3x"] = {"met": ratio <= 1.3, "ratio": ratio, "student": best}
+    one = [s for s in students if s["steps"] == 1]
+    if one:
+        best = max(one, key=lambda s: s["label_accuracy"])
+        out["acc_1step_ge_0.98"] = {"met": best["label_accuracy"] >= 0.98, "student": best}
+    guided = [s for s in students if s["steps"] == teacher20["steps"]]
+    if guided:
+        g = max(guided, key=lambda s: s["label_accuracy"])
+        a, b, n = g["label_accuracy"], teacher20["label_accuracy"], teacher20["n"]
+        se = math.sqrt(max(b * (1 - b), 1.0 / n) / n)  # binomial standard error at the teacher's
+        out["guidance_half_nfe_equal_acc"] = {
+            "met": 2 * g["forwards_per_image"] <= teacher20["forwards_per_image"] and a >= b - se,
+            "student_acc": a, "teacher_acc": b, "stderr": se,
+            "student_forwards": g["forwards_per_image"],
+            "teacher_forwards": teacher20["forwards_per_image"],
+        }  # fmt: skip
+    return out
+
+
+def _row(r: dict) -> str:
+    return (
+        f"{r['name']} {r['sampler']}-{r['steps']}: FID {r['fid']:.2f}, acc {r['label_accuracy']:.3f}"
+        f", {r['forwards_per_image']} fwd, {r['ms_per_image']:.1f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="models/mnist-cond")
+    p.add_argument("--student", action="append", default=[], help="PATH[:STEPS[,STEPS...]]")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher-steps", default="50,20")
+    p.add_argument("--fresh", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    extractor = load_feature_extractor()
+    against = (extractor, default_reference("train", extractor))
+    teacher = load(args.teacher)
+    ts = teacher.sampling
+    t_recs = [
+        measure(teacher, args.teacher, ts.sampler, int(k), ts.guidance, args, against)
+        for k in args.teacher_steps.split(",")
+    ]
+    s_recs = []
+    for spec in args.student:
+        path, _, steps = spec.partition(":")
+        student = load(path)
+        ss = student.sampling
+        for k in steps.split(",") if steps else [str(ss.steps)]:
+            s_recs.append(measure(student, path, ss.sampler, int(k), ss.guidance, args, against))
+    by_steps = {r["steps"]: r for r in t_recs}
+    verdict = verdicts(by_steps.get(50, t_recs[0]), by_steps.get(ts.steps, t_recs[-1]), s_recs)
+    payload = {"n": args.n, "seed": args.seed, "teacher": t_recs, "students": s_recs}
+    payload["targets"] = verdict
+    marks = "; ".join(f"{k} {'MET' if v['met'] else 'NOT met'}" for k, v in verdict.items())
+    summary = f"n={args.n}, seeds {args.seed}..{args.seed + args.n - 1}, labels i mod 10: "
+    summary += "; ".join(_row(r) for r in t_recs + s_recs) + f". Targets: {marks}"
+    out = write_result("fewstep", payload, summary)
+    print(summary)
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""`difforge distill guidance|progressive`: train a few-step student (difforge.training.distill)."""
+
+from __future__ import annotations
+
+import typer
+
+from difforge.cli.app import command
+
+
+@command("distill")
+def distill_command(
+    method: str = typer.Argument(..., help="guidance (w as an input) or progressive (N -> N/2)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model folder."),
+    out: str = typer.Option(..., "--out", help="Student model folder to write."),
+    steps: int = typer.Option(400, "--steps", help="Optimizer steps."),
+    student_steps: int = typer.Option(
+        8, "--student-steps", help="progressive: the student's Karras-grid sampling steps."
+    ),
+    teacher_substeps: int = typer.Option(
+        2,
+        "--teacher-substeps",
+        help="progressive: teacher Euler steps per student step (2: N -> N/2).",
+    ),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    name: str | None = typer.Option(None, "--name", help="Student model name."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Wall-clock budget."),
+) -> None:
+    """Distill TEACHER into a student model folder whose provenance names the teacher's sha256."""
+    from difforge.training.distill import DistillConfig, distill
+
+    cfg = DistillConfig(
+        method=method, teacher=teacher, steps=steps, student_steps=student_steps,
+        teacher_substeps=teacher_substeps,
+        batch_size=batch_size, lr=lr, seed=seed, name=name, max_minutes=max_minutes,
+    )  # fmt: skip
+    folder = distill(cfg, out, log=typer.echo)
+    typer.echo(f"student: {folder}")

@@ -1,0 +1,203 @@
+"""Distilled students (difforge.training.distill): guidance input, losses, folders, sampling."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+import difforge
+from difforge.core.denoiser import EDMPrecond
+from difforge.core.sigmas import get_sigmas
+from difforge.nets import UNetConfig, build_net
+from difforge.pipeline import ModelConfig, NetSpec, SamplingDefaults, save_model
+from difforge.training.distill import (
+    DistillConfig,
+    distill,
+    guidance_loss,
+    progressive_loss,
+    rho_between,
+    student_net,
+    teacher_fn,
+)
+
+TINY = UNetConfig(
+    in_channels=1, out_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2),
+    num_res_blocks=1, attention_resolutions=(), head_dim=8, num_classes=10, norm_groups=4,
+    emb_mult=1,
+)  # fmt: skip
+
+
+def make_teacher(folder: Path, seed: int = 0) -> Path:
+    """A random tiny class-conditional EDM model on 8x8 (random weights, so outputs differ)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_net("unet", TINY)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    config = ModelConfig(
+        name="tiny-teacher",
+        net=NetSpec(kind="unet", config=TINY.to_dict()),
+        process={"kind": "ve", "sigma_min": 0.002, "sigma_max": 80.0},
+        parameterization="edm",
+        num_classes=10,
+        image_shape=(1, 8, 8),
+        sampling=SamplingDefaults(sampler="dpmpp_2m", steps=6, guidance=2.0),
+        provenance={"dataset": "toy"},
+    )
+    return save_model(folder, config, net.state_dict(), "# tiny-teacher\n")
+
+
+def tiny_data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    return images, torch.randint(0, 10, (n,), generator=gen)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("distill") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def student_path(teacher_path) -> Path:
+    cfg = DistillConfig(
+        method="progressive", teacher=str(teacher_path), steps=3, batch_size=8,
+        student_steps=2, ema_halflife_steps=0,
+    )  # fmt: skip
+    return distill(cfg, teacher_path.parent / "student", data=tiny_data(), log=lambda _: None)
+
+
+def test_zero_init_student_equals_teacher_conditional(teacher_path):
+    teacher = difforge.load(teacher_path)
+    student = EDMPrecond(student_net(teacher).eval(), teacher.config.sigma_data)
+    x = torch.randn(4, 1, 8, 8)
+    sigma = torch.tensor([0.01, 0.5, 5.0, 80.0])
+    labels = torch.tensor([0, 3, 7, 10])
+    want = teacher.denoiser(x, sigma, {"labels": labels})
+    for w in (1.0, 2.5, 4.0):
+        got = student(x, sigma, {"labels": labels, "guidance": torch.full((4,), w)})
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # and a trained guidance embedding does change the output
+    torch.nn.init.normal_(student.net.guidance_embed.mlp[-1].weight)
+    got = student(x, sigma, {"labels": labels, "guidance": torch.full((4,), 3.0)})
+    assert (got - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["guidance", "progressive"])
+def test_one_step_reduces_the_loss(teacher_path, method):
+    teacher = difforge.load(teacher_path)
+    torch.manual_seed(0)
+    net = student_net(teacher).train()
+    # perturb so the guided target is not already matched (zero-init gives w-independent output)
+    student = EDMPrecond(net, teacher.config.sigma_data)
+    cfg = DistillConfig(method=method, teacher=str(teacher_path), student_steps=2)
+    guided = teacher_fn(teacher)
+    images, labels = tiny_data(16)
+    x0 = images.float() / 127.5 - 1
+    grid = get_sigmas("karras", 2, process=teacher.process)
+
+    def loss() -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1)  # the same sigmas, w and noise every time
+        if method == "guidance":
+            return guidance_loss(student, guided, x0, labels, gen, cfg)
+        return progressive_loss(student, guided, x0, labels, gen, cfg, grid)
+
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    before = loss()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss()
+    assert before > 0
+    assert after < before
+
+
+@pytest.mark.parametrize("substeps", [2, 4])
+def test_progressive_target_is_k_teacher_euler_steps(teacher_path, substeps):
+    """The loss is zero for a student whose one Euler step lands where K teacher steps land."""
+    teacher = difforge.load(teacher_path)
+    guided = teacher_fn(teacher)
+    grid = torch.tensor([3.0, 0.5, 0.0], dtype=torch.float64)
+    cfg = DistillConfig(method="progressive", teacher=str(teacher_path), teacher_substeps=substeps)
+    x0, lab = torch.zeros(2, 1, 8, 8), torch.tensor([4, 5])
+    gen = torch.Generator().manual_seed(3)  # replay the loss's draws: step index, w, noise
+    i = torch.randint(0, 2, (2,), generator=gen)
+    w = 1.0 + 3.0 * torch.rand(2, generator=gen)
+    s, s_next = grid[i].float(), grid[i + 1].float()
+    x = s.view(2, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
+    levels = [s] + [rho_between(s, s_next, j / substeps) for j in range(1, substeps)] + [s_next]
+    assert all((a > b).all() for a, b in itertools.pairwise(levels))
+    with torch.no_grad():
+        y = x
+        for a, b in itertools.pairwise(levels):
+            a4, b4 = a.view(2, 1, 1, 1), b.view(2, 1, 1, 1)
+            y = y + (b4 - a4) * (y - guided(y, a, lab, w)) / a4
+        s4, n4 = s.view(2, 1, 1, 1), s_next.view(2, 1, 1, 1)
+        target = x - s4 / (n4 - s4) * (y - x)
+
+    class Exact:
+        sigma_data = 0.5
+
+        def __call__(self, xx, sigma, cond):
+            assert torch.equal(xx, x) and torch.equal(cond["guidance"], w)
+            return target
+
+    loss = progressive_loss(Exact(), guided, x0, lab, torch.Generator().manual_seed(3), cfg, grid)
+    assert float(loss) < 1e-8
+
+
+def test_teacher_fn_is_cfg(teacher_path):
+    teacher = difforge.load(teacher_path)
+    x, s = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0])
+    lab, w = torch.tensor([1, 2]), torch.tensor([3.0, 3.0])
+    c = teacher.denoiser(x, s, {"labels": lab})
+    u = teacher.denoiser(x, s, {"labels": torch.full((2,), 10)})
+    torch.testing.assert_close(teacher_fn(teacher)(x, s, lab, w), u + 3.0 * (c - u))
+
+
+def test_student_folder_names_its_teacher(teacher_path, student_path):
+    teacher, student = difforge.load(teacher_path), difforge.load(student_path)
+    prov = student.config.provenance
+    assert prov["teacher"] == {"name": "tiny-teacher", "sha256": teacher.sha256}
+    assert prov["distilled_from"]["sha256"] == teacher.sha256
+    assert prov["distillation"]["method"] == "progressive"
+    assert prov["distillation"]["steps_done"] == 3
+    assert student.guidance_input and not teacher.guidance_input
+    s = student.sampling
+    assert (s.sampler, s.steps, s.guidance) == ("euler", 2, 2.0)
+    # a second round keeps the shipped teacher and records the chain
+    cfg = DistillConfig(
+        method="progressive", teacher=str(student_path), steps=1, batch_size=4, student_steps=1
+    )
+    again = difforge.load(distill(cfg, student_path.parent / "s2", data=tiny_data(8), log=print))
+    assert again.config.provenance["teacher"]["sha256"] == teacher.sha256
+    lineage = [p["sha256"] for p in again.config.provenance["lineage"]]
+    assert lineage == [student.sha256, teacher.sha256]
+
+
+def test_student_one_forward_per_step_and_same_bytes_alone(student_path):
+    student = difforge.load(student_path)
+    calls = []
+    hook = student.net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        batch = student.sample(labels=[1, 2, 3], seeds=[5, 6, 7], guidance=3.0)
+    finally:
+        hook.remove()
+    assert batch.nfe == 2 and calls == [3, 3]  # no doubled cond/null batch
+    alone = student.sample(labels=[2], seeds=[6], guidance=3.0)
+    assert torch.equal(alone.images[0], batch.images[1])
+    other_w = student.sample(labels=[2], seeds=[6], guidance=1.0)
+    assert other_w.images.shape == alone.images.shape
+
+
+def test_bad_config_is_refused(teacher_path):
+    with pytest.raises(ValueError, match="guidance_range"):
+        DistillConfig(method="guidance", teacher=str(teacher_path), guidance_range=(3.0, 1.0))
+    with pytest.raises(ValueError, match="method"):
+        DistillConfig(method="consistency", teacher=str(teacher_path))

@@ -30,6 +30,9 @@ def serve_command(
         "--adapter",
         help="NAME=DIR[@SCALE]: serve a LoRA adapter beside --model (repeatable).",
     ),
+    fast: str | None = typer.Option(
+        None, "--fast", help='A distilled student of --model, answering route: "fast" requests.'
+    ),
 ) -> None:
     """Serve a model over HTTP: POST /v1/generate, /v1/models, /metrics, health, a web page.
 
@@ -42,6 +45,8 @@ def serve_command(
     given = {k: v for k, v in source.items() if v is not None}
     if adapter:
         given["adapters"] = [_adapter_spec(a) for a in adapter]
+    if fast:
+        given["fast"] = fast
     serve(model, host=host, port=port, config_path=config, **given)
 
 

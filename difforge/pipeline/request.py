@@ -93,6 +93,8 @@ class SampleRequest(BaseModel):
     init_image_sha256: list[str] | None = None  # checks: the inputs must hash to these
     mask_sha256: list[str] | None = None
     adapter: str | None = None  # a LoRA adapter attached to the model (pipeline.adapters)
+    # services only: "fast" asks for the distilled student served beside production
+    route: Literal["default", "fast"] | None = None
 
     @property
     def conditioning(self) -> dict[str, Any]:
@@ -132,6 +134,7 @@ class Plan:
     uncond_rows: tuple[Row, ...] | None = None
     edit: Edit | None = None  # img2img / inpainting inputs (None: generate from noise)
     adapter: str | None = None  # the attached adapter that samples (None: the base)
+    route: str | None = None  # a service's route ("fast": its student; None: the default)
     seed_drawn: bool = False  # the request named no seed: one was drawn at random
 
     @property
@@ -156,6 +159,7 @@ class Plan:
             "response_format": self.response_format,
             **(self.edit.params() if self.edit is not None else {}),
             **({"adapter": self.adapter} if self.adapter is not None else {}),
+            **({"route": self.route} if self.route is not None else {}),
         }
 
 
@@ -365,5 +369,6 @@ def resolve(
         uncond_rows=uncond_rows,
         edit=edit,
         adapter=req.adapter,
+        route=req.route,
         seed_drawn=req.seed is None and req.seeds is None,
     )

@@ -50,7 +50,7 @@ from difforge.serving.idempotency import StoredResponse
 from difforge.serving.openapi import openapi_document
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
 from difforge.serving.registry_source import RegistrySource, open_service
-from difforge.serving.router import ModelRouter, ModelVersion
+from difforge.serving.router import ModelRouter, ModelVersion, load_student
 from difforge.serving.service import GenerateCall, Service, ServiceError
 
 log = logging.getLogger("difforge.serving")
@@ -366,10 +366,14 @@ def _admin_routes(service: Service, source: RegistrySource) -> APIRouter:
 
 
 def build_service(
-    model_path: str | Path, config: ServiceConfig, adapters: Sequence[tuple[str, str, float]] = ()
+    model_path: str | Path,
+    config: ServiceConfig,
+    adapters: Sequence[tuple[str, str, float]] = (),
+    fast: str | Path | None = None,
 ) -> Service:
     """Load the model at `model_path` as the production version of a new Service, with LoRA
-    `adapters` (name, folder, scale) attached beside it (requests name them).
+    `adapters` (name, folder, scale) attached beside it (requests name them) and optionally a
+    distilled student of it at `fast`, answering `route: "fast"` requests.
 
     The load runs on a passing thread: torch work stays off the main thread (see
     `difforge.serving.engine.on_passing_thread`)."""
@@ -389,7 +393,11 @@ def build_service(
             attach_adapter(model, load_adapter(folder), name=name, scale=scale)
         return model
 
-    return Service(config, ModelRouter(ModelVersion(on_passing_thread(load_all))))
+    prod = ModelVersion(on_passing_thread(load_all))
+    student = (
+        None if fast is None else ModelVersion(on_passing_thread(load_student, fast, prod.model))
+    )
+    return Service(config, ModelRouter(prod, student))
 
 
 def serve(
@@ -402,6 +410,7 @@ def serve(
     port: int = 8000,
     config_path: str | Path | None = None,
     adapters: Sequence[tuple[str, str, float]] = (),
+    fast: str | Path | None = None,
 ) -> None:
     """Run the HTTP service until interrupted (`difforge serve`).
 
@@ -413,6 +422,7 @@ def serve(
         host, port: where to listen.
         config_path: the service config JSON (default: all defaults).
         adapters: LoRA adapters (name, folder, scale) served beside a --model (not --registry).
+        fast: a distilled student of the --model folder, served as the "fast" route.
     """
     import uvicorn
 
@@ -420,11 +430,11 @@ def serve(
     config = load_service_config(config_path)
     source = None
     if registry is not None:
-        if adapters:
-            raise InvalidArgumentError("--adapter serves beside --model, not --registry")
+        if adapters or fast:
+            raise InvalidArgumentError("--adapter and --fast serve beside --model, not --registry")
         service, source = open_service(registry, name or "", config, artifacts)
     else:
-        service = build_service(model_path or "", config, adapters)
+        service = build_service(model_path or "", config, adapters, fast)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -112,6 +112,14 @@ def generate_request_schema(config: ServiceConfig, model: Model) -> dict[str, An
             "default": "auto",
         },
         "deadline_ms": _nullable(deadline),
+        "route": _nullable(
+            {
+                "type": "string",
+                "enum": ["default", "fast"],
+                "description": "fast: the distilled student served beside production, with its "
+                "own sampling defaults (422 when none is served)",
+            }
+        ),
     }
     for key in model.spec.keys:
         props[key.name] = _conditioning_schema(key, lim.max_n)

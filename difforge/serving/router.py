@@ -10,6 +10,10 @@ The canary share is stable: the routing key (API key id + seed, or the request i
 given) is hashed to a number in [0, 1), and requests under `share` go to the canary. The same key
 and seed always reach the same version for a given share.
 
+A "fast" version (a distilled student of production, difforge.training.distill) can be installed
+beside them; it answers only requests that ask for it (`route: "fast"`), with its own sampling
+defaults, and never takes a share of the others' traffic.
+
 `await service.install(model, role=...)` warms a version, then calls the methods below;
 difforge.serving.registry_source drives it from the registry's production and canary aliases.
 """
@@ -19,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.pipeline import Model
 from difforge.serving.batching import BatchPlan
 
-Role = Literal["production", "canary"]
+Role = Literal["production", "canary", "fast"]
 
 
 @dataclass(eq=False)
@@ -86,18 +91,33 @@ def check_compatible(a: Model, b: Model) -> None:
         )
 
 
+def load_student(path: str | Path, teacher: Model) -> Model:
+    """Load the model folder at `path`, refusing it unless it was distilled from `teacher`."""
+    from difforge.pipeline import load
+    from difforge.pipeline.students import check_student_of
+
+    student = load(path)
+    check_student_of(student, teacher)
+    check_compatible(teacher, student)
+    return student
+
+
 class ModelRouter:
     """Holds the production version and an optional canary; thread-safe swaps.
 
     Args:
         production: the version that answers requests not sent to the canary.
+        fast: a student of production answering `route: "fast"` requests (optional).
     """
 
-    def __init__(self, production: ModelVersion):
+    def __init__(self, production: ModelVersion, fast: ModelVersion | None = None):
         self._lock = threading.Lock()
         self._production = production
         self._canary: ModelVersion | None = None
         self._share = 0.0
+        if fast is not None:
+            check_compatible(production.model, fast.model)
+        self._fast = fast  # warmed with production by the service's start
 
     @property
     def production(self) -> ModelVersion:
@@ -116,12 +136,37 @@ class ModelRouter:
             out: list[tuple[Role, ModelVersion]] = [("production", self._production)]
             if self._canary is not None:
                 out.append(("canary", self._canary))
+            if self._fast is not None:
+                out.append(("fast", self._fast))
             return out
 
-    def route(self, routing_key: str) -> tuple[Role, ModelVersion]:
-        """The version for a request with this routing key."""
+    @property
+    def fast(self) -> ModelVersion | None:
+        return self._fast
+
+    def set_fast(self, version: ModelVersion | None) -> None:
+        """Answer `route: "fast"` requests with a ready `version`; None removes the fast route."""
+        if version is not None:
+            self._require_ready(version)
+            check_compatible(self._production.model, version.model)
         with self._lock:
-            prod, canary, share = self._production, self._canary, self._share
+            self._fast = version
+
+    def model_for(self, route: str | None) -> Model | None:
+        """The model a request on `route` is resolved against (its defaults); None: no such route."""
+        if route != "fast":
+            return self._production.model
+        fast = self._fast
+        return None if fast is None else fast.model
+
+    def route(self, routing_key: str, route: str | None = None) -> tuple[Role, ModelVersion]:
+        """The version for a request with this routing key (and its `route` field)."""
+        with self._lock:
+            prod, canary, share, fast = self._production, self._canary, self._share, self._fast
+        if route == "fast":
+            if fast is None:
+                raise InvalidArgumentError("this service has no fast route (no student installed)")
+            return "fast", fast
         if canary is not None and routing_fraction(routing_key) < share:
             return "canary", canary
         return "production", prod

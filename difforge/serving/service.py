@@ -53,7 +53,7 @@ from difforge.serving.engine import (
 from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse
 from difforge.serving.invariance import choose_plan
 from difforge.serving.metrics import ServiceMetrics
-from difforge.serving.protocol import Plan, RequestInvalid, parse_body, resolve
+from difforge.serving.protocol import Plan, RequestInvalid, field_error, parse_body, resolve
 from difforge.serving.router import ModelRouter, ModelVersion, Role
 
 log = logging.getLogger("difforge.serving")
@@ -213,6 +213,8 @@ class Service:
             await self.warm(version)
         if role == "production":
             self.router.swap(version)
+        elif role == "fast":
+            self.router.set_fast(version)
         else:
             self.router.set_canary(version, share)
         self._publish_models()
@@ -290,7 +292,7 @@ class Service:
         if not self.ready:
             raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
-        role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
+        role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}", plan.route)
         job = self._job(request_id, version, role, plan, call.accepted)
         job.key_id = call.principal.key_id
         cache_key = self._cache_key(call, version, plan)
@@ -342,10 +344,13 @@ class Service:
         served side by side accept the same requests; see router.check_compatible)."""
         try:
             req = parse_body(call.body, self.config.limits)
+            model = self.router.model_for(req.route)  # "fast": the student's defaults
+            if model is None:
+                raise RequestInvalid([field_error("route", "no fast route is served", "choice")])
             return resolve(
                 req,
                 self.config.limits,
-                self.router.production.model,
+                model,
                 default_deadline_s=self.config.default_deadline_s,
                 max_deadline_s=self.config.max_deadline_s,
             )

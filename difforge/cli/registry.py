@@ -80,6 +80,22 @@ def registry_register(
 
 
 @registry_command
+def registry_register_student(
+    ctx: typer.Context,
+    path: str = typer.Argument(..., help="Student model folder (difforge distill ...)."),
+    name: str | None = typer.Option(None, "--name", help="Registered name [default: the model's]."),
+    report: list[str] = typer.Option([], "--report", help="Evaluation report JSON (repeatable)."),
+) -> None:
+    """Register a distilled student, tied to its teacher's registered version (refused if the
+    teacher is not registered)."""
+    from difforge.registry.students import register_student
+
+    r, teacher = register_student(_open_registry(ctx), path, name, reports=report)
+    state = "registered" if r.created else "already registered as"
+    typer.echo(f"{state} {r.info.ref}, a student of {teacher.ref}")
+
+
+@registry_command
 def registry_list(
     ctx: typer.Context,
     name: str | None = typer.Argument(None, help="Model name; omit to list models."),

@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     t_recs = [
         measure(teacher, args.teacher, ts.sampler, int(k), ts.guidance, args, against)
         for k in args.teacher_steps.split(",")
+        if k != "none"  # "none": students only (e.g. a second process while the teacher runs)
     ]
     s_recs = []
     for spec in args.student:
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         ss = student.sampling
         for k in steps.split(",") if steps else [str(ss.steps)]:
             s_recs.append(measure(student, path, ss.sampler, int(k), ss.guidance, args, against))
+    if not t_recs:
+        print(json.dumps(s_recs, indent=2))
+        return
     by_steps = {r["steps"]: r for r in t_recs}
     verdict = verdicts(by_steps.get(50, t_recs[0]), by_steps.get(ts.steps, t_recs[-1]), s_recs)
     payload = {"n": args.n, "seed": args.seed, "teacher": t_recs, "students": s_recs}

@@ -23,6 +23,9 @@ def distill_command(
     ),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(1e-4, "--lr"),
+    ema_halflife_steps: float = typer.Option(
+        50.0, "--ema-halflife-steps", help="EMA half-life in steps (0: save the last weights)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     name: str | None = typer.Option(None, "--name", help="Student model name."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Wall-clock budget."),
@@ -33,7 +36,7 @@ def distill_command(
     cfg = DistillConfig(
         method=method, teacher=teacher, steps=steps, student_steps=student_steps,
         teacher_substeps=teacher_substeps,
-        batch_size=batch_size, lr=lr, seed=seed, name=name, max_minutes=max_minutes,
+        batch_size=batch_size, lr=lr, ema_halflife_steps=ema_halflife_steps, seed=seed, name=name, max_minutes=max_minutes,
     )  # fmt: skip
     folder = distill(cfg, out, log=typer.echo)
     typer.echo(f"student: {folder}")

@@ -90,6 +90,8 @@ def export_onnx(
     """
     if not hasattr(net, "config"):
         raise InvalidArgumentError(f"{type(net).__name__} has no .config: not a difforge net")
+    if getattr(net, "guidance_embed", None) is not None:  # the graph would drop the w input
+        raise InvalidArgumentError("a guidance-input student (guidance_embed) cannot be exported")
     keys = onnx_cond_keys(net)
     names = ("x", "c_noise", *keys)
     batch = torch.export.Dim("batch", min=1)

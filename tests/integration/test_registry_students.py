@@ -14,6 +14,8 @@ from difforge.registry.students import (
 )
 from tests.distill_fixtures import make_student, make_teacher
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPORT = {
     "num_samples": 1000,
     "metrics": {"fid": 10.0, "label_accuracy": 0.99, "memorization_rate": 0.0},

@@ -14,6 +14,8 @@ from difforge.serving.service import Service
 from tests.distill_fixtures import make_student, make_teacher
 from tests.integration.serving_fixtures import run, running
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = ServiceConfig(audit_db=":memory:", torch_threads=1, warmup_steps=1)
 
 

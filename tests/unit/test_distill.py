@@ -22,6 +22,8 @@ from difforge.training.distill import (
 )
 from tests.distill_fixtures import make_student, make_teacher, tiny_data
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory) -> Path:

@@ -6,7 +6,8 @@ authorize (unauthorized/forbidden) -> rate limit (rate_limited) -> read the body
 (body_too_large) -> idempotency claim (replay, idempotency_conflict, idempotency_mismatch) -> parse
 and validate (validation) -> route to a model version -> result cache (a hit skips to encode;
 difforge.serving.cache) -> enqueue (queue_full) -> wait for the images, the deadline (deadline) or
-a disconnect (disconnect) -> encode -> audit -> answer.
+a disconnect (disconnect) -> output filters (difforge.serving.review: pass, hold for review with
+a 202, or refuse: output_refused) -> encode -> audit -> answer.
 
 The service knows nothing of HTTP status codes: it raises ServiceError with a reason, and the app
 (difforge.serving.app.HTTP_STATUS) maps reasons to statuses; the audit log's http_status comes from

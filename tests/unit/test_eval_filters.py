@@ -41,3 +41,27 @@ def test_real_digits_pass_and_mislabelled_ones_do_not(extractor):
     assert ok["filter_pass_rate"] >= 0.95 and set(ok["decisions"]) == {"quality", "policy"}
     bad = filter_images(stage, images, [(y + 3) % 10 for y in labels], batch_size=128)
     assert bad["filter_pass_rate"] <= 0.05
+
+
+def test_sample_cli_runs_the_filters_and_keeps_their_decisions(tmp_path, capsys):
+    import json
+
+    from difforge.cli import main
+    from difforge.common.png import png_text
+
+    folder = make_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "grid.png"
+    args = ["sample", "--model", str(folder), "--labels", "0,1,2", "--steps", "2", "--seed", "4"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--filter", "quality", "--out", str(out)])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    record = json.loads(png_text(out.read_bytes())["filters"])
+    assert record["filters"] == [{"name": "quality", "version": "1"}]
+    assert len(record["decisions"]) == 3 and len(record["images"]) == 3
+    n_review = record["decisions"].count("review")
+    assert (f"{n_review} review" in printed) == (n_review > 0)
+    assert printed.count("quality ") == n_review  # one line per held image, with its score
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--filter", "nsfw", "--out", str(out)])
+    assert e.value.code == 2 and "unknown filter 'nsfw'" in capsys.readouterr().err

@@ -394,7 +394,7 @@ class Screen:
             else:
                 held = self.queue.reject(request_id, reviewer.key_id)
         except ReviewError as e:
-            raise _service_error(e.reason, str(e), request_id=request_id) from None
+            raise _service_error(e.reason, str(e)) from None  # the id is the client's path
         status = "review_approved" if verdict == "approve" else "review_rejected"
         self._event("approved" if verdict == "approve" else "rejected")
         self._audit_review(held, status, {"reviewer": reviewer.key_id, "note": note})

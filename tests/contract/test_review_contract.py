@@ -33,6 +33,7 @@ def test_openapi_describes_the_review_routes(app):
     assert len(routes) == 13
 
 
+@pytest.mark.slow  # about a minute on a shared 2-core CPU
 def test_schemathesis_finds_no_failure_with_filters_on(app):
     statuses = _run(app, only="/v1/")
     labels = {label for label, _, _ in statuses}

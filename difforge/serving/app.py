@@ -308,6 +308,7 @@ def _api_routes(service: Service) -> APIRouter:
             "models": [{"role": role, **v.describe()} for role, v in router.versions()],
             "canary_share": router.canary_share,
             "limits": service.config.limits.model_dump(mode="json"),
+            **service.screen.models_info(),
         }
 
     @api.get("/v1/requests/{request_id}")

@@ -271,6 +271,12 @@ class Screen:
     def enabled(self) -> bool:
         return bool(self.stage)
 
+    def models_info(self) -> dict[str, Any]:
+        """What GET /v1/models tells clients about the filters ({} when off)."""
+        if not self.enabled:
+            return {}
+        return {"filters": {"stage": self.stage.versions(), "on_review": self.config.on_review}}
+
     def _check(self, model) -> None:
         """Run the stage once on a blank image of the model's shape: a filter that does not fit
         the model (a classifier for other images, a series model) fails at start, not per request."""

@@ -131,6 +131,8 @@ def test_held_then_audited_with_filter_versions_and_a_chain(model_dir):
             assert [img[0]["decision"] for img in filters["images"]] == ["review", "pass"]
             assert held["output_sha256"] and held["params"]["seeds"] == [5, 6]
 
+            info = (await c.get("/v1/models")).json()["filters"]
+            assert info == {"stage": [{"name": "policy", "version": "1"}], "on_review": "hold"}
             rej = await c.post(f"/v1/admin/review/{rid}/reject", json={"note": "no"})
             assert rej.status_code == 200
             gone = await c.get(f"/v1/requests/{rid}")

@@ -60,3 +60,18 @@ def test_a_service_with_the_quality_filter_holds_what_the_feature_net_doubts(tin
             assert f'difforge_filter_pass_ratio{{model_version="{version}"}} 0.0' in metrics
 
     run(scenario())
+
+
+def test_the_shipped_review_config_fits_the_shipped_model():
+    from pathlib import Path
+
+    from difforge.serving.config import load_service_config
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_service_config(root / "configs" / "serve-review.json")
+    config = config.model_copy(update={"audit_db": ":memory:"})
+    svc = make_service(root / "models" / "mnist-cond", config)  # runs the stage once at start
+    assert svc.screen.enabled and svc.screen.stage.versions() == [
+        {"name": "policy", "version": "1"}
+    ]
+    assert svc.screen.stage.describe()[0]["classifier"]["name"] == "difforge-mnist-features-v1"

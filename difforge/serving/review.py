@@ -108,15 +108,17 @@ class Held:
     def nbytes(self) -> int:
         return len(self.response.body)
 
-    def summary(self) -> dict[str, Any]:
-        """What an admin lists (no image bytes; GET /v1/admin/review/{id} shows them)."""
+    def summary(self, now: float | None = None) -> dict[str, Any]:
+        """What an admin lists (no image bytes; GET /v1/admin/review/{id} shows them); `now` is
+        the queue's clock (time.monotonic by default)."""
+        now = time.monotonic() if now is None else now
         return {
             "request_id": self.request_id,
             "state": self.state,
             "key_id": self.key_id,
             "model_version": self.model_version,
             "held_at": datetime.fromtimestamp(self.held_at, UTC).isoformat(timespec="seconds"),
-            "expires_in_s": round(max(0.0, self.expires - time.monotonic()), 1),
+            "expires_in_s": round(max(0.0, self.expires - now), 1),
             "bytes": self.nbytes,
             "media_type": self.response.media_type,
             "filters": self.filters,

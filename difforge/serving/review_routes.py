@@ -55,7 +55,7 @@ def review_router(service) -> APIRouter:
         held = screen.queue.list(None if state == "all" else state)
         q = screen.queue
         return {
-            "held": [h.summary() for h in held],
+            "held": [h.summary(q.clock()) for h in held],
             "items": len(q),
             "bytes": q.nbytes,
             "max_items": q.config.max_items,
@@ -79,7 +79,7 @@ def review_router(service) -> APIRouter:
             require_json(request)
             raw = await read_body(request, limit)
         body = _decision_body(raw)
-        return screen.decide(request_id, verdict, who, body.note).summary()
+        return screen.decide(request_id, verdict, who, body.note).summary(screen.queue.clock())
 
     @router.post("/v1/admin/review/{request_id}/approve")
     async def review_approve(request_id: str, request: Request) -> dict:

@@ -206,6 +206,8 @@ def test_retention_expires_held_outputs(model_dir):
             rid = r.json()["request_id"]
             now[0] += 59
             assert (await c.get(f"/v1/requests/{rid}")).status_code == 202
+            listed = (await c.get("/v1/admin/review")).json()["held"]
+            assert listed[0]["expires_in_s"] == 1.0
             now[0] += 2
             gone = await c.get(f"/v1/requests/{rid}")
             assert gone.status_code == 410 and "no longer held" in gone.json()["detail"]

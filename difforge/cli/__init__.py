@@ -9,6 +9,7 @@ from difforge.cli import (  # noqa: F401  (they register)
     export,
     models,
     registry,
+    review,
     serve,
     signals,
     vae,

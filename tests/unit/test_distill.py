@@ -164,3 +164,15 @@ def test_bad_config_is_refused(teacher_path):
         DistillConfig(method="guidance", teacher=str(teacher_path), guidance_range=(3.0, 1.0))
     with pytest.raises(ValueError, match="method"):
         DistillConfig(method="consistency", teacher=str(teacher_path))
+
+
+def test_cli_distill_refuses_bad_input_in_one_line(teacher_path, tmp_path, capsys):
+    from difforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "consistency", "--teacher", str(teacher_path), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "progressive" in err
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "guidance", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err

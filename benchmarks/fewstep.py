@@ -11,9 +11,11 @@ only the teacher's outputs, so the classifier is independent of the students), N
 steps), network forwards per image (2 per step for the classifier-free-guided teacher, 1 for a
 guidance-distilled student) and CPU wall ms/image on --threads threads.
 
-A method's result is cached under benchmarks/results/fewstep/ keyed by model sha256, sampler,
-steps, guidance, n and seed, so students can be added to a run without redrawing the teacher;
---fresh redraws.
+A method's images are drawn in chunks of --batch seeds, cached under benchmarks/results/fewstep/
+(keyed by model sha256, sampler, steps, guidance, n and seed) with its result, so students can be
+added to a run without redrawing the teacher, and several processes running the same command
+share the chunks (each claims a chunk before drawing it); a method is reported once all its chunks
+are drawn. --fresh recomputes the metrics; --cached-only draws nothing.
 
 Targets (issue #14), reported met or not with the numbers:
   (1) a 4-step student's FID within 1.3x of the teacher's 50-step FID;
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,47 +51,64 @@ def forwards_per_step(model: Model, guidance: float) -> int:
     return 1 if model.guidance_input or guidance == 1.0 else 2
 
 
-def draw(model: Model, sampler: str, steps: int, guidance: float, n: int, seed: int, batch: int):
-    """n images (uint8), their labels, NFE per image and CPU wall ms per image."""
-    labels = [i % 10 for i in range(n)]
-    images, nfe, start = [], 0, time.perf_counter()
-    for k in range(0, n, batch):
-        out = model.sample(
-            labels=labels[k : k + batch],
-            seeds=[seed + i for i in range(k, min(n, k + batch))],
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
-            grid="karras",
-        )
-        images.append(out.images)
-        nfe = out.nfe
-    ms = 1000 * (time.perf_counter() - start) / n
-    return torch.cat(images), torch.tensor(labels), nfe, ms
+def _chunk(model: Model, sampler: str, steps: int, guidance: float, seeds: range) -> dict:
+    """One chunk of images (seed i has label i mod 10), its NFE and its wall seconds."""
+    labels = [i % 10 for i in seeds]
+    start = time.perf_counter()
+    out = model.sample(
+        labels=labels, seeds=list(seeds), sampler=sampler, steps=steps, guidance=guidance,
+        grid="karras",
+    )  # fmt: skip
+    return {"images": out.images, "labels": torch.tensor(labels), "nfe": out.nfe,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def _draw_chunks(model: Model, key: str, sampler: str, steps: int, guidance: float, args):
+    """Draw every chunk not drawn or claimed yet; several processes running the same command
+    share the work (a chunk is claimed by creating its .claim file). Returns the chunk files."""
+    folder = CACHE / key
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for lo in range(args.seed, args.seed + args.n, args.batch):
+        seeds = range(lo, min(args.seed + args.n, lo + args.batch))
+        path = folder / f"chunk-{lo}.pt"
+        files.append(path)
+        if path.exists() or args.cached_only:
+            continue
+        try:
+            os.close(os.open(folder / f"chunk-{lo}.claim", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue  # another process draws it
+        torch.save(_chunk(model, sampler, steps, guidance, seeds), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return files
 
 
 def measure(model: Model, path: str, sampler: str, steps: int, guidance: float, args, against):
-    """One method's record, from the cache when the same draw was measured before."""
+    """One method's record (cached), or None while some of its chunks are not drawn yet."""
     key = f"{model.sha256[:16]}-{sampler}-{steps}-w{guidance}-n{args.n}-s{args.seed}"
     cached = CACHE / f"{key}.json"
     if cached.exists() and not args.fresh:
         return json.loads(cached.read_text())
-    if args.cached_only:
-        print(f"not measured (--cached-only): {model.name} {sampler}-{steps}")
+    files = _draw_chunks(model, key, sampler, steps, guidance, args)
+    if not all(f.exists() for f in files):
+        print(f"not complete yet: {model.name} {sampler}-{steps}")
         return None
-    images, labels, nfe, ms = draw(model, sampler, steps, guidance, args.n, args.seed, args.batch)
+    chunks = [torch.load(f) for f in files]
+    images = torch.cat([c["images"] for c in chunks])
+    labels = torch.cat([c["labels"] for c in chunks])
     extractor, reference = against
     ev = evaluate_images(images, labels, extractor, reference, seed=args.seed)
-    m = ev["metrics"]
+    m, nfe = ev["metrics"], chunks[0]["nfe"]
     rec = {
         "model": path, "name": model.name, "sha256": model.sha256, "sampler": sampler,
         "steps": steps, "guidance": guidance, "n": args.n, "seed": args.seed, "nfe": nfe,
-        "forwards_per_image": nfe * forwards_per_step(model, guidance), "ms_per_image": ms,
-        "fid": m["fid"], "kid": m["kid"], "label_accuracy": m["label_accuracy"],
+        "forwards_per_image": nfe * forwards_per_step(model, guidance),
+        "ms_per_image": 1000 * sum(c["seconds"] for c in chunks) / args.n,
+        "fid": m["fid"], "kid": m["kid_mean"], "label_accuracy": m["label_accuracy"],
         "threads": torch.get_num_threads(), "batch": args.batch,
         "extractor": ev["extractor"], "reference": ev["reference"],
     }  # fmt: skip
-    CACHE.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(rec, indent=2) + "\n")
     return rec
 

@@ -25,7 +25,9 @@ def _record(fewstep: dict, sha: str, steps: int) -> dict | None:
     return rows[0] if rows else None
 
 
-def card(config: ModelConfig, commands: list[str], fewstep: dict, rec: dict | None) -> str:
+def card(
+    config: ModelConfig, commands: list[str], fewstep: dict, rec: dict | None, note: str = ""
+) -> str:
     p, s = config.provenance, config.sampling
     d = p["distillation"]
     lineage = ", ".join("`" + a["name"] + "`" for a in p["lineage"])
@@ -78,13 +80,14 @@ def card(config: ModelConfig, commands: list[str], fewstep: dict, rec: dict | No
             f"`benchmarks/fewstep.py`, n = {rec['n']}, seeds {rec['seed']}..."
             f"{rec['seed'] + rec['n'] - 1}, labels i mod 10 (eval_fewstep.json):",
             "",
-            "| method | steps | forwards/image | FID | label accuracy | ms/image |",
-            "|---|---|---|---|---|---|",
+            "| method | steps | forwards/image | FID | KID | label accuracy | ms/image |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in fewstep["teacher"] + fewstep["students"]:
             lines.append(
                 f"| {r['name']} {r['sampler']} | {r['steps']} | {r['forwards_per_image']} | "
-                f"{r['fid']:.2f} | {r['label_accuracy']:.3f} | {r['ms_per_image']:.1f} |"
+                f"{r['fid']:.2f} | {r['kid']:.1f} | {r['label_accuracy']:.3f} | "
+                f"{r['ms_per_image']:.1f} |"
             )
         lines += [
             "",
@@ -92,6 +95,8 @@ def card(config: ModelConfig, commands: list[str], fewstep: dict, rec: dict | No
             "label accuracy is that network's classifier head, which no loss of the distillation",
             "used. ms/image: one thread on a shared, heavily loaded 2-core CPU (noisy).",
         ]
+    if note:
+        lines += ["", "## Notes", "", note]
     return "\n".join(lines) + "\n"
 
 
@@ -102,6 +107,7 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--command", action="append", default=[])
     ap.add_argument("--fewstep", default="benchmarks/results/fewstep.json")
+    ap.add_argument("--note", default="", help="a Notes section for the card (markdown)")
     args = ap.parse_args()
     src, dst = Path(args.src), Path(args.dst)
     config = ModelConfig.model_validate_json((src / "config.json").read_text())
@@ -110,7 +116,7 @@ def main() -> None:
     sha = json.loads((src / "manifest.json").read_text())["files"]["model.safetensors"]
     fewstep = json.loads(Path(args.fewstep).read_text())
     rec = _record(fewstep, sha, config.sampling.steps)
-    save_model(dst, config, weights, card(config, args.command, fewstep, rec))
+    save_model(dst, config, weights, card(config, args.command, fewstep, rec, args.note))
     if rec is not None:
         report = {
             "num_samples": rec["n"], "model_sha256": sha, "benchmark": "benchmarks/fewstep.py",

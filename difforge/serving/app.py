@@ -229,7 +229,7 @@ def _principal(service: Service, request: Request, scope: str) -> Principal:
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(ServiceError)
     async def _failure(request: Request, exc: ServiceError):
-        service.metrics.error(exc.reason)
+        service.metrics.error(exc.reason, exc.role)
         headers = {}
         if exc.retry_after is not None:
             headers["Retry-After"] = retry_after_header(exc.retry_after)
@@ -286,6 +286,7 @@ def _api_routes(service: Service) -> APIRouter:
         return {
             "models": [{"role": role, **v.describe()} for role, v in router.versions()],
             "canary_share": router.canary_share,
+            "breaker": service.fallback.status(),
             "limits": service.config.limits.model_dump(mode="json"),
         }
 

@@ -12,7 +12,8 @@ the key itself is never stored, logged or exported.
       "api_keys": [{"id": "alice", "sha256": "<hex of sha256(key)>", "scopes": ["generate"]}],
       "audit_db": "audit.sqlite3",
       "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}},
-      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true}
+      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true},
+      "breaker": {"degrade": "allowed", "latency_slo_s": 2.0, "degraded_steps": 4}
     }
 """
 
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.registry.canary import RollbackMargins
+from difforge.serving.breaker import BreakerConfig
 
 Scope = Literal["generate", "admin"]
 InvarianceMode = Literal["pad", "per_sample", "off"]
@@ -174,6 +176,8 @@ class ServiceConfig(_Frozen):
     warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
     registry: RegistryFollow = Field(default_factory=RegistryFollow)  # serve --registry only
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
+    # fallback under load: the circuit breaker and its cheap route (difforge.serving.fallback)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
     @field_validator("api_keys")
     @classmethod
@@ -193,6 +197,17 @@ class ServiceConfig(_Frozen):
             except ValueError:
                 raise ValueError(f"{net!r} is not an IP address or CIDR network") from None
         return v
+
+    @model_validator(mode="after")
+    def _cheap_route_within_limits(self) -> ServiceConfig:
+        # (degraded_steps needs no check: a request is only degraded to fewer steps than it has)
+        b, lim = self.breaker, self.limits
+        if b.degraded_sampler is not None and b.degraded_sampler not in lim.allowed_samplers:
+            allowed = ", ".join(lim.allowed_samplers)
+            raise ValueError(
+                f"breaker.degraded_sampler must be one of limits.allowed_samplers ({allowed})"
+            )
+        return self
 
     @property
     def loopback_only(self) -> bool:

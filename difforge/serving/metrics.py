@@ -37,6 +37,9 @@ ERROR_REASONS = (
     "registry_conflict",
     "registry_unavailable",
 )
+# failures that count against the version that served the request (not the client's doing)
+VERSION_FAILURES = ("internal", "non_finite", "deadline")
+ROLES = ("production", "canary")  # the router's roles, exported from the start
 REGISTRY_EVENTS = ("install", "load_failed", "auto_rollback", "poll_error")
 CACHE_EVICTIONS = ("bytes", "ttl")  # why a result cache entry was dropped
 
@@ -99,7 +102,37 @@ _METRICS: dict[str, tuple[type, str, str, tuple[str, ...], tuple[float, ...] | N
     "errors": (
         Counter,
         "difforge_errors_total",
-        "Requests that ended in an error, by reason.",
+        "Requests that ended in an error, by reason and the role of the version they were routed "
+        "to (none: refused before routing).",
+        ("reason", "role"),
+        None,
+    ),
+    "routed": (
+        Counter,
+        "difforge_generate_requests_total",
+        "Generation requests routed to a model version, by its role (the error rate's denominator).",
+        ("role",),
+        None,
+    ),
+    "breaker_state": (
+        Gauge,
+        "difforge_breaker_state",
+        "The circuit breaker's state: 1 for the current one of closed, open, half_open.",
+        ("state",),
+        None,
+    ),
+    "breaker_transitions": (
+        Counter,
+        "difforge_breaker_transitions_total",
+        "Circuit breaker transitions, by the state entered.",
+        ("state",),
+        None,
+    ),
+    "degraded": (
+        Counter,
+        "difforge_degraded_requests_total",
+        "Requests answered by the cheaper route while the breaker was open, by why it opened "
+        "(latency or queue_wait SLO).",
         ("reason",),
         None,
     ),
@@ -188,7 +221,11 @@ class ServiceMetrics:
             extra = {} if buckets is None else {"buckets": buckets}
             setattr(self, attr, kind(name, doc, list(labels), registry=r, **extra))
         for reason in ERROR_REASONS:
-            self.errors.labels(reason)  # exported as 0 from the start
+            self.errors.labels(reason, "none")  # exported as 0 from the start
+        for role in ROLES:
+            self.routed.labels(role)
+            for reason in VERSION_FAILURES:  # what the canary error-rate alert compares
+                self.errors.labels(reason, role)
         for reason in CACHE_EVICTIONS:
             self.cache_evictions.labels(reason)
 
@@ -204,8 +241,9 @@ class ServiceMetrics:
         for role, version, number in served:
             self.registry_version.labels(name, role, version).set(number)
 
-    def error(self, reason: str) -> None:
-        self.errors.labels(reason).inc()
+    def error(self, reason: str, role: str | None = None) -> None:
+        """Count a failed request; `role`: the role of the version it was routed to, if it was."""
+        self.errors.labels(reason, role or "none").inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

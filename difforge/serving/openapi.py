@@ -112,6 +112,12 @@ def generate_request_schema(config: ServiceConfig, model: Model) -> dict[str, An
             "default": "auto",
         },
         "deadline_ms": _nullable(deadline),
+        "allow_degraded": {
+            **_nullable({"type": "boolean"}),
+            "description": "under load (circuit breaker open), may a cheaper route answer: "
+            f"{config.breaker.degraded_steps} steps, or a fast model when one is installed; "
+            f"null: the service policy decides ({config.breaker.degrade})",
+        },
     }
     for key in model.spec.keys:
         props[key.name] = _conditioning_schema(key, lim.max_n)
@@ -177,6 +183,11 @@ def _generate_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
     headers["X-Cache"] = {
         "schema": {"type": "string", "enum": ["hit", "miss"]},
         "description": "with the result cache on: hit (served from the cache) or miss",
+    }
+    headers["X-Difforge-Degraded"] = {
+        "schema": {"type": "string"},
+        "description": "present when the circuit breaker's cheap route answered: steps=N, then "
+        "sampler=NAME and model=VERSION when those changed (the body's degraded record too)",
     }
     return {
         "summary": "Generate images",

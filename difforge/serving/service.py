@@ -50,17 +50,18 @@ from difforge.serving.engine import (
     QueueFull,
     finite_rows,
 )
+from difforge.serving.fallback import HEADER as DEGRADED_HEADER
+from difforge.serving.fallback import Choice, Fallback
 from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse
 from difforge.serving.invariance import choose_plan
-from difforge.serving.metrics import ServiceMetrics
-from difforge.serving.protocol import Plan, RequestInvalid, parse_body, resolve
+from difforge.serving.metrics import VERSION_FAILURES, ServiceMetrics
+from difforge.serving.protocol import GenerateRequest, Plan, RequestInvalid, parse_body, resolve
 from difforge.serving.router import ModelRouter, ModelVersion, Role
 
 log = logging.getLogger("difforge.serving")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-# failures that count against the version that served the request (not the client's doing)
-_VERSION_FAILURES = frozenset({"internal", "non_finite", "deadline"})
+_VERSION_FAILURES = frozenset(VERSION_FAILURES)  # they count against the version that served
 # refusals before any work: they give the rate-limit token back
 _REFUSED_BEFORE_WORK = frozenset({"not_ready", "queue_full", "shutdown"})
 Receive = Callable[[], Awaitable[dict]]
@@ -74,6 +75,7 @@ class ServiceError(DifforgeError):
         detail: what the client is told: a message or field-level errors.
         retry_after: seconds after which a retry may succeed, if it may.
         request_id: the request's id, once it has one.
+        role: the role of the version it was routed to, once it was (a metric label).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class ServiceError(DifforgeError):
     ):
         self.reason, self.detail = reason, detail
         self.retry_after, self.request_id = retry_after, request_id
+        self.role: str | None = None
         super().__init__(str(detail))
 
 
@@ -123,6 +126,7 @@ class Service:
         self.limiter = RateLimiter(config)
         self.idempotency = IdempotencyStore(config.idempotency_entries, config.idempotency_ttl_s)
         self.audit = AuditLog(config.audit_db)
+        self.fallback = Fallback(config.breaker, self.metrics)  # the breaker and the cheap route
         rc = config.result_cache
         self.cache = ResultCache(
             rc.max_bytes,
@@ -286,20 +290,42 @@ class Service:
         return given
 
     async def _generate(self, call: GenerateCall, request_id: str) -> StoredResponse:
-        plan = self._plan(call, request_id)  # first: an invalid request is always "validation"
+        req, plan = self._plan(call, request_id)  # first: an invalid request is "validation"
         if not self.ready:
             raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
         role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
-        job = self._job(request_id, version, role, plan, call.accepted)
+        choice = self.fallback.choose(req, plan, self._resolve)  # the breaker's route
+        if choice.version is not None:  # the cheap route is the fast model
+            role, version = "fast", choice.version
+        self.metrics.routed.labels(role).inc()
+        job = self._job(request_id, version, role, choice.plan, call.accepted)
         job.key_id = call.principal.key_id
+        job.degraded = choice.degradation
+        measured, ok = False, False
+        try:
+            response, measured = await self._run_job(call, job, choice)
+            ok = True
+            return response
+        except ServiceError as e:
+            e.role = role
+            measured = e.reason in _VERSION_FAILURES  # the load's doing, not the client's
+            raise
+        finally:
+            self.fallback.finish(choice, job, ok, measured)
+
+    async def _run_job(
+        self, call: GenerateCall, job: Job, choice: Choice
+    ) -> tuple[StoredResponse, bool]:
+        """Cache, queue, wait, answer; (the response, whether it ran: a cache hit did not)."""
+        plan, version = choice.plan, job.version
         cache_key = self._cache_key(call, version, plan)
         if cache_key is not None:
             hit = self.cache.get(cache_key)
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
             if hit is not None:  # no sampler call: the stored pixels, encoded for this request
                 job.images, job.nfe, job.call_images = list(hit.images), hit.nfe, [*hit.call_images]
-                return self._respond(call, job, plan, cache="hit")
+                return self._respond(call, job, plan, cache="hit"), False
         try:
             future = self.engine.submit(job)
         except QueueFull as e:
@@ -318,7 +344,7 @@ class Service:
             self.metrics.cache_bytes.set(self.cache.nbytes)
         response = self._respond(call, job, plan, cache=None if cache_key is None else "miss")
         self._outcome(job, True)
-        return response
+        return response, True
 
     def _cache_key(self, call: GenerateCall, version: ModelVersion, plan: Plan) -> CacheKey | None:
         """The request's result cache key; None when the cache is off, its seed was drawn or its
@@ -337,21 +363,25 @@ class Service:
         for observe in self.outcome_observers:
             observe(job, ok, latency)
 
-    def _plan(self, call: GenerateCall, request_id: str) -> Plan:
+    def _plan(self, call: GenerateCall, request_id: str) -> tuple[GenerateRequest, Plan]:
         """Parse and validate the body against the limits and the production model (versions
         served side by side accept the same requests; see router.check_compatible)."""
         try:
             req = parse_body(call.body, self.config.limits)
-            return resolve(
-                req,
-                self.config.limits,
-                self.router.production.model,
-                default_deadline_s=self.config.default_deadline_s,
-                max_deadline_s=self.config.max_deadline_s,
-            )
+            return req, self._resolve(req)
         except RequestInvalid as e:
             self._audit(call, request_id, "invalid", e.reason, {"errors": e.errors}, None)
             raise ServiceError(e.reason, e.errors, request_id=request_id) from None
+
+    def _resolve(self, req: GenerateRequest) -> Plan:
+        """The one resolver under this service's limits (RequestInvalid if `req` breaks one)."""
+        return resolve(
+            req,
+            self.config.limits,
+            self.router.production.model,
+            default_deadline_s=self.config.default_deadline_s,
+            max_deadline_s=self.config.max_deadline_s,
+        )
 
     def _key(
         self, version: ModelVersion, sampler: str, steps: int, guided: bool, options, cond=()
@@ -435,6 +465,7 @@ class Service:
             "grid": plan.grid,
             "options": dict(plan.options),
             **({"adapter": model.adapters[plan.adapter].describe()} if plan.adapter else {}),
+            **({"degraded": job.degraded.describe()} if job.degraded else {}),
             "request_id": job.request_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "synthetic": True,
@@ -445,6 +476,7 @@ class Service:
             "X-Output-SHA256": digest,
             "X-Model-Version": job.version.id,
             **({"X-Cache": cache} if cache else {}),
+            **({DEGRADED_HEADER: job.degraded.header()} if job.degraded else {}),
         }
         self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
         self._audit(call, job.request_id, "ok", "ok", plan.params(), job, digest, cache)
@@ -494,6 +526,8 @@ class Service:
             }
         if cache is not None:  # "hit": answered from the result cache; calls and nfe are the
             detail["cache"] = cache  # stored result's, none of them ran for this request
+        if job is not None and job.degraded:  # params are what ran; this is what was asked
+            detail["degraded"] = job.degraded.describe()
         self.audit.append(
             AuditEntry(
                 request_id=request_id,

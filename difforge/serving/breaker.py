@@ -1,0 +1,222 @@
+"""A circuit breaker for fallback under load: when the service misses its latency or queue-wait
+SLO for a window, requests that allow it are served by a cheaper route (difforge.serving.fallback
+decides which and how), and the breaker closes again once load has fallen.
+
+States (Nygard, "Release It!", ch. 5, Circuit Breaker; here it switches routes, it never refuses):
+
+    closed     every request takes its normal route. The breaker watches a sliding window of
+               the last `window_s` seconds of finished normal-route requests; with at least
+               `min_samples` of them, it opens when their p95 latency exceeds `latency_slo_s`
+               or their p95 queue wait exceeds `queue_wait_slo_s`.
+    open       degradable requests take the cheap route; the others their normal one. After
+               `cooldown_s` it turns half-open.
+    half_open  the next `probes` degradable requests take the normal route (probes), the rest
+               stay degraded. A probe that fails or misses an SLO reopens the breaker at once
+               (and the cool-down starts again); once `probes` probes have all finished within
+               `close_ratio` x the SLOs (hysteresis: "under the SLO" is not enough, load must
+               have fallen), the breaker closes and forgets its window.
+
+The breaker is pure: time comes from an injected `clock` (time.monotonic by default), nothing
+here does I/O, and one breaker is driven from one thread (the service's event loop).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BreakerState = Literal["closed", "open", "half_open"]
+STATES: tuple[BreakerState, ...] = ("closed", "open", "half_open")
+# degrade (a ServiceConfig choice): never - no request is ever degraded (the breaker still
+# watches, its state is exported); allowed - requests with "allow_degraded": true are, while the
+# breaker is open; always_when_open - every request is unless it says "allow_degraded": false
+DegradePolicy = Literal["never", "allowed", "always_when_open"]
+Route = Literal["normal", "degraded", "probe"]
+# why the breaker opened: the label of difforge_degraded_requests_total
+OpenReason = Literal["latency", "queue_wait"]
+OPEN_REASONS: tuple[OpenReason, ...] = ("latency", "queue_wait")
+
+
+class BreakerConfig(BaseModel):
+    """When the breaker opens and closes, and what the cheap route is (ServiceConfig.breaker).
+
+    The cheap route re-resolves the request with `degraded_steps` steps (and `degraded_sampler`
+    when set), so a degraded answer has exactly the pixels of a normal request with those
+    settings. When a fast model (role "fast", e.g. a distilled student) is installed, the cheap
+    route is that model at `fast_steps` steps (None: its own default).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    degrade: DegradePolicy = "allowed"
+    latency_slo_s: float = Field(10.0, gt=0, allow_inf_nan=False)  # p95, accepted -> answered
+    queue_wait_slo_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # p95; None: unwatched
+    window_s: float = Field(30.0, gt=0, allow_inf_nan=False)  # the sliding window
+    min_samples: int = Field(10, ge=1)  # finished requests in the window before it may open
+    cooldown_s: float = Field(10.0, gt=0, allow_inf_nan=False)  # open -> half_open
+    probes: int = Field(3, ge=1)  # normal-route requests that must pass to close it
+    close_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False)  # hysteresis
+    degraded_steps: int = Field(4, ge=1)
+    degraded_sampler: str | None = None  # None: the request's own sampler
+    fast_steps: int | None = Field(None, ge=1)  # steps on a fast model (None: its default)
+
+    @model_validator(mode="after")
+    def _known_sampler(self) -> BreakerConfig:
+        if self.degraded_sampler is not None:
+            from difforge.core.errors import check_choice
+            from difforge.samplers import SAMPLERS
+
+            check_choice("degraded_sampler", self.degraded_sampler, SAMPLERS)
+        return self
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One finished request as the breaker sees it."""
+
+    t: float  # clock() when it finished
+    queue_wait_s: float
+    latency_s: float
+    route: Route
+
+
+def p95(values: list[float]) -> float:
+    """Nearest-rank 95th percentile (the smallest value >= 95% of them); nan when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+class Breaker:
+    """The state machine (see the module docstring).
+
+    Args:
+        config: thresholds and timings.
+        clock: seconds, monotonic (tests pass a fake).
+        on_change: called with (new state, reason) on every transition (metrics).
+    """
+
+    def __init__(
+        self,
+        config: BreakerConfig,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[BreakerState, OpenReason | None], None] | None = None,
+    ):
+        self.config = config
+        self.clock = clock
+        self.on_change = on_change
+        self._state: BreakerState = "closed"
+        self._since = clock()
+        self.reason: OpenReason | None = None  # why it is open (kept while half-open)
+        self._window: deque[Sample] = deque()
+        self._probes_out = 0  # probes admitted in this half-open spell, not yet finished
+        self._probes_passed = 0
+
+    @property
+    def state(self) -> BreakerState:
+        self._tick(self.clock())
+        return self._state
+
+    def admit(self, degradable: bool) -> Route:
+        """The route of a new request (`degradable`: the policy lets this one be degraded)."""
+        state = self.state
+        if state == "closed" or not degradable:
+            return "normal"
+        if state == "half_open" and self._probes_out + self._probes_passed < self.config.probes:
+            self._probes_out += 1
+            return "probe"
+        return "degraded"
+
+    def record(self, route: Route, queue_wait_s: float, latency_s: float, ok: bool = True) -> None:
+        """A request admitted on `route` finished (ok: it was answered; False: it failed on the
+        service's side, e.g. missed its deadline)."""
+        now = self.clock()
+        self._tick(now)
+        self._window.append(Sample(now, queue_wait_s, latency_s, route))
+        self._prune(now)
+        if route == "probe":
+            self.release(route)
+            if self._state == "half_open":
+                self._judge_probe(queue_wait_s, latency_s, ok)
+        elif self._state == "closed":
+            reason = self._breach()
+            if reason is not None:
+                self._move("open", reason, now)
+
+    def release(self, route: Route) -> None:
+        """A request admitted on `route` ended without a measurement (the client left, the queue
+        was full, a cache hit): its probe slot is free again."""
+        if route == "probe" and self._probes_out > 0:
+            self._probes_out -= 1
+
+    def window(self) -> dict:
+        """The window's numbers (normal-route requests), for status pages and tests."""
+        now = self.clock()
+        self._prune(now)
+        normal = [s for s in self._window if s.route == "normal"]
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "samples": len(normal),
+            "p95_latency_s": _finite(p95([s.latency_s for s in normal])),
+            "p95_queue_wait_s": _finite(p95([s.queue_wait_s for s in normal])),
+            "seconds_in_state": now - self._since,
+        }
+
+    # -- transitions -----------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        if self._state == "open" and now - self._since >= self.config.cooldown_s:
+            self._move("half_open", self.reason, now)
+
+    def _prune(self, now: float) -> None:
+        while self._window and now - self._window[0].t > self.config.window_s:
+            self._window.popleft()
+
+    def _breach(self) -> OpenReason | None:
+        """Why the window (normal-route requests only) misses an SLO, or None."""
+        c = self.config
+        normal = [s for s in self._window if s.route == "normal"]
+        if len(normal) < c.min_samples:
+            return None
+        if p95([s.latency_s for s in normal]) > c.latency_slo_s:
+            return "latency"
+        if c.queue_wait_slo_s is not None and p95([s.queue_wait_s for s in normal]) > (
+            c.queue_wait_slo_s
+        ):
+            return "queue_wait"
+        return None
+
+    def _judge_probe(self, queue_wait_s: float, latency_s: float, ok: bool) -> None:
+        c, now = self.config, self.clock()
+        qw_slo = c.queue_wait_slo_s
+        if not ok or latency_s > c.latency_slo_s:
+            return self._move("open", "latency", now)
+        if qw_slo is not None and queue_wait_s > qw_slo:
+            return self._move("open", "queue_wait", now)
+        calm = latency_s <= c.close_ratio * c.latency_slo_s and (
+            qw_slo is None or queue_wait_s <= c.close_ratio * qw_slo
+        )
+        if not calm:  # under the SLO but not by the margin: load has not fallen; stay degraded
+            return self._move("open", self.reason or "latency", now)
+        self._probes_passed += 1
+        if self._probes_passed >= c.probes:
+            self._window.clear()  # the overload's samples must not reopen it at once
+            self._move("closed", None, now)
+
+    def _move(self, state: BreakerState, reason: OpenReason | None, now: float) -> None:
+        self._state, self._since, self.reason = state, now, reason
+        self._probes_out = self._probes_passed = 0
+        if self.on_change is not None:
+            self.on_change(state, reason)
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x

@@ -147,7 +147,7 @@ def test_a_released_probe_frees_its_slot():
 
 
 def test_degraded_samples_do_not_count_towards_opening():
-    b, clock, _ = make()
+    b, _, _ = make()
     for _ in range(20):
         b.record("degraded", 0.0, 5.0)
     assert b.state == "closed"

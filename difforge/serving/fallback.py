@@ -169,16 +169,24 @@ class Fallback:
         self._publish(self.breaker.state)
 
     async def install_fast(self, service, model) -> ModelVersion:
-        """Warm `model` on `service` and make it the cheap route (None-safe: `remove_fast`)."""
+        """Warm `model` on `service` and make it the cheap route (undone by `remove_fast`).
+
+        Raises:
+            InvalidArgumentError: it does not accept the same requests as production.
+        """
         version = model if isinstance(model, ModelVersion) else ModelVersion(model)
         check_compatible(service.router.production.model, version.model)
         if not version.ready:
             await service.warm(version)
         self.fast = version
+        service._publish_models()
         return version
 
-    def remove_fast(self) -> ModelVersion | None:
+    def remove_fast(self, service) -> ModelVersion | None:
+        """Back to fewer steps on the routed version; returns the fast model (it finishes its
+        requests)."""
         fast, self.fast = self.fast, None
+        service._publish_models()
         return fast
 
     def status(self) -> dict[str, Any]:

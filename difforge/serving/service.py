@@ -230,7 +230,10 @@ class Service:
         return canary
 
     def _publish_models(self) -> None:
-        self.metrics.set_models([(v.name, v.id, role) for role, v in self.router.versions()])
+        served = [(v.name, v.id, role) for role, v in self.router.versions()]
+        if self.fallback.fast is not None:  # the breaker's cheap route (serving.fallback)
+            served.append((self.fallback.fast.name, self.fallback.fast.id, "fast"))
+        self.metrics.set_models(served)
 
     # -- generate --------------------------------------------------------------------------------
 

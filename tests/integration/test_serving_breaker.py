@@ -158,6 +158,12 @@ def test_a_fast_model_is_the_cheap_route_when_installed(model_dir, tmp_path):
             assert body["degraded"]["model_version"] == fast.id
             text = (await c.get("/metrics")).text
             assert metric(text, 'difforge_generate_requests_total{role="fast"}') == 1.0
+            info = f'difforge_model_info{{name="fast",role="fast",version="{fast.id}"}}'
+            assert metric(text, info) == 1.0
+            svc.fallback.remove_fast(svc)
+            r = await c.post("/v1/generate", json={**BODY, "allow_degraded": True})
+            assert r.headers["x-difforge-degraded"] == "steps=2"
+            assert r.headers["x-model-version"] == svc.router.production.id
 
     run(scenario())
 

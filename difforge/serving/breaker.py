@@ -8,13 +8,17 @@ States (Nygard, "Release It!", ch. 5, Circuit Breaker; here it switches routes, 
                the last `window_s` seconds of finished normal-route requests; with at least
                `min_samples` of them, it opens when their p95 latency exceeds `latency_slo_s`
                or their p95 queue wait exceeds `queue_wait_slo_s`.
-    open       degradable requests take the cheap route; the others their normal one. After
-               `cooldown_s` it turns half-open.
+    open       degradable requests take the cheap route; the others their normal one. After a
+               cool-down it turns half-open: `cooldown_s`, doubled after each reopening without
+               a close in between, up to `max_cooldown_s` (a sustained overload is probed less
+               and less often: every probe costs the requests queued behind it).
     half_open  the next `probes` degradable requests take the normal route (probes), the rest
-               stay degraded. A probe that fails or misses an SLO reopens the breaker at once
-               (and the cool-down starts again); once `probes` probes have all finished within
-               `close_ratio` x the SLOs (hysteresis: "under the SLO" is not enough, load must
-               have fallen), the breaker closes and forgets its window.
+               stay degraded. A probe that fails, misses an SLO, or even finishes above
+               `close_ratio` x the SLO (hysteresis: load has not fallen) reopens the breaker at
+               once. Once the probes have passed and at least `min_samples` requests of any
+               route have finished in this trial (those queued behind a probe pay for it), the
+               trial's p95 decides: within `close_ratio` x the SLOs the breaker closes and
+               forgets its window, otherwise it reopens.
 
 The breaker is pure: time comes from an injected `clock` (time.monotonic by default), nothing
 here does I/O, and one breaker is driven from one thread (the service's event loop).
@@ -59,7 +63,8 @@ class BreakerConfig(BaseModel):
     queue_wait_slo_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # p95; None: unwatched
     window_s: float = Field(30.0, gt=0, allow_inf_nan=False)  # the sliding window
     min_samples: int = Field(10, ge=1)  # finished requests in the window before it may open
-    cooldown_s: float = Field(10.0, gt=0, allow_inf_nan=False)  # open -> half_open
+    cooldown_s: float = Field(10.0, gt=0, allow_inf_nan=False)  # open -> half_open, at first
+    max_cooldown_s: float = Field(80.0, gt=0, allow_inf_nan=False)  # after repeated reopenings
     probes: int = Field(3, ge=1)  # normal-route requests that must pass to close it
     close_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False)  # hysteresis
     degraded_steps: int = Field(4, ge=1)
@@ -68,6 +73,8 @@ class BreakerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_sampler(self) -> BreakerConfig:
+        if self.max_cooldown_s < self.cooldown_s:
+            raise ValueError("max_cooldown_s must be at least cooldown_s")
         if self.degraded_sampler is not None:
             from difforge.core.errors import check_choice
             from difforge.samplers import SAMPLERS
@@ -118,6 +125,8 @@ class Breaker:
         self._window: deque[Sample] = deque()
         self._probes_out = 0  # probes admitted in this half-open spell, not yet finished
         self._probes_passed = 0
+        self._trial: list[Sample] = []  # requests finished in this half-open spell
+        self._reopened = 0  # reopenings since the last close (the cool-down doubles)
 
     @property
     def state(self) -> BreakerState:
@@ -143,9 +152,9 @@ class Breaker:
         self._prune(now)
         if route == "probe":
             self.release(route)
-            if self._state == "half_open":
-                self._judge_probe(queue_wait_s, latency_s, ok)
-        elif self._state == "closed":
+        if self._state == "half_open":
+            self._judge_trial(self._window[-1], ok)
+        elif self._state == "closed" and route == "normal":
             reason = self._breach()
             if reason is not None:
                 self._move("open", reason, now)
@@ -168,12 +177,19 @@ class Breaker:
             "p95_latency_s": _finite(p95([s.latency_s for s in normal])),
             "p95_queue_wait_s": _finite(p95([s.queue_wait_s for s in normal])),
             "seconds_in_state": now - self._since,
+            "cooldown_s": self.cooldown_s,
         }
 
     # -- transitions -----------------------------------------------------------------------------
 
+    @property
+    def cooldown_s(self) -> float:
+        """The current cool-down: doubled for each reopening since the last close."""
+        c = self.config
+        return min(c.max_cooldown_s, c.cooldown_s * 2 ** min(self._reopened, 30))
+
     def _tick(self, now: float) -> None:
-        if self._state == "open" and now - self._since >= self.config.cooldown_s:
+        if self._state == "open" and now - self._since >= self.cooldown_s:
             self._move("half_open", self.reason, now)
 
     def _prune(self, now: float) -> None:
@@ -194,26 +210,49 @@ class Breaker:
             return "queue_wait"
         return None
 
-    def _judge_probe(self, queue_wait_s: float, latency_s: float, ok: bool) -> None:
+    def _over(self, sample: Sample, ratio: float) -> OpenReason | None:
+        """Which SLO, scaled by `ratio`, the sample misses (None: within both)."""
+        c = self.config
+        if sample.latency_s > ratio * c.latency_slo_s:
+            return "latency"
+        if c.queue_wait_slo_s is not None and sample.queue_wait_s > ratio * c.queue_wait_slo_s:
+            return "queue_wait"
+        return None
+
+    def _judge_trial(self, sample: Sample, ok: bool) -> None:
         c, now = self.config, self.clock()
-        qw_slo = c.queue_wait_slo_s
-        if not ok or latency_s > c.latency_slo_s:
-            return self._move("open", "latency", now)
-        if qw_slo is not None and queue_wait_s > qw_slo:
-            return self._move("open", "queue_wait", now)
-        calm = latency_s <= c.close_ratio * c.latency_slo_s and (
-            qw_slo is None or queue_wait_s <= c.close_ratio * qw_slo
+        if sample.route == "probe":
+            missed = "latency" if not ok else self._over(sample, 1.0)
+            if missed is None and self._over(sample, c.close_ratio) is not None:
+                missed = self.reason or "latency"  # under the SLO, not by the margin: still open
+            if missed is not None:
+                return self._reopen(missed, now)
+            self._probes_passed += 1
+        self._trial.append(sample)
+        if self._probes_passed < c.probes or len(self._trial) < c.min_samples:
+            return
+        ratio = c.close_ratio
+        trial = Sample(
+            now,
+            p95([s.queue_wait_s for s in self._trial]),
+            p95([s.latency_s for s in self._trial]),
+            "normal",
         )
-        if not calm:  # under the SLO but not by the margin: load has not fallen; stay degraded
-            return self._move("open", self.reason or "latency", now)
-        self._probes_passed += 1
-        if self._probes_passed >= c.probes:
-            self._window.clear()  # the overload's samples must not reopen it at once
-            self._move("closed", None, now)
+        missed = self._over(trial, ratio)
+        if missed is not None:
+            return self._reopen(missed, now)
+        self._window.clear()  # the overload's samples must not reopen it at once
+        self._reopened = 0
+        self._move("closed", None, now)
+
+    def _reopen(self, reason: OpenReason, now: float) -> None:
+        self._reopened += 1
+        self._move("open", reason, now)
 
     def _move(self, state: BreakerState, reason: OpenReason | None, now: float) -> None:
         self._state, self._since, self.reason = state, now, reason
         self._probes_out = self._probes_passed = 0
+        self._trial = []
         if self.on_change is not None:
             self.on_change(state, reason)
 

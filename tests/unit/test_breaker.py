@@ -101,30 +101,50 @@ def test_cooldown_then_probes_close_it_when_load_fell():
     assert b.state == "half_open" and b.reason == "latency"
     routes = [b.admit(True) for _ in range(4)]
     assert routes == ["probe", "probe", "degraded", "degraded"]  # probes=2
-    b.record("degraded", 0.0, 0.1)  # degraded answers are no evidence either way
+    b.record("degraded", 0.0, 0.1)
     b.record("probe", 0.0, 0.4)  # 0.4 <= 0.5 x 1.0: calm
-    assert b.state == "half_open"
     b.record("probe", 0.1, 0.3)
+    assert b.state == "half_open"  # 3 of min_samples 5 finished in the trial
+    b.record("degraded", 0.0, 0.1)
+    b.record("normal", 0.0, 0.45)
     assert b.state == "closed" and b.reason is None
     assert [s for s, _ in changes] == ["open", "half_open", "closed"]
     assert b.window()["samples"] == 0  # the overload's window is forgotten
     assert b.admit(True) == "normal"
 
 
-def test_a_slow_or_failed_probe_reopens_it_and_restarts_the_cooldown():
-    b, clock, changes = make()
+def test_requests_queued_behind_the_probes_keep_it_open():
+    b, clock, _ = make()
+    feed(b, clock, 3.0, 5)
+    clock.t += 3.0
+    assert [b.admit(True) for _ in range(2)] == ["probe", "probe"]
+    b.record("probe", 0.0, 0.4)
+    b.record("probe", 0.0, 0.4)  # both calm, but the cheap requests behind them were not:
+    for _ in range(3):
+        b.record("degraded", 0.5, 0.9)
+    assert b.state == "open" and b.reason == "latency"  # trial p95 0.9 > 0.5 x SLO
+
+
+def test_a_slow_or_failed_probe_reopens_it_and_the_cooldown_doubles():
+    b, clock, changes = make(max_cooldown_s=10.0)
     feed(b, clock, 3.0, 5)
     clock.t += 3.0
     assert b.admit(True) == "probe"
     b.record("probe", 0.0, 1.5)  # over the SLO
-    assert b.state == "open"
-    clock.t += 2.0
-    assert b.state == "open"  # a new cool-down began at the reopen
-    clock.t += 1.0
+    assert b.state == "open" and b.cooldown_s == 6.0
+    clock.t += 5.9
+    assert b.state == "open"  # a new, doubled cool-down began at the reopen
+    clock.t += 0.1
     assert b.admit(True) == "probe"
-    b.record("probe", 0.0, 0.1, ok=False)  # failed (e.g. its deadline passed)
-    assert b.state == "open"
+    b.record("probe", 0.1, 0.1, ok=False)  # failed (e.g. its deadline passed)
+    assert b.state == "open" and b.cooldown_s == 10.0  # 12, capped at max_cooldown_s
     assert [s for s, _ in changes] == ["open", "half_open", "open", "half_open", "open"]
+    clock.t += 10.0
+    for _ in range(2):
+        assert b.admit(True) == "probe"
+    for i in range(5):
+        b.record("probe" if i < 2 else "degraded", 0.0, 0.1)
+    assert b.state == "closed" and b.cooldown_s == 3.0  # a close resets the cool-down
 
 
 def test_hysteresis_a_probe_under_the_slo_but_not_calm_keeps_it_open():
@@ -174,6 +194,8 @@ def test_the_degrade_policy_table(policy, allow, expected):
 def test_the_config_names_bad_choices():
     with pytest.raises(ValidationError, match="always_when_open"):
         BreakerConfig(degrade="sometimes")
+    with pytest.raises(ValidationError, match="max_cooldown_s"):
+        BreakerConfig(cooldown_s=10, max_cooldown_s=5)
     with pytest.raises(ValidationError, match="degraded_sampler"):
         BreakerConfig(degraded_sampler="nope")
     with pytest.raises(ValidationError, match="allowed_samplers"):

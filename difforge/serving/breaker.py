@@ -64,7 +64,8 @@ class BreakerConfig(BaseModel):
     window_s: float = Field(30.0, gt=0, allow_inf_nan=False)  # the sliding window
     min_samples: int = Field(10, ge=1)  # finished requests in the window before it may open
     cooldown_s: float = Field(10.0, gt=0, allow_inf_nan=False)  # open -> half_open, at first
-    max_cooldown_s: float = Field(80.0, gt=0, allow_inf_nan=False)  # after repeated reopenings
+    # the longest cool-down after repeated reopenings (None: 8 x cooldown_s)
+    max_cooldown_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     probes: int = Field(3, ge=1)  # normal-route requests that must pass to close it
     close_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False)  # hysteresis
     degraded_steps: int = Field(4, ge=1)
@@ -73,7 +74,7 @@ class BreakerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_sampler(self) -> BreakerConfig:
-        if self.max_cooldown_s < self.cooldown_s:
+        if self.max_cooldown_s is not None and self.max_cooldown_s < self.cooldown_s:
             raise ValueError("max_cooldown_s must be at least cooldown_s")
         if self.degraded_sampler is not None:
             from difforge.core.errors import check_choice
@@ -186,7 +187,8 @@ class Breaker:
     def cooldown_s(self) -> float:
         """The current cool-down: doubled for each reopening since the last close."""
         c = self.config
-        return min(c.max_cooldown_s, c.cooldown_s * 2 ** min(self._reopened, 30))
+        longest = c.max_cooldown_s if c.max_cooldown_s is not None else 8 * c.cooldown_s
+        return min(longest, c.cooldown_s * 2 ** min(self._reopened, 30))
 
     def _tick(self, now: float) -> None:
         if self._state == "open" and now - self._since >= self.cooldown_s:

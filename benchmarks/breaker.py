@@ -2,7 +2,7 @@
 SLO under overload, where the same service without it does not? And does it close once load falls?
 
     python -m benchmarks.breaker [--net small] [--steps 20] [--degraded-steps 4] [--clients 16]
-                                 [--duration 30] [--warmup 10] [--rounds 2] [--slo-factor 2]
+                                 [--duration 30] [--warmup 10] [--calm 60] [--rounds 2] [--slo-factor 2]
                                  [--threads 1] [--forward-delay 0]
 
 A random-weight model (benchmarks.serve_load.make_model, --net) is served in-process (httpx over
@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--warmup", type=float, default=10.0)
-    ap.add_argument("--calm", type=float, default=20.0)
+    ap.add_argument("--calm", type=float, default=60.0, help="at least the longest cool-down")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--slo-factor", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1)
@@ -149,6 +149,7 @@ async def overload(model_path: Path, args, slo: float, degrade: str, salt: int) 
         rows = await b.clients(args.clients, args.warmup + args.duration, salt)
         calm = None
         if degrade != "never":
+            cooldown = b.service.fallback.breaker.cooldown_s  # doubled by each reopening
             t0 = time.monotonic()
             calm_rows = []
             while (
@@ -160,6 +161,7 @@ async def overload(model_path: Path, args, slo: float, degrade: str, salt: int) 
                 "closed": closed,
                 "closed_after_s": time.monotonic() - t0 if closed else None,
                 "requests": len(calm_rows),
+                "cooldown_s_when_load_fell": cooldown,
             }
         text = b.service.metrics.exposition().decode()
     steady = [r for r in rows if r["sent_s"] >= args.warmup and r["status"] == 200]
@@ -212,8 +214,8 @@ def main() -> int:
     on = [x for x in runs if x["degrade"] == "allowed"]
     off = [x for x in runs if x["degrade"] == "never"]
 
-    def fmt(xs: list[dict]) -> str:
-        return "/".join(f"{x['p95_s']:.2f}" for x in xs)
+    def fmt(xs: list[dict], key: str = "p95_s") -> str:
+        return "/".join(f"{x[key]:.2f}" for x in xs)
 
     closes = [x["calm"]["closed_after_s"] for x in on if x["calm"] and x["calm"]["closed"]]
     summary = (
@@ -224,7 +226,9 @@ def main() -> int:
         + f"; SLO {slo:.2f} s (= {args.slo_factor} x one-client median {t_full:.2f} s); "
         f"p95 with breaker {fmt(on)} s (n={'/'.join(str(x['steady_requests']) for x in on)}, "
         f"{sum(x['within_slo'] for x in on)}/{len(on)} within SLO, degraded "
-        f"{statistics.mean(x['degraded_share_steady'] for x in on):.0%}), without {fmt(off)} s "
+        f"{statistics.mean(x['degraded_share_steady'] for x in on):.1%}, full-route probes "
+        f"{'/'.join(str(x['full_route_steady']) for x in on)}; p95 including the warm-up "
+        f"{fmt(on, 'p95_all_s')} s), without {fmt(off)} s "
         f"(n={'/'.join(str(x['steady_requests']) for x in off)}, "
         f"{sum(not x['within_slo'] for x in off)}/{len(off)} over SLO); breaker closed after load "
         f"fell in {len(closes)}/{len(on)} runs"

@@ -13,7 +13,8 @@ States (Nygard, "Release It!", ch. 5, Circuit Breaker; here it switches routes, 
                a close in between, up to `max_cooldown_s` (a sustained overload is probed less
                and less often: every probe costs the requests queued behind it).
     half_open  the next `probes` degradable requests take the normal route (probes), the rest
-               stay degraded. A probe that fails, misses an SLO, or even finishes above
+               stay degraded; requests that may not be degraded take it anyway and count as
+               probes too. A probe that fails, misses an SLO, or even finishes above
                `close_ratio` x the SLO (hysteresis: load has not fallen) reopens the breaker at
                once. Once the probes have passed and at least `min_samples` requests of any
                route have finished in this trial (those queued behind a probe pay for it), the
@@ -223,8 +224,8 @@ class Breaker:
 
     def _judge_trial(self, sample: Sample, ok: bool) -> None:
         c, now = self.config, self.clock()
-        if sample.route == "probe":
-            missed = "latency" if not ok else self._over(sample, 1.0)
+        if sample.route != "degraded":  # a probe, or a request that may not be degraded: both
+            missed = "latency" if not ok else self._over(sample, 1.0)  # took the normal route
             if missed is None and self._over(sample, c.close_ratio) is not None:
                 missed = self.reason or "latency"  # under the SLO, not by the margin: still open
             if missed is not None:

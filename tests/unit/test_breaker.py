@@ -147,6 +147,22 @@ def test_a_slow_or_failed_probe_reopens_it_and_the_cooldown_doubles():
     assert b.state == "closed" and b.cooldown_s == 3.0  # a close resets the cool-down
 
 
+def test_requests_that_may_not_be_degraded_are_probes_too():
+    b, clock, _ = make()  # e.g. degrade "never": no request is degradable, nothing is probed
+    for _ in range(5):
+        clock.t += 0.1
+        b.record(b.admit(False), 0.0, 3.0)
+    assert b.state == "open"
+    clock.t += 3.0
+    assert b.state == "half_open" and b.admit(False) == "normal"
+    b.record("normal", 0.0, 2.0)  # still overloaded: reopen
+    assert b.state == "open"
+    clock.t += 6.0
+    for _ in range(5):
+        b.record(b.admit(False), 0.0, 0.2)
+    assert b.state == "closed"
+
+
 def test_hysteresis_a_probe_under_the_slo_but_not_calm_keeps_it_open():
     b, clock, _ = make()
     feed(b, clock, 3.0, 5)

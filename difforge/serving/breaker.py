@@ -12,9 +12,12 @@ States (Nygard, "Release It!", ch. 5, Circuit Breaker; here it switches routes, 
                cool-down it turns half-open: `cooldown_s`, doubled after each reopening without
                a close in between, up to `max_cooldown_s` (a sustained overload is probed less
                and less often: every probe costs the requests queued behind it).
-    half_open  the next `probes` degradable requests take the normal route (probes), the rest
-               stay degraded; requests that may not be degraded take it anyway and count as
-               probes too. A probe that fails, misses an SLO, or even finishes above
+    half_open  the next `probes` degradable requests that find the queue empty take the normal
+               route (probes: a full-cost call holds up everything queued behind it, so none is
+               sent into a queue), the rest stay degraded; requests that may not be degraded
+               take the normal route anyway and count as probes too. If `min_samples` requests
+               finish before the probes could run, the queue never emptied: it reopens. A probe
+               that fails, misses an SLO, or even finishes above
                `close_ratio` x the SLO (hysteresis: load has not fallen) reopens the breaker at
                once. Once the probes have passed and at least `min_samples` requests of any
                route have finished in this trial (those queued behind a probe pay for it), the
@@ -135,12 +138,14 @@ class Breaker:
         self._tick(self.clock())
         return self._state
 
-    def admit(self, degradable: bool) -> Route:
-        """The route of a new request (`degradable`: the policy lets this one be degraded)."""
+    def admit(self, degradable: bool, queued: int = 0) -> Route:
+        """The route of a new request (`degradable`: the policy lets this one be degraded;
+        `queued`: requests waiting for a sampler call now, which a probe would hold up)."""
         state = self.state
         if state == "closed" or not degradable:
             return "normal"
-        if state == "half_open" and self._probes_out + self._probes_passed < self.config.probes:
+        probes_left = self._probes_out + self._probes_passed < self.config.probes
+        if state == "half_open" and probes_left and queued == 0:
             self._probes_out += 1
             return "probe"
         return "degraded"
@@ -232,7 +237,11 @@ class Breaker:
                 return self._reopen(missed, now)
             self._probes_passed += 1
         self._trial.append(sample)
-        if self._probes_passed < c.probes or len(self._trial) < c.min_samples:
+        if len(self._trial) < c.min_samples:
+            return
+        if self._probes_passed < c.probes:
+            if self._probes_out == 0:  # the queue never emptied for a probe: load is still high
+                self._reopen(self.reason or "latency", now)
             return
         ratio = c.close_ratio
         trial = Sample(

@@ -122,10 +122,15 @@ class Fallback:
         return allow is True or policy == "always_when_open"
 
     def choose(
-        self, req: SampleRequest, plan: Plan, resolve: Callable[[SampleRequest], Plan]
+        self,
+        req: SampleRequest,
+        plan: Plan,
+        resolve: Callable[[SampleRequest], Plan],
+        queued: int = 0,
     ) -> Choice:
-        """The route of a validated request; `resolve` is the service's resolver (its limits)."""
-        route = self.breaker.admit(self.degradable(req.allow_degraded))
+        """The route of a validated request; `resolve` is the service's resolver (its limits),
+        `queued` the requests waiting for a sampler call (the breaker probes an empty queue)."""
+        route = self.breaker.admit(self.degradable(req.allow_degraded), queued)
         if route != "degraded":
             self._publish(self.breaker.state)
             return Choice(route, plan)

@@ -298,7 +298,7 @@ class Service:
             raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
         role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
-        choice = self.fallback.choose(req, plan, self._resolve)  # the breaker's route
+        choice = self.fallback.choose(req, plan, self._resolve, self.engine.depth)
         if choice.version is not None:  # the cheap route is the fast model
             role, version = "fast", choice.version
         self.metrics.routed.labels(role).inc()

@@ -163,6 +163,22 @@ def test_requests_that_may_not_be_degraded_are_probes_too():
     assert b.state == "closed"
 
 
+def test_no_probe_is_sent_into_a_queue_and_a_queue_that_never_empties_reopens_it():
+    b, clock, changes = make()
+    feed(b, clock, 3.0, 5)
+    clock.t += 3.0
+    assert b.state == "half_open"
+    assert [b.admit(True, queued=4) for _ in range(5)] == ["degraded"] * 5
+    for _ in range(4):
+        b.record("degraded", 0.5, 0.3)
+    assert b.state == "half_open"
+    b.record("degraded", 0.5, 0.3)  # min_samples finished, no probe could run
+    assert b.state == "open" and b.cooldown_s == 6.0
+    clock.t += 6.0
+    assert b.admit(True, queued=0) == "probe"  # the queue emptied: probe now
+    assert [s for s, _ in changes] == ["open", "half_open", "open", "half_open"]
+
+
 def test_hysteresis_a_probe_under_the_slo_but_not_calm_keeps_it_open():
     b, clock, _ = make()
     feed(b, clock, 3.0, 5)

@@ -293,7 +293,7 @@ class Service:
         return given
 
     async def _generate(self, call: GenerateCall, request_id: str) -> StoredResponse:
-        req, plan = self._plan(call, request_id)  # first: an invalid request is "validation"
+        req, plan = self._parse(call, request_id)  # first: an invalid request is "validation"
         if not self.ready:
             raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
@@ -366,9 +366,13 @@ class Service:
         for observe in self.outcome_observers:
             observe(job, ok, latency)
 
-    def _plan(self, call: GenerateCall, request_id: str) -> tuple[GenerateRequest, Plan]:
+    def _plan(self, call: GenerateCall, request_id: str) -> Plan:
+        return self._parse(call, request_id)[1]
+
+    def _parse(self, call: GenerateCall, request_id: str) -> tuple[GenerateRequest, Plan]:
         """Parse and validate the body against the limits and the production model (versions
-        served side by side accept the same requests; see router.check_compatible)."""
+        served side by side accept the same requests; see router.check_compatible); the request
+        is kept for the breaker's cheap route (it re-resolves it)."""
         try:
             req = parse_body(call.body, self.config.limits)
             return req, self._resolve(req)

@@ -32,6 +32,12 @@ def serve_command(
         "--adapter",
         help="NAME=DIR[@SCALE]: serve a LoRA adapter beside --model (repeatable).",
     ),
+    fast_model: str | None = typer.Option(
+        None,
+        "--fast-model",
+        help="Model folder (e.g. a distilled student) that answers degradable requests while the "
+        "circuit breaker is open (config: breaker).",
+    ),
 ) -> None:
     """Serve a model over HTTP: POST /v1/generate, /v1/models, /metrics, health, a web page.
 
@@ -44,6 +50,8 @@ def serve_command(
     given = {k: v for k, v in source.items() if v is not None}
     if adapter:
         given["adapters"] = [_adapter_spec(a) for a in adapter]
+    if fast_model:
+        given["fast_model"] = fast_model
     serve(model, host=host, port=port, config_path=config, **given)
 
 

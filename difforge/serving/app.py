@@ -403,6 +403,7 @@ def serve(
     port: int = 8000,
     config_path: str | Path | None = None,
     adapters: Sequence[tuple[str, str, float]] = (),
+    fast_model: str | Path | None = None,
 ) -> None:
     """Run the HTTP service until interrupted (`difforge serve`).
 
@@ -414,6 +415,8 @@ def serve(
         host, port: where to listen.
         config_path: the service config JSON (default: all defaults).
         adapters: LoRA adapters (name, folder, scale) served beside a --model (not --registry).
+        fast_model: a model folder the circuit breaker's cheap route uses under load (e.g. a
+            distilled student; difforge.serving.fallback).
     """
     import uvicorn
 
@@ -426,6 +429,8 @@ def serve(
         service, source = open_service(registry, name or "", config, artifacts)
     else:
         service = build_service(model_path or "", config, adapters)
+    if fast_model is not None:
+        service.fallback.attach_fast(fast_model, service.router.production.model)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

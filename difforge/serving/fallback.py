@@ -16,8 +16,9 @@ settings, same seed, same bytes) and answered with `X-Difforge-Degraded: steps=4
 PNG provenance and the audit log, and a count in difforge_degraded_requests_total{reason}.
 
 The cheap route is fewer steps on the routed version, or a fast model when one is installed
-(`await fallback.install_fast(service, model)`, e.g. a distilled student): that version must
-accept the same requests as production (router.check_compatible).
+(`difforge serve --fast-model PATH`, or `await fallback.install_fast(service, model)` on a running
+service; e.g. a distilled student): that version must accept the same requests as production
+(router.check_compatible).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from difforge.pipeline import Plan, SampleRequest
+from difforge.pipeline import Model, Plan, SampleRequest
 from difforge.serving.breaker import (
     OPEN_REASONS,
     STATES,
@@ -134,7 +136,7 @@ class Fallback:
         if route != "degraded":
             self._publish(self.breaker.state)
             return Choice(route, plan)
-        fast = self.fast
+        fast = self.fast if self.fast is not None and self.fast.ready else None
         steps = self.config.degraded_steps
         if fast is not None:
             steps = self.config.fast_steps or fast.model.sampling.steps
@@ -172,6 +174,22 @@ class Fallback:
             started = job.started if job.started is not None else now
             self.breaker.record(choice.route, started - job.accepted, now - job.accepted, ok)
         self._publish(self.breaker.state)
+
+    def attach_fast(self, path: str | Path, production: Model) -> ModelVersion:
+        """Load the model folder at `path` as the cheap route, before the service starts (its
+        start warms it; `difforge serve --fast-model`). Loads on a passing thread (see
+        difforge.serving.engine.on_passing_thread).
+
+        Raises:
+            InvalidArgumentError: it does not accept the same requests as `production`.
+        """
+        from difforge.pipeline import load
+        from difforge.serving.engine import on_passing_thread
+
+        version = ModelVersion(on_passing_thread(load, path))
+        check_compatible(production, version.model)
+        self.fast = version
+        return version
 
     async def install_fast(self, service, model) -> ModelVersion:
         """Warm `model` on `service` and make it the cheap route (undone by `remove_fast`).

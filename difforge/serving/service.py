@@ -151,6 +151,10 @@ class Service:
             # Set on the sampler thread: that thread's OpenMP team is what runs the batches.
             self._threads_before = await self.engine.call(_set_threads, self.config.torch_threads)
         versions = [v for _, v in self.router.versions() if not v.ready]
+        fast = self.fallback.fast  # the breaker's cheap route, when one was attached
+        if fast is not None and not fast.ready:
+            versions.append(fast)
+        self._publish_models()
         self._warming = asyncio.create_task(self._warm_all(versions), name="difforge-warmup")
 
     async def _warm_all(self, versions: list[ModelVersion]) -> None:

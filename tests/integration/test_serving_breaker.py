@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from difforge.core.errors import InvalidArgumentError
 from difforge.model import load
 from difforge.serving import png_text
 from difforge.serving.breaker import BreakerConfig
@@ -168,6 +171,27 @@ def test_a_fast_model_is_the_cheap_route_when_installed(model_dir, tmp_path):
     run(scenario())
 
 
+def test_a_fast_model_attached_before_start_is_warmed_and_used(model_dir, tmp_path):
+    svc = make_service(model_dir, breaker=forced_open(), **FAST)
+    fast_dir = make_tiny_model(tmp_path / "fast", seed=6, name="fast")
+    fast = svc.fallback.attach_fast(fast_dir, svc.router.production.model)  # serve --fast-model
+    assert not fast.ready
+    wrong = make_tiny_model(tmp_path / "five", classes=5, name="five")
+    with pytest.raises(InvalidArgumentError, match="cannot serve beside"):
+        svc.fallback.attach_fast(wrong, svc.router.production.model)
+
+    async def scenario():
+        async with running(svc) as c:
+            assert fast.ready  # warmed with the production version before ready
+            for seed in (1, 2):
+                await c.post("/v1/generate", json={**BODY, "seed": seed})
+            r = await c.post("/v1/generate", json={**BODY, "allow_degraded": True})
+            assert r.headers["x-model-version"] == fast.id
+            assert r.headers["x-difforge-degraded"] == f"steps=4; model={fast.id}"  # its default
+
+    run(scenario())
+
+
 def test_errors_carry_the_role_they_were_routed_to(model_dir):
     svc = make_service(model_dir, **FAST)
 
@@ -184,3 +208,26 @@ def test_errors_carry_the_role_they_were_routed_to(model_dir):
             assert metric(text, 'difforge_errors_total{reason="deadline",role="canary"}') == 0.0
 
     run(scenario())
+
+
+def test_serve_fast_model_from_the_cli(model_dir, tmp_path, monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from difforge.cli import app
+
+    ran = []
+    monkeypatch.setattr(uvicorn, "run", lambda asgi, **kw: ran.append(asgi))
+    cfg = tmp_path / "serve.json"
+    cfg.write_text(json.dumps({"audit_db": ":memory:", "breaker": {"degraded_steps": 2}}))
+    fast_dir = make_tiny_model(tmp_path / "fast", seed=6, name="fast")
+    args = ["serve", "--model", str(model_dir), "--config", str(cfg), "--fast-model"]
+    result = CliRunner().invoke(app, [*args, str(fast_dir)])
+    assert result.exit_code == 0, result.output
+    (asgi,) = ran
+    assert asgi.state.service.fallback.fast.name == "fast"
+
+    wrong = make_tiny_model(tmp_path / "five", classes=5, name="five")
+    result = CliRunner().invoke(app, [*args, str(wrong)])
+    assert result.exit_code != 0
+    assert "cannot serve beside" in result.output and "Traceback" not in result.output

@@ -24,6 +24,9 @@ States (Nygard, "Release It!", ch. 5, Circuit Breaker; here it switches routes, 
                trial's p95 decides: within `close_ratio` x the SLOs the breaker closes and
                forgets its window, otherwise it reopens.
 
+Open or half-open, a breaker that admits and records nothing for `window_s` closes: no traffic is
+no load (and an idle service must not look degraded on the dashboards).
+
 The breaker is pure: time comes from an injected `clock` (time.monotonic by default), nothing
 here does I/O, and one breaker is driven from one thread (the service's event loop).
 """
@@ -132,6 +135,7 @@ class Breaker:
         self._probes_passed = 0
         self._trial: list[Sample] = []  # requests finished in this half-open spell
         self._reopened = 0  # reopenings since the last close (the cool-down doubles)
+        self._active = self._since  # the last admit or record: no traffic at all is no load
 
     @property
     def state(self) -> BreakerState:
@@ -142,6 +146,7 @@ class Breaker:
         """The route of a new request (`degradable`: the policy lets this one be degraded;
         `queued`: requests waiting for a sampler call now, which a probe would hold up)."""
         state = self.state
+        self._active = self.clock()
         if state == "closed" or not degradable:
             return "normal"
         probes_left = self._probes_out + self._probes_passed < self.config.probes
@@ -155,6 +160,7 @@ class Breaker:
         service's side, e.g. missed its deadline)."""
         now = self.clock()
         self._tick(now)
+        self._active = now
         self._window.append(Sample(now, queue_wait_s, latency_s, route))
         self._prune(now)
         if route == "probe":
@@ -197,6 +203,8 @@ class Breaker:
         return min(longest, c.cooldown_s * 2 ** min(self._reopened, 30))
 
     def _tick(self, now: float) -> None:
+        if self._state != "closed" and now - self._active > self.config.window_s:
+            return self._close(now)  # nothing asked or answered for a window: the load is gone
         if self._state == "open" and now - self._since >= self.cooldown_s:
             self._move("half_open", self.reason, now)
 
@@ -253,6 +261,9 @@ class Breaker:
         missed = self._over(trial, ratio)
         if missed is not None:
             return self._reopen(missed, now)
+        self._close(now)
+
+    def _close(self, now: float) -> None:
         self._window.clear()  # the overload's samples must not reopen it at once
         self._reopened = 0
         self._move("closed", None, now)

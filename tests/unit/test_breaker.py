@@ -179,6 +179,16 @@ def test_no_probe_is_sent_into_a_queue_and_a_queue_that_never_empties_reopens_it
     assert [s for s, _ in changes] == ["open", "half_open", "open", "half_open"]
 
 
+def test_an_idle_breaker_closes_after_a_window_without_traffic():
+    b, clock, changes = make()
+    feed(b, clock, 3.0, 5)
+    clock.t += 9.0
+    assert b.state == "half_open"
+    clock.t += 1.5  # 10.5 s since the last request finished: idle for longer than window_s
+    assert b.state == "closed" and b.window()["samples"] == 0
+    assert [s for s, _ in changes] == ["open", "half_open", "closed"]
+
+
 def test_hysteresis_a_probe_under_the_slo_but_not_calm_keeps_it_open():
     b, clock, _ = make()
     feed(b, clock, 3.0, 5)

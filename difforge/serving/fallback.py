@@ -115,6 +115,7 @@ class Fallback:
         for state in STATES:
             metrics.breaker_transitions.labels(state)
         self._publish(self.breaker.state)
+        metrics.refreshers.append(lambda: self._publish(self.breaker.state))  # time moves it too
 
     def degradable(self, allow: bool | None) -> bool:
         """Whether the policy lets a request with this `allow_degraded` be degraded."""

@@ -12,6 +12,8 @@ part of the cost they impose.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -217,6 +219,8 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        # called before each exposition: state that changes with time alone (the breaker's)
+        self.refreshers: list[Callable[[], None]] = []
         for attr, (kind, name, doc, labels, buckets) in _METRICS.items():
             extra = {} if buckets is None else {"buckets": buckets}
             setattr(self, attr, kind(name, doc, list(labels), registry=r, **extra))
@@ -246,4 +250,6 @@ class ServiceMetrics:
         self.errors.labels(reason, role or "none").inc()
 
     def exposition(self) -> bytes:
+        for refresh in self.refreshers:
+            refresh()
         return generate_latest(self.registry)

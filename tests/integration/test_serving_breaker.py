@@ -143,6 +143,24 @@ def test_the_breaker_closes_when_probes_run_fast(model_dir):
     run(scenario())
 
 
+def test_metrics_show_the_breaker_closing_when_idle(model_dir):
+    svc = make_service(model_dir, breaker=forced_open(window_s=5.0), **FAST)
+    clock = [0.0]
+
+    async def scenario():
+        async with running(svc) as c:
+            svc.fallback.breaker.clock = lambda: clock[0]
+            for seed in (1, 2):
+                await c.post("/v1/generate", json={**BODY, "seed": seed})
+            text = (await c.get("/metrics")).text
+            assert metric(text, 'difforge_breaker_state{state="open"}') == 1.0
+            clock[0] += 6.0  # no request for longer than window_s
+            text = (await c.get("/metrics")).text  # no request in between: the scrape updates it
+            assert metric(text, 'difforge_breaker_state{state="closed"}') == 1.0
+
+    run(scenario())
+
+
 def test_a_fast_model_is_the_cheap_route_when_installed(model_dir, tmp_path):
     svc = make_service(model_dir, breaker=forced_open(fast_steps=3), **FAST)
 

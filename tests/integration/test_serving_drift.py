@@ -1,0 +1,104 @@
+"""The drift monitor against a real shift: the shipped MNIST model, healthy and fed half the true
+noise level, through POST /v1/generate, with the shipped feature net and the MNIST test reference.
+
+Stated budget: R requests of 8 images (6 steps, guidance 3), a check after each from the second on
+(windows of 16, 24, ... images). The healthy model's KID stays under kid_max at every check; the
+degraded one is over it from the first check on (2 requests, 16 images). R = 3 in the fast suite,
+12 under `slow`. The curve over more requests: benchmarks/drift.py (its RESULTS.md row)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.drift import WrongNoiseScale
+from difforge.serving import ServiceConfig
+from difforge.serving.drift import DriftConfig
+from tests.integration.serving_fixtures import make_service, run, running, until, wrap_denoisers
+
+MNIST_COND = Path(__file__).resolve().parents[2] / "models" / "mnist-cond"
+PER_REQUEST, STEPS = 8, 6
+KID_MAX = 2000.0  # healthy ~ 0-700 at these window sizes, degraded ~ 7000 (benchmarks/drift.py)
+
+
+def drift_service(**drift):
+    settings = {"enabled": True, "window": 64, "min_samples": 16, "interval_s": 3600.0}
+    config = ServiceConfig(audit_db=":memory:", drift=DriftConfig(**settings | drift))
+    return make_service(MNIST_COND, config)
+
+
+async def serve_and_check(service, requests: int):
+    """`requests` requests; after each from the second, one check; returns the results, the
+    final /metrics text and GET /v1/drift."""
+    results = []
+    async with running(service) as client:
+        for r in range(requests):
+            lab = [(PER_REQUEST * r + i) % 10 for i in range(PER_REQUEST)]  # classes cycle
+            body = {"labels": lab, "seed": 1000 * r, "steps": STEPS, "n": PER_REQUEST}
+            resp = await client.post("/v1/generate", json=body)
+            assert resp.status_code == 200, resp.text
+            if r >= 1:
+                done = await service.drift.check(service.engine)
+                results.append(next(iter(done.values())))
+        metrics = (await client.get("/metrics")).text
+        status = (await client.get("/v1/drift")).json()
+    return results, metrics, status
+
+
+@pytest.mark.parametrize("requests", [3, pytest.param(12, marks=pytest.mark.slow)])
+def test_degraded_model_crosses_the_kid_threshold_healthy_stays_under(requests):
+    healthy, metrics, status = run(serve_and_check(drift_service(kid_max=KID_MAX), requests))
+    kids = [r["kid"] for r in healthy]
+    assert all(k < KID_MAX for k in kids), kids
+    windows = [PER_REQUEST * r for r in range(2, requests + 1)]
+    assert [r["samples"] for r in healthy] == windows
+    (vid,) = status["versions"]
+    assert status["versions"][vid]["exceeded"] == {"kid": False}
+    assert f'difforge_drift_exceeded{{metric="kid",version="{vid}"}} 0.0' in metrics
+    assert f'difforge_drift_samples{{version="{vid}"}} {windows[-1]:.1f}' in metrics
+    assert healthy[-1]["class_tv"] <= 0.15  # the cycled classes are the reference's uniform mix
+    assert healthy[-1]["steps_mean"] == STEPS and healthy[-1]["guidance_mean"] == 3.0
+
+    service = drift_service(kid_max=KID_MAX)
+    wrap_denoisers(service, lambda d: WrongNoiseScale(d, 0.5))
+    degraded, metrics, status = run(serve_and_check(service, requests))
+    assert degraded[0]["kid"] > KID_MAX, degraded[0]  # crossed at the first check (2 requests)
+    assert all(r["kid"] > KID_MAX for r in degraded)
+    assert min(r["kid"] for r in degraded) > 2 * max(kids)
+    assert f'difforge_drift_exceeded{{metric="kid",version="{vid}"}} 1.0' in metrics
+    assert status["versions"][vid]["exceeded"] == {"kid": True}
+    assert status["versions"][vid]["reference"]["reference"]["name"] == "mnist-test"
+
+
+def test_class_mix_shift_and_the_schedule_runs_on_its_own():
+    """All requests for one class: the class-mix distance crosses class_tv_max, found by the
+    background schedule (no check called by hand)."""
+
+    async def scenario():
+        service = drift_service(class_tv_max=0.5, interval_s=0.2, min_samples=8, window=16)
+        async with running(service) as client:
+            body = {"labels": 7, "seed": 1, "steps": 2, "n": 8}
+            assert (await client.post("/v1/generate", json=body)).status_code == 200
+            await until(lambda: service.drift.results, timeout=60)
+            (result,) = service.drift.results.values()
+            assert result["class_tv"] == pytest.approx(0.9)  # all mass on 1 of 10 classes
+            assert result["class_chi2_p"] < 1e-6
+            assert result["fid"] is None  # 8 images <= 128 feature dimensions
+            text = (await client.get("/metrics")).text
+            assert 'difforge_drift_exceeded{metric="class_tv"' in text
+            assert "difforge_drift_threshold" in text
+        return result
+
+    run(scenario())
+
+
+def test_drift_route_is_404_when_off(tmp_path):
+    from tests.integration.serving_fixtures import make_tiny_model
+
+    async def scenario():
+        async with running(make_service(make_tiny_model(tmp_path / "m"))) as client:
+            r = await client.get("/v1/drift")
+            assert r.status_code == 404 and "drift" in r.json()["detail"]
+
+    run(scenario())

@@ -19,9 +19,11 @@ The results become `difforge_drift_*{version}` gauges, with `difforge_drift_samp
 and `difforge_drift_exceeded{version, metric}` = 1 where a configured threshold is crossed; GET
 /v1/drift shows the same numbers with the reference they were measured against.
 
-The reference (load_drift_reference): `reference` = an evaluation report JSON (the reference set
-it was scored against, its label mix and sampler settings) or a reference statistics JSON; absent:
-MNIST `reference_split`, what `difforge evaluate` compares with by default. It is loaded on the
+The reference (load_drift_reference), first that applies: `reference` = an evaluation report JSON
+(the reference set it was scored against, its label mix and sampler settings) or a reference
+statistics JSON; for a service that follows a registry (`serve --registry`), the served version's
+latest attached evaluation report; else MNIST `reference_split`, what `difforge evaluate` compares
+with by default. It is loaded on the
 sampler thread at the first check (a few seconds when the reference cache is cold).
 """
 
@@ -121,6 +123,9 @@ class DriftMonitor:
     def __init__(self, config: DriftConfig, metrics, served: Callable[[], list], extractor=None):
         self.config, self.metrics, self.served = config, metrics, served
         self.extractor = extractor
+        # version -> its evaluation report (dict) or None; set by a service that follows a
+        # registry (serving.registry_source), read when config.reference is not given
+        self.report_for: Callable[[Any], dict | None] | None = None
         self.windows: dict[str, _Window] = {}
         self.references: dict[str, DriftReference] = {}
         self.results: dict[str, dict[str, Any]] = {}
@@ -226,6 +231,9 @@ class DriftMonitor:
 
             self.extractor = load_feature_extractor(self.config.features)
         m = version.model
+        report = None
+        if self.config.reference is None and self.report_for is not None:
+            report = self.report_for(version)
         return load_drift_reference(
             self.config.reference,
             self.extractor,
@@ -233,6 +241,7 @@ class DriftMonitor:
             default_steps=m.sampling.steps,
             default_guidance=m.sampling.guidance,
             default_split=self.config.reference_split,
+            report=report,
             cache_dir=self.config.cache_dir,
         )
 

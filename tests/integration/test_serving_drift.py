@@ -102,3 +102,26 @@ def test_drift_route_is_404_when_off(tmp_path):
             assert r.status_code == 404 and "drift" in r.json()["detail"]
 
     run(scenario())
+
+
+def test_a_registry_versions_report_is_its_reference():
+    """serve --registry: the monitor reads the served version's latest evaluation report (its
+    reference set, label mix and sampler settings); a config path would take precedence."""
+    from difforge.model import load
+    from difforge.serving.drift import DriftMonitor
+    from difforge.serving.metrics import ServiceMetrics
+    from difforge.serving.router import ModelVersion
+
+    version = ModelVersion(load(MNIST_COND), meta={"registry_name": "m", "registry_version": 3})
+    report = {
+        "reference": {"name": "mnist-test"},
+        "repeats": [{"label_counts": [5] * 5 + [0] * 5}],
+        "sampler": {"steps": 12, "guidance": 2.0},
+    }
+    asked = []
+    monitor = DriftMonitor(DriftConfig(enabled=True), ServiceMetrics(), lambda: [version])
+    monitor.report_for = lambda v: asked.append(v.meta["registry_version"]) or report
+    ref = monitor._reference(version)
+    assert asked == [3] and ref.source == "evaluation report"
+    assert ref.stats.name == "mnist-test" and (ref.steps, ref.guidance) == (12, 2.0)
+    assert ref.class_probs.tolist() == [0.2] * 5 + [0.0] * 6

@@ -114,3 +114,23 @@ def test_a_report_gives_its_label_mix_and_settings_and_must_name_its_reference(t
         load_drift_reference(
             path, FakeExtractor(), num_classes=4, default_steps=20, default_guidance=2.0
         )
+
+
+def test_the_registry_gives_a_versions_latest_report_whole(tmp_path):
+    from difforge.registry import Registry
+    from difforge.registry.reports import latest_report
+    from tests.integration.serving_fixtures import make_tiny_model
+
+    reg = Registry(f"sqlite:///{tmp_path}/registry.db", tmp_path / "artifacts")
+    try:
+        folder = make_tiny_model(tmp_path / "tiny")
+        reg.register(folder, name="tiny")
+        assert latest_report(reg, "tiny", 1) is None
+        first = {"metrics": {"fid": 20.0}, "reference": {"name": "mnist-test"}}
+        second = {"metrics": {"fid": 10.0}, "repeats": [{"label_counts": [1] * 10}]}
+        reg.attach_report("tiny", 1, first)
+        reg.attach_report("tiny", 1, second)
+        assert latest_report(reg, "tiny", 1) == second
+        assert latest_report(reg, "tiny", 2) is None and latest_report(reg, "other", 1) is None
+    finally:
+        reg.close()

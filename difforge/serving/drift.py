@@ -24,7 +24,8 @@ The reference (load_drift_reference), first that applies: `reference` = an evalu
 statistics JSON; for a service that follows a registry (`serve --registry`), the served version's
 latest attached evaluation report; else MNIST `reference_split`, what `difforge evaluate` compares
 with by default. It is loaded on the
-sampler thread at the first check (a few seconds when the reference cache is cold).
+sampler thread when the monitor starts, queued behind warm-up (a few seconds when the reference
+cache is cold, once per version).
 """
 
 from __future__ import annotations
@@ -177,9 +178,23 @@ class DriftMonitor:
                 await self._task
 
     async def _loop(self, engine) -> None:
+        await self.prepare(engine)
         while True:
             await asyncio.sleep(self.config.interval_s)
             await self.check(engine)
+
+    async def prepare(self, engine) -> None:
+        """Load the reference of every served version now (queued behind warm-up on the sampler
+        thread), so that a cold reference cache does not stall the first check."""
+        for version in self.served():
+            if version.id in self.references:
+                continue
+            try:
+                self.references[version.id] = await engine.call(self._reference, version)
+            except Exception as e:  # reported by the status route; retried at the first check
+                self.errors[version.id] = f"{type(e).__name__}: {e}"
+                self.metrics.drift_check_errors.inc()
+                log.exception("drift reference of version %s failed", version.id)
 
     async def check(self, engine) -> dict[str, dict[str, Any]]:
         """Compare every window that is full enough and changed; returns version -> result."""

@@ -125,3 +125,15 @@ def test_a_registry_versions_report_is_its_reference():
     assert asked == [3] and ref.source == "evaluation report"
     assert ref.stats.name == "mnist-test" and (ref.steps, ref.guidance) == (12, 2.0)
     assert ref.class_probs.tolist() == [0.2] * 5 + [0.0] * 6
+
+
+def test_a_bad_drift_section_is_one_line_naming_the_field(tmp_path):
+    from difforge.core.errors import InvalidArgumentError
+    from difforge.serving.config import load_service_config
+
+    path = tmp_path / "serve.json"
+    path.write_text('{"drift": {"enabled": true, "window": 1, "kid_max": -3}}')
+    with pytest.raises(InvalidArgumentError) as e:
+        load_service_config(path)
+    line = str(e.value)
+    assert "drift.window" in line and "drift.kid_max" in line and "\n" not in line

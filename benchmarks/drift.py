@@ -84,8 +84,9 @@ async def curve(args: argparse.Namespace, degraded: bool) -> dict:
                 (result,) = (await service.drift.check(service.engine)).values()
                 exceeded = service.drift.exceeded(result)
                 keep = ("samples", "fid", "kid", "kid_std", "class_tv", "class_chi2_p", "seconds")
-                points.append({"request": r + 1, **{k: result[k] for k in keep}, **exceeded})
-    first = {m: next((p["request"] for p in points if p.get(m)), None) for m in ("kid", "fid")}
+                points.append({"request": r + 1, **{k: result[k] for k in keep}, "over": exceeded})
+    metrics = ("kid", "fid")
+    first = {m: next((p["request"] for p in points if p["over"].get(m)), None) for m in metrics}
     return {"points": points, "first_request_over": first, "sampling_s": sampling_s}
 
 

@@ -134,3 +134,34 @@ def test_the_registry_gives_a_versions_latest_report_whole(tmp_path):
         assert latest_report(reg, "tiny", 2) is None and latest_report(reg, "other", 1) is None
     finally:
         reg.close()
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
+def test_drift_fid_and_kid_match_torchmetrics_with_a_custom_feature_module():
+    """Parity with the kept library: torchmetrics' FID and KID over the same features (its
+    `feature` argument takes any nn.Module; here the features are the module's input)."""
+    torch = pytest.importorskip("torch")
+    fid_mod = pytest.importorskip("torchmetrics.image.fid")
+    kid_mod = pytest.importorskip("torchmetrics.image.kid")
+
+    class Given(torch.nn.Module):
+        num_features = D
+
+        def forward(self, x):
+            return x.double()
+
+    ref = reference(n=300)
+    window = np.random.default_rng(2).normal(0.3, 1.2, size=(150, D))
+    ours = window_drift(window, ref)
+    real, fake = torch.from_numpy(ref.stats.features.astype(np.float64)), torch.from_numpy(window)
+    tm_fid = fid_mod.FrechetInceptionDistance(feature=Given()).double()
+    tm_fid.update(real, real=True)
+    tm_fid.update(fake, real=False)
+    assert ours["fid"] == pytest.approx(float(tm_fid.compute()), rel=1e-6)
+    # one subset of every row: no subset draw, so both compute the same unbiased MMD^2
+    real_150 = real[:150]
+    exact = kid(ref.stats.features[:150], window, num_subsets=1, subset_size=150)["mean"]
+    tm_kid = kid_mod.KernelInceptionDistance(feature=Given(), subsets=1, subset_size=150)
+    tm_kid.update(real_150, real=True)
+    tm_kid.update(fake, real=False)
+    assert exact == pytest.approx(float(tm_kid.compute()[0]), rel=1e-6)

@@ -2,7 +2,9 @@
 
 Pure functions over numpy arrays, shared math only: FID and KID are `difforge.evaluation.metrics`'
 (scipy's `sqrtm`, the same code every evaluation report uses, so a drift FID and a report's FID are
-on one scale under one extractor), the conditioning test is scipy's chi-square. The service's
+on one scale under one extractor; tests/unit/test_eval_drift.py checks both against torchmetrics'
+FrechetInceptionDistance / KernelInceptionDistance given the same features through a custom
+`feature` module), the conditioning test is scipy's chi-square. The service's
 monitor (difforge.serving.drift) feeds them; nothing here knows about requests or threads.
 
 Window sizes matter and are reported beside every number:

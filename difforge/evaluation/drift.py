@@ -13,7 +13,8 @@ Window sizes matter and are reported beside every number:
   * KID is unbiased at any n >= 2 (Binkowski et al. 2018), so it is the small-window signal;
   * the conditioning distance is the total variation 0.5 * sum |p - q| between the window's class
     histogram p and the reference's q (0: the same mix, 1: disjoint), with the chi-square
-    goodness-of-fit p-value of the window's counts under q.
+    goodness-of-fit p-value of the window's counts under q; for a text model the same over the
+    prompts' word ids, against the word mix of the model's example prompts.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from difforge.evaluation.reference import ReferenceStats, load_reference_file, r
 
 KID_SUBSETS = 20  # subsets per comparison: enough to average, cheap at window sizes (~10 ms)
 KID_MAX_SUBSET = 1000  # the evaluation default; windows smaller than that use the whole window
+RESULT_KEYS = (
+    "fid", "kid", "kid_std", "class_tv", "class_chi2_p", "prompt_tv", "prompt_chi2_p",
+    "steps_mean", "guidance_mean",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +51,8 @@ class DriftReference:
         i.e. unguided / unconditional requests); None for a model without a class key;
     steps, guidance: the settings the reference was measured at (the model's defaults, or the
         evaluation report's), summarised beside the window's;
+    token_probs: for a text model, the expected share of each word id (vocab_size + 1 bins: the
+        last is the null prompt), from the model's example prompts; None: not judged;
     source: where it came from, for the status route.
     """
 
@@ -54,6 +61,7 @@ class DriftReference:
     steps: int | None
     guidance: float | None
     source: str
+    token_probs: np.ndarray | None = None  # text models: see `prompt_token_probs`
 
     def describe(self) -> dict[str, Any]:
         probs = None if self.class_probs is None else [round(float(p), 6) for p in self.class_probs]
@@ -63,6 +71,7 @@ class DriftReference:
             "class_probs": probs,
             "steps": self.steps,
             "guidance": self.guidance,
+            "prompt_tokens_judged": self.token_probs is not None,
         }
 
 
@@ -102,6 +111,7 @@ def window_drift(
     reference: DriftReference,
     *,
     labels: Sequence[int] | None = None,
+    tokens: Sequence[int] | None = None,
     steps: Sequence[int] = (),
     guidance: Sequence[float] = (),
     seed: int = 0,
@@ -112,12 +122,14 @@ def window_drift(
         features: (n, D) features of the window's images under the reference's extractor.
         reference: the reference.
         labels: the class of each image (the null class for unconditional rows), or None.
+        tokens: a text model's prompt word ids over the window, flat (`prompt_tokens`), or None.
         steps, guidance: per image, the request's settings.
         seed: seeds KID's subset draws (a fixed seed: the same window gives the same numbers).
 
     Returns:
         {"samples", "fid" (None while n <= D), "kid", "kid_std", "class_tv", "class_chi2_p",
-         "steps_mean", "guidance_mean"}; a None value was not computable for this window.
+         "prompt_tv", "prompt_chi2_p", "steps_mean", "guidance_mean"}; a None value was not
+        computable for this window (or does not apply to the model).
     """
     f = np.asarray(features, np.float64)
     ref = reference.stats
@@ -126,9 +138,7 @@ def window_drift(
             f"window features must be (n, {ref.feature_dim}), got {tuple(f.shape)}"
         )
     n = f.shape[0]
-    out: dict[str, Any] = dict.fromkeys(
-        ("fid", "kid", "kid_std", "class_tv", "class_chi2_p", "steps_mean", "guidance_mean")
-    )
+    out: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
     out["samples"] = n
     if n > ref.feature_dim:
         out["fid"] = fid_from_stats(*feature_stats(f), ref.mu, ref.sigma)
@@ -139,6 +149,9 @@ def window_drift(
     if labels is not None and len(labels) and reference.class_probs is not None:
         d = class_distance(labels, reference.class_probs)
         out["class_tv"], out["class_chi2_p"] = d["tv"], d["chi2_p"]
+    if tokens is not None and len(tokens) and reference.token_probs is not None:
+        d = class_distance(tokens, reference.token_probs)
+        out["prompt_tv"], out["prompt_chi2_p"] = d["tv"], d["chi2_p"]
     if len(steps):
         out["steps_mean"] = float(np.mean(steps))
     if len(guidance):
@@ -152,6 +165,32 @@ def uniform_classes(num_classes: int) -> np.ndarray:
     probs = np.zeros(num_classes + 1)
     probs[:num_classes] = 1.0 / num_classes
     return probs
+
+
+def prompt_tokens(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """The word ids of one encoded prompt ([CLS] and [PAD] dropped, [UNK] kept); the null prompt
+    (no words) is the one extra bin `vocab_size`."""
+    from difforge.data.tokenizer import CLS_ID, PAD_ID
+
+    words = [int(i) for i in ids if int(i) not in (PAD_ID, CLS_ID)]
+    return words or [vocab_size]
+
+
+def prompt_token_probs(key) -> np.ndarray | None:
+    """The word-id mix of a text key's example prompts (what a request without a prompt gets, cycled
+    like classes): (vocab_size + 1,) shares; None when the key has no examples."""
+    from difforge.data.tokenizer import tokenizer_from_json
+
+    if not key.examples:
+        return None
+    tok = tokenizer_from_json(key.tokenizer)
+    ids = [
+        t
+        for text in key.examples
+        for t in prompt_tokens(tok.encode(text, key.max_tokens), tok.vocab_size)
+    ]
+    counts = np.bincount(ids, minlength=tok.vocab_size + 1).astype(np.float64)
+    return counts / counts.sum()
 
 
 def report_class_probs(report: Mapping[str, Any], num_classes: int) -> np.ndarray | None:

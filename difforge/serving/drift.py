@@ -5,8 +5,8 @@ for, compared with the version's evaluation reference on a schedule, exported as
               "reference": "report.json", "kid_max": 2000, "class_tv_max": 0.3}
 
 What is kept, per version (bounded: `window` images, the oldest dropped first): each successful
-image's uint8 pixels, its class (the null class for unconditional rows), the request's steps and
-guidance. Observing is a deque append on the event loop; nothing is computed on the request path.
+image's uint8 pixels, its class (the null class for unconditional rows) or a text model's prompt
+word ids, the request's steps and guidance. Observing is a deque append on the event loop; nothing is computed on the request path.
 
 Every `interval_s`, a background task compares each version whose window has `min_samples` images
 and changed since the last check:
@@ -36,14 +36,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.evaluation.drift import DriftReference, load_drift_reference, window_drift
+from difforge.evaluation.drift import (
+    DriftReference,
+    load_drift_reference,
+    prompt_token_probs,
+    prompt_tokens,
+    window_drift,
+)
 
 log = logging.getLogger("difforge.serving")
 
@@ -53,11 +59,18 @@ GAUGES = {
     "drift_kid": "kid",
     "drift_class_tv": "class_tv",
     "drift_class_chi2_p": "class_chi2_p",
+    "drift_prompt_tv": "prompt_tv",
+    "drift_prompt_chi2_p": "prompt_chi2_p",
     "drift_steps_mean": "steps_mean",
     "drift_guidance_mean": "guidance_mean",
     "drift_samples": "samples",
 }
-THRESHOLDED = {"fid": "fid_max", "kid": "kid_max", "class_tv": "class_tv_max"}
+THRESHOLDED = {
+    "fid": "fid_max",
+    "kid": "kid_max",
+    "class_tv": "class_tv_max",
+    "prompt_tv": "prompt_tv_max",
+}
 
 
 class DriftConfig(BaseModel):
@@ -79,6 +92,7 @@ class DriftConfig(BaseModel):
     fid_max: float | None = Field(None, gt=0)
     kid_max: float | None = Field(None, gt=0)
     class_tv_max: float | None = Field(None, gt=0, le=1)
+    prompt_tv_max: float | None = Field(None, gt=0, le=1)  # text models: prompt word mix
 
 
 @dataclass(eq=False)
@@ -91,6 +105,7 @@ class _Entry:
     label: int | None
     steps: int
     guidance: float
+    tokens: list[int] | None = None  # a text model's prompt word ids (evaluation.prompt_tokens)
     features: np.ndarray | None = None  # (D,) float32
 
 
@@ -132,7 +147,7 @@ class DriftMonitor:
         self.results: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
         self._task: asyncio.Task | None = None
-        self._class_keys: dict[str, tuple[str, int] | None] = {}
+        self._keys_of: dict[str, tuple] = {}
         for metric in THRESHOLDED:
             limit = getattr(config, THRESHOLDED[metric])
             if limit is not None:
@@ -148,22 +163,33 @@ class DriftMonitor:
         window = self.windows.get(version.id)
         if window is None:
             window = self.windows[version.id] = _Window(self.config.window)
-        key = self._class_key(version)
+        (cls, text) = self._keys(version)
         for row, image in zip(job.rows, job.images, strict=True):
             if image is None:
                 continue
-            label = None
-            if key is not None:
-                name, null = key
-                value = row.cond.get(name)
-                label = null if value is None else int(value)
-            window.add(_Entry(image, label, job.key.steps, float(row.guidance)))
+            label = tokens = None
+            if cls is not None:
+                value = row.cond.get(cls[0])
+                label = cls[1] if value is None else int(value)
+            if text is not None:
+                value = row.cond.get(text[0])
+                ids = [] if value is None else value.tolist()
+                tokens = prompt_tokens(ids, text[1])
+            window.add(_Entry(image, label, job.key.steps, float(row.guidance), tokens))
 
-    def _class_key(self, version) -> tuple[str, int] | None:
-        if version.id not in self._class_keys:
-            k = version.model.spec.class_key()
-            self._class_keys[version.id] = None if k is None else (k.name, k.null)
-        return self._class_keys[version.id]
+    def _keys(self, version) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        """(class key name, its null class) and (text key name, its vocabulary size), or None."""
+        if version.id not in self._keys_of:
+            spec = version.model.spec
+            k = spec.class_key()
+            t = next((key for key in spec.keys if key.kind == "text"), None)
+            vocab = None
+            if t is not None:
+                from difforge.data.tokenizer import tokenizer_from_json
+
+                vocab = (t.name, tokenizer_from_json(t.tokenizer).vocab_size)
+            self._keys_of[version.id] = (None if k is None else (k.name, k.null), vocab)
+        return self._keys_of[version.id]
 
     # -- the schedule ----------------------------------------------------------------------------
 
@@ -228,9 +254,18 @@ class DriftMonitor:
         features = np.stack([e.features for e in entries])  # (n, D)
         labels = [e.label for e in entries]
         labels = None if any(x is None for x in labels) else labels
+        tokens = None if any(e.tokens is None for e in entries) else []
+        for e in entries if tokens is not None else ():
+            tokens.extend(e.tokens)
         steps, guidance = [e.steps for e in entries], [e.guidance for e in entries]
         result = await asyncio.to_thread(
-            window_drift, features, reference, labels=labels, steps=steps, guidance=guidance
+            window_drift,
+            features,
+            reference,
+            labels=labels,
+            tokens=tokens,
+            steps=steps,
+            guidance=guidance,
         )
         result["seconds"] = round(time.perf_counter() - t0, 4)
         result["checked_at"] = time.time()
@@ -249,7 +284,8 @@ class DriftMonitor:
         report = None
         if self.config.reference is None and self.report_for is not None:
             report = self.report_for(version)
-        return load_drift_reference(
+        text = next((key for key in m.spec.keys if key.kind == "text"), None)
+        ref = load_drift_reference(
             self.config.reference,
             self.extractor,
             num_classes=m.num_classes,
@@ -259,6 +295,7 @@ class DriftMonitor:
             report=report,
             cache_dir=self.config.cache_dir,
         )
+        return ref if text is None else replace(ref, token_probs=prompt_token_probs(text))
 
     def _features(self, images: torch.Tensor) -> np.ndarray:
         from difforge.evaluation.features import extract
@@ -291,7 +328,7 @@ class DriftMonitor:
         self.windows.pop(vid, None)
         self.references.pop(vid, None)
         self.results.pop(vid, None)
-        self._class_keys.pop(vid, None)
+        self._keys_of.pop(vid, None)
         for attr in (*GAUGES, "drift_last_check_timestamp_seconds"):
             with contextlib.suppress(KeyError):
                 getattr(self.metrics, attr).remove(vid)

@@ -184,6 +184,9 @@ _METRICS: dict[str, tuple[type, str, str, tuple[str, ...], tuple[float, ...] | N
             "reference's (0: same mix, 1: disjoint).",
             "class_chi2_p": "Chi-square p-value of the window's class counts under the "
             "reference's class mix.",
+            "prompt_tv": "Text models: total variation between the window's prompt word mix and "
+            "that of the model's example prompts.",
+            "prompt_chi2_p": "Text models: chi-square p-value of the window's prompt word counts.",
             "steps_mean": "Mean requested sampling steps over the window's images.",
             "guidance_mean": "Mean requested guidance scale over the window's images.",
             "samples": "Images in the window the drift numbers were computed on.",

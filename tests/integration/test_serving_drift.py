@@ -137,3 +137,43 @@ def test_a_bad_drift_section_is_one_line_naming_the_field(tmp_path):
         load_service_config(path)
     line = str(e.value)
     assert "drift.window" in line and "drift.kid_max" in line and "\n" not in line
+
+
+def test_a_text_models_prompt_word_mix_is_compared_with_its_example_prompts(tmp_path):
+    """A text model: requests without a prompt get the example prompts (no drift); requests that
+    all ask for words the examples never use move the prompt word mix (prompt_tv over its max)."""
+    import numpy as np
+
+    from difforge.evaluation.metrics import feature_stats
+    from difforge.evaluation.reference import ReferenceStats, save_reference_stats
+    from tests.text_fixtures import make_tiny_text_model
+
+    class Pixels:  # the 8x8 test model's images as 64-d features (the MNIST net reads 28x28)
+        name, sha256, feature_dim = "pixels", "p" * 64, 64
+
+        def features(self, x):
+            return x.flatten(1).float()
+
+    feats = np.random.default_rng(0).uniform(-1, 1, size=(100, 64)).astype(np.float32)
+    stats = ReferenceStats("noise", "sha256:x", "pixels", "p" * 64, feats, *feature_stats(feats))
+    ref_path = save_reference_stats(stats, tmp_path / "refs")
+    drift = {"reference": str(ref_path), "prompt_tv_max": 0.3, "window": 8, "min_samples": 4}
+    config = ServiceConfig(audit_db=":memory:", drift=DriftConfig(enabled=True, **drift))
+    service = make_service(make_tiny_text_model(tmp_path / "text"), config)
+    service.drift.extractor = Pixels()
+
+    async def scenario():
+        async with running(service) as client:
+            assert (await client.post("/v1/generate", json={"n": 4, "seed": 0})).status_code == 200
+            (first,) = (await service.drift.check(service.engine)).values()
+            body = {"n": 4, "seed": 9, "prompt": "the digit seven"}
+            assert (await client.post("/v1/generate", json=body)).status_code == 200
+            (second,) = (await service.drift.check(service.engine)).values()
+            return first, second, (await client.get("/metrics")).text
+
+    first, second, metrics = run(scenario())
+    assert first["prompt_tv"] == pytest.approx(0.0) and first["class_tv"] is None
+    # window: 8 words of the examples ("a 7", "a 3") + 12 words never in them
+    assert second["prompt_tv"] == pytest.approx(12 / 20) and second["samples"] == 8
+    assert service.drift.exceeded(second) == {"prompt_tv": True}
+    assert 'difforge_drift_exceeded{metric="prompt_tv"' in metrics

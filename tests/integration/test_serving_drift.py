@@ -177,3 +177,27 @@ def test_a_text_models_prompt_word_mix_is_compared_with_its_example_prompts(tmp_
     assert second["prompt_tv"] == pytest.approx(12 / 20) and second["samples"] == 8
     assert service.drift.exceeded(second) == {"prompt_tv": True}
     assert 'difforge_drift_exceeded{metric="prompt_tv"' in metrics
+
+
+def test_serve_from_a_registry_hands_the_monitor_each_versions_report(tmp_path):
+    from difforge.registry import Registry
+    from difforge.serving.registry_source import open_service
+    from tests.integration.serving_fixtures import make_tiny_model
+
+    url, artifacts = f"sqlite:///{tmp_path}/registry.db", tmp_path / "artifacts"
+    reg = Registry(url, artifacts)
+    try:
+        reg.register(make_tiny_model(tmp_path / "tiny"), name="tiny")
+        report = {"metrics": {"fid": 5.0}, "reference": {"name": "mnist-test"}}
+        reg.attach_report("tiny", 1, report)
+        off = {"fid_max_ratio_to_production": None, "memorization_max": None}
+        reg.promote("tiny", 1, gates=off | {"smoke_sample": False})
+    finally:
+        reg.close()
+    config = ServiceConfig(audit_db=":memory:", drift=DriftConfig(enabled=True))
+    service, source = open_service(url, "tiny", config, str(artifacts))
+    try:
+        assert service.drift.report_for(service.router.production) == report
+    finally:
+        source.registry.close()
+        service.audit.close()

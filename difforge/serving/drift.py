@@ -280,10 +280,15 @@ class DriftMonitor:
             from difforge.evaluation.features import load_feature_extractor
 
             self.extractor = load_feature_extractor(self.config.features)
+        from difforge.evaluation.against import check_trained_on_mnist
+
         m = version.model
+        self.extractor.features(torch.zeros(2, *m.image_shape))  # one that cannot read it: raise
         report = None
         if self.config.reference is None and self.report_for is not None:
             report = self.report_for(version)
+        if self.config.reference is None and report is None:
+            check_trained_on_mnist(m)  # the default reference is MNIST's
         text = next((key for key in m.spec.keys if key.kind == "text"), None)
         ref = load_drift_reference(
             self.config.reference,

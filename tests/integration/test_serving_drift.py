@@ -201,3 +201,28 @@ def test_serve_from_a_registry_hands_the_monitor_each_versions_report(tmp_path):
     finally:
         source.registry.close()
         service.audit.close()
+
+
+def test_a_model_the_feature_net_cannot_read_is_a_reported_check_error(tmp_path):
+    """The tiny 8x8 model against the default (MNIST, 28x28) reference: the check fails with a
+    message in GET /v1/drift and the error counter, and the service keeps serving."""
+    from tests.integration.serving_fixtures import make_tiny_model
+
+    async def scenario():
+        config = ServiceConfig(
+            audit_db=":memory:", drift=DriftConfig(enabled=True, min_samples=2, interval_s=3600)
+        )
+        service = make_service(make_tiny_model(tmp_path / "m"), config)
+        async with running(service) as client:
+            r = await client.post("/v1/generate", json={"n": 2, "seed": 0})
+            assert r.status_code == 200
+            assert await service.drift.check(service.engine) == {}
+            status = (await client.get("/v1/drift")).json()
+            metrics = (await client.get("/metrics")).text
+            assert (await client.post("/v1/generate", json={"seed": 1})).status_code == 200
+        return status, metrics
+
+    status, metrics = run(scenario())
+    (entry,) = status["versions"].values()
+    assert "expected images (B, 1, 28, 28)" in entry["error"] and entry["result"] is None
+    assert "difforge_drift_check_errors_total 2.0" in metrics  # at start, then at the check

@@ -234,6 +234,7 @@ class DriftMonitor:
             try:
                 done[vid] = await self._check_one(engine, served[vid], window)
             except Exception as e:  # a broken reference must not stop the monitor or the service
+                window.checked_at = window.added  # retried when new images arrive, not before
                 self.errors[vid] = f"{type(e).__name__}: {e}"
                 self.metrics.drift_check_errors.inc()
                 log.exception("drift check of version %s failed", vid)
@@ -254,9 +255,9 @@ class DriftMonitor:
         features = np.stack([e.features for e in entries])  # (n, D)
         labels = [e.label for e in entries]
         labels = None if any(x is None for x in labels) else labels
-        tokens = None if any(e.tokens is None for e in entries) else []
-        for e in entries if tokens is not None else ():
-            tokens.extend(e.tokens)
+        tokens = None
+        if all(e.tokens is not None for e in entries):
+            tokens = [t for e in entries for t in e.tokens]  # the window's prompt words, flat
         steps, guidance = [e.steps for e in entries], [e.guidance for e in entries]
         result = await asyncio.to_thread(
             window_drift,

@@ -20,7 +20,6 @@ Window sizes matter and are reported beside every number:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +285,3 @@ def load_drift_reference(
         return DriftReference(stats, probs, steps, guidance, source)
     stats = reference_stats(load_mnist(default_split), extractor, cache_dir=cache_dir)
     return DriftReference(stats, probs, steps, guidance, source)
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

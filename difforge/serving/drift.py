@@ -7,7 +7,8 @@ for, compared with the version's evaluation reference on a schedule, exported as
 What is kept, per version (bounded: `window` images, the oldest dropped first): each successful
 image's uint8 pixels, its class (the null class for unconditional rows) or a text model's prompt
 word ids, the request's steps and guidance: what the version produced, before the output filters
-(difforge.serving.review) decide what the client gets, so a filter cannot hide a drifting model. Observing is a deque append on the event loop; nothing is computed on the request path.
+(difforge.serving.review) decide what the client gets, so a filter cannot hide a drifting model.
+Observing is a deque append on the event loop; nothing is computed on the request path.
 
 Every `interval_s`, a background task compares each version whose window has `min_samples` images
 and changed since the last check:

@@ -361,3 +361,33 @@ class DriftMonitor:
             }
         settings = cfg.model_dump(exclude={"enabled"})
         return {"enabled": True, "settings": settings, "versions": versions}
+
+
+def fetch_status(url: str, key: str | None = None) -> dict[str, Any]:
+    """GET /v1/drift of a running service (`difforge drift status`), with an admin key or from
+    loopback; errors are the service's detail (ReviewClientError), one line."""
+    from difforge.serving.review_client import ReviewClient
+
+    client = ReviewClient(url, key)  # the admin client of the review CLI: same auth and errors
+    try:
+        return client._call("GET", "/v1/drift").json()
+    finally:
+        client.close()
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """One line per served version: window, latest distances and what is over its threshold."""
+    lines = []
+    for vid, v in status["versions"].items():
+        head = f"{vid}: {v['window_images']} images in the window"
+        r = v["result"]
+        if r is None:
+            lines.append(f"{head}; {v['error'] or 'no check yet'}")
+            continue
+        shown = [
+            f"{k} {r[k]:.4g}" for k in ("fid", "kid", "class_tv", "prompt_tv") if r[k] is not None
+        ]
+        over = [m for m, hit in (v["exceeded"] or {}).items() if hit]
+        tail = f"; over: {', '.join(over)}" if over else ""
+        lines.append(f"{head}; checked on {r['samples']}: {', '.join(shown)}{tail}")
+    return lines or ["no version has served an image yet"]

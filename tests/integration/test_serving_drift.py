@@ -8,6 +8,7 @@ degraded one is over it from the first check on (2 requests, 16 images). R = 2 i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,27 @@ from tests.integration.serving_fixtures import make_service, run, running, until
 MNIST_COND = Path(__file__).resolve().parents[2] / "models" / "mnist-cond"
 PER_REQUEST, STEPS, WINDOW = 8, 6, 64
 KID_MAX = 2000.0  # healthy ~ 0-700 at these window sizes, degraded ~ 7000 (benchmarks/drift.py)
+
+
+class Pixels:
+    """The 8x8 test models' images as 64-d features (the MNIST feature net reads 28x28)."""
+
+    name, sha256, feature_dim = "pixels", "p" * 64, 64
+
+    def features(self, x):
+        return x.flatten(1).float()
+
+
+def pixel_reference(tmp_path: Path) -> Path:
+    """A reference statistics file of uniform-noise 8x8 "images" under `Pixels`."""
+    import numpy as np
+
+    from difforge.evaluation.metrics import feature_stats
+    from difforge.evaluation.reference import ReferenceStats, save_reference_stats
+
+    feats = np.random.default_rng(0).uniform(-1, 1, size=(100, 64)).astype(np.float32)
+    stats = ReferenceStats("noise", "sha256:x", "pixels", "p" * 64, feats, *feature_stats(feats))
+    return save_reference_stats(stats, tmp_path / "refs")
 
 
 def drift_service(**drift):
@@ -142,21 +164,9 @@ def test_a_bad_drift_section_is_one_line_naming_the_field(tmp_path):
 def test_a_text_models_prompt_word_mix_is_compared_with_its_example_prompts(tmp_path):
     """A text model: requests without a prompt get the example prompts (no drift); requests that
     all ask for words the examples never use move the prompt word mix (prompt_tv over its max)."""
-    import numpy as np
-
-    from difforge.evaluation.metrics import feature_stats
-    from difforge.evaluation.reference import ReferenceStats, save_reference_stats
     from tests.text_fixtures import make_tiny_text_model
 
-    class Pixels:  # the 8x8 test model's images as 64-d features (the MNIST net reads 28x28)
-        name, sha256, feature_dim = "pixels", "p" * 64, 64
-
-        def features(self, x):
-            return x.flatten(1).float()
-
-    feats = np.random.default_rng(0).uniform(-1, 1, size=(100, 64)).astype(np.float32)
-    stats = ReferenceStats("noise", "sha256:x", "pixels", "p" * 64, feats, *feature_stats(feats))
-    ref_path = save_reference_stats(stats, tmp_path / "refs")
+    ref_path = pixel_reference(tmp_path)
     drift = {"reference": str(ref_path), "prompt_tv_max": 0.3, "window": 8, "min_samples": 4}
     config = ServiceConfig(audit_db=":memory:", drift=DriftConfig(enabled=True, **drift))
     service = make_service(make_tiny_text_model(tmp_path / "text"), config)
@@ -226,3 +236,54 @@ def test_a_model_the_feature_net_cannot_read_is_a_reported_check_error(tmp_path)
     (entry,) = status["versions"].values()
     assert "expected images (B, 1, 28, 28)" in entry["error"] and entry["result"] is None
     assert "difforge_drift_check_errors_total 2.0" in metrics  # at start, then at the check
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    from difforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_difforge_drift_status_reads_a_running_service(tmp_path, capsys):
+    """`difforge drift status` against a real uvicorn: before traffic, after a scheduled check,
+    and one error line for a service whose monitor is off."""
+    import time
+
+    import httpx
+
+    from difforge.serving import create_app
+    from tests.integration.serving_fixtures import make_tiny_model
+    from tests.integration.test_serving_browser import ServerThread, wait_ready
+
+    drift = {"reference": str(pixel_reference(tmp_path)), "kid_max": 1e-9, "min_samples": 2}
+    config = ServiceConfig(
+        audit_db=":memory:", drift=DriftConfig(enabled=True, interval_s=0.2, **drift)
+    )
+    service = make_service(make_tiny_model(tmp_path / "m"), config)
+    service.drift.extractor = Pixels()
+    with ServerThread(create_app(service)) as url:
+        wait_ready(service)
+        code, out, _ = _cli(capsys, "drift", "status", "--url", url)
+        assert code == 0 and out == "no version has served an image yet\n"
+        r = httpx.post(f"{url}/v1/generate", json={"n": 4, "seed": 0, "labels": 3}, timeout=60)
+        assert r.status_code == 200
+        deadline = time.monotonic() + 60
+        while "checked on" not in out:
+            assert time.monotonic() < deadline, out
+            time.sleep(0.2)
+            code, out, _ = _cli(capsys, "drift", "status", "--url", url)
+        vid = service.router.production.id
+        assert out.startswith(f"{vid}: 4 images in the window; checked on 4: kid ")
+        assert "class_tv 0.9" in out and out.rstrip().endswith("over: kid")
+        code, out, _ = _cli(capsys, "drift", "status", "--url", url, "--json")
+        assert code == 0 and json.loads(out)["versions"][vid]["exceeded"] == {"kid": True}
+    off = make_service(make_tiny_model(tmp_path / "off"))
+    with ServerThread(create_app(off)) as url:
+        code, _, err = _cli(capsys, "drift", "status", "--url", url)
+    assert (
+        code == 2
+        and err == "error: HTTP 404: the drift monitor is off (drift.enabled in the config)\n"
+    )

@@ -18,7 +18,7 @@ app.add_typer(drift_app, name="drift")
 def drift_status(
     url: str = typer.Option("http://127.0.0.1:8000", "--url", help="The service."),
     key: str | None = typer.Option(
-        None, "--key", help="Admin API key [default: $DIFFORGE_API_KEY; none from loopback]."
+        None, "--key", help="Admin API key (default: $DIFFORGE_API_KEY; none from loopback)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON answer."),
 ) -> None:

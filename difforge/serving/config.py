@@ -12,7 +12,8 @@ the key itself is never stored, logged or exported.
       "api_keys": [{"id": "alice", "sha256": "<hex of sha256(key)>", "scopes": ["generate"]}],
       "audit_db": "audit.sqlite3",
       "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}},
-      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true}
+      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true},
+      "state": {"backend": "database", "url": "postgresql+psycopg://difforge@db/difforge"}
     }
 """
 
@@ -138,6 +139,26 @@ class ResultCacheConfig(_Frozen):
     per_tenant: bool = True  # entries are per API key id (False: shared by every caller)
 
 
+class SharedState(_Frozen):
+    """Where Idempotency-Key records and rate-limit buckets live (difforge.serving.shared_state).
+
+    "memory": in this process; right for one replica. "database": in two SQL tables that every
+    replica on the same `url` shares (PostgreSQL across machines; SQLite for replicas on one
+    machine): a retry that lands on another replica replays the stored response, and a key's
+    rate limit holds across all of them. "auto" (the default): "database" when `url` is set or the
+    service follows a PostgreSQL registry (`serve --registry postgresql+psycopg://...`, whose
+    database is then used), else "memory".
+    """
+
+    backend: Literal["auto", "memory", "database"] = "auto"
+    url: str | None = None  # SQLAlchemy URL; None: the registry's (serve --registry only)
+    # an in-flight claim is renewed every claim_lease_s / 3 while its request runs; one not
+    # renewed for claim_lease_s (its replica died) may be taken over by a retry elsewhere
+    claim_lease_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    # a larger response is answered but not stored (a retry computes it again)
+    max_response_bytes: int = Field(4 << 20, ge=1)
+
+
 class ServiceConfig(_Frozen):
     """Everything `difforge serve` needs besides the model.
 
@@ -174,6 +195,7 @@ class ServiceConfig(_Frozen):
     warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
     registry: RegistryFollow = Field(default_factory=RegistryFollow)  # serve --registry only
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
+    state: SharedState = Field(default_factory=SharedState)  # idempotency + rate limits
 
     @field_validator("api_keys")
     @classmethod

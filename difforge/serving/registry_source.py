@@ -409,5 +409,9 @@ def open_service(
         registry.close()
         raise
     meta = {"registry_name": name, "registry_version": number}
-    service = Service(config, ModelRouter(ModelVersion(model, meta=meta)))
+    try:
+        service = Service(config, ModelRouter(ModelVersion(model, meta=meta)), registry_url=url)
+    except BaseException:
+        registry.close()
+        raise
     return service, RegistrySource(service, registry, name)

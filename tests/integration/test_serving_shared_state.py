@@ -1,0 +1,215 @@
+"""Idempotency-Key records and rate limits shared by replicas through a database
+(difforge.serving.shared_state): SQLite always, the real PostgreSQL when DIFFORGE_TEST_POSTGRES_URL
+is set (each test in its own schema, dropped afterwards)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from difforge.core.errors import InvalidArgumentError
+from difforge.serving import RateLimit, ServiceConfig
+from difforge.serving.access import RateLimiter
+from difforge.serving.config import SharedState as StateConfig
+from difforge.serving.idempotency import IdempotencyConflict, StoredResponse
+from difforge.serving.shared_state import (
+    DatabaseIdempotency,
+    DatabaseRateLimiter,
+    open_state_engine,
+    state_url,
+)
+from tests.integration.serving_fixtures import make_service, run, running, slow_down, until
+from tests.integration.test_registry import registry_url  # noqa: F401 (fixture: sqlite, postgresql)
+
+FAST = {"torch_threads": 1, "warmup_steps": 1}
+BODY = b'{"labels": [4], "seed": 11}'
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def engines(registry_url):  # noqa: F811
+    """Two engines on one database: two replicas' view of the shared state."""
+    made = [open_state_engine(registry_url), open_state_engine(registry_url)]
+    yield made
+    for e in made:
+        e.dispose()
+
+
+def test_claims_replay_conflict_mismatch_and_takeover_across_stores(engines):
+    clock = Clock()
+    a, b = (DatabaseIdempotency(e, lease_s=30, ttl_s=600, clock=clock) for e in engines)
+    assert a.claim("alice", "k1", BODY) is None
+    with pytest.raises(IdempotencyConflict) as e:
+        b.claim("alice", "k1", BODY)  # still running on a
+    assert e.value.reason == "idempotency_conflict"
+    with pytest.raises(IdempotencyConflict) as e:
+        b.claim("alice", "k1", b'{"labels": [4], "seed": 12}')
+    assert e.value.reason == "idempotency_mismatch"
+    assert b.claim("bob", "k1", BODY) is None  # keys are per API key id
+    png = bytes(range(256)) * 3
+    a.complete("alice", "k1", StoredResponse(png, "image/png", {"X-Request-Id": "r1"}))
+    # key order and spacing do not matter; the stored bytes come back exactly
+    replay = b.claim("alice", "k1", b'{"seed":11,"labels":[4]}')
+    assert replay == StoredResponse(png, "image/png", {"X-Request-Id": "r1"})
+
+    # a replica dies mid-request: its claim lapses after the lease, and a retry takes over
+    assert a.claim("alice", "k2", BODY) is None
+    clock.t += 20
+    assert a.renew("alice", "k2")  # renewed while it runs: not abandoned yet
+    clock.t += 20
+    with pytest.raises(IdempotencyConflict):
+        b.claim("alice", "k2", BODY)
+    clock.t += 31
+    assert b.claim("alice", "k2", BODY) is None  # taken over
+    assert not a.renew("alice", "k2")
+    a.complete("alice", "k2", StoredResponse(b"late", "image/png"))  # not ours: ignored
+    a.release("alice", "k2")  # nor deleted
+    b.complete("alice", "k2", StoredResponse(b"fresh", "image/png"))
+    assert a.claim("alice", "k2", BODY).body == b"fresh"
+
+    # expiry: a done record is forgotten after ttl_s, a failed claim at once
+    clock.t += 601
+    assert b.claim("alice", "k1", BODY) is None
+    b.release("alice", "k1")
+    assert a.claim("alice", "k1", BODY) is None
+
+
+def test_stored_responses_are_bounded_in_number_and_size(engines):
+    clock = Clock()
+    a = DatabaseIdempotency(engines[0], max_entries=2, max_response_bytes=100, clock=clock)
+    b = DatabaseIdempotency(engines[1], max_entries=2, max_response_bytes=100, clock=clock)
+    for i, store in enumerate([a, b, a]):
+        clock.t += 1
+        assert store.claim("k", f"n{i}", BODY) is None
+        store.complete("k", f"n{i}", StoredResponse(b"x%d" % i, "image/png"))
+    assert a.claim("k", "n0", BODY) is None  # the oldest was pruned: computed again
+    assert b.claim("k", "n2", BODY).body == b"x2"
+    assert a.claim("big", "k", BODY) is None
+    a.complete("big", "k", StoredResponse(b"y" * 101, "image/png"))  # answered, not stored
+    assert b.claim("big", "k", BODY) is None
+
+
+def test_a_rate_limit_is_one_bucket_across_replicas(engines):
+    config = ServiceConfig(rate_limit=RateLimit(per_second=2.0, burst=3))
+    clock = Clock()
+    a, b = (DatabaseRateLimiter(config, e, clock=clock) for e in engines)
+    memory = RateLimiter(config, clock=clock)
+    answers, expected = [], []
+    for i, dt in enumerate([0, 0, 0, 0, 0.25, 0.25, 0.0, 2.0, 0, 0, 0, 0]):
+        clock.t += dt
+        answers.append(((a, b)[i % 2]).acquire("alice"))
+        expected.append(memory.acquire("alice"))
+    # the shared bucket answers exactly what one replica's in-memory bucket does
+    assert answers == pytest.approx(expected)
+    assert [w is None for w in answers[:4]] == [True, True, True, False]
+    assert answers[3] == pytest.approx(0.5)
+    a.refund("alice")
+    memory.refund("alice")
+    assert b.acquire("alice") is None and memory.acquire("alice") is None
+    assert b.acquire("bob") is None  # another key, another bucket
+    clock.t -= 100  # a replica whose clock is behind: no refill runs backwards
+    assert b.acquire("bob") is None and b.acquire("bob") is None
+    assert b.acquire("bob") is not None
+
+
+def test_concurrent_replicas_grant_exactly_the_burst(engines):
+    config = ServiceConfig(rate_limit=RateLimit(per_second=1e-6, burst=10))
+    limiters = [DatabaseRateLimiter(config, e) for e in engines]
+    granted, barrier = [], threading.Barrier(8)
+
+    def hammer(i: int) -> None:
+        barrier.wait()
+        for _ in range(5):
+            granted.append(limiters[i % 2].acquire("shared") is None)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 40 and sum(granted) == 10
+
+
+def test_the_state_url_follows_the_config_and_registry(tmp_path):
+    pg = "postgresql+psycopg://u@h/db"
+    sq = f"sqlite:///{tmp_path}/r.db"
+    assert state_url(ServiceConfig()) is None
+    assert state_url(ServiceConfig(), sq) is None  # auto: a SQLite registry stays in memory
+    assert state_url(ServiceConfig(), pg) == pg
+    assert state_url(ServiceConfig(state=StateConfig(backend="memory")), pg) is None
+    assert state_url(ServiceConfig(state=StateConfig(backend="database")), sq) == sq
+    assert state_url(ServiceConfig(state=StateConfig(url=sq))) == sq
+    with pytest.raises(InvalidArgumentError, match=r"needs state\.url"):
+        state_url(ServiceConfig(state=StateConfig(backend="database")))
+    with pytest.raises(InvalidArgumentError, match="PostgreSQL or SQLite"):
+        open_state_engine("mysql://u@h/db")
+    with pytest.raises(ValueError, match="memory"):
+        StateConfig(backend="redis")
+
+
+def test_two_replicas_share_idempotency_and_rate_limits_over_http(model_dir, registry_url):  # noqa: F811
+    state = StateConfig(backend="database", url=registry_url)
+
+    async def scenario():
+        one = make_service(model_dir, ServiceConfig(audit_db=":memory:", state=state, **FAST))
+        two = make_service(model_dir, ServiceConfig(audit_db=":memory:", state=state, **FAST))
+        assert one.state.backend == two.state.backend == "database"
+        async with running(one) as a, running(two) as b:
+            body = {"labels": [4], "seed": 11, "steps": 2}
+            first = await a.post("/v1/generate", json=body, headers={"Idempotency-Key": "k"})
+            assert first.status_code == 200
+            again = await b.post("/v1/generate", json=body, headers={"Idempotency-Key": "k"})
+            assert again.status_code == 200 and again.content == first.content
+            assert again.headers["idempotent-replayed"] == "true"
+            assert again.headers["x-request-id"] == first.headers["x-request-id"]
+            made = two.metrics.images.labels(two.router.production.id, "dpmpp_2m")._value.get()
+            assert made == 0  # the replay cost two no sampler call
+            assert one.metrics.images.labels(one.router.production.id, "dpmpp_2m")._value.get()
+            other = await b.post(
+                "/v1/generate", json={**body, "seed": 12}, headers={"Idempotency-Key": "k"}
+            )
+            assert other.status_code == 422
+            # in flight on one: the other answers 409 with Retry-After, then the stored answer
+            slow_down(one, 0.025)
+            slow = {"labels": [1], "steps": 40, "sampler": "euler"}
+            task = asyncio.create_task(
+                a.post("/v1/generate", json=slow, headers={"Idempotency-Key": "s"})
+            )
+            await until(lambda: bool(one.engine.jobs))
+            dup = await b.post("/v1/generate", json=slow, headers={"Idempotency-Key": "s"})
+            assert dup.status_code == 409 and int(dup.headers["retry-after"]) >= 1
+            done = await task
+            replay = await b.post("/v1/generate", json=slow, headers={"Idempotency-Key": "s"})
+            assert done.status_code == replay.status_code == 200
+            assert replay.content == done.content
+
+    run(scenario())
+
+
+def test_a_rate_limit_counts_requests_on_both_replicas(model_dir, registry_url):  # noqa: F811
+    limited = ServiceConfig(
+        audit_db=":memory:",
+        state=StateConfig(url=registry_url),
+        rate_limit=RateLimit(per_second=0.001, burst=3),
+        **FAST,
+    )
+
+    async def scenario():
+        one, two = make_service(model_dir, limited), make_service(model_dir, limited)
+        async with running(one) as a, running(two) as b:
+            body = {"labels": [2], "seed": 1, "steps": 1}
+            codes = [(await c.post("/v1/generate", json=body)).status_code for c in (a, b, a)]
+            assert codes == [200, 200, 200]
+            refused = await b.post("/v1/generate", json=body)  # b itself served one only
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+
+    run(scenario())

@@ -120,6 +120,9 @@ class RegistryFollow(_Frozen):
     it rolls a canary back (see difforge.serving.registry_source)."""
 
     poll_s: float = Field(5.0, gt=0, allow_inf_nan=False)  # how often the revision is polled
+    # PostgreSQL registry: also LISTEN for its change notifications and sync at once (polling
+    # stays as the fallback; difforge.serving.registry_notify). No effect on SQLite.
+    notify: bool = True
     # a version that failed to load (e.g. a tampered artifact) is retried after this, doubling
     # after each failure up to an hour; an admin route retries it at once
     retry_failed_s: float = Field(60.0, gt=0, allow_inf_nan=False)

@@ -5,25 +5,38 @@ is set (each test in its own schema, dropped afterwards)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.registry import Registry
 from difforge.serving import RateLimit, ServiceConfig
 from difforge.serving.access import RateLimiter
+from difforge.serving.config import RegistryFollow
 from difforge.serving.config import SharedState as StateConfig
 from difforge.serving.idempotency import IdempotencyConflict, StoredResponse
+from difforge.serving.registry_notify import libpq_url, notifies
+from difforge.serving.registry_source import open_service, registry_version
 from difforge.serving.shared_state import (
     DatabaseIdempotency,
     DatabaseRateLimiter,
     open_state_engine,
     state_url,
 )
-from tests.integration.serving_fixtures import make_service, run, running, slow_down, until
+from tests.integration.serving_fixtures import (
+    make_service,
+    make_tiny_model,
+    run,
+    running,
+    slow_down,
+    until,
+)
 from tests.integration.test_registry import registry_url  # noqa: F401 (fixture: sqlite, postgresql)
 
 FAST = {"torch_threads": 1, "warmup_steps": 1}
+REPORT = {"num_samples": 100, "metrics": {"fid": 10.0, "memorization": 0.0}}
 BODY = b'{"labels": [4], "seed": 11}'
 
 
@@ -213,3 +226,44 @@ def test_a_rate_limit_counts_requests_on_both_replicas(model_dir, registry_url):
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
 
     run(scenario())
+
+
+def test_libpq_url_keeps_the_options():
+    url = "postgresql+psycopg://u:p@h:5433/db?options=-csearch_path%3Ds1"
+    assert libpq_url(url) == "postgresql://u:p@h:5433/db?options=-csearch_path%3Ds1"
+    assert notifies(url) and not notifies("sqlite:///r.db") and not notifies("::bad::")
+
+
+def test_a_postgresql_registry_change_reaches_every_replica_at_once(registry_url, tmp_path):  # noqa: F811
+    if not notifies(registry_url):
+        pytest.skip("SQLite sends no notifications: polling is tested in test_serving_registry")
+    artifacts = tmp_path / "artifacts"
+    reg = Registry(registry_url, artifacts, actor="test")
+    for i in (1, 2):
+        folder = make_tiny_model(tmp_path / f"v{i}", seed=i, name="tiny")
+        reg.register(folder, "tiny", reports=[REPORT])
+    reg.promote("tiny", 1, to="production", gates={"smoke_sample": False})
+    # polling effectively off: only a notification can move the replicas within the test
+    follow = RegistryFollow(poll_s=3600, check_s=3600, auto_rollback=False)
+    config = ServiceConfig(audit_db=":memory:", registry=follow, **FAST)
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            sources = []
+            for _ in range(2):
+                service, source = open_service(registry_url, "tiny", config, artifacts)
+                await stack.enter_async_context(running(service, source=source))
+                sources.append(source)
+            assert all(s.service.state.backend == "database" for s in sources)  # auto
+            served = lambda v: all(  # noqa: E731
+                registry_version(s.service.router.production) == v for s in sources
+            )
+            await asyncio.to_thread(reg.promote, "tiny", 2, gates={"smoke_sample": False})
+            await until(lambda: served(2), timeout=30)
+            await asyncio.to_thread(reg.rollback, "tiny")
+            await until(lambda: served(1), timeout=10)
+
+    try:
+        run(scenario())
+    finally:
+        reg.close()

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="promotion_bound")
     args = p.parse_args(argv)
     polls = [float(x) for x in args.poll_s.split(",")]
-    settings = [(s, False) for s in polls] + ([(max(polls), True)] if args.notify else [])
+    # LISTEN/NOTIFY at the default poll_s (5 s): the notification, not the poll, moves it
+    notify = [(RegistryFollow().poll_s, True)] if args.notify else []
+    settings = [(s, False) for s in polls] + notify
     with tempfile.TemporaryDirectory() as tmp, _database(args.postgres, Path(tmp)) as url:
         root = Path(tmp)
         total = 1 + len(settings) * args.cycles

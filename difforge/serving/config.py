@@ -157,7 +157,7 @@ class SharedState(_Frozen):
     url: str | None = None  # SQLAlchemy URL; None: the registry's (serve --registry only)
     # an in-flight claim is renewed every claim_lease_s / 3 while its request runs; one not
     # renewed for claim_lease_s (its replica died) may be taken over by a retry elsewhere
-    claim_lease_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    claim_lease_s: float = Field(10.0, gt=0, allow_inf_nan=False)
     # a larger response is answered but not stored (a retry computes it again)
     max_response_bytes: int = Field(4 << 20, ge=1)
 

@@ -149,7 +149,7 @@ class DatabaseIdempotency:
         *,
         max_entries: int = 1024,
         ttl_s: float = 3600.0,
-        lease_s: float = 30.0,
+        lease_s: float = 10.0,
         max_response_bytes: int = 4 << 20,
         clock: Callable[[], float] = time.time,
     ):

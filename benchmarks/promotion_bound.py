@@ -51,7 +51,10 @@ async def _until_all(sources, version: int, t0: float, timeout: float = 120.0) -
             if i not in seen and registry_version(source.service.router.production) == version:
                 seen[i] = time.perf_counter() - t0
         if time.perf_counter() - t0 > timeout:
-            raise TimeoutError(f"v{version} not served by every replica after {timeout} s")
+            status = [s.status() for s in sources]
+            raise TimeoutError(
+                f"v{version} not served by every replica after {timeout} s: {status}"
+            )
         await asyncio.sleep(0.002)
     return [seen[i] for i in range(len(sources))]
 

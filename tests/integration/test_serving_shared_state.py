@@ -9,9 +9,11 @@ import contextlib
 import threading
 
 import pytest
+from sqlalchemy import func, select
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.registry import Registry
+from difforge.registry.schema import audit_log, read_transaction
 from difforge.serving import RateLimit, ServiceConfig
 from difforge.serving.access import RateLimiter
 from difforge.serving.config import RegistryFollow
@@ -265,5 +267,24 @@ def test_a_postgresql_registry_change_reaches_every_replica_at_once(registry_url
 
     try:
         run(scenario())
+    finally:
+        reg.close()
+
+
+def test_a_registry_read_is_one_snapshot(registry_url, tmp_path):  # noqa: F811
+    """A follower's resolve must not mix states from before and after a commit (it did on
+    PostgreSQL at READ COMMITTED: benchmarks/promotion_bound.py caught a replica that recorded a
+    promotion's revision while still serving the old version)."""
+    reg = Registry(registry_url, tmp_path / "artifacts", actor="test")
+    folders = [make_tiny_model(tmp_path / f"v{i}", seed=i, name="tiny") for i in (1, 2)]
+    reg.register(folders[0], "tiny", reports=[REPORT])
+    count = select(func.count()).select_from(audit_log)
+    try:
+        with read_transaction(reg.engine) as conn:
+            before = conn.execute(count).scalar()
+            reg.register(folders[1], "tiny", reports=[REPORT])  # commits on another connection
+            assert conn.execute(count).scalar() == before
+        with read_transaction(reg.engine) as conn:
+            assert conn.execute(count).scalar() > before
     finally:
         reg.close()

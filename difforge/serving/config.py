@@ -142,7 +142,7 @@ class ResultCacheConfig(_Frozen):
     per_tenant: bool = True  # entries are per API key id (False: shared by every caller)
 
 
-class SharedState(_Frozen):
+class StateConfig(_Frozen):
     """Where Idempotency-Key records and rate-limit buckets live (difforge.serving.shared_state).
 
     "memory": in this process; right for one replica. "database": in two SQL tables that every
@@ -198,7 +198,7 @@ class ServiceConfig(_Frozen):
     warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
     registry: RegistryFollow = Field(default_factory=RegistryFollow)  # serve --registry only
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
-    state: SharedState = Field(default_factory=SharedState)  # idempotency + rate limits
+    state: StateConfig = Field(default_factory=StateConfig)  # idempotency + rate limits
 
     @field_validator("api_keys")
     @classmethod

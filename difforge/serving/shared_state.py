@@ -391,7 +391,7 @@ class SharedState:
 
 
 def state_url(config: ServiceConfig, registry_url: str | None = None) -> str | None:
-    """The database URL the shared state lives in, or None for memory (see SharedState config).
+    """The database URL the shared state lives in, or None for memory (see config.StateConfig).
 
     Raises:
         InvalidArgumentError: backend "database" with no URL to use.

@@ -16,8 +16,7 @@ from difforge.registry import Registry
 from difforge.registry.schema import audit_log, read_transaction
 from difforge.serving import RateLimit, ServiceConfig
 from difforge.serving.access import RateLimiter
-from difforge.serving.config import RegistryFollow
-from difforge.serving.config import SharedState as StateConfig
+from difforge.serving.config import RegistryFollow, StateConfig
 from difforge.serving.idempotency import IdempotencyConflict, StoredResponse
 from difforge.serving.registry_notify import libpq_url, notifies
 from difforge.serving.registry_source import open_service, registry_version

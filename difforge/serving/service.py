@@ -16,6 +16,7 @@ that mapping too (`status_of`, set by create_app).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -55,7 +56,7 @@ from difforge.serving.invariance import choose_plan
 from difforge.serving.metrics import ServiceMetrics
 from difforge.serving.protocol import Plan, RequestInvalid, parse_body, resolve
 from difforge.serving.router import ModelRouter, ModelVersion, Role
-from difforge.serving.shared_state import SharedState
+from difforge.serving.shared_state import SharedState, StateUnavailable
 
 log = logging.getLogger("difforge.serving")
 
@@ -236,6 +237,12 @@ class Service:
 
     async def generate(self, call: GenerateCall) -> StoredResponse:
         """Run one POST /v1/generate; raises ServiceError for every outcome without images."""
+        try:
+            return await self._generate_counted(call)
+        except StateUnavailable as e:  # the shared database is away: retry later, elsewhere
+            raise ServiceError("not_ready", str(e), retry_after=1.0) from None
+
+    async def _generate_counted(self, call: GenerateCall) -> StoredResponse:
         principal = call.principal
         wait = await self.state.call(self.limiter.acquire, principal.key_id)
         if wait is not None:
@@ -272,9 +279,11 @@ class Service:
             async with self.state.holding(principal.key_id, idem):  # renews a database claim
                 response = await self._generate(call, request_id)
         except BaseException:
-            await self.state.call(self.idempotency.release, principal.key_id, idem)
+            with contextlib.suppress(StateUnavailable):  # then the claim's lease runs out
+                await self.state.call(self.idempotency.release, principal.key_id, idem)
             raise
-        await self.state.call(self.idempotency.complete, principal.key_id, idem, response)
+        with contextlib.suppress(StateUnavailable):  # answered, not stored: the lease runs out
+            await self.state.call(self.idempotency.complete, principal.key_id, idem, response)
         return response
 
     def _request_id(self, given: str | None) -> str:

@@ -59,8 +59,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
-from difforge.core.errors import InvalidArgumentError
+from difforge.core.errors import DifforgeError, InvalidArgumentError
 from difforge.serving.access import RateLimiter
 from difforge.serving.config import ServiceConfig
 from difforge.serving.idempotency import (
@@ -136,6 +137,11 @@ def open_state_engine(url: str) -> Engine:
         engine.dispose()
         raise InvalidArgumentError(f"state.url: cannot open the state database: {e}") from None
     return engine
+
+
+class StateUnavailable(DifforgeError):
+    """The shared-state database failed a statement (down, unreachable, its tables gone): the
+    request is refused (503 with Retry-After) rather than run unprotected."""
 
 
 class DatabaseIdempotency:
@@ -358,10 +364,19 @@ class SharedState:
 
     @staticmethod
     async def call(fn, *args):
-        """Call a limiter or store method; a database-backed one runs on a worker thread."""
-        if getattr(getattr(fn, "__self__", None), "blocking", False):
+        """Call a limiter or store method; a database-backed one runs on a worker thread.
+
+        Raises:
+            StateUnavailable: the database failed (IdempotencyConflict passes through).
+        """
+        if not getattr(getattr(fn, "__self__", None), "blocking", False):
+            return fn(*args)
+        try:
             return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+        except SQLAlchemyError as e:
+            log.warning("shared state: %s", e)
+            msg = "the shared state database is unavailable; retry shortly"
+            raise StateUnavailable(msg) from None
 
     @contextlib.asynccontextmanager
     async def holding(self, owner: str, key: str) -> AsyncIterator[None]:

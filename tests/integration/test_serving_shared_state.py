@@ -287,3 +287,25 @@ def test_a_registry_read_is_one_snapshot(registry_url, tmp_path):  # noqa: F811
             assert conn.execute(count).scalar() > before
     finally:
         reg.close()
+
+
+def test_a_lost_state_database_is_a_503_not_a_crash(model_dir, tmp_path):
+    url = f"sqlite:///{tmp_path}/state.db"
+    config = ServiceConfig(
+        audit_db=":memory:", state=StateConfig(url=url), rate_limit=RateLimit(per_second=9, burst=9),
+        **FAST,
+    )  # fmt: skip
+
+    async def scenario():
+        svc = make_service(model_dir, config)
+        async with running(svc) as c:
+            body = {"labels": [2], "seed": 1, "steps": 1}
+            assert (await c.post("/v1/generate", json=body)).status_code == 200
+            with svc.state.engine.begin() as conn:  # the database loses its tables
+                conn.exec_driver_sql("DROP TABLE serving_rate_buckets")
+                conn.exec_driver_sql("DROP TABLE serving_idempotency")
+            r = await c.post("/v1/generate", json=body, headers={"Idempotency-Key": "k"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["detail"] == "the shared state database is unavailable; retry shortly"
+
+    run(scenario())

@@ -385,6 +385,11 @@ class RegistrySource:
                 for role, v in router.versions()
             ],
             "canary_share": router.canary_share,
+            "follow": {
+                "poll_s": self.follow.poll_s,
+                "notify": self.follow.notify and notifies(self.registry.config.url),
+            },
+            "shared_state": self.service.state.backend,  # idempotency + rate limits
             "problems": dict(self.problems),
             "events": list(self.events)[-10:],
         }

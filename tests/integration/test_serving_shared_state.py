@@ -256,6 +256,9 @@ def test_a_postgresql_registry_change_reaches_every_replica_at_once(registry_url
                 await stack.enter_async_context(running(service, source=source))
                 sources.append(source)
             assert all(s.service.state.backend == "database" for s in sources)  # auto
+            status = sources[0].status()
+            assert status["follow"] == {"poll_s": 3600, "notify": True}
+            assert status["shared_state"] == "database"
             served = lambda v: all(  # noqa: E731
                 registry_version(s.service.router.production) == v for s in sources
             )

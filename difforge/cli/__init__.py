@@ -8,6 +8,7 @@ from difforge.cli import (  # noqa: F401  (they register)
     export,
     models,
     registry,
+    review,
     serve,
     signals,
     vae,

@@ -13,6 +13,7 @@ the key itself is never stored, logged or exported.
       "audit_db": "audit.sqlite3",
       "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}},
       "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true},
+      "filters": {"stage": [{"name": "policy"}], "on_review": "hold", "review": {"max_items": 64}},
       "state": {"backend": "database", "url": "postgresql+psycopg://difforge@db/difforge"}
     }
 """
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.registry.canary import RollbackMargins
+from difforge.serving.review import FiltersConfig
 
 Scope = Literal["generate", "admin"]
 InvarianceMode = Literal["pad", "per_sample", "off"]
@@ -198,6 +200,8 @@ class ServiceConfig(_Frozen):
     warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
     registry: RegistryFollow = Field(default_factory=RegistryFollow)  # serve --registry only
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
+    # output filters and the human review queue (difforge.serving.review); none: off
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
     state: StateConfig = Field(default_factory=StateConfig)  # idempotency + rate limits
 
     @field_validator("api_keys")

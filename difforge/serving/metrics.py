@@ -36,7 +36,14 @@ ERROR_REASONS = (
     "integrity_failure",
     "registry_conflict",
     "registry_unavailable",
+    "output_refused",
+    "review_full",
+    "review_conflict",
+    "review_rejected",
+    "review_expired",
 )
+FILTER_DECISIONS = ("pass", "review", "refuse")
+REVIEW_OUTCOMES = ("held", "approved", "rejected", "expired", "full")
 REGISTRY_EVENTS = ("install", "load_failed", "auto_rollback", "poll_error")
 CACHE_EVICTIONS = ("bytes", "ttl")  # why a result cache entry was dropped
 
@@ -166,6 +173,41 @@ _METRICS: dict[str, tuple[type, str, str, tuple[str, ...], tuple[float, ...] | N
         ("reason",),
         None,
     ),
+    "filter_decisions": (
+        Counter,
+        "difforge_filter_decisions_total",
+        "Output filter decisions, one per filter and image, by filter, decision and version.",
+        ("filter", "decision", "model_version"),
+        None,
+    ),
+    "filter_pass_ratio": (
+        Gauge,
+        "difforge_filter_pass_ratio",
+        "Fraction of a version's filtered images that passed every filter, since start.",
+        ("model_version",),
+        None,
+    ),
+    "review_outcomes": (
+        Counter,
+        "difforge_review_outcomes_total",
+        "Outputs held for review, approved, rejected, expired, or refused for want of room.",
+        ("outcome",),
+        None,
+    ),
+    "review_held": (
+        Gauge,
+        "difforge_review_held_outputs",
+        "Outputs in the review queue (pending or approved, not yet expired).",
+        (),
+        None,
+    ),
+    "review_bytes": (
+        Gauge,
+        "difforge_review_held_bytes",
+        "Encoded bytes of the outputs in the review queue.",
+        (),
+        None,
+    ),
     "cache_bytes": (
         Gauge,
         "difforge_result_cache_bytes",
@@ -191,6 +233,8 @@ class ServiceMetrics:
             self.errors.labels(reason)  # exported as 0 from the start
         for reason in CACHE_EVICTIONS:
             self.cache_evictions.labels(reason)
+        for outcome in REVIEW_OUTCOMES:
+            self.review_outcomes.labels(outcome)
 
     def set_models(self, versions: list[tuple[str, str, str]]) -> None:
         """(name, version, role) of every served version; replaces the previous set."""

@@ -5,7 +5,8 @@ The in-memory `IdempotencyStore` and `RateLimiter` serve one replica; `DatabaseI
 at `ServiceConfig.state.url` (or the registry's), so N replicas behind a load balancer act as one:
 
     serving_idempotency   (owner, key) -> body fingerprint, state running|done, claim token and
-                          lease, the stored response (body bytes, media type, headers), expiry
+                          lease, the stored response (status, body bytes, media type, headers),
+                          expiry
     serving_rate_buckets  key id -> tokens, stamp (a token bucket)
 
 Every change is one atomic statement, correct under concurrent replicas on PostgreSQL (row locks)
@@ -85,6 +86,7 @@ idempotency_table = Table(
     Column("created", Float, nullable=False, index=True),
     Column("lease_until", Float, nullable=False),  # running: abandoned after this
     Column("expires", Float, nullable=False),  # done: forgotten after this
+    Column("status", Integer),  # the HTTP status of the stored answer (200, 202 held)
     Column("media_type", String(128)),
     Column("headers", Text),  # JSON object
     Column("body", LargeBinary),
@@ -188,7 +190,7 @@ class DatabaseIdempotency:
             fresh = dict(
                 fingerprint=fp, token=token, state="running", created=now,
                 lease_until=now + self.lease_s, expires=now + self._ttl,
-                media_type=None, headers=None, body=None,
+                status=None, media_type=None, headers=None, body=None,
             )  # fmt: skip
             with self.engine.begin() as conn:
                 ins = self._insert(idempotency_table).values(owner=owner, key=key, **fresh)
@@ -204,7 +206,7 @@ class DatabaseIdempotency:
                     taken = conn.execute(upd.values(**fresh)).rowcount == 1
                 row = None
                 if not taken:
-                    cols = (t.fingerprint, t.state, t.body, t.media_type, t.headers)
+                    cols = (t.fingerprint, t.state, t.status, t.body, t.media_type, t.headers)
                     row = conn.execute(select(*cols).where(self._where(owner, key))).first()
             if taken:
                 with self._lock:
@@ -238,7 +240,7 @@ class DatabaseIdempotency:
         now = self._clock()
         stmt = update(idempotency_table).where(self._where(owner, key, token))
         stored = dict(
-            state="done", expires=now + self._ttl, body=response.body,
+            state="done", expires=now + self._ttl, body=response.body, status=response.status,
             media_type=response.media_type, headers=json.dumps(response.headers),
         )  # fmt: skip
         with self.engine.begin() as conn:
@@ -277,7 +279,8 @@ def _decide(row, fingerprint: str) -> StoredResponse:
         raise IdempotencyConflict(
             "idempotency_conflict", "a request with this Idempotency-Key is in progress"
         )
-    return StoredResponse(bytes(row.body), row.media_type, json.loads(row.headers or "{}"))
+    headers = json.loads(row.headers or "{}")
+    return StoredResponse(bytes(row.body), row.media_type, headers, row.status or 200)
 
 
 class DatabaseRateLimiter(RateLimiter):

@@ -89,6 +89,10 @@ def test_claims_replay_conflict_mismatch_and_takeover_across_stores(engines):
     a.release("alice", "k2")  # nor deleted
     b.complete("alice", "k2", StoredResponse(b"fresh", "image/png"))
     assert a.claim("alice", "k2", BODY).body == b"fresh"
+    # a held-for-review answer (202) replays as a 202
+    assert a.claim("alice", "k3", BODY) is None
+    a.complete("alice", "k3", StoredResponse(b"{}", "application/json", {}, 202))
+    assert b.claim("alice", "k3", BODY) == StoredResponse(b"{}", "application/json", {}, 202)
 
     # expiry: a done record is forgotten after ttl_s, a failed claim at once
     clock.t += 601

@@ -45,6 +45,9 @@ def _listen(conninfo: str, name: str, wake: Callable[[], None], stop: threading.
     `name`, reconnect after a failure."""
     import psycopg
 
+    if tuple(int(x) for x in psycopg.__version__.split(".")[:2]) < (3, 2):  # notifies(timeout=)
+        log.warning("registry notifications need psycopg >= 3.2: following by polling only")
+        return
     while not stop.is_set():
         try:
             with psycopg.connect(conninfo, autocommit=True) as conn:

@@ -50,7 +50,8 @@ def _listen(conninfo: str, name: str, wake: Callable[[], None], stop: threading.
         return
     while not stop.is_set():
         try:
-            with psycopg.connect(conninfo, autocommit=True) as conn:
+            app = f"difforge-listen:{name}"[:63]  # how operators (and tests) spot it
+            with psycopg.connect(conninfo, autocommit=True, application_name=app) as conn:
                 conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 wake()  # (re)connected: a change may have been missed meanwhile
                 while not stop.is_set():

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import uuid
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.registry import Registry
@@ -242,21 +243,30 @@ def test_libpq_url_keeps_the_options():
 def test_a_postgresql_registry_change_reaches_every_replica_at_once(registry_url, tmp_path):  # noqa: F811
     if not notifies(registry_url):
         pytest.skip("SQLite sends no notifications: polling is tested in test_serving_registry")
+    name = f"tiny{uuid.uuid4().hex[:8]}"  # its listeners are told apart by this name
     artifacts = tmp_path / "artifacts"
     reg = Registry(registry_url, artifacts, actor="test")
     for i in (1, 2):
         folder = make_tiny_model(tmp_path / f"v{i}", seed=i, name="tiny")
-        reg.register(folder, "tiny", reports=[REPORT])
-    reg.promote("tiny", 1, to="production", gates={"smoke_sample": False})
+        reg.register(folder, name, reports=[REPORT])
+    reg.promote(name, 1, to="production", gates={"smoke_sample": False})
     # polling effectively off: only a notification can move the replicas within the test
     follow = RegistryFollow(poll_s=3600, check_s=3600, auto_rollback=False)
     config = ServiceConfig(audit_db=":memory:", registry=follow, **FAST)
+    activity = "FROM pg_stat_activity WHERE application_name = :a"
+
+    def listeners(kill: bool = False) -> int:
+        what = "count(pg_terminate_backend(pid))" if kill else "count(*)"
+        with reg.engine.connect() as conn:
+            return conn.execute(
+                text(f"SELECT {what} {activity}"), {"a": f"difforge-listen:{name}"}
+            ).scalar()
 
     async def scenario():
         async with contextlib.AsyncExitStack() as stack:
             sources = []
             for _ in range(2):
-                service, source = open_service(registry_url, "tiny", config, artifacts)
+                service, source = open_service(registry_url, name, config, artifacts)
                 await stack.enter_async_context(running(service, source=source))
                 sources.append(source)
             assert all(s.service.state.backend == "database" for s in sources)  # auto
@@ -266,10 +276,16 @@ def test_a_postgresql_registry_change_reaches_every_replica_at_once(registry_url
             served = lambda v: all(  # noqa: E731
                 registry_version(s.service.router.production) == v for s in sources
             )
-            await asyncio.to_thread(reg.promote, "tiny", 2, gates={"smoke_sample": False})
+            await until(lambda: listeners() == 2, timeout=10)
+            await asyncio.to_thread(reg.promote, name, 2, gates={"smoke_sample": False})
             await until(lambda: served(2), timeout=30)
-            await asyncio.to_thread(reg.rollback, "tiny")
+            await asyncio.to_thread(reg.rollback, name)
             await until(lambda: served(1), timeout=10)
+            # the server drops the listening connections: each reconnects and hears again
+            assert listeners(kill=True) == 2
+            await until(lambda: listeners() == 2, timeout=15, poll_s=0.2)
+            await asyncio.to_thread(reg.promote, name, 2, gates={"smoke_sample": False})
+            await until(lambda: served(2), timeout=10)
 
     try:
         run(scenario())

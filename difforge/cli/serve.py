@@ -25,7 +25,7 @@ def serve_command(
     config: str | None = typer.Option(
         None,
         "--config",
-        help="Service config JSON (limits, queue, keys, audit db, registry, output filters).",
+        help="Service config JSON (limits, queue, keys, audit db, registry, output filters, drift monitor).",
     ),
     adapter: list[str] | None = typer.Option(
         None,

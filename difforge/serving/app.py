@@ -11,6 +11,7 @@ Routes validate, hand to the service, encode; errors become JSON with a field-le
     GET  /v2/health/live     the process is up
     GET  /v2/health/ready    the production model is loaded and warmed up
     GET  /metrics            Prometheus (admin key or loopback)
+    GET  /v1/drift           the drift monitor's windows and latest distances (admin)
     GET  /                   a small web page to try the model
 
 Served from a registry (`serve(registry=URL, name=NAME)`), admin key or loopback:
@@ -347,6 +348,15 @@ def _ops_routes(service: Service) -> APIRouter:
     async def metrics(request: Request) -> Response:
         _principal(service, request, "admin")
         return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
+
+    @ops.get("/v1/drift")
+    async def drift(request: Request) -> dict:
+        _principal(service, request, "admin")
+        if service.drift is None:
+            raise ServiceError(
+                "not_found", "the drift monitor is off (drift.enabled in the config)"
+            )
+        return service.drift.status()
 
     @ops.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:

@@ -14,6 +14,7 @@ the key itself is never stored, logged or exported.
       "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}},
       "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true},
       "filters": {"stage": [{"name": "policy"}], "on_review": "hold", "review": {"max_items": 64}},
+      "drift": {"enabled": true, "window": 512, "interval_s": 30, "kid_max": 2000},
       "state": {"backend": "database", "url": "postgresql+psycopg://difforge@db/difforge"}
     }
 """
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.registry.canary import RollbackMargins
+from difforge.serving.drift import DriftConfig
 from difforge.serving.review import FiltersConfig
 
 Scope = Literal["generate", "admin"]
@@ -202,6 +204,7 @@ class ServiceConfig(_Frozen):
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
     # output filters and the human review queue (difforge.serving.review); none: off
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # difforge.serving.drift; off
     state: StateConfig = Field(default_factory=StateConfig)  # idempotency + rate limits
 
     @field_validator("api_keys")

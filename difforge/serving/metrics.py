@@ -215,6 +215,54 @@ _METRICS: dict[str, tuple[type, str, str, tuple[str, ...], tuple[float, ...] | N
         (),
         None,
     ),
+    # the drift monitor (difforge.serving.drift): one series per served version once checked
+    **{
+        f"drift_{key}": (Gauge, f"difforge_drift_{key}", doc, ("version",), None)
+        for key, doc in {
+            "fid": "FID of the version's recent images against its evaluation reference "
+            "(NaN while the window holds no more images than feature dimensions).",
+            "kid": "KID (unbiased MMD^2) of the version's recent images against its reference.",
+            "class_tv": "Total variation between the window's requested class mix and the "
+            "reference's (0: same mix, 1: disjoint).",
+            "class_chi2_p": "Chi-square p-value of the window's class counts under the "
+            "reference's class mix.",
+            "prompt_tv": "Text models: total variation between the window's prompt word mix and "
+            "that of the model's example prompts.",
+            "prompt_chi2_p": "Text models: chi-square p-value of the window's prompt word counts.",
+            "steps_mean": "Mean requested sampling steps over the window's images.",
+            "guidance_mean": "Mean requested guidance scale over the window's images.",
+            "samples": "Images in the window the drift numbers were computed on.",
+            "last_check_timestamp_seconds": "Unix time of the version's last drift check.",
+        }.items()
+    },
+    "drift_exceeded": (
+        Gauge,
+        "difforge_drift_exceeded",
+        "1 when the version's drift metric is over its configured threshold, else 0.",
+        ("version", "metric"),
+        None,
+    ),
+    "drift_threshold": (
+        Gauge,
+        "difforge_drift_threshold",
+        "The configured drift threshold of each judged metric.",
+        ("metric",),
+        None,
+    ),
+    "drift_checks": (
+        Counter,
+        "difforge_drift_checks_total",
+        "Drift comparisons of a version's window with its reference.",
+        (),
+        None,
+    ),
+    "drift_check_errors": (
+        Counter,
+        "difforge_drift_check_errors_total",
+        "Drift comparisons that failed (e.g. the reference could not be loaded).",
+        (),
+        None,
+    ),
 }
 
 

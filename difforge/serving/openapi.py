@@ -384,6 +384,7 @@ def openapi_document(
             }
         },
         "/v1/audit/verify": {"get": _get("Check the audit chain", _OBJECT, 401, 403, 431)},
+        "/v1/drift": {"get": _get("Drift monitor status", _OBJECT, 401, 403, 404, 431)},
         "/v2/health/live": {"get": _get("Liveness", _OBJECT, 431, public=True)},
         "/v2/health/ready": {"get": _get("Readiness (warmed up)", _OBJECT, 431, 503, public=True)},
         "/metrics": {"get": _get("Prometheus text format 0.0.4", text, 401, 403, 431)},

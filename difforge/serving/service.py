@@ -37,6 +37,7 @@ from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 from difforge.serving.cache import CachedResult, CacheKey, ResultCache, result_key
 from difforge.serving.config import ServiceConfig
+from difforge.serving.drift import DriftMonitor
 from difforge.serving.encode import (
     encode_images,
     json_body,
@@ -145,6 +146,11 @@ class Service:
         self._warming: asyncio.Task | None = None
         self._threads_before: int | None = None
         self._publish_models()
+        self.drift: DriftMonitor | None = None  # output and input drift (serving.drift)
+        if config.drift.enabled:
+            served = lambda: [v for _, v in self.router.versions()]  # noqa: E731
+            self.drift = DriftMonitor(config.drift, self.metrics, served)
+            self.outcome_observers.append(self.drift.observe)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -156,6 +162,8 @@ class Service:
             self._threads_before = await self.engine.call(_set_threads, self.config.torch_threads)
         versions = [v for _, v in self.router.versions() if not v.ready]
         self._warming = asyncio.create_task(self._warm_all(versions), name="difforge-warmup")
+        if self.drift is not None:
+            self.drift.start(self.engine)
 
     async def _warm_all(self, versions: list[ModelVersion]) -> None:
         for version in versions:
@@ -173,6 +181,8 @@ class Service:
     async def stop(self) -> None:
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()
+        if self.drift is not None:
+            await self.drift.stop()
         self.engine.cancel_all("shutdown")
         if self._threads_before is not None:  # torch's thread count is process state: restore it
             await self.engine.call(_set_threads, self._threads_before)

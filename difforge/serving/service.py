@@ -17,6 +17,7 @@ that mapping too (`status_of`, set by create_app).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -31,7 +32,7 @@ import torch
 from difforge.core.errors import DifforgeError
 from difforge.pipeline import Model
 from difforge.pipeline.conditioning import signature
-from difforge.serving.access import AccessControl, AccessDenied, Principal, RateLimiter
+from difforge.serving.access import AccessControl, AccessDenied, Principal
 from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 from difforge.serving.cache import CachedResult, CacheKey, ResultCache, result_key
@@ -54,12 +55,13 @@ from difforge.serving.engine import (
 )
 from difforge.serving.fallback import HEADER as DEGRADED_HEADER
 from difforge.serving.fallback import Choice, Fallback
-from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse
+from difforge.serving.idempotency import IdempotencyConflict, StoredResponse
 from difforge.serving.invariance import choose_plan
 from difforge.serving.metrics import VERSION_FAILURES, ServiceMetrics
 from difforge.serving.protocol import GenerateRequest, Plan, RequestInvalid, parse_body, resolve
 from difforge.serving.review import Screen, ScreenOutcome
 from difforge.serving.router import ModelRouter, ModelVersion, Role
+from difforge.serving.shared_state import SharedState, StateUnavailable
 
 log = logging.getLogger("difforge.serving")
 
@@ -117,17 +119,19 @@ class Service:
     Args:
         config: the service configuration.
         router: the model versions (they are warmed up by `start`).
+        registry_url: the registry followed, if any (default database of `config.state`).
     """
 
-    def __init__(self, config: ServiceConfig, router: ModelRouter):
+    def __init__(self, config: ServiceConfig, router: ModelRouter, registry_url: str | None = None):
         self.config = config
         self.router = router
         self.metrics = ServiceMetrics()
         self.engine = Engine(config, self.metrics)
         self.access = AccessControl(config)
         self.detector = None  # an anomaly detector over the production model (serving.anomaly)
-        self.limiter = RateLimiter(config)
-        self.idempotency = IdempotencyStore(config.idempotency_entries, config.idempotency_ttl_s)
+        # rate limits and Idempotency-Key records: in memory, or shared by replicas in a database
+        self.state = SharedState(config, registry_url)
+        self.limiter, self.idempotency = self.state.limiter, self.state.idempotency
         self.audit = AuditLog(config.audit_db)
         self.fallback = Fallback(config.breaker, self.metrics)  # the breaker and the cheap route
         rc = config.result_cache
@@ -192,6 +196,7 @@ class Service:
             await self.engine.call(_set_threads, self._threads_before)
         await self.engine.stop()
         self.audit.close()
+        self.state.close()
 
     @property
     def ready(self) -> bool:
@@ -257,15 +262,21 @@ class Service:
 
     async def generate(self, call: GenerateCall) -> StoredResponse:
         """Run one POST /v1/generate; raises ServiceError for every outcome without images."""
+        try:
+            return await self._generate_counted(call)
+        except StateUnavailable as e:  # the shared database is away: retry later, elsewhere
+            raise ServiceError("not_ready", str(e), retry_after=1.0) from None
+
+    async def _generate_counted(self, call: GenerateCall) -> StoredResponse:
         principal = call.principal
-        wait = self.limiter.acquire(principal.key_id)
+        wait = await self.state.call(self.limiter.acquire, principal.key_id)
         if wait is not None:
             raise ServiceError("rate_limited", "rate limit exceeded for this key", retry_after=wait)
         try:
             return await self._generate_limited(call)
         except ServiceError as e:
             if e.reason in _REFUSED_BEFORE_WORK:  # the service's state, not the client's use
-                self.limiter.refund(principal.key_id)
+                await self.state.call(self.limiter.refund, principal.key_id)
             raise
 
     async def _generate_limited(self, call: GenerateCall) -> StoredResponse:
@@ -274,7 +285,9 @@ class Service:
         idem = call.idempotency_key
         if idem:
             try:
-                stored = self.idempotency.claim(principal.key_id, idem, call.body)
+                stored = await self.state.call(
+                    self.idempotency.claim, principal.key_id, idem, call.body
+                )
             except IdempotencyConflict as e:
                 # still running: a retry after it finishes gets the stored answer
                 retry = self.engine.retry_after_s() if e.reason == "idempotency_conflict" else None
@@ -286,14 +299,17 @@ class Service:
                     {**stored.headers, "Idempotent-Replayed": "true"},
                     stored.status,
                 )
+        if not idem:
+            return await self._generate(call, request_id)
         try:
-            response = await self._generate(call, request_id)
+            async with self.state.holding(principal.key_id, idem):  # renews a database claim
+                response = await self._generate(call, request_id)
         except BaseException:
-            if idem:
-                self.idempotency.release(principal.key_id, idem)
+            with contextlib.suppress(StateUnavailable):  # then the claim's lease runs out
+                await self.state.call(self.idempotency.release, principal.key_id, idem)
             raise
-        if idem:
-            self.idempotency.complete(principal.key_id, idem, response)
+        with contextlib.suppress(StateUnavailable):  # answered, not stored: the lease runs out
+            await self.state.call(self.idempotency.complete, principal.key_id, idem, response)
         return response
 
     def _request_id(self, given: str | None) -> str:

@@ -212,14 +212,14 @@ _METRICS: dict[str, tuple[type, str, str, tuple[str, ...], tuple[float, ...] | N
         Counter,
         "difforge_filter_decisions_total",
         "Output filter decisions, one per filter and image, by filter, decision and version.",
-        ("filter", "decision", "model_version"),
+        ("filter", "decision", "version"),
         None,
     ),
     "filter_pass_ratio": (
         Gauge,
         "difforge_filter_pass_ratio",
         "Fraction of a version's filtered images that passed every filter, since start.",
-        ("model_version",),
+        ("version",),
         None,
     ),
     "review_outcomes": (

@@ -244,7 +244,7 @@ class Model:
             shape=self.latent_shape,
             seeds=seeds,
             sampler=plan.sampler,
-            cond=self.spec.collate(rows),
+            cond=self.spec.augment(self.spec.collate(rows), seeds),
             uncond=(self.spec.collate(uncond) if uncond else self.spec.null_batch(len(rows)))
             if guided
             else None,

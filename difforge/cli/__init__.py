@@ -10,6 +10,7 @@ from difforge.cli import (  # noqa: F401  (they register)
     registry,
     serve,
     signals,
+    upscale,
     vae,
 )
 from difforge.cli.app import app, fail, friendly_errors, main

@@ -378,15 +378,17 @@ class LowResKey(_Frozen):
         """A row's clean image as uint8 (C, size, size) (exact: rows hold p / 127.5 - 1)."""
         return ((row[:-1] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
-    def describe_row(self, row: Tensor) -> str | None:
-        """The input by the sha256 of its uint8 pixels (None: the null row)."""
+    def describe_row(self, row: Tensor) -> dict[str, Any] | None:
+        """The input by the sha256 of its uint8 pixels, and its augmentation level (None: the
+        null row)."""
         from difforge.pipeline.editing import pixels_sha256
 
-        return None if float(row[-1, 0, 0]) < 0 else pixels_sha256(self.pixels(row))
+        level = round(float(row[-1, 0, 0]), 6)  # float32 in the row
+        return None if level < 0 else {"sha256": pixels_sha256(self.pixels(row)), "level": level}
 
     def caption(self, row: Tensor) -> str:
-        sha = self.describe_row(row)
-        return "-" if sha is None else f"x{sha[:8]}"
+        d = self.describe_row(row)
+        return "-" if d is None else f"x{d['sha256'][:8]}"
 
     def from_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
         low = batch[self.source].float() / 127.5 - 1  # (B, C, h, w)

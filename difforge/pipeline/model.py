@@ -191,6 +191,12 @@ class Model:
         plan = resolve(self, {**request, **values, "options": knobs}, limits)
         return self.generate(plan, callback=callback)
 
+    def upscale(self, images: Any, **kwargs: Any) -> Samples:
+        """Super-resolve `images` with this upsampler (difforge.pipeline.upscale.upscale)."""
+        from difforge.pipeline.upscale import upscale
+
+        return upscale(self, images, **kwargs)
+
     def generate(self, plan: Plan, *, callback: Callable | None = None) -> Samples:
         """Run a resolved plan in one batched sampler call and decode the result to pixels."""
         x, nfe = self.sample_latents(plan.rows, plan, uncond=plan.uncond_rows, callback=callback)

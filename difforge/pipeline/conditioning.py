@@ -358,8 +358,8 @@ class LowResKey(_Frozen):
         """The request value as n rows, or FieldProblem (the first bad image)."""
         from difforge.pipeline.editing import _image
 
-        if value is None:
-            raise FieldProblem((self.name,), "is required (the low-resolution image)", "missing")
+        if value is None:  # no image: an unconditional draw (what dropout trained)
+            return [self.null_row()] * n
         if isinstance(value, Tensor) and value.ndim == 4:
             value = list(value)
         values = value if isinstance(value, list) else [value]

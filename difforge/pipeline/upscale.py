@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from difforge.pipeline.cascade import Cascade, low_res_key, with_level
+from difforge.pipeline.conditioning import FieldProblem
 from difforge.pipeline.model import Model, Samples
-from difforge.pipeline.request import Plan, RequestLimits, resolve
+from difforge.pipeline.request import Plan, RequestInvalid, RequestLimits, resolve
 
 
 def upscale_request(model: Model, images: Any, **fields: Any) -> dict[str, Any]:
@@ -38,6 +39,8 @@ def resolve_upscale(
     request = dict(request)
     m = upscaler(model, request.pop("level", None))
     images = request.pop("image", None)
+    if images is None:
+        raise RequestInvalid([FieldProblem(("image",), "is required: the image(s) to upscale")])
     return m, resolve(m, upscale_request(m, images, **request), limits)
 
 

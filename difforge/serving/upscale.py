@@ -49,3 +49,44 @@ def generate_body(body: bytes, model: Any) -> bytes:
         raise RequestInvalid(problems)
     data[key.name] = data.pop("image")
     return json.dumps(data).encode()
+
+
+def image_schema(key: Any, max_n: int) -> dict[str, Any]:
+    """JSON Schema of a low_res value: a base64 PNG, or a list of one per image."""
+    png = {
+        "type": "string",
+        "contentEncoding": "base64",
+        "contentMediaType": "image/png",
+        "description": f"a {key.size}x{key.size} PNG ({key.channels} channel(s)), base64; "
+        "a data:image/png;base64, prefix is allowed",
+    }
+    per_image = {"type": "array", "items": png, "minItems": 1, "maxItems": max_n}
+    return {"anyOf": [png, per_image], "description": "one image for all, or one per image"}
+
+
+def upscale_request_schema(config: Any, model: Any, generate: dict[str, Any]) -> dict[str, Any]:
+    """The POST /v1/upscale body: the generate body's sampling fields plus `image`."""
+    key = upsampler_key(model)
+    props = {
+        k: v
+        for k, v in generate["properties"].items()
+        if k not in NOT_HERE and k not in {k.name for k in model.spec.keys}
+    }
+    props["image"] = (
+        image_schema(key, config.limits.max_n)
+        if key is not None
+        else {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}
+    )
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["image"],
+        "properties": props,
+        "description": (
+            "The low-resolution image(s) to upscale, with the sampling fields of /v1/generate "
+            f"(their rules and limits). An encoded image over {config.limits.max_image_bytes} "
+            "bytes is a 413, a wrong size or format a 422, before any compute; a served model "
+            "that is no upsampler answers 422. The conditioning augmentation level is the "
+            "model's recorded one."
+        ),
+    }

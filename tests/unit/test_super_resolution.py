@@ -70,8 +70,7 @@ def test_low_res_key_rows_training_augmentation_and_null():
 
 def test_low_res_key_errors():
     spec = ConditioningSpec(keys=(LOW_RES,))
-    with pytest.raises(InvalidArgumentError, match="required"):
-        spec.resolve({}, 1)
+    assert torch.equal(spec.resolve({}, 2)[1]["low_res"], LOW_RES.null_row())  # absent: null
     with pytest.raises(InvalidArgumentError, match="is 16x16; the model takes 8x8"):
         spec.resolve({"low_res": png_bytes(torch.zeros(1, 16, 16, dtype=torch.uint8))}, 1)
     with pytest.raises(InvalidArgumentError, match="uint8 of shape"):

@@ -61,3 +61,30 @@ def upscale_command(
         f"wrote {', '.join(map(str, paths))}: {len(paths)} image(s) at {shape}, "
         f"{samples.sampler} {samples.steps} steps, {samples.nfe} NFE, seed {samples.seeds[0]}"
     )
+
+
+@command("cascade")
+def cascade_command(
+    base: str = typer.Option(..., "--base", help="Base model folder (e.g. 14x14)."),
+    upsampler: str = typer.Option(..., "--upsampler", help="Upsampler folder (a low_res key)."),
+    out: str = typer.Option(..., "--out", help="Cascade folder to write."),
+    name: str | None = typer.Option(None, "--name", help="Cascade name [the folder's]."),
+    sampler: str | None = typer.Option(None, "--sampler", help="Upsampler stage's sampler."),
+    steps: int | None = typer.Option(None, "--steps", help="Upsampler stage's steps."),
+    level: float | None = typer.Option(None, "--level", help="Augmentation level at sampling."),
+    card: str | None = typer.Option(None, "--card", help="README.md text file for the folder."),
+) -> None:
+    """Write a cascade folder (base -> upsampler) from two model folders, checked to fit."""
+    from difforge.pipeline.cascade import save_cascade
+
+    settings = {"sampler": sampler, "steps": steps, "level": level}
+    text = Path(card).read_text() if card else ""
+    folder = save_cascade(
+        out,
+        base,
+        upsampler,
+        name=name,
+        upsampler_settings={k: v for k, v in settings.items() if v is not None},
+        card=text,
+    )
+    typer.echo(f"wrote {folder}")

@@ -78,7 +78,15 @@ def test_upscale_errors_are_one_line(folders, tmp_path, capsys):
 
 
 def test_sample_and_info_on_a_cascade(folders, tmp_path, capsys):
-    cascade, _, _ = folders
+    _, base, up = folders
+    cascade = tmp_path / "built"
+    code, out, err = run(
+        ["cascade", "--base", str(base), "--upsampler", str(up), "--out", str(cascade),
+         "--steps", "2", "--level", "0.2"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert load(cascade).summary()["upsampler_sampling"]["level"] == 0.2
     code, out, err = run(
         ["sample", "--model", str(cascade), "--labels", "1,2", "--seed", "3",
          "--out", str(tmp_path / "grid.png")],

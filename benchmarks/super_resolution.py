@@ -2,17 +2,20 @@
 and the cascade (14x14 base -> upsampler) against the single-stage 28x28 model at equal cost.
 
     python -m benchmarks.super_resolution --cascade models/mnist-cascade [--single models/mnist-cond]
-        [--n-psnr 500] [--n-fid 500] [--ref-n 10000] [--threads 1] [--quick]
+        [--n-psnr 500] [--n-fid 500] [--ref-n 10000] [--levels 0,0.2] [--with-default]
+        [--threads 1] [--quick]
 
 PSNR: the first n-psnr MNIST test digits, downsampled to 14x14 by `difforge.data.downsample`
 (2x2 block mean, what the upsampler and the base were trained on), brought back to 28x28 by
 nearest, by bicubic (torch.nn.functional.interpolate, align_corners=False) and by the upsampler
 (its recorded sampler, steps and augmentation level; seeds 0..n-1), against the real 28x28 digit:
-mean PSNR over images (uint8, peak 255), and the shipped digit classifier's accuracy on each.
+mean PSNR over images (uint8, peak 255), the PSNR of each output downsampled again against its
+14x14 input (does it stay consistent with what it was given), and the shipped digit classifier's
+accuracy on each; the upsampler also at the extra augmentation `--levels`.
 
 FID (difforge's MNIST feature space, models/mnist-features): n-fid samples, classes cycling,
-seeds 0..n-1, of the cascade at its defaults, of the single-stage model with the step count whose
-cost is nearest the cascade's, and of the single-stage model at its defaults; against ref-n MNIST
+seeds 0..n-1, of the cascade at its defaults and of the single-stage model with the step count whose
+cost is nearest the cascade's (`--with-default`: also at its default steps); against ref-n MNIST
 training digits, beside the real-data floor (n-fid test digits against the same reference). Cost
 per image = sum over stages of NFE x FLOPs per forward (x2 where classifier-free guidance runs the
 unconditional branch in the same forward); FLOPs by difforge.nets.flops_per_forward.
@@ -92,36 +95,43 @@ def draw(model, n: int, **fields) -> tuple[torch.Tensor, float]:
     return torch.cat(out), time.process_time() - t0
 
 
-def run_psnr(cascade: Cascade, extractor, n: int) -> dict:
+def upscale_all(upsampler, low: torch.Tensor, level: float | None) -> torch.Tensor:
+    """Upscaled uint8 images, CHUNK per call, seeds 0..n-1."""
+    out = []
+    for i in range(0, len(low), CHUNK):
+        chunk = low[i : i + CHUNK]
+        out.append(upsampler.upscale(chunk, seeds=range(i, i + len(chunk)), level=level).images)
+    return torch.cat(out)
+
+
+def run_psnr(cascade: Cascade, extractor, n: int, levels: list[float]) -> dict:
+    """PSNR against the real digit, PSNR of the output downsampled again against the input
+    (consistency with the low-res image), and the classifier's accuracy; per method."""
     test = load_mnist("test")
     real, labels = test.images[:n], test.labels[:n]
     low = downsample(real, 2)
-    t0, ups = time.process_time(), []
-    for i in range(0, n, CHUNK):
-        chunk = low[i : i + CHUNK]
-        seeds = list(range(i, i + len(chunk)))
-        ups.append(cascade.upsampler.upscale(chunk, seeds=seeds).images)
+    t0 = time.process_time()
+    outputs = {"upsampler": upscale_all(cascade.upsampler, low, None)}
     sr_seconds = time.process_time() - t0
-    outputs = {
-        "nearest": bicubic(low, 28, "nearest"),
-        "bicubic": bicubic(low, 28),
-        "upsampler": torch.cat(ups),
-    }
+    outputs |= {"nearest": bicubic(low, 28, "nearest"), "bicubic": bicubic(low, 28)}
+    for level in levels:
+        outputs[f"upsampler_level_{level:g}"] = upscale_all(cascade.upsampler, low, level)
     out = {"n": n, "upsampler_cpu_s_per_image": sr_seconds / n}
-    acc_real = (classify(extractor, real) == labels).float().mean().item()
-    out["accuracy_real"] = acc_real
+    out["level"] = cascade.summary()["upsampler_sampling"]["level"]
+    out["accuracy_real"] = (classify(extractor, real) == labels).float().mean().item()
     for name, images in outputs.items():
         p = psnr(images, real)
         out[name] = {
             "psnr_db": p.mean().item(),
             "psnr_sem": (p.std() / math.sqrt(n)).item(),
+            "low_res_psnr_db": psnr(downsample(images, 2), low).mean().item(),
             "accuracy": (classify(extractor, images) == labels).float().mean().item(),
         }
     out["_images"] = (real[:16], outputs)
     return out
 
 
-def run_fid(cascade: Cascade, single, extractor, n: int, ref_n: int) -> dict:
+def run_fid(cascade: Cascade, single, extractor, n: int, ref_n: int, default: bool) -> dict:
     ref = features(extractor, load_mnist("train").images[:ref_n])
     floor = fid(features(extractor, load_mnist("test").images[-n:]), ref)
     cost = cascade_cost(cascade)
@@ -133,8 +143,9 @@ def run_fid(cascade: Cascade, single, extractor, n: int, ref_n: int) -> dict:
     runs = [
         ("cascade", cascade, {}, cost["flops"]),
         (f"single_{matched}_steps", single, {"steps": matched}, None),
-        (f"single_{s.steps}_steps", single, {}, None),
     ]
+    if default and matched != s.steps:
+        runs.append((f"single_{s.steps}_steps", single, {}, None))
     samples = {}
     for name, model, fields, flops in runs:
         images, seconds = draw(model, n, **fields)
@@ -155,7 +166,7 @@ def save_png(psnr_part: dict, fid_part: dict, path: Path) -> None:
     from difforge.common.png import save_grid_png
 
     real, outs = psnr_part["_images"]
-    rows = [real, *[outs[k][:16] for k in ("nearest", "bicubic", "upsampler")]]
+    rows = [real, *[outs[k][:16] for k in ("nearest", "bicubic", "upsampler")]]  # 16 each
     rows += list(fid_part["_images"].values())
     save_grid_png(path, torch.cat(rows), nrow=16)
 
@@ -168,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-fid", type=int, default=500)
     ap.add_argument("--ref-n", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--levels", default="0,0.2", help="extra augmentation levels for PSNR")
+    ap.add_argument("--with-default", action="store_true", help="also the single model's steps")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -177,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--cascade {args.cascade} is not a cascade folder")
     extractor = load_feature_extractor()
     with compute_threads(args.threads):
-        p = run_psnr(cascade, extractor, args.n_psnr)
-        f = run_fid(cascade, single, extractor, args.n_fid, args.ref_n)
+        levels = [float(v) for v in args.levels.split(",") if v.strip()]
+        p = run_psnr(cascade, extractor, args.n_psnr, levels)
+        f = run_fid(cascade, single, extractor, args.n_fid, args.ref_n, args.with_default)
     RESULTS_DIR.mkdir(exist_ok=True)
     save_png(p, f, RESULTS_DIR / "super_resolution.png")
     p.pop("_images"), f.pop("_images")
@@ -191,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = (
         f"{args.cascade} (base {cascade.base.sha256[:12]}, "
         f"upsampler {cascade.upsampler.sha256[:12]}) "
-        f"vs {args.single}; PSNR 14->28 on {p['n']} test digits: upsampler "
+        f"vs {args.single}; PSNR 14->28 on {p['n']} test digits: upsampler (level {p['level']:g}) "
         f"{p['upsampler']['psnr_db']:.2f} dB (sem {p['upsampler']['psnr_sem']:.2f}) vs bicubic "
-        f"{p['bicubic']['psnr_db']:.2f} vs nearest {p['nearest']['psnr_db']:.2f}; digit accuracy "
+        f"{p['bicubic']['psnr_db']:.2f} vs nearest {p['nearest']['psnr_db']:.2f}"
+        + "".join(f", level {lv:g} {p[f'upsampler_level_{lv:g}']['psnr_db']:.2f}" for lv in levels)
+        + f"; low-res consistency (PSNR of the output downsampled vs the input) upsampler "
+        f"{p['upsampler']['low_res_psnr_db']:.2f} / bicubic {p['bicubic']['low_res_psnr_db']:.2f}"
+        f"; digit accuracy "
         f"{p['upsampler']['accuracy']:.3f} / {p['bicubic']['accuracy']:.3f} / "
         f"{p['nearest']['accuracy']:.3f} (real {p['accuracy_real']:.3f}); FID n={f['n']} vs "
         f"{f['ref_n']} train digits: {fids}"

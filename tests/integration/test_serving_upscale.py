@@ -103,3 +103,19 @@ def test_upscale_limits_and_errors_before_compute(up_dir, tmp_path):
             assert r.status_code == 422 and "not an upsampler" in r.text
 
     run(not_an_upsampler())
+
+
+def test_a_served_cascade_generates_at_the_upsampler_size(tmp_path):
+    from tests.upscale_fixtures import make_tiny_cascade
+
+    cascade_dir, _, _ = make_tiny_cascade(tmp_path)
+    want = load(cascade_dir).sample(labels=[4], seed=3).images[0, 0].numpy()
+
+    async def scenario():
+        svc = make_service(cascade_dir, **FAST)
+        async with running(svc) as c:
+            r = await c.post("/v1/generate", json={"labels": [4], "seed": 3, "guidance": 2.0})
+            assert r.status_code == 200, r.text
+            assert np.array_equal(png_pixels(r.content).reshape(16, 16), want)
+
+    run(scenario())

@@ -14,8 +14,9 @@ mean PSNR over images (uint8, peak 255), the PSNR of each output downsampled aga
 accuracy on each; the upsampler also at the extra augmentation `--levels`.
 
 FID (difforge's MNIST feature space, models/mnist-features): n-fid samples, classes cycling,
-seeds 0..n-1, of the cascade at its defaults and of the single-stage model with the step count whose
-cost is nearest the cascade's (`--with-default`: also at its default steps); against ref-n MNIST
+seeds 0..n-1, of the cascade at its defaults, of the same base samples upsampled bicubic instead, and of the
+single-stage model with the step count whose cost is nearest the cascade's (`--with-default`:
+also at its default steps); against ref-n MNIST
 training digits, beside the real-data floor (n-fid test digits against the same reference). Cost
 per image = sum over stages of NFE x FLOPs per forward (x2 where classifier-free guidance runs the
 unconditional branch in the same forward); FLOPs by difforge.nets.flops_per_forward.
@@ -104,6 +105,24 @@ def upscale_all(upsampler, low: torch.Tensor, level: float | None) -> torch.Tens
     return torch.cat(out)
 
 
+def draw_cascade(cascade: Cascade, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The cascade's n samples and its base's (the same calls `Cascade.sample_latents` makes,
+    keeping the 14x14 images): (uint8 28x28, uint8 14x14, CPU seconds)."""
+    highs, lows, t0 = [], [], time.process_time()
+    for i in range(0, n, CHUNK):
+        m = min(CHUNK, n - i)
+        labels = [(i + j) % 10 for j in range(m)]
+        plan = resolve(cascade, {"labels": labels, "seeds": list(range(i, i + m))})
+        x, _ = cascade.base.sample_latents(plan.rows, plan)
+        low = cascade.base.decode(x)  # uint8 (m, 1, 14, 14)
+        up = cascade.upsampler_plan(low, cascade.upsampler_seeds(plan.seeds))
+        y, _ = cascade.upsampler.sample_latents(up.rows, up)
+        highs.append(cascade.upsampler.decode(y))
+        lows.append(low)
+        print(f"  {cascade.name}: {i + m}/{n}", file=sys.stderr, flush=True)
+    return torch.cat(highs), torch.cat(lows), time.process_time() - t0
+
+
 def run_psnr(cascade: Cascade, extractor, n: int, levels: list[float]) -> dict:
     """PSNR against the real digit, PSNR of the output downsampled again against the input
     (consistency with the low-res image), and the classifier's accuracy; per method."""
@@ -140,13 +159,20 @@ def run_fid(cascade: Cascade, single, extractor, n: int, ref_n: int, default: bo
     per_step = stage_cost(single, 1, s.sampler, guided)["flops"]  # dpmpp_2m: 1 NFE per step
     matched = max(1, round(cost["flops"] / per_step))
     rows = {"real_floor": {"fid": floor}}
-    runs = [
-        ("cascade", cascade, {}, cost["flops"]),
-        (f"single_{matched}_steps", single, {"steps": matched}, None),
-    ]
+    high, low, seconds = draw_cascade(cascade, n)
+    rows["cascade"] = {
+        "fid": fid(features(extractor, high), ref),
+        "gflops_per_image": cost["flops"] / 1e9,
+        "cpu_s_per_image": seconds / n,
+    }
+    rows["base_bicubic"] = {  # the same base samples, bicubic instead of the upsampler
+        "fid": fid(features(extractor, bicubic(low, 28)), ref),
+        "gflops_per_image": cost["base"]["flops"] / 1e9,
+    }
+    samples = {"cascade": high[:16], "base_bicubic": bicubic(low[:16], 28)}
+    runs = [(f"single_{matched}_steps", single, {"steps": matched}, None)]
     if default and matched != s.steps:
         runs.append((f"single_{s.steps}_steps", single, {}, None))
-    samples = {}
     for name, model, fields, flops in runs:
         images, seconds = draw(model, n, **fields)
         steps = fields.get("steps", model.sampling.steps)

@@ -165,3 +165,14 @@ def test_cascade_loading_is_strict(folders, tmp_path):
         load(swapped)
     with pytest.raises(ModelIntegrityError, match="takes low_res images"):
         save_cascade(tmp_path / "mismatch", up_dir, up_dir)
+
+
+def test_downsampled_and_super_resolution_datasets():
+    from difforge.data import load_dataset
+
+    small = load_dataset({"kind": "downsampled", "of": "mnist:test", "factor": 2})
+    pairs = load_dataset("super_resolution:mnist:test")
+    assert small.sample_shape == (1, 14, 14) and small.num_classes == 10
+    assert pairs.sample_shape == (1, 28, 28) and pairs.labels is None  # reads low_res only
+    assert torch.equal(pairs.fields()["low_res"], small.images)
+    assert torch.equal(small.images[:4], downsample(pairs.images[:4], 2))

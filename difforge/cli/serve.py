@@ -23,7 +23,9 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     config: str | None = typer.Option(
-        None, "--config", help="Service config JSON (limits, queue, keys, audit db, registry)."
+        None,
+        "--config",
+        help="Service config JSON (limits, queue, keys, audit db, registry, output filters, drift monitor).",
     ),
     adapter: list[str] | None = typer.Option(
         None,

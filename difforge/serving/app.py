@@ -5,11 +5,14 @@ Routes validate, hand to the service, encode; errors become JSON with a field-le
     POST /v1/generate        images (PNG for one, JSON with base64 PNGs for several)
     POST /v1/upscale         super-resolution of a base64 PNG `image` (an upsampler model)
     GET  /v1/models          served versions, defaults and limits
-    GET  /v1/requests/{id}   progress of a running request, or its audit record
+    GET  /v1/requests/{id}   progress of a running request, or its audit record; for an output
+                             held for review 202 while pending, its images once approved, 410
+                             after a rejection (difforge.serving.review)
     GET  /v1/audit/verify    check the audit log's hash chain (admin)
     GET  /v2/health/live     the process is up
     GET  /v2/health/ready    the production model is loaded and warmed up
     GET  /metrics            Prometheus (admin key or loopback)
+    GET  /v1/drift           the drift monitor's windows and latest distances (admin)
     GET  /                   a small web page to try the model
 
 Served from a registry (`serve(registry=URL, name=NAME)`), admin key or loopback:
@@ -18,6 +21,10 @@ Served from a registry (`serve(registry=URL, name=NAME)`), admin key or loopback
     POST /v1/admin/rollback  {alias?, reason?}                the alias's previous version
     POST /v1/admin/canary    {version?, percent, gates?}      a new canary, or its share
     GET  /v1/admin/registry  what is served, what failed to load, recent events
+
+With output filters configured, the review queue (difforge.serving.review_routes):
+
+    GET  /v1/admin/review, GET /v1/admin/review/{id}, POST /v1/admin/review/{id}/approve|reject
 """
 
 from __future__ import annotations
@@ -80,6 +87,13 @@ HTTP_STATUS: dict[str, int] = {
     "integrity_failure": 409,
     "registry_conflict": 409,
     "registry_unavailable": 503,
+    # the output filter stage and its review queue (difforge.serving.review)
+    "held": 202,
+    "output_refused": 403,
+    "review_full": 503,
+    "review_conflict": 409,
+    "review_rejected": 410,
+    "review_expired": 410,
 }
 MAX_IDEMPOTENCY_KEY = 128  # characters of an Idempotency-Key header
 MAX_HEADER_BYTES = 8192  # all request headers together; more is a 431
@@ -176,7 +190,7 @@ def _header(request: Request, name: str, limit: int) -> str | None:
 
 
 def _stored(resp: StoredResponse) -> Response:
-    return Response(resp.body, 200, headers=resp.headers, media_type=resp.media_type)
+    return Response(resp.body, resp.status, headers=resp.headers, media_type=resp.media_type)
 
 
 def create_app(service: Service, source: RegistrySource | None = None) -> FastAPI:
@@ -209,12 +223,20 @@ def create_app(service: Service, source: RegistrySource | None = None) -> FastAP
     app.include_router(_ops_routes(service))
     if source is not None:
         app.include_router(_admin_routes(service, source))
+    if service.screen.enabled:  # output filters configured: the review queue's admin routes
+        from difforge.serving.review_routes import review_router
+
+        app.include_router(review_router(service))
 
     def contract() -> dict:  # the routes read raw bodies: the contract is written out
         if app.openapi_schema is None:
             model = service.router.production.model
             app.openapi_schema = openapi_document(
-                service.config, model, admin=source is not None, version=app.version
+                service.config,
+                model,
+                admin=source is not None,
+                version=app.version,
+                review=service.screen.enabled,
             )
         return app.openapi_schema
 
@@ -304,14 +326,17 @@ def _api_routes(service: Service) -> APIRouter:
             "models": [{"role": role, **v.describe()} for role, v in router.versions()],
             "canary_share": router.canary_share,
             "limits": service.config.limits.model_dump(mode="json"),
+            **service.screen.models_info(),
         }
 
     @api.get("/v1/requests/{request_id}")
-    async def request_status(request_id: str, request: Request) -> dict:
+    async def request_status(request_id: str, request: Request) -> Response:
         status = service.request_status(request_id, _principal(service, request, "any"))
         if status is None:
             raise ServiceError("not_found", "no such request")
-        return status
+        if isinstance(status, StoredResponse):  # held for review: 202, then the approved images
+            return _stored(status)
+        return JSONResponse(status)
 
     return api
 
@@ -340,6 +365,15 @@ def _ops_routes(service: Service) -> APIRouter:
     async def metrics(request: Request) -> Response:
         _principal(service, request, "admin")
         return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
+
+    @ops.get("/v1/drift")
+    async def drift(request: Request) -> dict:
+        _principal(service, request, "admin")
+        if service.drift is None:
+            raise ServiceError(
+                "not_found", "the drift monitor is off (drift.enabled in the config)"
+            )
+        return service.drift.status()
 
     @ops.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:

@@ -12,7 +12,9 @@ the key itself is never stored, logged or exported.
       "api_keys": [{"id": "alice", "sha256": "<hex of sha256(key)>", "scopes": ["generate"]}],
       "audit_db": "audit.sqlite3",
       "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}},
-      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true}
+      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true},
+      "filters": {"stage": [{"name": "policy"}], "on_review": "hold", "review": {"max_items": 64}},
+      "drift": {"enabled": true, "window": 512, "interval_s": 30, "kid_max": 2000}
     }
 """
 
@@ -29,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.registry.canary import RollbackMargins
+from difforge.serving.drift import DriftConfig
+from difforge.serving.review import FiltersConfig
 
 Scope = Literal["generate", "admin"]
 InvarianceMode = Literal["pad", "per_sample", "off"]
@@ -174,6 +178,9 @@ class ServiceConfig(_Frozen):
     warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
     registry: RegistryFollow = Field(default_factory=RegistryFollow)  # serve --registry only
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
+    # output filters and the human review queue (difforge.serving.review); none: off
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # difforge.serving.drift; off
 
     @field_validator("api_keys")
     @classmethod

@@ -34,6 +34,7 @@ from typing import Any
 
 from difforge.pipeline import Model
 from difforge.registry import Registry, RegistryError, Resolution, should_rollback
+from difforge.registry.reports import latest_report
 from difforge.serving.access import Principal
 from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, registry_errors
 from difforge.serving.config import RegistryFollow, ServiceConfig
@@ -410,4 +411,8 @@ def open_service(
         raise
     meta = {"registry_name": name, "registry_version": number}
     service = Service(config, ModelRouter(ModelVersion(model, meta=meta)))
+    if service.drift is not None:  # drift is measured against each version's evaluation report
+        service.drift.report_for = lambda v: latest_report(
+            registry, v.meta["registry_name"], v.meta["registry_version"]
+        )
     return service, RegistrySource(service, registry, name)

@@ -6,7 +6,8 @@ authorize (unauthorized/forbidden) -> rate limit (rate_limited) -> read the body
 (body_too_large) -> idempotency claim (replay, idempotency_conflict, idempotency_mismatch) -> parse
 and validate (validation) -> route to a model version -> result cache (a hit skips to encode;
 difforge.serving.cache) -> enqueue (queue_full) -> wait for the images, the deadline (deadline) or
-a disconnect (disconnect) -> encode -> audit -> answer.
+a disconnect (disconnect) -> output filters (difforge.serving.review: pass, hold for review with
+a 202, or refuse: output_refused) -> encode -> audit -> answer.
 
 The service knows nothing of HTTP status codes: it raises ServiceError with a reason, and the app
 (difforge.serving.app.HTTP_STATUS) maps reasons to statuses; the audit log's http_status comes from
@@ -35,6 +36,7 @@ from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 from difforge.serving.cache import CachedResult, CacheKey, ResultCache, result_key
 from difforge.serving.config import ServiceConfig
+from difforge.serving.drift import DriftMonitor
 from difforge.serving.encode import (
     encode_images,
     json_body,
@@ -54,6 +56,7 @@ from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, 
 from difforge.serving.invariance import choose_plan
 from difforge.serving.metrics import ServiceMetrics
 from difforge.serving.protocol import Plan, RequestInvalid, parse_body, resolve
+from difforge.serving.review import Screen, ScreenOutcome
 from difforge.serving.router import ModelRouter, ModelVersion, Role
 
 log = logging.getLogger("difforge.serving")
@@ -134,9 +137,16 @@ class Service:
         self.outcome_observers: list[Callable[[Job, bool, float], None]] = []
         # outcome reason -> the HTTP status recorded in the audit log (set by the app)
         self.status_of: Callable[[str], int] = _no_status
+        # the output filter stage and review queue (difforge.serving.review); off without filters
+        self.screen = Screen(self)
         self._warming: asyncio.Task | None = None
         self._threads_before: int | None = None
         self._publish_models()
+        self.drift: DriftMonitor | None = None  # output and input drift (serving.drift)
+        if config.drift.enabled:
+            served = lambda: [v for _, v in self.router.versions()]  # noqa: E731
+            self.drift = DriftMonitor(config.drift, self.metrics, served)
+            self.outcome_observers.append(self.drift.observe)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -148,6 +158,8 @@ class Service:
             self._threads_before = await self.engine.call(_set_threads, self.config.torch_threads)
         versions = [v for _, v in self.router.versions() if not v.ready]
         self._warming = asyncio.create_task(self._warm_all(versions), name="difforge-warmup")
+        if self.drift is not None:
+            self.drift.start(self.engine)
 
     async def _warm_all(self, versions: list[ModelVersion]) -> None:
         for version in versions:
@@ -165,6 +177,8 @@ class Service:
     async def stop(self) -> None:
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()
+        if self.drift is not None:
+            await self.drift.stop()
         self.engine.cancel_all("shutdown")
         if self._threads_before is not None:  # torch's thread count is process state: restore it
             await self.engine.call(_set_threads, self._threads_before)
@@ -259,6 +273,7 @@ class Service:
                     stored.body,
                     stored.media_type,
                     {**stored.headers, "Idempotent-Replayed": "true"},
+                    stored.status,
                 )
         try:
             response = await self._generate(call, request_id)
@@ -299,7 +314,7 @@ class Service:
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
             if hit is not None:  # no sampler call: the stored pixels, encoded for this request
                 job.images, job.nfe, job.call_images = list(hit.images), hit.nfe, [*hit.call_images]
-                return self._respond(call, job, plan, cache="hit")
+                return await self.screen.answer(call, job, plan, "hit")
         try:
             future = self.engine.submit(job)
         except QueueFull as e:
@@ -316,9 +331,8 @@ class Service:
             result = CachedResult(tuple(job.images), job.nfe, tuple(job.call_images))
             self.cache.put(cache_key, result)
             self.metrics.cache_bytes.set(self.cache.nbytes)
-        response = self._respond(call, job, plan, cache=None if cache_key is None else "miss")
-        self._outcome(job, True)
-        return response
+        self._outcome(job, True)  # the version did its work, whatever the filters decide
+        return await self.screen.answer(call, job, plan, None if cache_key is None else "miss")
 
     def _cache_key(self, call: GenerateCall, version: ModelVersion, plan: Plan) -> CacheKey | None:
         """The request's result cache key; None when the cache is off, its seed was drawn or its
@@ -419,9 +433,15 @@ class Service:
         return ServiceError(reason, msg, request_id=job.request_id)
 
     def _respond(
-        self, call: GenerateCall, job: Job, plan: Plan, cache: str | None = None
+        self,
+        call: GenerateCall,
+        job: Job,
+        plan: Plan,
+        cache: str | None = None,
+        screened: ScreenOutcome | None = None,
     ) -> StoredResponse:
-        """Encode the job's images; `cache` ("hit" or "miss", None when off) becomes X-Cache."""
+        """Encode the job's images; `cache` ("hit" or "miss", None when off) becomes X-Cache;
+        `screened`: the filter stage's decisions (provenance) and outcome (the audit status)."""
         images = [img for img in job.images if img is not None]
         digest = pixels_sha256(images)
         model = job.version.model
@@ -446,8 +466,13 @@ class Service:
             "X-Model-Version": job.version.id,
             **({"X-Cache": cache} if cache else {}),
         }
-        self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
-        self._audit(call, job.request_id, "ok", "ok", plan.params(), job, digest, cache)
+        status, filters = ("ok", None) if screened is None else screened.audit_status()
+        if status == "ok":
+            self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
+            self._audit(
+                call, job.request_id, "ok", "ok", plan.params(), job, digest, cache, filters
+            )
+        # a held answer is audited once the review queue took it (difforge.serving.review)
         extra = {
             "role": job.role,
             "nfe": job.nfe,
@@ -463,7 +488,8 @@ class Service:
             )
             return StoredResponse(body, "application/json", headers)
         edits = None if plan.edit is None else [plan.edit.image_params(i) for i in range(plan.n)]
-        encoded = encode_images(images, common, plan.seeds, plan.conditioning, edits)
+        per_image = None if screened is None else screened.provenance()
+        encoded = encode_images(images, common, plan.seeds, plan.conditioning, edits, per_image)
         if plan.response_format == "png":
             return StoredResponse(encoded[0][1], "image/png", headers)
         return StoredResponse(
@@ -482,6 +508,7 @@ class Service:
         job: Job | None,
         digest=None,
         cache: str | None = None,
+        filters: dict | None = None,
     ):
         version = job.version if job is not None else None
         detail = {}
@@ -494,6 +521,8 @@ class Service:
             }
         if cache is not None:  # "hit": answered from the result cache; calls and nfe are the
             detail["cache"] = cache  # stored result's, none of them ran for this request
+        if filters is not None:  # the filter stage's decisions and versions
+            detail["filters"] = filters
         self.audit.append(
             AuditEntry(
                 request_id=request_id,
@@ -512,8 +541,13 @@ class Service:
 
     # -- admin -----------------------------------------------------------------------------------
 
-    def request_status(self, request_id: str, principal: Principal) -> dict | None:
-        """A running request's progress, or its audit record; None if absent or not the caller's."""
+    def request_status(self, request_id: str, principal: Principal) -> dict | StoredResponse | None:
+        """A running request's progress, or its audit record; None if absent or not the caller's.
+        A request held for review answers its held status (a StoredResponse: 202, then the
+        approved images) or raises ServiceError (410 after a rejection or expiry)."""
+        held = self.screen.poll(request_id, principal)
+        if held is not None:
+            return held
         job = self.engine.jobs.get(request_id)
         if job is not None:
             if not (principal.may("admin") or principal.key_id == job.key_id):

@@ -176,3 +176,32 @@ def test_downsampled_and_super_resolution_datasets():
     assert pairs.sample_shape == (1, 28, 28) and pairs.labels is None  # reads low_res only
     assert torch.equal(pairs.fields()["low_res"], small.images)
     assert torch.equal(small.images[:4], downsample(pairs.images[:4], 2))
+
+
+def test_an_upsampler_trains_exports_and_upscales(tmp_path):
+    """The training loop reads the low_res field through the spec (augmentation and dropout in
+    `drop`); the exported v2 pipeline upscales."""
+    from difforge.data import SuperResolutionDataset
+    from difforge.training import parse_config, train
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 1, 16, 16), generator=g).to(torch.uint8)
+    data = SuperResolutionDataset(
+        "noise16", images, None, 0, low_res=downsample(images, 2)
+    )  # fmt: skip
+    config = parse_config(
+        {
+            "net": {"kind": "unet", "config": UP_UNET.to_dict()},
+            "dataset": "noise16",
+            "conditioning": {"keys": [LOW_RES.model_dump()]},
+            "batch_size": 8,
+            "max_steps": 2,
+            "checkpoint_every": 2,
+            "sampling": {"steps": 2, "guidance": 1.0},
+        }
+    )
+    result = train(config, tmp_path / "run", dataset=data, progress=False)
+    up = load(result.model_dir)
+    assert up.spec.keys[0].kind == "low_res"
+    out = up.upscale(downsample(images[:2], 2), seed=0)
+    assert out.images.shape == (2, 1, 16, 16)

@@ -12,6 +12,7 @@ from difforge.cli import (  # noqa: F401  (they register)
     review,
     serve,
     signals,
+    upscale,
     vae,
 )
 from difforge.cli.app import app, fail, friendly_errors, main

@@ -191,6 +191,12 @@ class Model:
         plan = resolve(self, {**request, **values, "options": knobs}, limits)
         return self.generate(plan, callback=callback)
 
+    def upscale(self, images: Any, **kwargs: Any) -> Samples:
+        """Super-resolve `images` with this upsampler (difforge.pipeline.upscale.upscale)."""
+        from difforge.pipeline.upscale import upscale
+
+        return upscale(self, images, **kwargs)
+
     def generate(self, plan: Plan, *, callback: Callable | None = None) -> Samples:
         """Run a resolved plan in one batched sampler call and decode the result to pixels."""
         x, nfe = self.sample_latents(plan.rows, plan, uncond=plan.uncond_rows, callback=callback)
@@ -244,7 +250,7 @@ class Model:
             shape=self.latent_shape,
             seeds=seeds,
             sampler=plan.sampler,
-            cond=self.spec.collate(rows),
+            cond=self.spec.augment(self.spec.collate(rows), seeds),
             uncond=(self.spec.collate(uncond) if uncond else self.spec.null_batch(len(rows)))
             if guided
             else None,

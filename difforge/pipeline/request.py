@@ -228,6 +228,12 @@ def _texts_fit(values: dict[str, Any], limit: int | None, problems: list) -> Non
                 problems.append(FieldProblem(loc, msg, "text"))
 
 
+def _images_fit(spec, values: dict[str, Any], limit: int | None, problems: list) -> None:
+    for key in spec.keys:
+        if hasattr(key, "check_size") and values.get(key.name) is not None:
+            key.check_size(values[key.name], limit, problems)
+
+
 def _negative_rows(model: Model, req: SampleRequest, n: int, problems: list):
     try:
         rows = model.spec.resolve_negative(req.conditioning, n)
@@ -332,6 +338,9 @@ def resolve(
     n = _count(req, model.spec, limits, problems)
     seeds = _seeds(req, n, problems)
     _texts_fit(req.conditioning, limits.max_text_chars, problems)
+    _images_fit(model.spec, req.conditioning, limits.max_image_bytes, problems)
+    if any(p.kind == "too_large" for p in problems):
+        raise RequestInvalid(problems)  # nothing is decoded past a size limit
     rows = model.spec.resolve_all(req.conditioning, n, problems)
     uncond_rows = _negative_rows(model, req, n, problems)
     guidance = _guidance(model, req, limits, problems)

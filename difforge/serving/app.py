@@ -3,6 +3,7 @@
 Routes validate, hand to the service, encode; errors become JSON with a field-level `detail`.
 
     POST /v1/generate        images (PNG for one, JSON with base64 PNGs for several)
+    POST /v1/upscale         super-resolution of a base64 PNG `image` (an upsampler model)
     GET  /v1/models          served versions, defaults and limits
     GET  /v1/requests/{id}   progress of a running request, or its audit record; for an output
                              held for review 202 while pending, its images once approved, 410
@@ -286,6 +287,22 @@ def _api_routes(service: Service) -> APIRouter:
             body,
             request_id=request.headers.get("x-request-id"),
             idempotency_key=idempotency_key,
+            receive=request.receive,
+        )
+        return _stored(await service.generate(call))
+
+    @api.post("/v1/upscale")
+    async def upscale(request: Request) -> Response:
+        from difforge.serving.upscale import generate_body
+
+        who = _principal(service, request, "generate")
+        require_json(request)
+        body = await read_body(request, service.config.limits.max_body_bytes)
+        call = GenerateCall(
+            who,
+            generate_body(body, service.router.production.model),
+            request_id=request.headers.get("x-request-id"),
+            idempotency_key=_header(request, "idempotency-key", MAX_IDEMPOTENCY_KEY),
             receive=request.receive,
         )
         return _stored(await service.generate(call))

@@ -82,7 +82,11 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _conditioning_schema(key, max_n: int) -> dict[str, Any]:
-    """A conditioning key's request value (kinds: "class")."""
+    """A conditioning key's request value (kinds: "class", "low_res")."""
+    if key.kind == "low_res":
+        from difforge.serving.upscale import image_schema
+
+        return image_schema(key, max_n)
     cls = {"type": "integer", "minimum": 0, "maximum": key.num_classes - 1}
     each = {"anyOf": [cls, {"type": "null"}]}  # None: the null class (unconditional)
     per_image = {"type": "array", "items": each, "minItems": 1, "maxItems": max_n}
@@ -180,6 +184,18 @@ _SERIES = {
 
 def _series(model: Model) -> bool:
     return len(model.image_shape) == 2  # (C, T)
+
+
+def _upscale_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
+    from difforge.serving.upscale import upscale_request_schema
+
+    op = _generate_operation(config, model)
+    schema = upscale_request_schema(config, model, generate_request_schema(config, model))
+    return {
+        **op,
+        "summary": "Upscale images with the served upsampler (422 when it is none)",
+        "requestBody": {"required": True, "content": {JSON: {"schema": schema}}},
+    }
 
 
 def _generate_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
@@ -379,6 +395,7 @@ def openapi_document(
     text = {"text/plain": {"schema": {"type": "string"}}}
     paths: dict[str, Any] = {
         "/v1/generate": {"post": _generate_operation(config, model)},
+        "/v1/upscale": {"post": _upscale_operation(config, model)},
         "/v1/anomaly/score": {"post": _anomaly_operation(config)},
         "/v1/models": {"get": _get("Served versions, defaults and limits", _OBJECT, 401, 403, 431)},
         "/v1/requests/{request_id}": {

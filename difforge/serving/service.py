@@ -290,7 +290,7 @@ class Service:
         if not self.ready:
             raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
-        role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
+        role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}", plan.adapter)
         job = self._job(request_id, version, role, plan, call.accepted)
         job.key_id = call.principal.key_id
         cache_key = self._cache_key(call, version, plan)

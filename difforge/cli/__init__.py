@@ -6,6 +6,7 @@ from difforge.cli import (  # noqa: F401  (they register)
     data,
     evaluate,
     export,
+    inpaint,
     models,
     registry,
     serve,

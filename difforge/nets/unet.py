@@ -17,6 +17,10 @@ cond is None or a mapping with optional
   "context_mask": (B, L) bool, True for real tokens (padding is not attended to); optional.
   "pooled":  (B, context_dim) float, a pooled text vector added to the noise embedding (GLIDE,
              Nichol et al. 2022, Sec. 2.3); optional.
+  "inpaint": (B, inpaint_channels, H, W) float, extra input channels concatenated to x before
+             conv_in (an inpainting model's mask and known pixels, Rombach et al. 2022, Sec. 4.5);
+             required when inpaint_channels > 0. Its meaning is the conditioning spec's
+             (difforge.pipeline.conditioning.MaskedImageKey), not the net's.
 """
 
 from __future__ import annotations
@@ -145,8 +149,10 @@ class UNetConfig(LevelsConfig):
     emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
     slot_grid: int = 0  # side of the slot layout (2: four quadrants); 0 = no slot conditioning
     slot_classes: int = 0  # tokens a slot can hold (classes + "empty"); the null is one more
+    inpaint_channels: int = 0  # extra input channels from cond["inpaint"]; 0 = none
 
     def _check_slots(self) -> None:
+        _check_int("inpaint_channels", self.inpaint_channels, minimum=0)
         _check_int("slot_grid", self.slot_grid, minimum=0)
         _check_int("slot_classes", self.slot_classes, minimum=0)
         if bool(self.slot_grid) != bool(self.slot_classes):
@@ -200,7 +206,9 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         self.slot_embed = SlotEmbedding(cfg, emb_dim) if getattr(cfg, "slot_grid", 0) else None
         self.pooled_embed = nn.Linear(cfg.context_dim, emb_dim) if cfg.context_dim else None
-        self.conv_in = conv_nd(self.dims, cfg.in_channels, cfg.base_channels, 3, padding=1)
+        self.inpaint_channels = getattr(cfg, "inpaint_channels", 0)
+        in_ch = cfg.in_channels + self.inpaint_channels
+        self.conv_in = conv_nd(self.dims, in_ch, cfg.base_channels, 3, padding=1)
         self.down, skip_channels = self._build_encoder(emb_dim)
         ch, bottom = skip_channels[-1], cfg.resolutions[-1]  # the encoder's output
         self.mid = nn.ModuleList(
@@ -285,6 +293,14 @@ class UNet(nn.Module):
             )
         return slots.long()
 
+    def _inpaint(self, cond: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:
+        extra = None if cond is None else cond.get("inpaint")
+        want = (x.shape[0], self.inpaint_channels, *x.shape[2:])
+        if extra is None or tuple(extra.shape) != want:
+            got = None if extra is None else tuple(extra.shape)
+            raise InvalidArgumentError(f"this net needs cond['inpaint'] of shape {want}, got {got}")
+        return extra.to(x.dtype)
+
     def forward(
         self, x: Tensor, c_noise: Tensor, cond: Mapping[str, Tensor] | None = None
     ) -> Tensor:
@@ -301,6 +317,8 @@ class UNet(nn.Module):
         if context is not None:
             _check_context(context, x.shape[0], self.config.context_dim)
             mask = cond.get("context_mask")  # (B, L) bool or None
+        if self.inpaint_channels:
+            x = torch.cat([x, self._inpaint(cond, x)], dim=1)  # (B, in + inpaint_channels, H, W)
         h = self.conv_in(x)  # (B, base, H, W)
         if slot_map is not None:
             h = h + slot_map.to(h.dtype)  # (B, base, H, W): each slot's embedding over its cell

@@ -396,7 +396,12 @@ class RegistrySource:
             "name": self.name,
             "revision": self.revision,
             "serving": [
-                {"role": role, "registry_version": registry_version(v), "version": v.id}
+                {
+                    "role": role,
+                    "registry_version": registry_version(v),
+                    "version": v.id,
+                    "adapters": [a.describe() for a in v.model.adapters.values()],
+                }
                 for role, v in router.versions()
             ],
             "canary_share": router.canary_share,

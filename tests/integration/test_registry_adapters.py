@@ -220,6 +220,9 @@ def test_serving_a_base_with_its_registry_adapters(tmp_path, bases, adapters):
             push_adapter(registry, adapters["thick2"], NAME, 1, name="thin")
             await source.sync()
             assert set(roles["production"].model.adapters) == {"thick", "thin"}
+            status = source.status()["serving"]
+            assert [a["name"] for a in status[0]["adapters"]] == ["thick", "thin"]
+            assert [a["name"] for a in status[1]["adapters"]] == ["other"]
             assert "install" in [e["event"] for e in source.events]
 
     try:

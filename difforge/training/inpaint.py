@@ -14,6 +14,7 @@ spec holds the base's keys plus the masked_image key. `difforge train-inpaint` i
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,13 @@ def train_inpaint(
         "dataset": config.dataset if isinstance(config.dataset, str) else "(dict)",
         "dataset_hash": data.content_hash,
         "steps": steps,
+        "step": steps,  # the key `difforge info` reads
+        "images_seen": steps * config.batch_size,
         "final_loss": loss,
         "train_seconds": round(seconds, 1),
         "training": config.model_dump(mode="json"),
         "code_version": code_version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     denoiser_config = model_config.model_copy(update={"name": config.name})
     pipeline = {

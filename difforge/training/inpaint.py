@@ -14,8 +14,8 @@ spec holds the base's keys plus the masked_image key. `difforge train-inpaint` i
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 

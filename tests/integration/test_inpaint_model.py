@@ -87,3 +87,15 @@ def test_cli_train_inpaint_refuses_in_one_line(inpaint_dir, tmp_path):
     )
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: tiny-inpaint already takes a masked image"
+
+
+def test_the_shipped_mnist_inpaint_model_loads_and_keeps_the_known_half():
+    from difforge.data.mnist import load_mnist
+
+    model = load("models/mnist-inpaint")
+    assert model.spec.names == ("labels", "inpaint") and model.net.inpaint_channels == 2
+    digit = load_mnist("test").images[0]  # (1, 28, 28) uint8
+    mask = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    mask[:, 14:] = 255
+    out = model.sample(labels=[None], seed=0, steps=2, init_image=digit, mask=mask, guidance=1.0)
+    assert torch.equal(out.images[0, :, :14], digit[:, :14])

@@ -4,6 +4,7 @@ spec adds the masked_image key; the library, HTTP and CLI take it through init_i
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -75,6 +76,8 @@ def test_http_inpaints_with_the_conditioned_model(inpaint_dir):
             assert r.json()["images"][0]["conditioning"]["inpaint"] == "init_image*mask"
             for px in pixels(r.json()).values():  # the kept left half, to the byte
                 assert np.array_equal(px[:, :4], INIT[0, :, :4].numpy())
+            doc = await c.get("/openapi.json")  # the body schema names the key's one value
+            assert doc.status_code == 200 and "init_image*mask" in json.dumps(doc.json())
             direct = await c.post("/v1/generate", json={**body, "inpaint": [[0.5]]})
             assert direct.status_code == 422 and "set from init_image and mask" in direct.text
 

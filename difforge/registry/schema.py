@@ -182,7 +182,7 @@ def _create_schema(engine: Engine) -> None:
         complete = found is not None and inspect(conn).has_table(adapter_versions.name)
     if found == SCHEMA_VERSION and complete:
         return  # the common case: no DDL, no lock
-    if found is not None:
+    if found is not None and found != SCHEMA_VERSION:
         raise RegistryError(
             f"this registry has schema version {found}; this difforge reads {SCHEMA_VERSION}"
         )

@@ -102,3 +102,21 @@ def test_the_shipped_mnist_inpaint_model_loads_and_keeps_the_known_half():
     mask[:, 14:] = 255
     out = model.sample(labels=[None], seed=0, steps=2, init_image=digit, mask=mask, guidance=1.0)
     assert torch.equal(out.images[0, :, :14], digit[:, :14])
+
+
+def test_cli_sample_inpaints_with_the_conditioned_model(inpaint_dir, tmp_path):
+    from difforge.common.png import png_bytes, png_pixels, png_text
+    from difforge.pipeline.editing import pixels_sha256
+
+    (tmp_path / "in.png").write_bytes(png_bytes(INIT))
+    (tmp_path / "mask.png").write_bytes(png_bytes(LOWER))
+    args = ["sample", "--model", str(inpaint_dir), "--labels", "3", "--init-image",
+            str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "2",
+            "--seed", "1", "--out", str(tmp_path / "out.png")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = (tmp_path / "out.png").read_bytes()
+    assert png_pixels(data).ndim == 3  # a captioned grid
+    text = png_text(data)
+    assert json.loads(text["edit"])["mask_sha256"] == [pixels_sha256(LOWER)]
+    assert "init_image*mask" in text["conditioning"], text

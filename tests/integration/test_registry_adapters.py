@@ -229,3 +229,18 @@ def test_serving_a_base_with_its_registry_adapters(tmp_path, bases, adapters):
         asyncio.run(scenario())
     finally:
         registry.close()
+
+
+def test_a_registry_made_before_adapters_gets_the_table_when_opened(tmp_path, bases, adapters):
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = Registry(url, tmp_path / "artifacts", actor="test")
+    old.register(bases[0], NAME)
+    with old.engine.begin() as conn:
+        conn.execute(text("DROP TABLE adapter_versions"))  # as a registry from before this table
+    old.close()
+    again = Registry(url, tmp_path / "artifacts", actor="test")
+    try:
+        assert push_adapter(again, adapters["thick"], NAME, 1).created
+        assert again.verify().ok and again.get(NAME, 1).version == 1
+    finally:
+        again.close()

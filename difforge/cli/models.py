@@ -191,6 +191,12 @@ def sample_command(
     ),
     adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder to apply."),
     adapter_scale: float = typer.Option(1.0, "--adapter-scale", help="Scale of its update."),
+    filters: list[str] | None = typer.Option(
+        None,
+        "--filter",
+        help="Output filter (quality, policy, or a JSON list of {name, options}): decisions "
+        "printed and kept in the PNG's text (repeatable).",
+    ),
 ) -> None:
     """Sample an image grid from a model, with provenance in the PNG's text chunks.
 
@@ -221,6 +227,10 @@ def sample_command(
         samples = generate_chunked(m, resolve(m, request), batch_size, world=world)
     if not world.is_main:
         return
+    if filters:
+        from difforge.cli.filtering import sample_with_filters
+
+        return sample_with_filters(m, samples, filters, out)
     path = save_samples_png(m, samples, out)
     typer.echo(
         f"wrote {path}: {len(samples.seeds)} images, {samples.sampler} {samples.steps} steps, "

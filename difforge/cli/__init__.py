@@ -7,6 +7,7 @@ from difforge.cli import (  # noqa: F401  (they register)
     drift,
     evaluate,
     export,
+    inpaint,
     models,
     registry,
     review,

@@ -23,6 +23,10 @@ cond is None or a mapping with optional
              (bilinear) and concatenated to x before conv_in; the level is embedded and added to
              the noise embedding (Ho et al. 2022, "Cascaded Diffusion Models", Sec. 4.2).
              Missing means the null (zeros, level -1).
+  "inpaint": (B, inpaint_channels, H, W) float, extra input channels concatenated to x before
+             conv_in (an inpainting model's mask and known pixels, Rombach et al. 2022, Sec. 4.5);
+             required when inpaint_channels > 0. Its meaning is the conditioning spec's
+             (difforge.pipeline.conditioning.MaskedImageKey), not the net's.
 """
 
 from __future__ import annotations
@@ -153,8 +157,10 @@ class UNetConfig(LevelsConfig):
     slot_classes: int = 0  # tokens a slot can hold (classes + "empty"); the null is one more
     # channels of a low-resolution conditioning image (super-resolution); 0 = none
     low_res_channels: int = 0
+    inpaint_channels: int = 0  # extra input channels from cond["inpaint"]; 0 = none
 
     def _check_slots(self) -> None:
+        _check_int("inpaint_channels", self.inpaint_channels, minimum=0)
         _check_int("slot_grid", self.slot_grid, minimum=0)
         _check_int("slot_classes", self.slot_classes, minimum=0)
         if bool(self.slot_grid) != bool(self.slot_classes):
@@ -212,7 +218,8 @@ class UNet(nn.Module):
         self.low_res = getattr(cfg, "low_res_channels", 0)
         # the augmentation level of the low-res image, embedded like the noise level
         self.level_embed = NoiseEmbedding(cfg.base_channels, emb_dim) if self.low_res else None
-        in_ch = cfg.in_channels + self.low_res
+        self.inpaint_channels = getattr(cfg, "inpaint_channels", 0)
+        in_ch = cfg.in_channels + self.low_res + self.inpaint_channels
         self.conv_in = conv_nd(self.dims, in_ch, cfg.base_channels, 3, padding=1)
         self.down, skip_channels = self._build_encoder(emb_dim)
         ch, bottom = skip_channels[-1], cfg.resolutions[-1]  # the encoder's output
@@ -298,6 +305,14 @@ class UNet(nn.Module):
             )
         return slots.long()
 
+    def _inpaint(self, cond: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:
+        extra = None if cond is None else cond.get("inpaint")
+        want = (x.shape[0], self.inpaint_channels, *x.shape[2:])
+        if extra is None or tuple(extra.shape) != want:
+            got = None if extra is None else tuple(extra.shape)
+            raise InvalidArgumentError(f"this net needs cond['inpaint'] of shape {want}, got {got}")
+        return extra.to(x.dtype)
+
     def forward(
         self, x: Tensor, c_noise: Tensor, cond: Mapping[str, Tensor] | None = None
     ) -> Tensor:
@@ -318,6 +333,8 @@ class UNet(nn.Module):
             low, level = self._low_res(cond, x)  # (B, c, H, W), (B,)
             emb = emb + self.level_embed(level).to(x.dtype)
             x = torch.cat([x, low.to(x.dtype)], dim=1)  # (B, in + c, H, W)
+        if self.inpaint_channels:
+            x = torch.cat([x, self._inpaint(cond, x)], dim=1)  # (B, in + inpaint_channels, H, W)
         h = self.conv_in(x)  # (B, base, H, W)
         if slot_map is not None:
             h = h + slot_map.to(h.dtype)  # (B, base, H, W): each slot's embedding over its cell

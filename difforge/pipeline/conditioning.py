@@ -13,9 +13,11 @@ A *row* is the resolved conditioning of one image: {key: tensor without a batch 
 Kinds today: "class" (an integer class with a learned null class), "slots" (a class per
 slot with an empty token, e.g. the quadrants of a scene), "text" (a prompt as
 token ids; the null value is the empty prompt; a key may also take a negative prompt, which
-replaces the null value in the unconditional branch of guidance) and "low_res" (a
-low-resolution image for super-resolution, with conditioning augmentation). New kinds (attribute vectors,
-init images and masks) are new members of `CondKey`, not edits elsewhere.
+replaces the null value in the unconditional branch of guidance), "low_res" (a
+low-resolution image for super-resolution, with conditioning augmentation) and "masked_image"
+(the mask and the known pixels of an inpainting request as extra input channels, filled from the
+request's init image and mask by `fill_from_edit`). New kinds (attribute vectors, ...) are new
+members of `CondKey`, not edits elsewhere.
 """
 
 from __future__ import annotations
@@ -413,7 +415,103 @@ class LowResKey(_Frozen):
         return torch.cat([image, values[:, c:]], dim=1)
 
 
-CondKey = Annotated[ClassKey | SlotsKey | TextKey | LowResKey, Field(discriminator="kind")]
+MaskShape = Literal["half", "rectangle", "strokes"]
+
+
+class MaskedImageKey(_Frozen):
+    """What an inpainting request knows, as extra input channels of the net (the recipe of
+    Rombach et al. 2022's inpainting model): float32 (1 + C, H, W), channel 0 the mask (1 =
+    generate, 0 = keep), then the image in [-1, 1] where it is kept and 0 where it is generated.
+
+    Request value: none of its own. `fill_from_edit` builds the row from the request's
+    `init_image` and `mask` (difforge.pipeline.editing); absent, the row is the null value:
+    nothing known (mask 1, image 0), i.e. plain generation. The row stays in guidance's
+    unconditional branch (guidance then contrasts the other keys, as the known pixels are the
+    same in both). Pixel models only: a latent model would need the mask on the latent grid
+    (editing.latent_mask) and the encoded masked image.
+
+    Training: `drop` draws one mask per image from `masks` (a random half, a rectangle of a
+    quarter to three quarters of each side, or 1-4 brush strokes of 1-3 px radius) with the
+    loop's generator, and makes `dropout` of the rows null.
+    """
+
+    kind: Literal["masked_image"] = "masked_image"
+    name: str = "inpaint"  # the network's cond key (no request field: it comes from an edit)
+    image_shape: tuple[int, int, int]  # (C, H, W) of the images
+    masks: tuple[MaskShape, ...] = ("half", "rectangle", "strokes")
+    dropout: float = Field(0.1, ge=0, le=1)  # training: P(row -> null, nothing known)
+    source: str = "images"  # training: the batch's clean images in [-1, 1]
+
+    @property
+    def channels(self) -> int:
+        return 1 + self.image_shape[0]
+
+    def null_row(self) -> Tensor:
+        _, h, w = self.image_shape
+        return torch.cat([torch.ones(1, h, w), torch.zeros(self.image_shape)])
+
+    def row(self, image: Tensor, mask: Tensor) -> Tensor:
+        """One image (C, H, W) in [-1, 1] and its mask (1, H, W) in {0, 1} -> (1 + C, H, W)."""
+        return torch.cat([mask, image * (1 - mask)]).float()
+
+    def resolve(self, value: Any, n: int) -> list[Tensor]:
+        if value is not None and value != "init_image*mask":
+            raise FieldProblem((self.name,), "is set from init_image and mask, not directly")
+        return [self.null_row()] * n
+
+    def images(self, value: Any) -> int | None:
+        return None
+
+    def describe_row(self, row: Tensor) -> str | None:
+        return None if bool((row[0] == 1).all()) else "init_image*mask"
+
+    def caption(self, row: Tensor) -> str:
+        return "" if self.describe_row(row) is None else "(inpainted)"
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return batch[self.source]  # (B, C, H, W) in [-1, 1]
+
+    def drop(self, values: Tensor, generator: torch.Generator) -> Tensor:
+        """Training rows of images (B, C, H, W): a random mask each, `dropout` of them null."""
+        masks = torch.stack(
+            [random_mask(self.masks, self.image_shape[1:], generator) for _ in values]
+        )
+        rows = torch.cat([masks, values * (1 - masks)], dim=1)  # (B, 1 + C, H, W)
+        drop = torch.rand(values.shape[0], generator=generator) < self.dropout  # (B,)
+        return torch.where(drop[:, None, None, None], self.null_row()[None], rows)
+
+
+def random_mask(shapes: Sequence[str], hw: Sequence[int], g: torch.Generator) -> Tensor:
+    """One training mask (1, H, W) in {0, 1} (1 = generate) of a shape drawn from `shapes`."""
+    h, w = hw
+    shape = shapes[int(torch.randint(len(shapes), (1,), generator=g))]
+    m = torch.zeros(1, h, w)
+    if shape == "half":
+        side = int(torch.randint(4, (1,), generator=g))  # lower, upper, left, right
+        (m[:, h // 2 :], m[:, : h // 2], m[..., : w // 2], m[..., w // 2 :])[side].fill_(1)
+    elif shape == "rectangle":
+        rh, rw = (int(torch.randint(s // 4, 3 * s // 4 + 1, (1,), generator=g)) for s in (h, w))
+        y, x = (
+            int(torch.randint(h - rh + 1, (1,), generator=g)),
+            int(torch.randint(w - rw + 1, (1,), generator=g)),
+        )
+        m[:, y : y + rh, x : x + rw] = 1
+    else:  # brush strokes: random walks of a disc
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            r = 1 + 2 * float(torch.rand(1, generator=g))
+            p = torch.rand(2, generator=g) * torch.tensor([h, w])
+            step = (torch.rand(2, generator=g) - 0.5) * 4
+            for _ in range(int(torch.randint(4, 12, (1,), generator=g))):
+                m[0][(yy - p[0]) ** 2 + (xx - p[1]) ** 2 <= r * r] = 1
+                step = step + (torch.rand(2, generator=g) - 0.5) * 2
+                p = p + step
+    return m
+
+
+CondKey = Annotated[
+    ClassKey | SlotsKey | TextKey | LowResKey | MaskedImageKey, Field(discriminator="kind")
+]
 
 
 class ConditioningSpec(_Frozen):
@@ -503,6 +601,24 @@ class ConditioningSpec(_Frozen):
             for row, v in zip(rows, self.key(name).resolve(value, n, field=f), strict=True):
                 row[name] = v
         return rows
+
+    def fill_from_edit(
+        self, rows: list[Row], uncond: list[Row] | None, images: Sequence[Tensor], masks
+    ) -> tuple[list[Row], list[Row] | None]:
+        """Rows (and guidance's unconditional rows) with each masked_image key built from the
+        request's init images (C, H, W) in [-1, 1] and masks (1, H, W) in {0, 1}, per image;
+        unchanged when the spec has no such key or the edit has no mask."""
+        keys = [k for k in self.keys if k.kind == "masked_image"]
+        if not keys or masks is None:
+            return rows, uncond
+        filled = [
+            {**r, **{k.name: k.row(x, m) for k in keys}}
+            for r, x, m in zip(rows, images, masks, strict=True)
+        ]
+        base = uncond or [self.null_row() for _ in rows]  # the known pixels stay in both
+        return filled, [
+            {**u, **{k.name: f[k.name] for k in keys}} for u, f in zip(base, filled, strict=True)
+        ]
 
     def collate(self, rows: Sequence[Row]) -> dict[str, Tensor] | None:
         """Stack rows into the batched cond of a denoiser call (None for no keys)."""

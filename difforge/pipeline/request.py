@@ -359,6 +359,9 @@ def resolve(
         )
     if problems:
         raise RequestInvalid(problems)
+    if edit is not None and edit.settings.inpaint:  # a masked_image key reads the edit
+        images, masks = [r.image for r in edit.rows], [r.mask for r in edit.rows]
+        rows, uncond_rows = model.spec.fill_from_edit(rows, uncond_rows, images, masks)
     described = [model.spec.describe(r) for r in rows]
     conditioning = {k: [d[k] for d in described] for k in model.spec.names}
     for field, name in model.spec.negative_fields.items() if uncond_rows else ():

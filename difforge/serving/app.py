@@ -476,7 +476,10 @@ def serve(
     source = None
     if registry is not None:
         if adapters:
-            raise InvalidArgumentError("--adapter serves beside --model, not --registry")
+            raise InvalidArgumentError(
+                "--adapter serves beside --model; with --registry, push adapters to the "
+                "registry (difforge registry push-adapter) and they are served with their base"
+            )
         service, source = open_service(registry, name or "", config, artifacts)
     else:
         service = build_service(model_path or "", config, adapters)

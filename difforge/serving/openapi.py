@@ -82,11 +82,18 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _conditioning_schema(key, max_n: int) -> dict[str, Any]:
-    """A conditioning key's request value (kinds: "class", "low_res")."""
+    """A conditioning key's request value (kinds: "class", "low_res"; "masked_image": set from
+    an edit)."""
     if key.kind == "low_res":
         from difforge.serving.upscale import image_schema
 
         return image_schema(key, max_n)
+    if key.kind == "masked_image":  # filled from init_image and mask (pipeline.conditioning)
+        return {
+            "anyOf": [{"const": "init_image*mask"}, {"type": "null"}],
+            "default": None,
+            "description": "set from init_image and mask; responses report 'init_image*mask'",
+        }
     cls = {"type": "integer", "minimum": 0, "maximum": key.num_classes - 1}
     each = {"anyOf": [cls, {"type": "null"}]}  # None: the null class (unconditional)
     per_image = {"type": "array", "items": each, "minItems": 1, "maxItems": max_n}

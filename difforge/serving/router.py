@@ -118,11 +118,15 @@ class ModelRouter:
                 out.append(("canary", self._canary))
             return out
 
-    def route(self, routing_key: str) -> tuple[Role, ModelVersion]:
-        """The version for a request with this routing key."""
+    def route(self, routing_key: str, adapter: str | None = None) -> tuple[Role, ModelVersion]:
+        """The version for a request with this routing key (and LoRA adapter, if it names one).
+
+        Each version serves its own adapters (an adapter is tied to one base); a request naming
+        an adapter the canary does not hold stays on production, which the resolver checked."""
         with self._lock:
             prod, canary, share = self._production, self._canary, self._share
-        if canary is not None and routing_fraction(routing_key) < share:
+        has = canary is not None and (adapter is None or adapter in canary.model.adapters)
+        if has and routing_fraction(routing_key) < share:
             return "canary", canary
         return "production", prod
 

@@ -332,7 +332,7 @@ class Service:
         if not self.ready:
             raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
-        role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
+        role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}", plan.adapter)
         choice = self.fallback.choose(req, plan, self._resolve, self.engine.depth)
         if choice.version is not None:  # the cheap route is the fast model
             role, version = "fast", choice.version

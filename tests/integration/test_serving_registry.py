@@ -403,7 +403,7 @@ def test_a_tampered_canary_is_refused_and_production_keeps_serving(reg, folders)
             status = (await c.get("/v1/admin/registry")).json()
             assert "refusing to load" in status["problems"]["canary"]
             assert status["serving"] == [
-                {"role": "production", "registry_version": 1, "version": prod}
+                {"role": "production", "registry_version": 1, "version": prod, "adapters": []}
             ]
             metrics = (await c.get("/metrics")).text
             assert 'difforge_registry_events_total{event="load_failed"} 1.0' in metrics

@@ -16,8 +16,13 @@ seam visibility (mean squared pixel step across the mask border, over the real d
 step: 1 = as smooth as real digits; a pasted half of another digit of the same class is the
 control), and the number of images whose known region is unchanged to the byte.
 
-Writes results/editing.json, results/editing.png and a RESULTS.md row. `--quick`: n = 20 and
-5 steps, to check the plumbing.
+A mask-conditioned inpainting model (`difforge train-inpaint`, e.g. models/mnist-inpaint) runs
+through the same requests (`--model models/mnist-inpaint --only inpaint`): its spec's
+masked_image key turns the request's init image and mask into extra input channels, and the
+known region is re-imposed as for RePaint, so the rows are comparable at the same n and seeds.
+
+Writes results/editing.json (editing_<model>.json for a model other than mnist-cond),
+results/editing.png and a RESULTS.md row. `--quick`: n = 20 and 5 steps, to check the plumbing.
 """
 
 from __future__ import annotations
@@ -227,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             model, extractor, data, n, steps, resample, args.inpaint_sampler, args.true_labels
         )
     stem = "editing_quick" if args.quick else "editing"
+    stem += "" if model.name == "mnist-cond" else f"_{model.name}"
     stem += "" if args.only == "all" else f"_{args.only}"
     stem += "" if args.inpaint_sampler is None else f"_{args.inpaint_sampler}"
     stem += "_true_labels" if args.true_labels else ""

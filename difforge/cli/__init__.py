@@ -5,13 +5,16 @@ from difforge.cli import (  # noqa: F401  (they register)
     adapters,
     data,
     distill,
+    drift,
     evaluate,
     export,
+    inpaint,
     models,
     registry,
     review,
     serve,
     signals,
+    upscale,
     vae,
 )
 from difforge.cli.app import app, fail, friendly_errors, main

@@ -237,3 +237,44 @@ def registry_report(
     s = _open_registry(ctx).attach_report(name, version, path)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in s.metrics.items())
     typer.echo(f"attached report to {name} {version}: {shown}")
+
+
+@registry_command
+def registry_push_adapter(
+    ctx: typer.Context,
+    path: str = typer.Argument(..., help="Adapter folder (difforge train-lora's output)."),
+    base: str = typer.Option(..., "--base", help="The registered base model's name."),
+    base_version: str = typer.Option(
+        "latest", "--base-version", help="The base version (3, v3), 'latest' or an alias."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Name requests use [default: its own]."),
+    scale: float = typer.Option(1.0, "--scale", help="The scale serving applies it at."),
+) -> None:
+    """Store a LoRA adapter as a version tied to a base version (refused on another base)."""
+    from difforge.registry.adapters import push_adapter
+
+    r = push_adapter(_open_registry(ctx), path, base, base_version, name=name, scale=scale)
+    state = "pushed" if r.created else "already pushed as"
+    typer.echo(f"{state} {r.info.ref} (sha256 {r.info.sha256[:12]}..., scale {r.info.scale:g})")
+
+
+@registry_command
+def registry_adapters(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The base model's name."),
+    version: str | None = typer.Argument(None, help="One base version; omit for all."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the adapter versions of a base model (serving attaches the latest of each name)."""
+    from difforge.registry.adapters import list_adapters
+
+    found = list_adapters(_open_registry(ctx), name, version)
+    if as_json:
+        return _echo_json([a.to_dict() for a in found])
+    if not found:
+        typer.echo(f"no adapters for {name}" + (f" {version}" if version else ""))
+    for a in found:
+        typer.echo(
+            f"{a.ref}\t{a.created_at[:19]}\t{a.sha256[:12]}\trank {a.rank}\tscale {a.scale:g}"
+        )
+    return None

@@ -25,7 +25,8 @@ def serve_command(
     config: str | None = typer.Option(
         None,
         "--config",
-        help="Service config JSON (limits, queue, keys, audit db, registry, output filters).",
+        help="Service config JSON (limits, queue, keys, audit db, registry, result cache, output "
+        "filters, drift monitor, breaker).",
     ),
     adapter: list[str] | None = typer.Option(
         None,
@@ -34,6 +35,12 @@ def serve_command(
     ),
     fast: str | None = typer.Option(
         None, "--fast", help='A distilled student of --model, answering route: "fast" requests.'
+    ),
+    fast_model: str | None = typer.Option(
+        None,
+        "--fast-model",
+        help="Model folder (e.g. a distilled student) that answers degradable requests while the "
+        "circuit breaker is open (config: breaker).",
     ),
 ) -> None:
     """Serve a model over HTTP: POST /v1/generate, /v1/models, /metrics, health, a web page.
@@ -49,6 +56,8 @@ def serve_command(
         given["adapters"] = [_adapter_spec(a) for a in adapter]
     if fast:
         given["fast"] = fast
+    if fast_model:
+        given["fast_model"] = fast_model
     serve(model, host=host, port=port, config_path=config, **given)
 
 

@@ -12,6 +12,12 @@ from difforge.data.dataset import DatasetError, ImageDataset, PointDataset
 from difforge.data.folder import COLOR_MODES, load_image_folder
 from difforge.data.hashing import content_hash
 from difforge.data.mnist import DatasetUnavailableError, load_mnist
+from difforge.data.resolution import (
+    SuperResolutionDataset,
+    downsample,
+    load_downsampled,
+    load_super_resolution,
+)
 from difforge.data.scenes import SceneDataset, load_scenes
 from difforge.data.timeseries import SeriesDataset, load_sines, load_ucr, ucr_names
 from difforge.data.toy import TOY_NAMES, GaussianMixture, eight_gaussians, load_toy
@@ -25,6 +31,8 @@ _LOADERS: dict[str, Callable[..., ImageDataset | PointDataset | SeriesDataset]] 
     "ucr": load_ucr,
     "sines": load_sines,
     "mnist_captions": load_mnist_captions,
+    "downsampled": load_downsampled,
+    "super_resolution": load_super_resolution,
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -91,14 +99,18 @@ __all__ = [
     "PointDataset",
     "SceneDataset",
     "SeriesDataset",
+    "SuperResolutionDataset",
     "content_hash",
+    "downsample",
     "eight_gaussians",
     "load_dataset",
+    "load_downsampled",
     "load_image_folder",
     "load_mnist",
     "load_mnist_captions",
     "load_scenes",
     "load_sines",
+    "load_super_resolution",
     "load_toy",
     "load_ucr",
     "ucr_names",

@@ -17,6 +17,16 @@ cond is None or a mapping with optional
   "context_mask": (B, L) bool, True for real tokens (padding is not attended to); optional.
   "pooled":  (B, context_dim) float, a pooled text vector added to the noise embedding (GLIDE,
              Nichol et al. 2022, Sec. 2.3); optional.
+  "low_res": (B, low_res_channels + 1, h, w) float: a low-resolution image (the first channels,
+             in [-1, 1], noise-augmented) and its augmentation level (the last channel, constant
+             per image; -1 = no image, the null of guidance). The image is upsampled to (H, W)
+             (bilinear) and concatenated to x before conv_in; the level is embedded and added to
+             the noise embedding (Ho et al. 2022, "Cascaded Diffusion Models", Sec. 4.2).
+             Missing means the null (zeros, level -1).
+  "inpaint": (B, inpaint_channels, H, W) float, extra input channels concatenated to x before
+             conv_in (an inpainting model's mask and known pixels, Rombach et al. 2022, Sec. 4.5);
+             required when inpaint_channels > 0. Its meaning is the conditioning spec's
+             (difforge.pipeline.conditioning.MaskedImageKey), not the net's.
   "guidance": (B,) float, the guidance scale w of a guidance-distilled student (Meng et al. 2023,
              "On Distillation of Guided Diffusion Models", Sec. 4.1), embedded like the noise
              level and added to the noise embedding; only when guidance_embed is set; missing
@@ -149,15 +159,20 @@ class UNetConfig(LevelsConfig):
     emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
     slot_grid: int = 0  # side of the slot layout (2: four quadrants); 0 = no slot conditioning
     slot_classes: int = 0  # tokens a slot can hold (classes + "empty"); the null is one more
+    # channels of a low-resolution conditioning image (super-resolution); 0 = none
+    low_res_channels: int = 0
+    inpaint_channels: int = 0  # extra input channels from cond["inpaint"]; 0 = none
     # a guidance-scale input (cond["guidance"]) for a guidance-distilled student; its embedding's
     # last layer starts at zero, so a student made from a teacher starts as the teacher
     guidance_embed: bool = False
 
     def _check_slots(self) -> None:
+        _check_int("inpaint_channels", self.inpaint_channels, minimum=0)
         _check_int("slot_grid", self.slot_grid, minimum=0)
         _check_int("slot_classes", self.slot_classes, minimum=0)
         if bool(self.slot_grid) != bool(self.slot_classes):
             raise InvalidArgumentError("slot_grid and slot_classes must both be 0 or both >= 1")
+        _check_int("low_res_channels", self.low_res_channels, minimum=0)
         if self.slot_grid and self.image_size % self.slot_grid:
             raise InvalidArgumentError(
                 f"image_size {self.image_size} is not divisible by slot_grid {self.slot_grid}"
@@ -207,11 +222,16 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         self.slot_embed = SlotEmbedding(cfg, emb_dim) if getattr(cfg, "slot_grid", 0) else None
         self.pooled_embed = nn.Linear(cfg.context_dim, emb_dim) if cfg.context_dim else None
+        self.low_res = getattr(cfg, "low_res_channels", 0)
+        # the augmentation level of the low-res image, embedded like the noise level
+        self.level_embed = NoiseEmbedding(cfg.base_channels, emb_dim) if self.low_res else None
+        self.inpaint_channels = getattr(cfg, "inpaint_channels", 0)
+        in_ch = cfg.in_channels + self.low_res + self.inpaint_channels
         self.guidance_embed = None
         if getattr(cfg, "guidance_embed", False):
             self.guidance_embed = NoiseEmbedding(cfg.base_channels, emb_dim)
             zero_module(self.guidance_embed.mlp[-1])
-        self.conv_in = conv_nd(self.dims, cfg.in_channels, cfg.base_channels, 3, padding=1)
+        self.conv_in = conv_nd(self.dims, in_ch, cfg.base_channels, 3, padding=1)
         self.down, skip_channels = self._build_encoder(emb_dim)
         ch, bottom = skip_channels[-1], cfg.resolutions[-1]  # the encoder's output
         self.mid = nn.ModuleList(
@@ -304,6 +324,14 @@ class UNet(nn.Module):
             )
         return slots.long()
 
+    def _inpaint(self, cond: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:
+        extra = None if cond is None else cond.get("inpaint")
+        want = (x.shape[0], self.inpaint_channels, *x.shape[2:])
+        if extra is None or tuple(extra.shape) != want:
+            got = None if extra is None else tuple(extra.shape)
+            raise InvalidArgumentError(f"this net needs cond['inpaint'] of shape {want}, got {got}")
+        return extra.to(x.dtype)
+
     def forward(
         self, x: Tensor, c_noise: Tensor, cond: Mapping[str, Tensor] | None = None
     ) -> Tensor:
@@ -320,6 +348,12 @@ class UNet(nn.Module):
         if context is not None:
             _check_context(context, x.shape[0], self.config.context_dim)
             mask = cond.get("context_mask")  # (B, L) bool or None
+        if self.level_embed is not None:
+            low, level = self._low_res(cond, x)  # (B, c, H, W), (B,)
+            emb = emb + self.level_embed(level).to(x.dtype)
+            x = torch.cat([x, low.to(x.dtype)], dim=1)  # (B, in + c, H, W)
+        if self.inpaint_channels:
+            x = torch.cat([x, self._inpaint(cond, x)], dim=1)  # (B, in + inpaint_channels, H, W)
         h = self.conv_in(x)  # (B, base, H, W)
         if slot_map is not None:
             h = h + slot_map.to(h.dtype)  # (B, base, H, W): each slot's embedding over its cell
@@ -337,6 +371,22 @@ class UNet(nn.Module):
             else:
                 h = block(h)
         return self.conv_out(nn.functional.silu(self.norm_out(h)))  # (B, out_channels, H, W)
+
+    def _low_res(self, cond: Mapping[str, Tensor] | None, x: Tensor) -> tuple[Tensor, Tensor]:
+        """cond["low_res"] -> (image upsampled to x's size (B, c, H, W), level (B,))."""
+        b, c = x.shape[0], self.low_res
+        low = None if cond is None else cond.get("low_res")
+        if low is None:  # the null: no image
+            return x.new_zeros(b, c, *x.shape[2:]), x.new_full((b,), -1.0)
+        if low.ndim != 4 or low.shape[:2] != (b, c + 1) or not low.is_floating_point():
+            raise InvalidArgumentError(
+                f"low_res must be a float tensor ({b}, {c + 1}, h, w), got {low.dtype} "
+                f"{tuple(low.shape)}"
+            )
+        up = nn.functional.interpolate(
+            low[:, :c].float(), size=tuple(x.shape[2:]), mode="bilinear", align_corners=False
+        )  # (B, c, H, W)
+        return up, low[:, c, 0, 0].float()  # level: the constant last channel
 
 
 class SlotEmbedding(nn.Module):

@@ -20,6 +20,7 @@ from difforge.pipeline.conditioning import (
     ClassKey,
     ConditioningSpec,
     FieldProblem,
+    LowResKey,
     SlotsKey,
     TextKey,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "ComponentRef",
     "ConditioningSpec",
     "FieldProblem",
+    "LowResKey",
     "Model",
     "ModelConfig",
     "ModelIntegrityError",

@@ -11,10 +11,13 @@ A *row* is the resolved conditioning of one image: {key: tensor without a batch 
 (key, dtype, shape) agree can share a sampler call.
 
 Kinds today: "class" (an integer class with a learned null class), "slots" (a class per
-slot with an empty token, e.g. the quadrants of a scene) and "text" (a prompt as
+slot with an empty token, e.g. the quadrants of a scene), "text" (a prompt as
 token ids; the null value is the empty prompt; a key may also take a negative prompt, which
-replaces the null value in the unconditional branch of guidance). New kinds (attribute vectors,
-init images and masks) are new members of `CondKey`, not edits elsewhere.
+replaces the null value in the unconditional branch of guidance), "low_res" (a
+low-resolution image for super-resolution, with conditioning augmentation) and "masked_image"
+(the mask and the known pixels of an inpainting request as extra input channels, filled from the
+request's init image and mask by `fill_from_edit`). New kinds (attribute vectors, ...) are new
+members of `CondKey`, not edits elsewhere.
 """
 
 from __future__ import annotations
@@ -300,7 +303,215 @@ class TextKey(_Frozen):
         return torch.where(drop[:, None], self.null_row()[None], values)  # (B, max_tokens)
 
 
-CondKey = Annotated[ClassKey | SlotsKey | TextKey, Field(discriminator="kind")]
+class LowResKey(_Frozen):
+    """A low-resolution image per image: the input of a super-resolution model (Ho et al. 2022,
+    "Cascaded Diffusion Models"), with Gaussian conditioning augmentation (their Sec. 4.2).
+
+    Request value: a uint8 tensor (C, size, size) or PNG bytes / base64 PNG text (one for all
+    images), a batched uint8 tensor (n, C, size, size), or a list of one per image (None: the null,
+    no image). No default: it is required. Limits (encoded bytes, size) are checked before
+    decoding (difforge.pipeline.editing's PNG plumbing).
+
+    A row is float32 (C + 1, size, size): the clean image in [-1, 1] and a constant channel with
+    the augmentation level s (-1 for the null row). Noise is added when the image is used, never
+    in the row: training draws s ~ U[0, max_level] per image (`drop`), sampling uses the fixed
+    `level` with noise from each sample's own stream (`augment`): z = x_low + s * eps.
+    """
+
+    kind: Literal["low_res"] = "low_res"
+    name: str = "low_res"  # request field and the network's cond key
+    channels: int = Field(1, ge=1)
+    size: int = Field(ge=1)  # H = W of the low-resolution image
+    level: float = Field(0.1, ge=0)  # sampling: the augmentation std in data units ([-1, 1])
+    max_level: float = Field(0.5, ge=0)  # training: s ~ U[0, max_level]
+    dropout: float = Field(0.1, ge=0, le=1)  # training: P(image -> null)
+    source: str = "low_res"  # the data set's field of uint8 low-res images
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+    def null_row(self) -> Tensor:
+        row = torch.zeros(self.channels + 1, self.size, self.size)
+        row[-1] = -1.0  # no image
+        return row
+
+    def row(self, pixels: Tensor) -> Tensor:
+        """uint8 (C, size, size) -> the row (C + 1, size, size) at the sampling level."""
+        level = torch.full((1, self.size, self.size), float(self.level))
+        return torch.cat([pixels.float() / 127.5 - 1, level])
+
+    def check_size(self, value: Any, max_bytes: int | None, problems: list) -> None:
+        """Encoded inputs over `max_bytes` -> "too_large" problems (before anything is decoded)."""
+        values = value if isinstance(value, list) else [value]
+        for i, v in enumerate(values):
+            size = len(v) * 3 // 4 if isinstance(v, str) else len(v) if isinstance(v, bytes) else 0
+            if max_bytes is not None and size > max_bytes:
+                loc = (self.name, i) if isinstance(value, list) else (self.name,)
+                msg = f"is {size} bytes; the limit is {max_bytes}"
+                problems.append(FieldProblem(loc, msg, "too_large"))
+
+    def images(self, value: Any) -> int | None:
+        if isinstance(value, Tensor) and value.ndim == 4:
+            return value.shape[0]
+        return len(value) if isinstance(value, list) else None
+
+    def resolve(self, value: Any, n: int) -> list[Tensor]:
+        """The request value as n rows, or FieldProblem (the first bad image)."""
+        from difforge.pipeline.editing import _image
+
+        if value is None:  # no image: an unconditional draw (what dropout trained)
+            return [self.null_row()] * n
+        if isinstance(value, Tensor) and value.ndim == 4:
+            value = list(value)
+        values = value if isinstance(value, list) else [value]
+        if not values or len(values) not in (1, n):
+            raise FieldProblem((self.name,), f"has {len(values)} entries for n = {n}", "length")
+        out, problems = [], []
+        for i, v in enumerate(values):
+            loc = (self.name, i) if isinstance(value, list) else (self.name,)
+            pixels = None if v is None else _image(v, loc, self.shape, None, problems)
+            if problems:
+                raise problems[0]
+            out.append(self.null_row() if v is None else self.row(pixels))
+        return out * (n if len(out) == 1 else 1)
+
+    def pixels(self, row: Tensor) -> Tensor:
+        """A row's clean image as uint8 (C, size, size) (exact: rows hold p / 127.5 - 1)."""
+        return ((row[:-1] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    def describe_row(self, row: Tensor) -> dict[str, Any] | None:
+        """The input by the sha256 of its uint8 pixels, and its augmentation level (None: the
+        null row)."""
+        from difforge.pipeline.editing import pixels_sha256
+
+        level = round(float(row[-1, 0, 0]), 6)  # float32 in the row
+        return None if level < 0 else {"sha256": pixels_sha256(self.pixels(row)), "level": level}
+
+    def caption(self, row: Tensor) -> str:
+        d = self.describe_row(row)
+        return "-" if d is None else f"x{d['sha256'][:8]}"
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        low = batch[self.source].float() / 127.5 - 1  # (B, C, h, w)
+        return torch.cat([low, torch.zeros_like(low[:, :1])], dim=1)  # level 0: clean
+
+    def drop(self, values: Tensor, generator: torch.Generator) -> Tensor:
+        """Training: augment each image at s ~ U[0, max_level] (Ho et al. 2022, Sec. 4.2), then
+        replace it by the null with probability `dropout` (Ho & Salimans, Alg. 1)."""
+        b, c = values.shape[0], self.channels
+        s = torch.rand(b, generator=generator) * self.max_level  # (B,)
+        eps = torch.randn(values[:, :c].shape, generator=generator)  # (B, C, h, w)
+        image = values[:, :c] + s[:, None, None, None] * eps
+        out = torch.cat([image, s[:, None, None, None].expand_as(values[:, c:])], dim=1)
+        drop = torch.rand(b, generator=generator) < self.dropout  # (B,)
+        return torch.where(drop[:, None, None, None], self.null_row()[None], out)
+
+    def augment(self, values: Tensor, noise) -> Tensor:
+        """Sampling: z = x_low + s * eps for every non-null row, eps from `noise` (per sample)."""
+        c = self.channels
+        s = values[:, c, 0, 0].clamp(min=0)  # (B,); the null row (-1) is left as it is
+        image = values[:, :c] + s[:, None, None, None] * noise(values[:, :c])
+        return torch.cat([image, values[:, c:]], dim=1)
+
+
+MaskShape = Literal["half", "rectangle", "strokes"]
+
+
+class MaskedImageKey(_Frozen):
+    """What an inpainting request knows, as extra input channels of the net (the recipe of
+    Rombach et al. 2022's inpainting model): float32 (1 + C, H, W), channel 0 the mask (1 =
+    generate, 0 = keep), then the image in [-1, 1] where it is kept and 0 where it is generated.
+
+    Request value: none of its own. `fill_from_edit` builds the row from the request's
+    `init_image` and `mask` (difforge.pipeline.editing); absent, the row is the null value:
+    nothing known (mask 1, image 0), i.e. plain generation. The row stays in guidance's
+    unconditional branch (guidance then contrasts the other keys, as the known pixels are the
+    same in both). Pixel models only: a latent model would need the mask on the latent grid
+    (editing.latent_mask) and the encoded masked image.
+
+    Training: `drop` draws one mask per image from `masks` (a random half, a rectangle of a
+    quarter to three quarters of each side, or 1-4 brush strokes of 1-3 px radius) with the
+    loop's generator, and makes `dropout` of the rows null.
+    """
+
+    kind: Literal["masked_image"] = "masked_image"
+    name: str = "inpaint"  # the network's cond key (no request field: it comes from an edit)
+    image_shape: tuple[int, int, int]  # (C, H, W) of the images
+    masks: tuple[MaskShape, ...] = ("half", "rectangle", "strokes")
+    dropout: float = Field(0.1, ge=0, le=1)  # training: P(row -> null, nothing known)
+    source: str = "images"  # training: the batch's clean images in [-1, 1]
+
+    @property
+    def channels(self) -> int:
+        return 1 + self.image_shape[0]
+
+    def null_row(self) -> Tensor:
+        _, h, w = self.image_shape
+        return torch.cat([torch.ones(1, h, w), torch.zeros(self.image_shape)])
+
+    def row(self, image: Tensor, mask: Tensor) -> Tensor:
+        """One image (C, H, W) in [-1, 1] and its mask (1, H, W) in {0, 1} -> (1 + C, H, W)."""
+        return torch.cat([mask, image * (1 - mask)]).float()
+
+    def resolve(self, value: Any, n: int) -> list[Tensor]:
+        if value is not None and value != "init_image*mask":
+            raise FieldProblem((self.name,), "is set from init_image and mask, not directly")
+        return [self.null_row()] * n
+
+    def images(self, value: Any) -> int | None:
+        return None
+
+    def describe_row(self, row: Tensor) -> str | None:
+        return None if bool((row[0] == 1).all()) else "init_image*mask"
+
+    def caption(self, row: Tensor) -> str:
+        return "" if self.describe_row(row) is None else "(inpainted)"
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return batch[self.source]  # (B, C, H, W) in [-1, 1]
+
+    def drop(self, values: Tensor, generator: torch.Generator) -> Tensor:
+        """Training rows of images (B, C, H, W): a random mask each, `dropout` of them null."""
+        masks = torch.stack(
+            [random_mask(self.masks, self.image_shape[1:], generator) for _ in values]
+        )
+        rows = torch.cat([masks, values * (1 - masks)], dim=1)  # (B, 1 + C, H, W)
+        drop = torch.rand(values.shape[0], generator=generator) < self.dropout  # (B,)
+        return torch.where(drop[:, None, None, None], self.null_row()[None], rows)
+
+
+def random_mask(shapes: Sequence[str], hw: Sequence[int], g: torch.Generator) -> Tensor:
+    """One training mask (1, H, W) in {0, 1} (1 = generate) of a shape drawn from `shapes`."""
+    h, w = hw
+    shape = shapes[int(torch.randint(len(shapes), (1,), generator=g))]
+    m = torch.zeros(1, h, w)
+    if shape == "half":
+        side = int(torch.randint(4, (1,), generator=g))  # lower, upper, left, right
+        (m[:, h // 2 :], m[:, : h // 2], m[..., : w // 2], m[..., w // 2 :])[side].fill_(1)
+    elif shape == "rectangle":
+        rh, rw = (int(torch.randint(s // 4, 3 * s // 4 + 1, (1,), generator=g)) for s in (h, w))
+        y, x = (
+            int(torch.randint(h - rh + 1, (1,), generator=g)),
+            int(torch.randint(w - rw + 1, (1,), generator=g)),
+        )
+        m[:, y : y + rh, x : x + rw] = 1
+    else:  # brush strokes: random walks of a disc
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            r = 1 + 2 * float(torch.rand(1, generator=g))
+            p = torch.rand(2, generator=g) * torch.tensor([h, w])
+            step = (torch.rand(2, generator=g) - 0.5) * 4
+            for _ in range(int(torch.randint(4, 12, (1,), generator=g))):
+                m[0][(yy - p[0]) ** 2 + (xx - p[1]) ** 2 <= r * r] = 1
+                step = step + (torch.rand(2, generator=g) - 0.5) * 2
+                p = p + step
+    return m
+
+
+CondKey = Annotated[
+    ClassKey | SlotsKey | TextKey | LowResKey | MaskedImageKey, Field(discriminator="kind")
+]
 
 
 class ConditioningSpec(_Frozen):
@@ -391,6 +602,24 @@ class ConditioningSpec(_Frozen):
                 row[name] = v
         return rows
 
+    def fill_from_edit(
+        self, rows: list[Row], uncond: list[Row] | None, images: Sequence[Tensor], masks
+    ) -> tuple[list[Row], list[Row] | None]:
+        """Rows (and guidance's unconditional rows) with each masked_image key built from the
+        request's init images (C, H, W) in [-1, 1] and masks (1, H, W) in {0, 1}, per image;
+        unchanged when the spec has no such key or the edit has no mask."""
+        keys = [k for k in self.keys if k.kind == "masked_image"]
+        if not keys or masks is None:
+            return rows, uncond
+        filled = [
+            {**r, **{k.name: k.row(x, m) for k in keys}}
+            for r, x, m in zip(rows, images, masks, strict=True)
+        ]
+        base = uncond or [self.null_row() for _ in rows]  # the known pixels stay in both
+        return filled, [
+            {**u, **{k.name: f[k.name] for k in keys}} for u, f in zip(base, filled, strict=True)
+        ]
+
     def collate(self, rows: Sequence[Row]) -> dict[str, Tensor] | None:
         """Stack rows into the batched cond of a denoiser call (None for no keys)."""
         if not self.keys:
@@ -418,6 +647,19 @@ class ConditioningSpec(_Frozen):
         if cond is None:
             return None
         return {k.name: k.drop(cond[k.name], generator) for k in self.keys}
+
+    def augment(self, cond: Mapping[str, Tensor] | None, seeds: Sequence[int]):
+        """Sampling: the batched cond with each image key's conditioning augmentation, its noise
+        drawn from each sample's stream 2 (so it depends on that sample's seed only)."""
+        augmenting = [k for k in self.keys if hasattr(k, "augment")]
+        if cond is None or not augmenting:
+            return cond
+        from difforge.samplers.noise import PerSampleNoise
+
+        out = dict(cond)
+        for i, key in enumerate(augmenting):
+            out[key.name] = key.augment(cond[key.name], PerSampleNoise(seeds).stream(2 + i))
+        return out
 
 
 def signature(row: Row) -> Signature:

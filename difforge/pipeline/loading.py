@@ -32,6 +32,10 @@ def load(path: str | Path) -> Model:
     """
     folder = model_folder(path)
     files = verify_manifest(folder)
+    from difforge.pipeline.cascade import is_cascade, load_cascade
+
+    if PIPELINE_FILE in files and is_cascade(folder):  # base -> upsampler (pipeline/cascade.py)
+        return load_cascade(folder)
     if PIPELINE_FILE not in files:
         config = read_config(folder / CONFIG_FILE, ModelConfig)
         net = load_network(folder, config)

@@ -193,6 +193,12 @@ class Model:
         plan = resolve(self, {**request, **values, "options": knobs}, limits)
         return self.generate(plan, callback=callback)
 
+    def upscale(self, images: Any, **kwargs: Any) -> Samples:
+        """Super-resolve `images` with this upsampler (difforge.pipeline.upscale.upscale)."""
+        from difforge.pipeline.upscale import upscale
+
+        return upscale(self, images, **kwargs)
+
     def generate(self, plan: Plan, *, callback: Callable | None = None) -> Samples:
         """Run a resolved plan in one batched sampler call and decode the result to pixels."""
         x, nfe = self.sample_latents(plan.rows, plan, uncond=plan.uncond_rows, callback=callback)
@@ -240,7 +246,7 @@ class Model:
         seeds = plan.seeds if seeds is None else seeds
         edit = plan.edit if edit is None else edit
         editing = {} if edit is None else sample_arguments(self, edit, seeds)
-        cond = self.spec.collate(rows)
+        cond = self.spec.augment(self.spec.collate(rows), seeds)
         # a guidance-input student is the guided denoiser itself (Meng et al. 2023); getattr:
         # test fakes borrow this method
         if getattr(self, "guidance_input", False) and guided:

@@ -93,6 +93,9 @@ class SampleRequest(BaseModel):
     init_image_sha256: list[str] | None = None  # checks: the inputs must hash to these
     mask_sha256: list[str] | None = None
     adapter: str | None = None  # a LoRA adapter attached to the model (pipeline.adapters)
+    # services only: may a cheaper route answer under load (difforge.serving.fallback)? None: the
+    # service's policy decides; never part of a Plan (the plan says what was computed)
+    allow_degraded: StrictBool | None = None
     # services only: "fast" asks for the distilled student served beside production
     route: Literal["default", "fast"] | None = None
 
@@ -229,6 +232,12 @@ def _texts_fit(values: dict[str, Any], limit: int | None, problems: list) -> Non
                 problems.append(FieldProblem(loc, msg, "text"))
 
 
+def _images_fit(spec, values: dict[str, Any], limit: int | None, problems: list) -> None:
+    for key in spec.keys:
+        if hasattr(key, "check_size") and values.get(key.name) is not None:
+            key.check_size(values[key.name], limit, problems)
+
+
 def _negative_rows(model: Model, req: SampleRequest, n: int, problems: list):
     try:
         rows = model.spec.resolve_negative(req.conditioning, n)
@@ -333,6 +342,9 @@ def resolve(
     n = _count(req, model.spec, limits, problems)
     seeds = _seeds(req, n, problems)
     _texts_fit(req.conditioning, limits.max_text_chars, problems)
+    _images_fit(model.spec, req.conditioning, limits.max_image_bytes, problems)
+    if any(p.kind == "too_large" for p in problems):
+        raise RequestInvalid(problems)  # nothing is decoded past a size limit
     rows = model.spec.resolve_all(req.conditioning, n, problems)
     uncond_rows = _negative_rows(model, req, n, problems)
     guidance = _guidance(model, req, limits, problems)
@@ -351,6 +363,9 @@ def resolve(
         )
     if problems:
         raise RequestInvalid(problems)
+    if edit is not None and edit.settings.inpaint:  # a masked_image key reads the edit
+        images, masks = [r.image for r in edit.rows], [r.mask for r in edit.rows]
+        rows, uncond_rows = model.spec.fill_from_edit(rows, uncond_rows, images, masks)
     described = [model.spec.describe(r) for r in rows]
     conditioning = {k: [d[k] for d in described] for k in model.spec.names}
     for field, name in model.spec.negative_fields.items() if uncond_rows else ():

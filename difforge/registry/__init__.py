@@ -5,6 +5,13 @@ canary's share of traffic), loads each with `Registry.load_version`, and demotes
 `Registry.auto_rollback_canary` when `should_rollback` says it does worse than production.
 """
 
+from difforge.registry.adapters import (
+    AdapterInfo,
+    AdapterRegistration,
+    current_adapters,
+    list_adapters,
+    push_adapter,
+)
 from difforge.registry.audit import AuditEntry
 from difforge.registry.canary import RollbackMargins, WindowStats, should_rollback
 from difforge.registry.config import DEFAULT_URL, Gates, RegistryConfig, parse_gates
@@ -27,6 +34,8 @@ from difforge.registry.types import (
 
 __all__ = [
     "DEFAULT_URL",
+    "AdapterInfo",
+    "AdapterRegistration",
     "ArtifactIntegrityError",
     "AuditEntry",
     "ConflictError",
@@ -46,7 +55,10 @@ __all__ = [
     "VersionInfo",
     "WindowStats",
     "check_gates",
+    "current_adapters",
+    "list_adapters",
     "parse_gates",
+    "push_adapter",
     "should_rollback",
     "summarize_report",
 ]

@@ -36,6 +36,7 @@ from difforge.pipeline import (
     sha256_file,
 )
 from difforge.registry import audit
+from difforge.registry.adapters import check_adapters
 from difforge.registry.audit import AuditEntry
 from difforge.registry.config import DEFAULT_URL, Gates, RegistryConfig, parse_gates
 from difforge.registry.errors import (
@@ -669,6 +670,7 @@ class Registry:
             problems += check_versions(rows, log)
             problems += check_reports(conn, rows, log)
             problems += check_aliases(conn, log)
+            problems += check_adapters(conn, log, self.store)  # rows + blobs of adapters
         blobs: dict[str, str] = {}
         for row in rows:
             for fname, sha in json.loads(row.files).items():

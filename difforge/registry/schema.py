@@ -3,6 +3,7 @@
     model_versions      one immutable row per (name, version): hashes, config, provenance, card
     evaluation_reports  reports attached to a version (raw JSON + the summary the gates read)
     aliases             current (name, alias) -> version, with a traffic percent for canaries
+    adapter_versions    LoRA adapters, each a version tied to one base model version
     audit_log           append-only, hash-chained record of every change
     registry_meta       schema version, and the row every writer locks
 
@@ -86,6 +87,25 @@ aliases = Table(
     Column("updated_at", String(40), nullable=False),
 )
 
+adapter_versions = Table(
+    "adapter_versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("base_id", Integer, ForeignKey("model_versions.id"), nullable=False),
+    Column("name", String(128), nullable=False),  # the adapter's name: requests name it
+    Column("version", Integer, nullable=False),  # 1, 2, ... per (base version, name)
+    Column("sha256", String(64), nullable=False),  # of adapter.safetensors
+    Column("files", Text, nullable=False),  # JSON {file name: sha256}
+    Column("meta", Text, nullable=False),  # JSON: rank, alpha, target modules, training
+    Column("scale", Float, nullable=False),  # the scale serving applies it at
+    Column("card", Text, nullable=False),
+    Column("source", Text),  # the folder it was pushed from
+    Column("created_at", String(40), nullable=False),
+    Column("created_by", String(128), nullable=False),
+    UniqueConstraint("base_id", "name", "version"),
+    UniqueConstraint("base_id", "sha256"),
+)
+
 audit_log = Table(
     "audit_log",
     metadata,
@@ -159,12 +179,15 @@ def _create_schema(engine: Engine) -> None:
     """Create the tables, triggers and meta rows, unless an existing registry already has them."""
     with read_transaction(engine) as conn:
         found = _schema_version(conn)
-    if found == SCHEMA_VERSION:
+        complete = found is not None and inspect(conn).has_table(adapter_versions.name)
+    if found == SCHEMA_VERSION and complete:
         return  # the common case: no DDL, no lock
-    if found is not None:
+    if found is not None and found != SCHEMA_VERSION:
         raise RegistryError(
             f"this registry has schema version {found}; this difforge reads {SCHEMA_VERSION}"
         )
+    # A registry made before adapter_versions existed gets that table here (tables are only
+    # ever added within a schema version, and create_all skips those that exist).
     with write_transaction(engine, lock=False) as conn:
         if engine.dialect.name == "postgresql":  # concurrent first opens must not race
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7230451)")
@@ -195,6 +218,13 @@ def write_transaction(engine: Engine, *, lock: bool = True) -> Iterator[Connecti
 
 @contextmanager
 def read_transaction(engine: Engine) -> Iterator[Connection]:
-    """A read-only transaction (a consistent snapshot on SQLite; never blocks writers there)."""
-    with engine.connect() as conn, conn.begin():
-        yield conn
+    """A read-only transaction: one consistent snapshot for all its statements, never blocking
+    writers (SQLite under WAL; PostgreSQL at REPEATABLE READ). PostgreSQL's default, READ
+    COMMITTED, gives each statement its own snapshot: `Registry.resolve` could then read the
+    aliases before a promotion committed and the revision after it, and a service following the
+    registry would record the new revision while serving the old version, never to catch up."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn

@@ -3,6 +3,7 @@
 Routes validate, hand to the service, encode; errors become JSON with a field-level `detail`.
 
     POST /v1/generate        images (PNG for one, JSON with base64 PNGs for several)
+    POST /v1/upscale         super-resolution of a base64 PNG `image` (an upsampler model)
     GET  /v1/models          served versions, defaults and limits
     GET  /v1/requests/{id}   progress of a running request, or its audit record; for an output
                              held for review 202 while pending, its images once approved, 410
@@ -11,6 +12,7 @@ Routes validate, hand to the service, encode; errors become JSON with a field-le
     GET  /v2/health/live     the process is up
     GET  /v2/health/ready    the production model is loaded and warmed up
     GET  /metrics            Prometheus (admin key or loopback)
+    GET  /v1/drift           the drift monitor's windows and latest distances (admin)
     GET  /                   a small web page to try the model
 
 Served from a registry (`serve(registry=URL, name=NAME)`), admin key or loopback:
@@ -250,7 +252,7 @@ def _principal(service: Service, request: Request, scope: str) -> Principal:
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(ServiceError)
     async def _failure(request: Request, exc: ServiceError):
-        service.metrics.error(exc.reason)
+        service.metrics.error(exc.reason, exc.role)
         headers = {}
         if exc.retry_after is not None:
             headers["Retry-After"] = retry_after_header(exc.retry_after)
@@ -289,6 +291,22 @@ def _api_routes(service: Service) -> APIRouter:
         )
         return _stored(await service.generate(call))
 
+    @api.post("/v1/upscale")
+    async def upscale(request: Request) -> Response:
+        from difforge.serving.upscale import generate_body
+
+        who = _principal(service, request, "generate")
+        require_json(request)
+        body = await read_body(request, service.config.limits.max_body_bytes)
+        call = GenerateCall(
+            who,
+            generate_body(body, service.router.production.model),
+            request_id=request.headers.get("x-request-id"),
+            idempotency_key=_header(request, "idempotency-key", MAX_IDEMPOTENCY_KEY),
+            receive=request.receive,
+        )
+        return _stored(await service.generate(call))
+
     @api.post("/v1/anomaly/score")
     async def anomaly_score(request: Request) -> dict:
         _principal(service, request, "generate")
@@ -307,6 +325,7 @@ def _api_routes(service: Service) -> APIRouter:
         return {
             "models": [{"role": role, **v.describe()} for role, v in router.versions()],
             "canary_share": router.canary_share,
+            "breaker": service.fallback.status(),
             "limits": service.config.limits.model_dump(mode="json"),
             **service.screen.models_info(),
         }
@@ -347,6 +366,15 @@ def _ops_routes(service: Service) -> APIRouter:
     async def metrics(request: Request) -> Response:
         _principal(service, request, "admin")
         return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
+
+    @ops.get("/v1/drift")
+    async def drift(request: Request) -> dict:
+        _principal(service, request, "admin")
+        if service.drift is None:
+            raise ServiceError(
+                "not_found", "the drift monitor is off (drift.enabled in the config)"
+            )
+        return service.drift.status()
 
     @ops.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -435,6 +463,7 @@ def serve(
     config_path: str | Path | None = None,
     adapters: Sequence[tuple[str, str, float]] = (),
     fast: str | Path | None = None,
+    fast_model: str | Path | None = None,
 ) -> None:
     """Run the HTTP service until interrupted (`difforge serve`).
 
@@ -447,6 +476,8 @@ def serve(
         config_path: the service config JSON (default: all defaults).
         adapters: LoRA adapters (name, folder, scale) served beside a --model (not --registry).
         fast: a distilled student of the --model folder, served as the "fast" route.
+        fast_model: a model folder the circuit breaker's cheap route uses under load (e.g. a
+            distilled student; difforge.serving.fallback).
     """
     import uvicorn
 
@@ -455,10 +486,15 @@ def serve(
     source = None
     if registry is not None:
         if adapters or fast:
-            raise InvalidArgumentError("--adapter and --fast serve beside --model, not --registry")
+            raise InvalidArgumentError(
+                "--adapter and --fast serve beside --model; with --registry, push adapters to the "
+                "registry (difforge registry push-adapter) and they are served with their base"
+            )
         service, source = open_service(registry, name or "", config, artifacts)
     else:
         service = build_service(model_path or "", config, adapters, fast)
+    if fast_model is not None:
+        service.fallback.attach_fast(fast_model, service.router.production.model)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -82,7 +82,18 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _conditioning_schema(key, max_n: int) -> dict[str, Any]:
-    """A conditioning key's request value (kinds: "class")."""
+    """A conditioning key's request value (kinds: "class", "low_res"; "masked_image": set from
+    an edit)."""
+    if key.kind == "low_res":
+        from difforge.serving.upscale import image_schema
+
+        return image_schema(key, max_n)
+    if key.kind == "masked_image":  # filled from init_image and mask (pipeline.conditioning)
+        return {
+            "anyOf": [{"const": "init_image*mask"}, {"type": "null"}],
+            "default": None,
+            "description": "set from init_image and mask; responses report 'init_image*mask'",
+        }
     cls = {"type": "integer", "minimum": 0, "maximum": key.num_classes - 1}
     each = {"anyOf": [cls, {"type": "null"}]}  # None: the null class (unconditional)
     per_image = {"type": "array", "items": each, "minItems": 1, "maxItems": max_n}
@@ -124,6 +135,12 @@ def generate_request_schema(config: ServiceConfig, model: Model) -> dict[str, An
                 "own sampling defaults (422 when none is served)",
             }
         ),
+        "allow_degraded": {
+            **_nullable({"type": "boolean"}),
+            "description": "under load (circuit breaker open), may a cheaper route answer: "
+            f"{config.breaker.degraded_steps} steps, or a fast model when one is installed; "
+            f"null: the service policy decides ({config.breaker.degrade})",
+        },
     }
     for key in model.spec.keys:
         props[key.name] = _conditioning_schema(key, lim.max_n)
@@ -184,11 +201,28 @@ def _series(model: Model) -> bool:
     return len(model.image_shape) == 2  # (C, T)
 
 
+def _upscale_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
+    from difforge.serving.upscale import upscale_request_schema
+
+    op = _generate_operation(config, model)
+    schema = upscale_request_schema(config, model, generate_request_schema(config, model))
+    return {
+        **op,
+        "summary": "Upscale images with the served upsampler (422 when it is none)",
+        "requestBody": {"required": True, "content": {JSON: {"schema": schema}}},
+    }
+
+
 def _generate_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
     headers = {n: {"schema": {"type": "string"}} for n in ("X-Request-Id", "X-Output-SHA256")}
     headers["X-Cache"] = {
         "schema": {"type": "string", "enum": ["hit", "miss"]},
         "description": "with the result cache on: hit (served from the cache) or miss",
+    }
+    headers["X-Difforge-Degraded"] = {
+        "schema": {"type": "string"},
+        "description": "present when the circuit breaker's cheap route answered: steps=N, then "
+        "sampler=NAME and model=VERSION when those changed (the body's degraded record too)",
     }
     return {
         "summary": "Generate images",
@@ -376,6 +410,7 @@ def openapi_document(
     text = {"text/plain": {"schema": {"type": "string"}}}
     paths: dict[str, Any] = {
         "/v1/generate": {"post": _generate_operation(config, model)},
+        "/v1/upscale": {"post": _upscale_operation(config, model)},
         "/v1/anomaly/score": {"post": _anomaly_operation(config)},
         "/v1/models": {"get": _get("Served versions, defaults and limits", _OBJECT, 401, 403, 431)},
         "/v1/requests/{request_id}": {
@@ -392,6 +427,7 @@ def openapi_document(
             }
         },
         "/v1/audit/verify": {"get": _get("Check the audit chain", _OBJECT, 401, 403, 431)},
+        "/v1/drift": {"get": _get("Drift monitor status", _OBJECT, 401, 403, 404, 431)},
         "/v2/health/live": {"get": _get("Liveness", _OBJECT, 431, public=True)},
         "/v2/health/ready": {"get": _get("Readiness (warmed up)", _OBJECT, 431, 503, public=True)},
         "/metrics": {"get": _get("Prometheus text format 0.0.4", text, 401, 403, 431)},

@@ -12,6 +12,7 @@ the outcome windows a canary is judged on: `difforge.serving.outcomes`.
     POST /v1/admin/promote, /canary    load + verify -> registry (gates) -> warm -> route
     POST /v1/admin/rollback            registry -> load + verify -> warm -> route
     every `poll_s`                     revision changed? -> load + verify -> warm -> route
+    a PostgreSQL change notification   the same, at once (difforge.serving.registry_notify)
     every `check_s`                    should_rollback(production window, canary window)?
                                        -> canary out of the router -> auto_rollback_canary
 
@@ -34,12 +35,15 @@ from typing import Any
 
 from difforge.pipeline import Model
 from difforge.registry import Registry, RegistryError, Resolution, should_rollback
+from difforge.registry.adapters import attach_registered
+from difforge.registry.reports import latest_report
 from difforge.serving.access import Principal
 from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, registry_errors
 from difforge.serving.config import RegistryFollow, ServiceConfig
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.outcomes import OutcomeWindows
 from difforge.serving.protocol import RequestInvalid, field_error
+from difforge.serving.registry_notify import follow_notifications, notifies
 from difforge.serving.router import ModelRouter, ModelVersion, check_compatible
 from difforge.serving.service import Service, ServiceError
 
@@ -102,6 +106,10 @@ class RegistrySource:
         if self.follow.auto_rollback:
             task = asyncio.create_task(self._every(self.follow.check_s, self.check_canary))
             self._tasks.append(task)
+        url = self.registry.config.url
+        if self.follow.notify and notifies(url):  # PostgreSQL: sync the moment a change commits
+            listen = follow_notifications(url, self.name, self.sync)
+            self._tasks.append(asyncio.create_task(listen, name="difforge-registry-notify"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -153,6 +161,7 @@ class RegistrySource:
     async def _apply(self, res: Resolution, force: bool, preloaded: dict[int, Model]) -> None:
         """Load and warm what is new, then move traffic in one step (no await in between)."""
         router, problems = self.service.router, {}
+        await self._refresh_adapters(problems)  # versions held already; new ones load theirs
         want_prod = None if res.production is None else res.production.version
         want_can = None if res.canary is None else res.canary.version
         if self._pending_rollback and want_can == self._pending_rollback[0]:
@@ -189,6 +198,25 @@ class RegistrySource:
         self.problems = problems
         self._publish()
 
+    async def _refresh_adapters(self, problems: dict[str, str]) -> None:
+        """Attach the adapters pushed for versions already served (a push is a new revision)."""
+        held = [*self.service.router.versions(), ("spare", self._spare)]
+        for role, version in held:
+            number = registry_version(version)
+            if number is None:
+                continue
+            try:
+                added = await self.service.engine.call(
+                    attach_registered, self.registry, version.model, self.name, number
+                )
+            except Exception as e:  # the version keeps serving the adapters it had
+                message = f"not serving new adapters of {self.name} v{number}: {e}"
+                problems[f"{role}_adapters"] = message
+                self._event("load_failed", message)
+                continue
+            if added:
+                self._event("install", f"{role} v{number} serves adapters {', '.join(added)}")
+
     async def _prepare(
         self,
         number: int,
@@ -208,7 +236,7 @@ class RegistrySource:
             return None
         try:
             model = preloaded.get(number) or await self.service.engine.call(
-                self.registry.load_version, self.name, number
+                load_with_adapters, self.registry, self.name, number
             )
             version = self._version(model, number)
             check_compatible(router.production.model, model)
@@ -234,7 +262,7 @@ class RegistrySource:
         for held in (router.production, router.canary, self._spare):
             if registry_version(held) == number:
                 return held.model
-        model = await self.service.engine.call(self.registry.load_version, self.name, number)
+        model = await self.service.engine.call(load_with_adapters, self.registry, self.name, number)
         check_compatible(router.production.model, model)
         return model
 
@@ -375,13 +403,31 @@ class RegistrySource:
             "name": self.name,
             "revision": self.revision,
             "serving": [
-                {"role": role, "registry_version": registry_version(v), "version": v.id}
+                {
+                    "role": role,
+                    "registry_version": registry_version(v),
+                    "version": v.id,
+                    "adapters": [a.describe() for a in v.model.adapters.values()],
+                }
                 for role, v in router.versions()
             ],
             "canary_share": router.canary_share,
+            "follow": {
+                "poll_s": self.follow.poll_s,
+                "notify": self.follow.notify and notifies(self.registry.config.url),
+            },
+            "shared_state": self.service.state.backend,  # idempotency + rate limits
             "problems": dict(self.problems),
             "events": list(self.events)[-10:],
         }
+
+
+def load_with_adapters(registry: Registry, name: str, number: int) -> Model:
+    """Registry version `number` of `name` (every blob re-hashed) with the latest version of each
+    adapter pushed for it attached (difforge.registry.adapters); requests name them."""
+    model = registry.load_version(name, number)
+    attach_registered(registry, model, name, number)
+    return model
 
 
 def open_service(
@@ -404,10 +450,18 @@ def open_service(
                 f"(difforge registry promote {name} VERSION)"
             )
         number = res.production.version
-        model = on_passing_thread(registry.load_version, name, number)
+        model = on_passing_thread(load_with_adapters, registry, name, number)
     except BaseException:
         registry.close()
         raise
     meta = {"registry_name": name, "registry_version": number}
-    service = Service(config, ModelRouter(ModelVersion(model, meta=meta)))
+    try:
+        service = Service(config, ModelRouter(ModelVersion(model, meta=meta)), registry_url=url)
+    except BaseException:
+        registry.close()
+        raise
+    if service.drift is not None:  # drift is measured against each version's evaluation report
+        service.drift.report_for = lambda v: latest_report(
+            registry, v.meta["registry_name"], v.meta["registry_version"]
+        )
     return service, RegistrySource(service, registry, name)

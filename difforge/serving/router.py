@@ -159,15 +159,22 @@ class ModelRouter:
         fast = self._fast
         return None if fast is None else fast.model
 
-    def route(self, routing_key: str, route: str | None = None) -> tuple[Role, ModelVersion]:
-        """The version for a request with this routing key (and its `route` field)."""
+    def route(
+        self, routing_key: str, adapter: str | None = None, route: str | None = None
+    ) -> tuple[Role, ModelVersion]:
+        """The version for a request with this routing key (and LoRA adapter, if it names one;
+        and its `route` field: "fast" is the student).
+
+        Each version serves its own adapters (an adapter is tied to one base); a request naming
+        an adapter the canary does not hold stays on production, which the resolver checked."""
         with self._lock:
             prod, canary, share, fast = self._production, self._canary, self._share, self._fast
         if route == "fast":
             if fast is None:
                 raise InvalidArgumentError("this service has no fast route (no student installed)")
             return "fast", fast
-        if canary is not None and routing_fraction(routing_key) < share:
+        has = canary is not None and (adapter is None or adapter in canary.model.adapters)
+        if has and routing_fraction(routing_key) < share:
             return "canary", canary
         return "production", prod
 

@@ -57,7 +57,7 @@ def test_a_service_with_the_quality_filter_holds_what_the_feature_net_doubts(tin
             version = svc.router.production.id
             assert svc.screen.pass_rate(version) == 0.0
             metrics = (await c.get("/metrics")).text
-            assert f'difforge_filter_pass_ratio{{model_version="{version}"}} 0.0' in metrics
+            assert f'difforge_filter_pass_ratio{{version="{version}"}} 0.0' in metrics
 
     run(scenario())
 

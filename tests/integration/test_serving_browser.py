@@ -182,6 +182,89 @@ def test_web_page_inpaints_an_uploaded_image_with_before_and_after(tmp_path):
             browser.close()
 
 
+def test_web_page_draws_a_mask_over_the_init_image(tmp_path):
+    """Strokes on the canvas become the request's `mask` PNG, pixel for pixel; Clear empties it."""
+    sync_api = _playwright()
+    import base64
+    import json
+
+    import numpy as np
+    import torch
+
+    from difforge.common.png import png_bytes, png_pixels
+    from difforge.serving import create_app
+
+    init = torch.randint(0, 256, (1, 8, 8), generator=torch.Generator().manual_seed(1))
+    (tmp_path / "in.png").write_bytes(png_bytes(init.to(torch.uint8)))
+    svc = make_service(make_tiny_model(tmp_path / "tiny"), torch_threads=1, warmup_steps=1)
+
+    def drag(page, points):  # image-pixel coordinates -> a mouse stroke over the canvas
+        box = page.locator("#mask-canvas").bounding_box()
+        at = [
+            (box["x"] + x / 8 * box["width"], box["y"] + y / 8 * box["height"]) for x, y in points
+        ]
+        page.mouse.move(*at[0])
+        page.mouse.down()
+        for p in at[1:]:
+            page.mouse.move(*p, steps=12)
+        page.mouse.up()
+
+    def generate(page) -> tuple[dict, list[np.ndarray]]:
+        with page.expect_request("**/v1/generate") as req:
+            page.click("#go")
+        page.wait_for_selector("#gallery figure:nth-child(2) img", timeout=60_000)
+        srcs = page.eval_on_selector_all("#gallery img", "els => els.map(e => e.src)")
+        return json.loads(req.value.post_data), [
+            png_pixels(base64.b64decode(s.split(",", 1)[1])) for s in srcs
+        ]
+
+    with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
+        wait_ready(svc)
+        browser = launch(pw, tmp_path)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.querySelectorAll('#cond-labels option').length === 12")
+            assert not page.is_visible("#mask-canvas")
+            page.fill("#n", "2")
+            page.fill("#steps", "4")
+            page.set_input_files("#init", str(tmp_path / "in.png"))
+            page.wait_for_function("document.getElementById('mask-canvas').width === 8")
+            page.fill("#brush", "2")
+            assert page.inner_text("#brush-value") == "2"
+            drag(page, [(0.2, 5.0), (7.8, 5.0)])  # brush 2 on a row boundary: rows 4 and 5
+            drag(page, [(7.8, 7.0), (0.2, 7.0)])  # rows 6 and 7: the lower half
+            body, outs = generate(page)
+            sent = png_pixels(base64.b64decode(body["mask"]))
+            sent = sent if sent.ndim == 2 else sent[..., 0]
+            want = np.zeros((8, 8), np.uint8)
+            want[4:] = 255
+            assert np.array_equal(sent, want), sent
+            assert body["strength"] == 0.8 and body["init_image"]
+            assert page.is_visible("#before-mask")
+            for px in outs:  # the kept upper half is the uploaded image's, to the byte
+                assert np.array_equal(px[:4], init[0, :4].numpy())
+            assert any(not np.array_equal(px[4:], init[0, 4:].numpy()) for px in outs)
+
+            page.click("#mask-clear")
+            page.fill("#brush", "1")
+            drag(page, [(1.5, 0.3), (1.5, 7.7)])  # brush 1: column 1 only
+            body, outs = generate(page)
+            sent = png_pixels(base64.b64decode(body["mask"]))
+            sent = sent if sent.ndim == 2 else sent[..., 0]
+            want = np.zeros((8, 8), np.uint8)
+            want[:, 1] = 255
+            assert np.array_equal(sent, want), sent
+            for px in outs:
+                assert np.array_equal(np.delete(px, 1, axis=1), np.delete(init[0].numpy(), 1, 1))
+
+            page.click("#mask-clear")  # nothing painted and no file: no mask (img2img)
+            body, _ = generate(page)
+            assert "mask" not in body and body["init_image"]
+        finally:
+            browser.close()
+
+
 def test_web_page_offers_the_served_adapters(tmp_path):
     sync_api = _playwright()
     pytest.importorskip("peft", reason="LoRA adapters need peft")
@@ -259,5 +342,33 @@ def test_web_page_plots_series_of_a_series_model(tmp_path):
             )
             assert len(points.split()) == 16  # one vertex per time step
             assert "labels 0" in page.locator("#gallery figcaption").first.inner_text()
+        finally:
+            browser.close()
+
+
+def test_web_page_allows_a_degraded_answer_and_says_so(tmp_path):
+    sync_api = _playwright()
+    from difforge.serving import create_app
+    from difforge.serving.breaker import BreakerConfig
+
+    breaker = BreakerConfig(latency_slo_s=0.001, min_samples=1, cooldown_s=3600, degraded_steps=2)
+    svc = make_service(
+        make_tiny_model(tmp_path / "tiny"), torch_threads=1, warmup_steps=1, breaker=breaker
+    )
+    svc.fallback.breaker.record("normal", 0.0, 1.0)  # one slow request: the breaker is open
+    with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
+        wait_ready(svc)
+        browser = launch(pw, tmp_path)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.querySelectorAll('#sampler option').length > 0")
+            page.fill("#n", "1")
+            page.fill("#steps", "4")
+            page.check("#degraded")
+            page.click("#go")
+            page.wait_for_selector("#gallery figure img", timeout=60_000)
+            status = page.inner_text("#status")
+            assert "degraded under load (steps=2; asked 4 steps)" in status, status
         finally:
             browser.close()

@@ -107,10 +107,10 @@ def test_a_held_output_is_returned_only_after_approval(model_dir):
             version = svc.router.production.id
             line = (
                 f'difforge_filter_decisions_total{{decision="review",filter="policy",'
-                f'model_version="{version}"}} 1.0'
+                f'version="{version}"}} 1.0'
             )
             assert line in metrics
-            assert f'difforge_filter_pass_ratio{{model_version="{version}"}} 0.5' in metrics
+            assert f'difforge_filter_pass_ratio{{version="{version}"}} 0.5' in metrics
             assert 'difforge_review_outcomes_total{outcome="approved"} 1.0' in metrics
 
     run(scenario())

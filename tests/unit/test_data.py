@@ -181,7 +181,17 @@ def test_gaussian_mixture_exact_denoiser_matches_tweedie():
 
 
 def test_load_dataset_specs():
-    assert set(DATASETS) == {"mnist", "folder", "toy", "ucr", "sines", "mnist_captions", "scenes"}
+    assert set(DATASETS) == {
+        "mnist",
+        "folder",
+        "toy",
+        "ucr",
+        "sines",
+        "mnist_captions",
+        "scenes",
+        "downsampled",
+        "super_resolution",
+    }
     moons = load_dataset({"kind": "toy", "name": "moons", "n": 100, "seed": 3})
     assert moons.content_hash == load_toy("moons", 100, 3).content_hash
     assert len(load_dataset("toy:rings")) == 10000

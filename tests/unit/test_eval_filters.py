@@ -31,6 +31,14 @@ def test_a_report_carries_the_filter_pass_rate(extractor, tmp_path):
     assert rate["mean"] < 0.5
     assert report["filters"][0]["name"] == "quality"
     assert report["filters"][0]["classifier"]["sha256"] == extractor.sha256
+    # the registry's promotion gate reads the same number, and refuses this model
+    from difforge.registry import Gates, check_gates, summarize_report
+
+    summary = summarize_report(report)
+    assert summary.metrics["filter_pass_rate"] == rate["mean"]
+    gates = Gates(fid_max_ratio_to_production=None, memorization_max=None, filter_pass_rate_min=0.5)
+    (gate,) = check_gates(gates, summary)
+    assert gate.gate == "filter_pass_rate_min" and not gate.passed
 
 
 def test_real_digits_pass_and_mislabelled_ones_do_not(extractor):

@@ -3,6 +3,7 @@ against the same requests in-process.
 
     python -m benchmarks.serve_ab --model models/mnist-cond [--modes pad:8,chunk:2,chunk:4]
                                   [--rounds 3] [--duration 20] [--steps 10] [--threads 1]
+    python -m benchmarks.serve_ab --offline-only [--rounds 5] [--reps 3]  # no server
 
 Each round runs every mode (rotated: round r starts with mode r mod len(modes), so no mode is
 always first on a machine whose load drifts), and then the two in-process references:
@@ -16,6 +17,10 @@ A mode is "pad:N" (batch_invariance "pad", max_batch_images N: every call padded
 rows) or "chunk:C" (batch_invariance "chunk", chunk_rows C, max_batch_images 32). Per mode and
 round: lone-client p50 (1 closed-loop client) and images/s at 16 clients; the summary gives the
 median over rounds and the min-max spread, and the ratios against the same round's references.
+
+On a shared 2-core machine the 16 client coroutines compete with the server for the CPU;
+--offline-only measures the cost model without HTTP or clients: per alternating round, one guided
+image and 16 guided images sampled unchunked ("natural") and chunked by each chunk:C mode.
 """
 
 from __future__ import annotations
@@ -101,6 +106,37 @@ def in_process(model_path: Path, steps: int, duration: float, threads: int | Non
             "batched_images_per_s": images / wall, "batched_images": images}  # fmt: skip
 
 
+def offline_ab(model_path: Path, modes: list[str], rounds: int, steps: int, reps: int) -> dict:
+    """No server: per round, alternating, the lone guided image and 16 guided images sampled
+    in-process, unchunked ("natural": the network at the batch's own shape) and for each
+    "chunk:C" mode chunked by C; `reps` calls each, median seconds."""
+    from difforge.pipeline import load
+    from difforge.serving.batching import BatchKey, Row, sample_rows
+
+    model = load(model_path)
+    s = model.sampling
+    key = BatchKey("bench", s.sampler, steps, s.grid, tuple(model.latent_shape), True)
+    conds = model.spec.resolve({"labels": [i % 10 for i in range(16)]}, 16)
+    rows = [Row(seed=i, cond=c, guidance=s.guidance) for i, c in enumerate(conds)]
+    chunks = {"natural": None} | {m: int(m.split(":")[1]) for m in modes if m.startswith("chunk")}
+    times: dict[str, dict[str, list[float]]] = {m: {"lone": [], "16": []} for m in chunks}
+    for r in range(rounds):
+        order = list(chunks)[r % len(chunks) :] + list(chunks)[: r % len(chunks)]
+        for m in order:
+            for n, label in ((1, "lone"), (16, "16")):
+                sample_rows(model, key, rows[:n], chunk_rows=chunks[m])  # warm-up
+                dts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    sample_rows(model, key, rows[:n], chunk_rows=chunks[m])
+                    dts.append(time.perf_counter() - t0)
+                times[m][label].append(statistics.median(dts))
+        print(f"  offline round {r}: " + ", ".join(
+            f"{m} lone {times[m]['lone'][-1]:.3f} s / 16 {times[m]['16'][-1]:.3f} s" for m in chunks
+        ), flush=True)  # fmt: skip
+    return times
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3g} [{min(values):.3g}-{max(values):.3g}]"
 
@@ -113,9 +149,40 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, server and in-process")
+    ap.add_argument(
+        "--offline-only",
+        action="store_true",
+        help="no server: chunked vs natural sampling in-process (lone and 16 images)",
+    )
+    ap.add_argument("--reps", type=int, default=3, help="calls per measurement, --offline-only")
     args = ap.parse_args()
     modes = args.modes.split(",")
     model = Path(args.model)
+    if args.offline_only:
+        torch.set_num_threads(args.threads)
+        load0 = os.getloadavg()[0]
+        times = offline_ab(model, modes, args.rounds, args.steps, args.reps)
+        nat = times["natural"]
+        parts = [f"natural: lone {spread(nat['lone'])} s, 16 images {spread(nat['16'])} s"]
+        for m, t in times.items():
+            if m == "natural":
+                continue
+            lone_x = [a / b for a, b in zip(t["lone"], nat["lone"], strict=True)]
+            thr = [100 * b / a for a, b in zip(t["16"], nat["16"], strict=True)]
+            parts.append(
+                f"{m}: lone {spread(t['lone'])} s = {spread(lone_x)}x natural, 16 images "
+                f"{spread(t['16'])} s = {spread(thr)}% of natural throughput"
+            )
+        summary = (
+            f"{args.model}, in-process, {args.steps} steps, guided, {args.threads} thread(s), "
+            f"{args.rounds} alternating rounds x {args.reps} calls, medians [min-max]: "
+            + "; ".join(parts)
+            + f"; load {load0:.1f}-{os.getloadavg()[0]:.1f}"
+        )
+        payload = {"model": args.model, "steps": args.steps, "threads": args.threads,
+                   "rounds": args.rounds, "reps": args.reps, "seconds": times}  # fmt: skip
+        print(write_result("serve_ab_offline", payload, summary))
+        return 0
     rounds: list[dict] = []
     loads: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:

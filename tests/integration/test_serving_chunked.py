@@ -104,7 +104,8 @@ def test_chunk_rows_is_validated():
         ServiceConfig(chunk_rows=0)
     with pytest.raises(ValidationError, match="batch_invariance"):
         ServiceConfig(batch_invariance="chunks")
-    assert ServiceConfig(batch_invariance="chunk", chunk_rows=4).chunk_rows == 4
+    assert ServiceConfig(chunk_rows=3).chunk_rows == 3
+    assert ServiceConfig().batch_invariance == "chunk"  # the default
 
 
 def test_cli_sample_with_chunk_rows_does_not_depend_on_the_batch_size(model_dir, tmp_path):

@@ -20,7 +20,9 @@ median over rounds and the min-max spread, and the ratios against the same round
 
 On a shared 2-core machine the 16 client coroutines compete with the server for the CPU;
 --offline-only measures the cost model without HTTP or clients: per alternating round, one guided
-image and 16 guided images sampled unchunked ("natural") and chunked by each chunk:C mode.
+image and 16 guided images sampled unchunked ("natural"), chunked by each chunk:C mode and in
+full padded calls for each pad:N mode. (At 16 clients a 20 s window counts whole calls of up to
+16 images, so on a slow machine the served images/s moves in steps of 16 / duration.)
 """
 
 from __future__ import annotations
@@ -108,8 +110,9 @@ def in_process(model_path: Path, steps: int, duration: float, threads: int | Non
 
 def offline_ab(model_path: Path, modes: list[str], rounds: int, steps: int, reps: int) -> dict:
     """No server: per round, alternating, the lone guided image and 16 guided images sampled
-    in-process, unchunked ("natural": the network at the batch's own shape) and for each
-    "chunk:C" mode chunked by C; `reps` calls each, median seconds."""
+    in-process, unchunked ("natural": the network at the batch's own shape), for each "chunk:C"
+    mode chunked by C, and for each "pad:N" mode in calls padded to N forward rows (what the
+    server computes, full calls); `reps` calls each, median seconds."""
     from difforge.pipeline import load
     from difforge.serving.batching import BatchKey, Row, sample_rows
 
@@ -118,17 +121,26 @@ def offline_ab(model_path: Path, modes: list[str], rounds: int, steps: int, reps
     key = BatchKey("bench", s.sampler, steps, s.grid, tuple(model.latent_shape), True)
     conds = model.spec.resolve({"labels": [i % 10 for i in range(16)]}, 16)
     rows = [Row(seed=i, cond=c, guidance=s.guidance) for i, c in enumerate(conds)]
-    chunks = {"natural": None} | {m: int(m.split(":")[1]) for m in modes if m.startswith("chunk")}
+    chunks = {"natural": None} | {m: int(m.split(":")[1]) for m in modes}
     times: dict[str, dict[str, list[float]]] = {m: {"lone": [], "16": []} for m in chunks}
+
+    def draw(m: str, n: int) -> None:
+        if not m.startswith("pad"):
+            sample_rows(model, key, rows[:n], chunk_rows=chunks[m])
+            return
+        per_call = max(1, chunks[m] // 2)  # pad:N: calls of N forward rows, N / 2 guided images
+        for i in range(0, n, per_call):
+            sample_rows(model, key, rows[i : min(n, i + per_call)], pad_to=per_call)
+
     for r in range(rounds):
         order = list(chunks)[r % len(chunks) :] + list(chunks)[: r % len(chunks)]
         for m in order:
             for n, label in ((1, "lone"), (16, "16")):
-                sample_rows(model, key, rows[:n], chunk_rows=chunks[m])  # warm-up
+                draw(m, n)  # warm-up
                 dts = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
-                    sample_rows(model, key, rows[:n], chunk_rows=chunks[m])
+                    draw(m, n)
                     dts.append(time.perf_counter() - t0)
                 times[m][label].append(statistics.median(dts))
         print(f"  offline round {r}: " + ", ".join(

@@ -9,6 +9,10 @@ came back empty to another replica (`retry-on conn-failure empty-response`, `opt
 a replica killed mid-request costs its clients a retry, not an error. A retried generation can run
 twice (once on the dead replica); it returns the same image, since image i depends only on its
 seed and settings. Each replica keeps its own audit hash chain (audit-<i>.sqlite3).
+
+With `--state URL` (PostgreSQL, or a SQLite file for replicas on one machine) the replicas share
+Idempotency-Key records and rate-limit buckets there (service config `state`): a retry that
+lands on the other replica replays the stored response instead of computing it again.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class Replicas:
     front: int
     ports: list[int]
     folder: Path  # haproxy.cfg and replica-<i>.log
+    service: dict = field(default_factory=dict)  # merged into each replica's service config
     servers: list[subprocess.Popen] = field(default_factory=list)
     proxy: subprocess.Popen | None = None
 
@@ -93,7 +98,8 @@ class Replicas:
         # one audit hash chain per replica: two processes appending to one SQLite chain collide
         # on its sequence numbers (measured: 500s from `UNIQUE constraint failed: audit.seq`)
         config = self.folder / f"service-{i}.json"
-        config.write_text(json.dumps({"audit_db": str(self.folder / f"audit-{i}.sqlite3")}))
+        audit = {"audit_db": str(self.folder / f"audit-{i}.sqlite3")}
+        config.write_text(json.dumps({**self.service, **audit}))
         cmd = [sys.executable, "-m", "difforge.cli", "serve", "--model", model]
         cmd += ["--host", "127.0.0.1", "--port", str(self.ports[i]), "--config", str(config)]
         with open(self.folder / f"replica-{i}.log", "a") as log:
@@ -111,9 +117,13 @@ class Replicas:
                 p.wait()
 
 
-def start(model: str, n: int, folder: Path, front: int | None = None, env=None) -> Replicas:
-    """Start n replicas of `model` and haproxy on `front`; return once haproxy answers ready."""
-    reps = Replicas(front or free_port(), [free_port() for _ in range(n)], folder)
+def start(
+    model: str, n: int, folder: Path, front: int | None = None, env=None, service=None
+) -> Replicas:
+    """Start n replicas of `model` and haproxy on `front`; return once haproxy answers ready.
+
+    `service`: service config fields shared by every replica (e.g. {"state": {"url": ...}})."""
+    reps = Replicas(front or free_port(), [free_port() for _ in range(n)], folder, service or {})
     try:
         for i in range(n):
             reps.start_replica(i, model, env)
@@ -134,10 +144,12 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--state", help="database URL for shared idempotency and rate limits")
     args = p.parse_args()
     folder = Path("/tmp/difforge-replicas")
     folder.mkdir(exist_ok=True)
-    reps = start(args.model, args.replicas, folder, args.port)
+    service = {"state": {"backend": "database", "url": args.state}} if args.state else None
+    reps = start(args.model, args.replicas, folder, args.port, service=service)
     print(f"haproxy on http://127.0.0.1:{reps.front} -> replicas on {reps.ports}; Ctrl-C stops")
     try:
         reps.proxy.wait()

@@ -4,10 +4,12 @@ function; every error is one line on stderr and exit code 2."""
 from difforge.cli import (  # noqa: F401  (they register)
     adapters,
     data,
+    drift,
     evaluate,
     export,
     models,
     registry,
+    review,
     serve,
     signals,
     vae,

@@ -39,6 +39,32 @@ EXTRACTOR = typer.Option(
 )
 THREADS = typer.Option(None, "--threads", help="Torch + BLAS threads [unchanged].")
 CACHE = typer.Option(None, "--cache-dir", help="Reference statistics cache [~/.cache/difforge].")
+FILTERS = typer.Option(
+    None,
+    "--filter",
+    help="Output filter to run on the images: a name (quality, policy) with its default "
+    "options, or a JSON file with a list of {name, options} (repeatable).",
+)
+
+
+def filter_specs(values: list[str]) -> list:
+    """--filter values -> FilterSpecs: a registered name, or a JSON file of a list of specs."""
+    import json
+    from pathlib import Path
+
+    from difforge.core.errors import InvalidArgumentError
+    from difforge.pipeline.filters import FilterSpec
+
+    specs = []
+    for v in values:
+        if v.endswith(".json"):
+            data = json.loads(Path(v).read_text())
+            if not isinstance(data, list):
+                raise InvalidArgumentError(f"{v}: a list of {{name, options}} filters")
+            specs += [FilterSpec.model_validate(d) for d in data]
+        else:
+            specs.append(FilterSpec(name=v))
+    return specs
 
 
 @command("evaluate")
@@ -62,8 +88,10 @@ def evaluate_command(
     extractor: str | None = EXTRACTOR,
     threads: int | None = THREADS,
     cache_dir: str | None = CACHE,
+    filters: list[str] | None = FILTERS,
 ) -> None:
-    """Evaluate a model: FID, KID, label accuracy, memorization over seed repeats."""
+    """Evaluate a model: FID, KID, label accuracy, memorization over seed repeats; with
+    --filter, the output filters' pass rate (filter_pass_rate)."""
     from difforge.common.distributed import session
     from difforge.evaluation import load_feature_extractor
     from difforge.pipeline import load
@@ -73,6 +101,8 @@ def evaluate_command(
     seed_list = int_list(seeds, "--seeds")
     common |= {} if seed_list is None else {"seeds": tuple(seed_list)}
     common |= {} if memorization is None else {"memorization": memorization}
+    if filters:
+        common["filters"] = filter_specs(filters)
     feats, m = load_feature_extractor(extractor), load(model)
     with session() as world:  # under torchrun: sampler calls dealt over the ranks
         _evaluate_report(m, feats, common, out, world.is_main)
@@ -128,7 +158,7 @@ def _evaluate_report(m, feats, settings: dict, out: str, main: bool) -> None:
     s, met = r["sampler"], r["metrics"]
     parts = [
         f"{k} {met[k]['mean']:.4g} ± {met[k]['std']:.2g} (min {met[k]['min']:.4g})"
-        for k in ("fid", "kid_mean", "label_accuracy", "memorization_rate")
+        for k in ("fid", "kid_mean", "label_accuracy", "memorization_rate", "filter_pass_rate")
         if met.get(k) and met[k]["mean"] is not None
     ]
     typer.echo(

@@ -199,6 +199,12 @@ def sample_command(
         "pixels then do not depend on --batch-size, and equal `difforge serve` with "
         'batch_invariance "chunk" and the same chunk_rows.',
     ),
+    filters: list[str] | None = typer.Option(
+        None,
+        "--filter",
+        help="Output filter (quality, policy, or a JSON list of {name, options}): decisions "
+        "printed and kept in the PNG's text (repeatable).",
+    ),
 ) -> None:
     """Sample an image grid from a model, with provenance in the PNG's text chunks.
 
@@ -230,6 +236,10 @@ def sample_command(
         samples = generate_chunked(m, plan, batch_size, world=world, chunk_rows=chunk_rows)
     if not world.is_main:
         return
+    if filters:
+        from difforge.cli.filtering import sample_with_filters
+
+        return sample_with_filters(m, samples, filters, out)
     path = save_samples_png(m, samples, out)
     typer.echo(
         f"wrote {path}: {len(samples.seeds)} images, {samples.sampler} {samples.steps} steps, "

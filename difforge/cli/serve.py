@@ -23,12 +23,21 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     config: str | None = typer.Option(
-        None, "--config", help="Service config JSON (limits, queue, keys, audit db, registry)."
+        None,
+        "--config",
+        help="Service config JSON (limits, queue, keys, audit db, registry, result cache, output "
+        "filters, drift monitor, breaker).",
     ),
     adapter: list[str] | None = typer.Option(
         None,
         "--adapter",
         help="NAME=DIR[@SCALE]: serve a LoRA adapter beside --model (repeatable).",
+    ),
+    fast_model: str | None = typer.Option(
+        None,
+        "--fast-model",
+        help="Model folder (e.g. a distilled student) that answers degradable requests while the "
+        "circuit breaker is open (config: breaker).",
     ),
 ) -> None:
     """Serve a model over HTTP: POST /v1/generate, /v1/models, /metrics, health, a web page.
@@ -42,6 +51,8 @@ def serve_command(
     given = {k: v for k, v in source.items() if v is not None}
     if adapter:
         given["adapters"] = [_adapter_spec(a) for a in adapter]
+    if fast_model:
+        given["fast_model"] = fast_model
     serve(model, host=host, port=port, config_path=config, **given)
 
 

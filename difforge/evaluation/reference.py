@@ -186,3 +186,39 @@ def mnist_reference(
 ) -> ReferenceStats:
     """`reference_stats` of MNIST `split` ("train" or "test")."""
     return reference_stats(load_mnist(split), extractor, cache_dir=cache_dir)
+
+
+def load_reference_file(path: str | Path, extractor: FeatureExtractor) -> ReferenceStats:
+    """Reference statistics from one cache JSON (as `save_reference_stats` writes), verified.
+
+    Args:
+        path: the JSON file; its tensors file lies beside it.
+        extractor: the extractor the statistics must have been computed with.
+
+    Raises:
+        InvalidArgumentError: another extractor, a tensors file whose sha256 differs from the
+            JSON's, or a file that is not reference statistics.
+    """
+    json_path = Path(path)
+    try:
+        meta = json.loads(json_path.read_text())
+        blob = (json_path.parent / meta["tensors_file"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidArgumentError(f"{json_path}: not reference statistics ({e})") from None
+    if meta.get("extractor_sha256") != extractor.sha256:
+        raise InvalidArgumentError(
+            f"{json_path}: computed with extractor {str(meta.get('extractor_sha256'))[:12]}, "
+            f"not {extractor.sha256[:12]}"
+        )
+    if meta.get("tensors_sha256") != hashlib.sha256(blob).hexdigest():
+        raise InvalidArgumentError(f"{json_path}: its tensors file does not match its sha256")
+    arrays = load_npz_bytes(blob)
+    return ReferenceStats(
+        name=meta["name"],
+        dataset_hash=meta["dataset_hash"],
+        extractor_name=meta["extractor_name"],
+        extractor_sha256=extractor.sha256,
+        features=arrays["features"],
+        mu=arrays["mu"],
+        sigma=arrays["sigma"],
+    )

@@ -34,7 +34,8 @@ from difforge.data.mnist import ImageDataset
 from difforge.evaluation.against import Against, check_model_fits, load_against, score
 from difforge.evaluation.config import SEED_STRIDE, EvalConfig, Log, make_config
 from difforge.evaluation.evaluate import METRIC_KEYS
-from difforge.evaluation.features import FeatureExtractor
+from difforge.evaluation.features import Classifier, FeatureExtractor
+from difforge.evaluation.filtering import FilterInput, evaluation_stage, filter_images
 from difforge.evaluation.records import describe_model, now_iso, run_info, write_json
 from difforge.evaluation.reference import ReferenceStats
 from difforge.evaluation.sampling import (
@@ -70,7 +71,13 @@ def summarize(values: Sequence[float | None]) -> dict[str, Any] | None:
 
 
 def _run_repeat(
-    model: Model, config: EvalConfig, sampling: dict, against: Against, seed: int, log: Log
+    model: Model,
+    config: EvalConfig,
+    sampling: dict,
+    against: Against,
+    seed: int,
+    log: Log,
+    stage=None,
 ) -> dict[str, Any]:
     labels = make_labels(config.labels, config.n, model.num_classes, seed)
     t0 = time.perf_counter()
@@ -79,6 +86,12 @@ def _run_repeat(
     )
     sampling_s = round(time.perf_counter() - t0, 3)
     r = score(images, labels, against, seed)
+    if stage is not None:  # the output filters, as the service runs them
+        t1 = time.perf_counter()
+        judged = filter_images(stage, images, labels, config.batch_size)
+        r["metrics"]["filter_pass_rate"] = judged.pop("filter_pass_rate")
+        r["filter_decisions"] = judged
+        r["timings_s"]["filters"] = round(time.perf_counter() - t1, 3)
     m = r["metrics"]
     log(
         f"seed {seed}: {config.n} images in {sampling_s:.1f}s ({nfe} NFE); fid {m['fid']:.4g}, "
@@ -91,10 +104,21 @@ def _run_repeat(
 
 
 def _assemble(
-    model: Model, config: EvalConfig, sampling: dict, against: Against, repeats: list, wall: float
+    model: Model,
+    config: EvalConfig,
+    sampling: dict,
+    against: Against,
+    repeats: list,
+    wall: float,
+    filters: list | None = None,
 ) -> dict[str, Any]:
     names = [*METRIC_KEYS, *(f"fid_{k}" for k in against.others)]
     first = repeats[0]
+    filtered = "filter_decisions" in first
+    if filtered:
+        names.append("filter_pass_rate")
+    keep = ("seed", "nfe", "metrics", "settings", "label_counts", "timings_s")
+    keep += ("filter_decisions",) if filtered else ()
     return {
         "format": REPORT_FORMAT,
         "model": describe_model(model),
@@ -105,10 +129,7 @@ def _assemble(
         "image_seeds": f"seed * {SEED_STRIDE} + i for i < {config.n}",
         "labels": {"policy": config.labels, "num_classes": model.num_classes},
         "metrics": {k: summarize([r["metrics"].get(k) for r in repeats]) for k in names},
-        "repeats": [
-            {k: r[k] for k in ("seed", "nfe", "metrics", "settings", "label_counts", "timings_s")}
-            for r in repeats
-        ],
+        "repeats": [{k: r[k] for k in keep} for r in repeats],
         "extractor": first["extractor"],
         "classifier": first["classifier"],
         "reference": first["reference"],
@@ -118,6 +139,7 @@ def _assemble(
         "date": now_iso(),
         "software": run_info(),
         "config": asdict(config),
+        **({"filters": filters} if filtered and filters is not None else {}),
     }
 
 
@@ -131,6 +153,7 @@ def evaluate_model(
     train: ImageDataset | Tensor | None = None,
     out: str | Path | None = None,
     log: Log | None = None,
+    filters: FilterInput | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Sample `model` once per seed, score every repeat, and summarise them in one report.
@@ -145,6 +168,9 @@ def evaluate_model(
         train: the memorization set (ImageDataset or uint8 images); default: MNIST train.
         out: write the report there as JSON (atomically) as well.
         log: called with one line per repeat (e.g. `print`).
+        filters: output filters (difforge.pipeline.filters: specs, names such as "quality", or a
+            built stage) run on every repeat's images: the report then has the metric
+            "filter_pass_rate", per repeat "filter_decisions", and "filters" (what ran).
 
     Returns:
         The report dict described in this module's docstring.
@@ -159,8 +185,15 @@ def evaluate_model(
         sampling = resolve_sampling(
             model, config.sampler, config.steps, config.guidance, config.grid, config.knobs
         )
-        repeats = [_run_repeat(model, config, sampling, against, s, log) for s in config.seeds]
-    report = _assemble(model, config, sampling, against, repeats, time.perf_counter() - t0)
+        # the run's extractor judges quality too, when it classifies (the shipped net does)
+        clf = against.extractor if isinstance(against.extractor, Classifier) else None
+        stage = None if filters is None else evaluation_stage(filters, clf)
+        repeats = [
+            _run_repeat(model, config, sampling, against, s, log, stage) for s in config.seeds
+        ]
+    described = None if stage is None else stage.describe()
+    wall = time.perf_counter() - t0
+    report = _assemble(model, config, sampling, against, repeats, wall, described)
     if out is not None and current().is_main:  # under torchrun every rank holds the report
         write_json(out, report)
     return report

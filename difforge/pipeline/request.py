@@ -93,6 +93,9 @@ class SampleRequest(BaseModel):
     init_image_sha256: list[str] | None = None  # checks: the inputs must hash to these
     mask_sha256: list[str] | None = None
     adapter: str | None = None  # a LoRA adapter attached to the model (pipeline.adapters)
+    # services only: may a cheaper route answer under load (difforge.serving.fallback)? None: the
+    # service's policy decides; never part of a Plan (the plan says what was computed)
+    allow_degraded: StrictBool | None = None
 
     @property
     def conditioning(self) -> dict[str, Any]:

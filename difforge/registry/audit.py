@@ -24,6 +24,9 @@ from sqlalchemy import Connection, func, select
 from difforge.common.hashchain import GENESIS, ChainFormat, Link, canonical_json, verify
 from difforge.registry.schema import audit_log
 
+# On PostgreSQL every change to a model is also announced on this channel (payload: the model
+# name), delivered when its transaction commits: services LISTEN to follow at once
+NOTIFY_CHANNEL = "difforge_registry"
 # the previous hash is hashed inside the entry's JSON; strict, UTF-8 canonical JSON
 CHAIN = ChainFormat(prev_key="prev_hash")
 _CONTENT = ("seq", "at", "actor", "action", "name", "version", "details")
@@ -99,6 +102,8 @@ def append(
         "hash": digest,
     }
     conn.execute(audit_log.insert().values(**row))
+    if name is not None and conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, name)))
     return AuditEntry(**{**row, "details": dict(details or {})})
 
 

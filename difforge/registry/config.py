@@ -3,7 +3,7 @@
 A gates file is JSON with any subset of `Gates`' fields, e.g.
 
     {"fid_max": 30, "fid_max_ratio_to_production": 1.1,
-     "label_accuracy_min": 0.95, "memorization_max": 0.01}
+     "label_accuracy_min": 0.95, "memorization_max": 0.01, "filter_pass_rate_min": 0.98}
 
 Fields left out keep their defaults; set a field to null to switch that gate off.
 """
@@ -41,6 +41,9 @@ class Gates(_Frozen):
     fid_max_ratio_to_production: float | None = Field(1.1, gt=0)
     label_accuracy_min: float | None = Field(None, ge=0, le=1)  # class-conditional models
     memorization_max: float | None = Field(0.01, ge=0, le=1)  # fraction of memorized samples
+    # fraction of evaluation samples the output filter passed (the report's "filter_pass_rate");
+    # off by default: reports carry it only when the evaluation ran the filter
+    filter_pass_rate_min: float | None = Field(None, ge=0, le=1)
     smoke_sample: bool = True  # load from the registry, sample, refuse on NaN/inf
     smoke_images: int = Field(2, ge=1, le=64)
     smoke_steps: int = Field(4, ge=1, le=1000)

@@ -4,6 +4,12 @@ Reports come from difforge.evaluation; this module reads them defensively, so a 
 metrics sit at the top level or under "metrics", as numbers or as {"mean": ...} over seeds,
 under their short or long names ("kid" / "kid_mean", "memorization" / "memorization_rate"),
 all give the same summary.
+
+Release criteria beside image quality: `memorization` is the Gu et al. 2023 nearest-neighbour rate
+of difforge.evaluation.metrics.memorization (share of samples whose nearest training image is
+three times closer than the second nearest), gated by `memorization_max`; `filter_pass_rate` is
+the share of evaluation samples the output filter passed, gated by `filter_pass_rate_min` (a
+report without it fails a configured gate, like every metric gate).
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ METRIC_ALIASES: dict[str, tuple[str, ...]] = {
     "memorization": ("memorization", "memorization_rate"),
     "precision": ("precision",),
     "recall": ("recall",),
+    # share of sampled images the output filter (difforge.serving's filter stage) lets through,
+    # as an evaluation run records it: "filter_pass_rate" at the top level or under "metrics"
+    "filter_pass_rate": ("filter_pass_rate", "filter_pass"),
 }
 
 
@@ -233,6 +242,11 @@ def check_gates(
             _at_most(
                 "memorization_max", "memorization", mem, gates.memorization_max, "memorization_max"
             )
+        )
+    if gates.filter_pass_rate_min is not None:
+        rate = m.get("filter_pass_rate")
+        results.append(
+            _at_least("filter_pass_rate_min", "filter_pass_rate", rate, gates.filter_pass_rate_min)
         )
     return results
 

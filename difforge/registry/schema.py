@@ -195,6 +195,13 @@ def write_transaction(engine: Engine, *, lock: bool = True) -> Iterator[Connecti
 
 @contextmanager
 def read_transaction(engine: Engine) -> Iterator[Connection]:
-    """A read-only transaction (a consistent snapshot on SQLite; never blocks writers there)."""
-    with engine.connect() as conn, conn.begin():
-        yield conn
+    """A read-only transaction: one consistent snapshot for all its statements, never blocking
+    writers (SQLite under WAL; PostgreSQL at REPEATABLE READ). PostgreSQL's default, READ
+    COMMITTED, gives each statement its own snapshot: `Registry.resolve` could then read the
+    aliases before a promotion committed and the revision after it, and a service following the
+    registry would record the new revision while serving the old version, never to catch up."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn

@@ -9,6 +9,7 @@ from difforge.common.png import png_text
 from difforge.serving.app import build_service, create_app, serve
 from difforge.serving.audit import AuditEntry, AuditLog, Verification
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
+from difforge.serving.breaker import Breaker, BreakerConfig
 from difforge.serving.config import (
     ApiKey,
     Limits,
@@ -30,6 +31,8 @@ __all__ = [
     "AuditLog",
     "BatchKey",
     "BatchPlan",
+    "Breaker",
+    "BreakerConfig",
     "GenerateRequest",
     "InvarianceReport",
     "Limits",

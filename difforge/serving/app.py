@@ -4,11 +4,14 @@ Routes validate, hand to the service, encode; errors become JSON with a field-le
 
     POST /v1/generate        images (PNG for one, JSON with base64 PNGs for several)
     GET  /v1/models          served versions, defaults and limits
-    GET  /v1/requests/{id}   progress of a running request, or its audit record
+    GET  /v1/requests/{id}   progress of a running request, or its audit record; for an output
+                             held for review 202 while pending, its images once approved, 410
+                             after a rejection (difforge.serving.review)
     GET  /v1/audit/verify    check the audit log's hash chain (admin)
     GET  /v2/health/live     the process is up
     GET  /v2/health/ready    the production model is loaded and warmed up
     GET  /metrics            Prometheus (admin key or loopback)
+    GET  /v1/drift           the drift monitor's windows and latest distances (admin)
     GET  /                   a small web page to try the model
 
 Served from a registry (`serve(registry=URL, name=NAME)`), admin key or loopback:
@@ -17,6 +20,10 @@ Served from a registry (`serve(registry=URL, name=NAME)`), admin key or loopback
     POST /v1/admin/rollback  {alias?, reason?}                the alias's previous version
     POST /v1/admin/canary    {version?, percent, gates?}      a new canary, or its share
     GET  /v1/admin/registry  what is served, what failed to load, recent events
+
+With output filters configured, the review queue (difforge.serving.review_routes):
+
+    GET  /v1/admin/review, GET /v1/admin/review/{id}, POST /v1/admin/review/{id}/approve|reject
 """
 
 from __future__ import annotations
@@ -79,6 +86,13 @@ HTTP_STATUS: dict[str, int] = {
     "integrity_failure": 409,
     "registry_conflict": 409,
     "registry_unavailable": 503,
+    # the output filter stage and its review queue (difforge.serving.review)
+    "held": 202,
+    "output_refused": 403,
+    "review_full": 503,
+    "review_conflict": 409,
+    "review_rejected": 410,
+    "review_expired": 410,
 }
 MAX_IDEMPOTENCY_KEY = 128  # characters of an Idempotency-Key header
 MAX_HEADER_BYTES = 8192  # all request headers together; more is a 431
@@ -175,7 +189,7 @@ def _header(request: Request, name: str, limit: int) -> str | None:
 
 
 def _stored(resp: StoredResponse) -> Response:
-    return Response(resp.body, 200, headers=resp.headers, media_type=resp.media_type)
+    return Response(resp.body, resp.status, headers=resp.headers, media_type=resp.media_type)
 
 
 def create_app(service: Service, source: RegistrySource | None = None) -> FastAPI:
@@ -208,12 +222,20 @@ def create_app(service: Service, source: RegistrySource | None = None) -> FastAP
     app.include_router(_ops_routes(service))
     if source is not None:
         app.include_router(_admin_routes(service, source))
+    if service.screen.enabled:  # output filters configured: the review queue's admin routes
+        from difforge.serving.review_routes import review_router
+
+        app.include_router(review_router(service))
 
     def contract() -> dict:  # the routes read raw bodies: the contract is written out
         if app.openapi_schema is None:
             model = service.router.production.model
             app.openapi_schema = openapi_document(
-                service.config, model, admin=source is not None, version=app.version
+                service.config,
+                model,
+                admin=source is not None,
+                version=app.version,
+                review=service.screen.enabled,
             )
         return app.openapi_schema
 
@@ -229,7 +251,7 @@ def _principal(service: Service, request: Request, scope: str) -> Principal:
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(ServiceError)
     async def _failure(request: Request, exc: ServiceError):
-        service.metrics.error(exc.reason)
+        service.metrics.error(exc.reason, exc.role)
         headers = {}
         if exc.retry_after is not None:
             headers["Retry-After"] = retry_after_header(exc.retry_after)
@@ -286,15 +308,19 @@ def _api_routes(service: Service) -> APIRouter:
         return {
             "models": [{"role": role, **v.describe()} for role, v in router.versions()],
             "canary_share": router.canary_share,
+            "breaker": service.fallback.status(),
             "limits": service.config.limits.model_dump(mode="json"),
+            **service.screen.models_info(),
         }
 
     @api.get("/v1/requests/{request_id}")
-    async def request_status(request_id: str, request: Request) -> dict:
+    async def request_status(request_id: str, request: Request) -> Response:
         status = service.request_status(request_id, _principal(service, request, "any"))
         if status is None:
             raise ServiceError("not_found", "no such request")
-        return status
+        if isinstance(status, StoredResponse):  # held for review: 202, then the approved images
+            return _stored(status)
+        return JSONResponse(status)
 
     return api
 
@@ -323,6 +349,15 @@ def _ops_routes(service: Service) -> APIRouter:
     async def metrics(request: Request) -> Response:
         _principal(service, request, "admin")
         return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
+
+    @ops.get("/v1/drift")
+    async def drift(request: Request) -> dict:
+        _principal(service, request, "admin")
+        if service.drift is None:
+            raise ServiceError(
+                "not_found", "the drift monitor is off (drift.enabled in the config)"
+            )
+        return service.drift.status()
 
     @ops.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -402,6 +437,7 @@ def serve(
     port: int = 8000,
     config_path: str | Path | None = None,
     adapters: Sequence[tuple[str, str, float]] = (),
+    fast_model: str | Path | None = None,
 ) -> None:
     """Run the HTTP service until interrupted (`difforge serve`).
 
@@ -413,6 +449,8 @@ def serve(
         host, port: where to listen.
         config_path: the service config JSON (default: all defaults).
         adapters: LoRA adapters (name, folder, scale) served beside a --model (not --registry).
+        fast_model: a model folder the circuit breaker's cheap route uses under load (e.g. a
+            distilled student; difforge.serving.fallback).
     """
     import uvicorn
 
@@ -425,6 +463,8 @@ def serve(
         service, source = open_service(registry, name or "", config, artifacts)
     else:
         service = build_service(model_path or "", config, adapters)
+    if fast_model is not None:
+        service.fallback.attach_fast(fast_model, service.router.production.model)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

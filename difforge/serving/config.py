@@ -12,7 +12,11 @@ the key itself is never stored, logged or exported.
       "api_keys": [{"id": "alice", "sha256": "<hex of sha256(key)>", "scopes": ["generate"]}],
       "audit_db": "audit.sqlite3",
       "registry": {"poll_s": 5, "window_s": 60, "margins": {"error_rate": 0.02}},
-      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true}
+      "result_cache": {"max_bytes": 67108864, "ttl_s": 3600, "per_tenant": true},
+      "filters": {"stage": [{"name": "policy"}], "on_review": "hold", "review": {"max_items": 64}},
+      "drift": {"enabled": true, "window": 512, "interval_s": 30, "kid_max": 2000},
+      "state": {"backend": "database", "url": "postgresql+psycopg://difforge@db/difforge"},
+      "breaker": {"degrade": "allowed", "latency_slo_s": 2.0, "degraded_steps": 4}
     }
 """
 
@@ -29,6 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from difforge.common.validation import error_line
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.registry.canary import RollbackMargins
+from difforge.serving.breaker import BreakerConfig
+from difforge.serving.drift import DriftConfig
+from difforge.serving.review import FiltersConfig
 
 Scope = Literal["generate", "admin"]
 InvarianceMode = Literal["pad", "chunk", "per_sample", "off"]
@@ -119,6 +126,9 @@ class RegistryFollow(_Frozen):
     it rolls a canary back (see difforge.serving.registry_source)."""
 
     poll_s: float = Field(5.0, gt=0, allow_inf_nan=False)  # how often the revision is polled
+    # PostgreSQL registry: also LISTEN for its change notifications and sync at once (polling
+    # stays as the fallback; difforge.serving.registry_notify). No effect on SQLite.
+    notify: bool = True
     # a version that failed to load (e.g. a tampered artifact) is retried after this, doubling
     # after each failure up to an hour; an admin route retries it at once
     retry_failed_s: float = Field(60.0, gt=0, allow_inf_nan=False)
@@ -136,6 +146,26 @@ class ResultCacheConfig(_Frozen):
     max_bytes: int = Field(0, ge=0)  # pixel bytes kept, least recently used evicted; 0: off
     ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # None: until evicted
     per_tenant: bool = True  # entries are per API key id (False: shared by every caller)
+
+
+class StateConfig(_Frozen):
+    """Where Idempotency-Key records and rate-limit buckets live (difforge.serving.shared_state).
+
+    "memory": in this process; right for one replica. "database": in two SQL tables that every
+    replica on the same `url` shares (PostgreSQL across machines; SQLite for replicas on one
+    machine): a retry that lands on another replica replays the stored response, and a key's
+    rate limit holds across all of them. "auto" (the default): "database" when `url` is set or the
+    service follows a PostgreSQL registry (`serve --registry postgresql+psycopg://...`, whose
+    database is then used), else "memory".
+    """
+
+    backend: Literal["auto", "memory", "database"] = "auto"
+    url: str | None = None  # SQLAlchemy URL; None: the registry's (serve --registry only)
+    # an in-flight claim is renewed every claim_lease_s / 3 while its request runs; one not
+    # renewed for claim_lease_s (its replica died) may be taken over by a retry elsewhere
+    claim_lease_s: float = Field(10.0, gt=0, allow_inf_nan=False)
+    # a larger response is answered but not stored (a retry computes it again)
+    max_response_bytes: int = Field(4 << 20, ge=1)
 
 
 class ServiceConfig(_Frozen):
@@ -176,6 +206,12 @@ class ServiceConfig(_Frozen):
     warmup_steps: int = Field(2, ge=1)  # steps of the warm-up batch run before ready
     registry: RegistryFollow = Field(default_factory=RegistryFollow)  # serve --registry only
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
+    # output filters and the human review queue (difforge.serving.review); none: off
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # difforge.serving.drift; off
+    state: StateConfig = Field(default_factory=StateConfig)  # idempotency + rate limits
+    # fallback under load: the circuit breaker and its cheap route (difforge.serving.fallback)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
     @field_validator("api_keys")
     @classmethod
@@ -195,6 +231,17 @@ class ServiceConfig(_Frozen):
             except ValueError:
                 raise ValueError(f"{net!r} is not an IP address or CIDR network") from None
         return v
+
+    @model_validator(mode="after")
+    def _cheap_route_within_limits(self) -> ServiceConfig:
+        # (degraded_steps needs no check: a request is only degraded to fewer steps than it has)
+        b, lim = self.breaker, self.limits
+        if b.degraded_sampler is not None and b.degraded_sampler not in lim.allowed_samplers:
+            allowed = ", ".join(lim.allowed_samplers)
+            raise ValueError(
+                f"breaker.degraded_sampler must be one of limits.allowed_samplers ({allowed})"
+            )
+        return self
 
     @property
     def loopback_only(self) -> bool:

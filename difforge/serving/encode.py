@@ -47,14 +47,18 @@ def encode_images(
     seeds: Sequence[int],
     conditioning: Mapping[str, Sequence[Any]],
     edits: Sequence[Mapping[str, Any]] | None = None,
+    filters: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[tuple[dict[str, Any], bytes]]:
     """(provenance, PNG bytes) per image; `conditioning` is {key: one JSON value per image};
-    `edits` one edit record per image (its init image's and mask's sha256, strength)."""
+    `edits` one edit record per image (its init image's and mask's sha256, strength);
+    `filters` one output filter record per image (decision, each filter's name and version)."""
     out = []
     for i, img in enumerate(images):
         prov = provenance(common, seeds[i], {k: v[i] for k, v in conditioning.items()}, i)
         if edits is not None:
             prov["edit"] = dict(edits[i])
+        if filters is not None:
+            prov["filters"] = dict(filters[i])
         out.append((prov, png_bytes(img, as_text_chunks(prov))))
     return out
 

@@ -119,6 +119,7 @@ class Job:
     cpu_seconds: float = 0.0
     cancel_reason: str | None = None  # "deadline" or "disconnect"; set from any thread
     failure: JobFailed | None = None  # set when one of its images came out non-finite
+    degraded: Any = None  # the cheap route's Degradation (serving.fallback), if it took it
     future: asyncio.Future | None = None
 
     def __post_init__(self) -> None:

@@ -31,11 +31,13 @@ class IdempotencyConflict(DifforgeError):
 
 @dataclass(frozen=True)
 class StoredResponse:
-    """A successful answer (images), as stored for an Idempotency-Key replay."""
+    """A successful answer (images, or 202 for an output held for review), as stored for an
+    Idempotency-Key replay."""
 
     body: bytes
     media_type: str
     headers: dict[str, str] = field(default_factory=dict)
+    status: int = 200
 
 
 @dataclass

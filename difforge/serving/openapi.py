@@ -45,9 +45,12 @@ _ERROR = {
 _RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
 _WHY = {
     401: "no API key, or an unknown one (keys configured)",
-    403: "the key lacks the scope, or (no keys configured) the client is not loopback",
+    403: "the key lacks the scope, or (no keys configured) the client is not loopback; or the "
+    "output filters refused the output",
     404: "no such request, version or alias",
-    409: "in progress (Idempotency-Key, X-Request-Id) or refused by the registry",
+    409: "in progress (Idempotency-Key, X-Request-Id), refused by the registry, or the held "
+    "output was already decided",
+    410: "the held output was rejected by a reviewer, expired, or was lost on a restart",
     413: "the body is larger than limits.max_body_bytes",
     415: "the body is not declared application/json",
     422: "a field, header or rule of the request is invalid; detail names each",
@@ -55,7 +58,8 @@ _WHY = {
     431: "the request headers are larger than 8 KiB",
     499: "the client disconnected before the answer",
     500: "the model failed (an internal error, or non-finite output)",
-    503: "warming up, queue full, shutting down or the registry database is unreachable",
+    503: "warming up, queue full, shutting down, the registry database is unreachable or the "
+    "review queue is full",
     504: "the request's deadline passed",
 }
 
@@ -112,6 +116,12 @@ def generate_request_schema(config: ServiceConfig, model: Model) -> dict[str, An
             "default": "auto",
         },
         "deadline_ms": _nullable(deadline),
+        "allow_degraded": {
+            **_nullable({"type": "boolean"}),
+            "description": "under load (circuit breaker open), may a cheaper route answer: "
+            f"{config.breaker.degraded_steps} steps, or a fast model when one is installed; "
+            f"null: the service policy decides ({config.breaker.degrade})",
+        },
     }
     for key in model.spec.keys:
         props[key.name] = _conditioning_schema(key, lim.max_n)
@@ -177,6 +187,11 @@ def _generate_operation(config: ServiceConfig, model: Model) -> dict[str, Any]:
     headers["X-Cache"] = {
         "schema": {"type": "string", "enum": ["hit", "miss"]},
         "description": "with the result cache on: hit (served from the cache) or miss",
+    }
+    headers["X-Difforge-Degraded"] = {
+        "schema": {"type": "string"},
+        "description": "present when the circuit breaker's cheap route answered: steps=N, then "
+        "sampler=NAME and model=VERSION when those changed (the body's degraded record too)",
     }
     return {
         "summary": "Generate images",
@@ -289,10 +304,78 @@ def admin_paths() -> dict[str, Any]:
     }
 
 
+_HELD = {
+    "description": "held for human review (output filters): poll GET /v1/requests/{request_id}",
+    "headers": {"X-Request-Id": {"schema": {"type": "string"}}, **_RETRY},
+    "content": {
+        JSON: {
+            "schema": {
+                "type": "object",
+                "required": ["request_id", "status", "poll"],
+                "properties": {
+                    "request_id": {"type": "string"},
+                    "status": {"type": "string", "enum": ["held"]},
+                    "detail": {"type": "string"},
+                    "poll": {"type": "string"},
+                },
+            }
+        }
+    },
+}
+_ID = [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+def review_paths(config: ServiceConfig) -> dict[str, Any]:
+    """The review queue's admin routes (output filters configured)."""
+    from difforge.serving.review_routes import MAX_NOTE
+
+    state = {
+        "name": "state",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["pending", "approved", "all"], "default": "pending"},
+    }
+    note = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"note": _nullable({"type": "string", "maxLength": MAX_NOTE})},
+    }
+    image = {
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        JSON: {"schema": {"type": "object"}},
+    }
+
+    def decide(summary: str) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "parameters": _ID,
+            "requestBody": {"required": False, "content": {JSON: {"schema": note}}},
+            "responses": {
+                "200": {"description": "the held output's summary", "content": _OBJECT},
+                **_errors(401, 403, 404, 409, 413, 415, 422, 431),
+            },
+        }
+
+    return {
+        "/v1/admin/review": {
+            "get": {
+                **_get("Outputs held for review, and the queue's use", _OBJECT, 401, 403, 422, 431),
+                "parameters": [state],
+            }
+        },
+        "/v1/admin/review/{request_id}": {
+            "get": {**_get("A held output's bytes", image, 401, 403, 404, 431), "parameters": _ID}
+        },
+        "/v1/admin/review/{request_id}/approve": {"post": decide("Approve a held output")},
+        "/v1/admin/review/{request_id}/reject": {"post": decide("Reject a held output")},
+    }
+
+
 def openapi_document(
-    config: ServiceConfig, model: Model, *, admin: bool, version: str
+    config: ServiceConfig, model: Model, *, admin: bool, version: str, review: bool = False
 ) -> dict[str, Any]:
-    """The whole OpenAPI 3.1 document."""
+    """The whole OpenAPI 3.1 document; `review`: output filters are on (202s, 410s, the review
+    queue's admin routes)."""
     text = {"text/plain": {"schema": {"type": "string"}}}
     paths: dict[str, Any] = {
         "/v1/generate": {"post": _generate_operation(config, model)},
@@ -312,6 +395,7 @@ def openapi_document(
             }
         },
         "/v1/audit/verify": {"get": _get("Check the audit chain", _OBJECT, 401, 403, 431)},
+        "/v1/drift": {"get": _get("Drift monitor status", _OBJECT, 401, 403, 404, 431)},
         "/v2/health/live": {"get": _get("Liveness", _OBJECT, 431, public=True)},
         "/v2/health/ready": {"get": _get("Readiness (warmed up)", _OBJECT, 431, 503, public=True)},
         "/metrics": {"get": _get("Prometheus text format 0.0.4", text, 401, 403, 431)},
@@ -327,6 +411,16 @@ def openapi_document(
     }
     if admin:
         paths.update(admin_paths())
+    if review:
+        paths["/v1/generate"]["post"]["responses"]["202"] = _HELD
+        poll = paths["/v1/requests/{request_id}"]["get"]
+        poll["summary"] = "A request's progress or audit record; a held output's status or images"
+        poll["responses"]["200"]["content"] = {
+            **poll["responses"]["200"]["content"],
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        }
+        poll["responses"] = {"202": _HELD, **poll["responses"], **_errors(410)}
+        paths.update(review_paths(config))
     return {
         "openapi": "3.1.0",
         "info": {"title": "difforge", "version": version},

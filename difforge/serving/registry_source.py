@@ -12,6 +12,7 @@ the outcome windows a canary is judged on: `difforge.serving.outcomes`.
     POST /v1/admin/promote, /canary    load + verify -> registry (gates) -> warm -> route
     POST /v1/admin/rollback            registry -> load + verify -> warm -> route
     every `poll_s`                     revision changed? -> load + verify -> warm -> route
+    a PostgreSQL change notification   the same, at once (difforge.serving.registry_notify)
     every `check_s`                    should_rollback(production window, canary window)?
                                        -> canary out of the router -> auto_rollback_canary
 
@@ -34,12 +35,14 @@ from typing import Any
 
 from difforge.pipeline import Model
 from difforge.registry import Registry, RegistryError, Resolution, should_rollback
+from difforge.registry.reports import latest_report
 from difforge.serving.access import Principal
 from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, registry_errors
 from difforge.serving.config import RegistryFollow, ServiceConfig
 from difforge.serving.engine import on_passing_thread
 from difforge.serving.outcomes import OutcomeWindows
 from difforge.serving.protocol import RequestInvalid, field_error
+from difforge.serving.registry_notify import follow_notifications, notifies
 from difforge.serving.router import ModelRouter, ModelVersion, check_compatible
 from difforge.serving.service import Service, ServiceError
 
@@ -102,6 +105,10 @@ class RegistrySource:
         if self.follow.auto_rollback:
             task = asyncio.create_task(self._every(self.follow.check_s, self.check_canary))
             self._tasks.append(task)
+        url = self.registry.config.url
+        if self.follow.notify and notifies(url):  # PostgreSQL: sync the moment a change commits
+            listen = follow_notifications(url, self.name, self.sync)
+            self._tasks.append(asyncio.create_task(listen, name="difforge-registry-notify"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -379,6 +386,11 @@ class RegistrySource:
                 for role, v in router.versions()
             ],
             "canary_share": router.canary_share,
+            "follow": {
+                "poll_s": self.follow.poll_s,
+                "notify": self.follow.notify and notifies(self.registry.config.url),
+            },
+            "shared_state": self.service.state.backend,  # idempotency + rate limits
             "problems": dict(self.problems),
             "events": list(self.events)[-10:],
         }
@@ -409,5 +421,13 @@ def open_service(
         registry.close()
         raise
     meta = {"registry_name": name, "registry_version": number}
-    service = Service(config, ModelRouter(ModelVersion(model, meta=meta)))
+    try:
+        service = Service(config, ModelRouter(ModelVersion(model, meta=meta)), registry_url=url)
+    except BaseException:
+        registry.close()
+        raise
+    if service.drift is not None:  # drift is measured against each version's evaluation report
+        service.drift.report_for = lambda v: latest_report(
+            registry, v.meta["registry_name"], v.meta["registry_version"]
+        )
     return service, RegistrySource(service, registry, name)

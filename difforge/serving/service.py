@@ -6,7 +6,8 @@ authorize (unauthorized/forbidden) -> rate limit (rate_limited) -> read the body
 (body_too_large) -> idempotency claim (replay, idempotency_conflict, idempotency_mismatch) -> parse
 and validate (validation) -> route to a model version -> result cache (a hit skips to encode;
 difforge.serving.cache) -> enqueue (queue_full) -> wait for the images, the deadline (deadline) or
-a disconnect (disconnect) -> encode -> audit -> answer.
+a disconnect (disconnect) -> output filters (difforge.serving.review: pass, hold for review with
+a 202, or refuse: output_refused) -> encode -> audit -> answer.
 
 The service knows nothing of HTTP status codes: it raises ServiceError with a reason, and the app
 (difforge.serving.app.HTTP_STATUS) maps reasons to statuses; the audit log's http_status comes from
@@ -16,6 +17,7 @@ that mapping too (`status_of`, set by create_app).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -30,11 +32,12 @@ import torch
 from difforge.core.errors import DifforgeError
 from difforge.pipeline import Model
 from difforge.pipeline.conditioning import signature
-from difforge.serving.access import AccessControl, AccessDenied, Principal, RateLimiter
+from difforge.serving.access import AccessControl, AccessDenied, Principal
 from difforge.serving.audit import AuditEntry, AuditLog
 from difforge.serving.batching import BatchKey, BatchPlan, Row, sample_rows
 from difforge.serving.cache import CachedResult, CacheKey, ResultCache, result_key
 from difforge.serving.config import ServiceConfig
+from difforge.serving.drift import DriftMonitor
 from difforge.serving.encode import (
     encode_images,
     json_body,
@@ -50,17 +53,20 @@ from difforge.serving.engine import (
     QueueFull,
     finite_rows,
 )
-from difforge.serving.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse
+from difforge.serving.fallback import HEADER as DEGRADED_HEADER
+from difforge.serving.fallback import Choice, Fallback
+from difforge.serving.idempotency import IdempotencyConflict, StoredResponse
 from difforge.serving.invariance import choose_plan
-from difforge.serving.metrics import ServiceMetrics
-from difforge.serving.protocol import Plan, RequestInvalid, parse_body, resolve
+from difforge.serving.metrics import VERSION_FAILURES, ServiceMetrics
+from difforge.serving.protocol import GenerateRequest, Plan, RequestInvalid, parse_body, resolve
+from difforge.serving.review import Screen, ScreenOutcome
 from difforge.serving.router import ModelRouter, ModelVersion, Role
+from difforge.serving.shared_state import SharedState, StateUnavailable
 
 log = logging.getLogger("difforge.serving")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-# failures that count against the version that served the request (not the client's doing)
-_VERSION_FAILURES = frozenset({"internal", "non_finite", "deadline"})
+_VERSION_FAILURES = frozenset(VERSION_FAILURES)  # they count against the version that served
 # refusals before any work: they give the rate-limit token back
 _REFUSED_BEFORE_WORK = frozenset({"not_ready", "queue_full", "shutdown"})
 Receive = Callable[[], Awaitable[dict]]
@@ -74,6 +80,7 @@ class ServiceError(DifforgeError):
         detail: what the client is told: a message or field-level errors.
         retry_after: seconds after which a retry may succeed, if it may.
         request_id: the request's id, once it has one.
+        role: the role of the version it was routed to, once it was (a metric label).
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class ServiceError(DifforgeError):
     ):
         self.reason, self.detail = reason, detail
         self.retry_after, self.request_id = retry_after, request_id
+        self.role: str | None = None
         super().__init__(str(detail))
 
 
@@ -111,18 +119,21 @@ class Service:
     Args:
         config: the service configuration.
         router: the model versions (they are warmed up by `start`).
+        registry_url: the registry followed, if any (default database of `config.state`).
     """
 
-    def __init__(self, config: ServiceConfig, router: ModelRouter):
+    def __init__(self, config: ServiceConfig, router: ModelRouter, registry_url: str | None = None):
         self.config = config
         self.router = router
         self.metrics = ServiceMetrics()
         self.engine = Engine(config, self.metrics)
         self.access = AccessControl(config)
         self.detector = None  # an anomaly detector over the production model (serving.anomaly)
-        self.limiter = RateLimiter(config)
-        self.idempotency = IdempotencyStore(config.idempotency_entries, config.idempotency_ttl_s)
+        # rate limits and Idempotency-Key records: in memory, or shared by replicas in a database
+        self.state = SharedState(config, registry_url)
+        self.limiter, self.idempotency = self.state.limiter, self.state.idempotency
         self.audit = AuditLog(config.audit_db)
+        self.fallback = Fallback(config.breaker, self.metrics)  # the breaker and the cheap route
         rc = config.result_cache
         self.cache = ResultCache(
             rc.max_bytes,
@@ -134,9 +145,16 @@ class Service:
         self.outcome_observers: list[Callable[[Job, bool, float], None]] = []
         # outcome reason -> the HTTP status recorded in the audit log (set by the app)
         self.status_of: Callable[[str], int] = _no_status
+        # the output filter stage and review queue (difforge.serving.review); off without filters
+        self.screen = Screen(self)
         self._warming: asyncio.Task | None = None
         self._threads_before: int | None = None
         self._publish_models()
+        self.drift: DriftMonitor | None = None  # output and input drift (serving.drift)
+        if config.drift.enabled:
+            served = lambda: [v for _, v in self.router.versions()]  # noqa: E731
+            self.drift = DriftMonitor(config.drift, self.metrics, served)
+            self.outcome_observers.append(self.drift.observe)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -147,7 +165,13 @@ class Service:
             # Set on the sampler thread: that thread's OpenMP team is what runs the batches.
             self._threads_before = await self.engine.call(_set_threads, self.config.torch_threads)
         versions = [v for _, v in self.router.versions() if not v.ready]
+        fast = self.fallback.fast  # the breaker's cheap route, when one was attached
+        if fast is not None and not fast.ready:
+            versions.append(fast)
+        self._publish_models()
         self._warming = asyncio.create_task(self._warm_all(versions), name="difforge-warmup")
+        if self.drift is not None:
+            self.drift.start(self.engine)
 
     async def _warm_all(self, versions: list[ModelVersion]) -> None:
         for version in versions:
@@ -165,11 +189,14 @@ class Service:
     async def stop(self) -> None:
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()
+        if self.drift is not None:
+            await self.drift.stop()
         self.engine.cancel_all("shutdown")
         if self._threads_before is not None:  # torch's thread count is process state: restore it
             await self.engine.call(_set_threads, self._threads_before)
         await self.engine.stop()
         self.audit.close()
+        self.state.close()
 
     @property
     def ready(self) -> bool:
@@ -230,21 +257,30 @@ class Service:
         return canary
 
     def _publish_models(self) -> None:
-        self.metrics.set_models([(v.name, v.id, role) for role, v in self.router.versions()])
+        served = [(v.name, v.id, role) for role, v in self.router.versions()]
+        if self.fallback.fast is not None:  # the breaker's cheap route (serving.fallback)
+            served.append((self.fallback.fast.name, self.fallback.fast.id, "fast"))
+        self.metrics.set_models(served)
 
     # -- generate --------------------------------------------------------------------------------
 
     async def generate(self, call: GenerateCall) -> StoredResponse:
         """Run one POST /v1/generate; raises ServiceError for every outcome without images."""
+        try:
+            return await self._generate_counted(call)
+        except StateUnavailable as e:  # the shared database is away: retry later, elsewhere
+            raise ServiceError("not_ready", str(e), retry_after=1.0) from None
+
+    async def _generate_counted(self, call: GenerateCall) -> StoredResponse:
         principal = call.principal
-        wait = self.limiter.acquire(principal.key_id)
+        wait = await self.state.call(self.limiter.acquire, principal.key_id)
         if wait is not None:
             raise ServiceError("rate_limited", "rate limit exceeded for this key", retry_after=wait)
         try:
             return await self._generate_limited(call)
         except ServiceError as e:
             if e.reason in _REFUSED_BEFORE_WORK:  # the service's state, not the client's use
-                self.limiter.refund(principal.key_id)
+                await self.state.call(self.limiter.refund, principal.key_id)
             raise
 
     async def _generate_limited(self, call: GenerateCall) -> StoredResponse:
@@ -253,7 +289,9 @@ class Service:
         idem = call.idempotency_key
         if idem:
             try:
-                stored = self.idempotency.claim(principal.key_id, idem, call.body)
+                stored = await self.state.call(
+                    self.idempotency.claim, principal.key_id, idem, call.body
+                )
             except IdempotencyConflict as e:
                 # still running: a retry after it finishes gets the stored answer
                 retry = self.engine.retry_after_s() if e.reason == "idempotency_conflict" else None
@@ -263,15 +301,19 @@ class Service:
                     stored.body,
                     stored.media_type,
                     {**stored.headers, "Idempotent-Replayed": "true"},
+                    stored.status,
                 )
+        if not idem:
+            return await self._generate(call, request_id)
         try:
-            response = await self._generate(call, request_id)
+            async with self.state.holding(principal.key_id, idem):  # renews a database claim
+                response = await self._generate(call, request_id)
         except BaseException:
-            if idem:
-                self.idempotency.release(principal.key_id, idem)
+            with contextlib.suppress(StateUnavailable):  # then the claim's lease runs out
+                await self.state.call(self.idempotency.release, principal.key_id, idem)
             raise
-        if idem:
-            self.idempotency.complete(principal.key_id, idem, response)
+        with contextlib.suppress(StateUnavailable):  # answered, not stored: the lease runs out
+            await self.state.call(self.idempotency.complete, principal.key_id, idem, response)
         return response
 
     def _request_id(self, given: str | None) -> str:
@@ -290,20 +332,42 @@ class Service:
         return given
 
     async def _generate(self, call: GenerateCall, request_id: str) -> StoredResponse:
-        plan = self._plan(call, request_id)  # first: an invalid request is always "validation"
+        req, plan = self._parse(call, request_id)  # first: an invalid request is "validation"
         if not self.ready:
             raise ServiceError("not_ready", "the model is warming up", retry_after=1.0)
         # Routing key: the same API key and seed always reach the same version (canary share).
         role, version = self.router.route(f"{call.principal.key_id}:{plan.seeds[0]}")
-        job = self._job(request_id, version, role, plan, call.accepted)
+        choice = self.fallback.choose(req, plan, self._resolve, self.engine.depth)
+        if choice.version is not None:  # the cheap route is the fast model
+            role, version = "fast", choice.version
+        self.metrics.routed.labels(role).inc()
+        job = self._job(request_id, version, role, choice.plan, call.accepted)
         job.key_id = call.principal.key_id
+        job.degraded = choice.degradation
+        measured, ok = False, False
+        try:
+            response, measured = await self._run_job(call, job, choice)
+            ok = True
+            return response
+        except ServiceError as e:
+            e.role = role
+            measured = e.reason in _VERSION_FAILURES  # the load's doing, not the client's
+            raise
+        finally:
+            self.fallback.finish(choice, job, ok, measured)
+
+    async def _run_job(
+        self, call: GenerateCall, job: Job, choice: Choice
+    ) -> tuple[StoredResponse, bool]:
+        """Cache, queue, wait, answer; (the response, whether it ran: a cache hit did not)."""
+        plan, version = choice.plan, job.version
         cache_key = self._cache_key(call, version, plan)
         if cache_key is not None:
             hit = self.cache.get(cache_key)
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
             if hit is not None:  # no sampler call: the stored pixels, encoded for this request
                 job.images, job.nfe, job.call_images = list(hit.images), hit.nfe, [*hit.call_images]
-                return self._respond(call, job, plan, cache="hit")
+                return await self.screen.answer(call, job, plan, "hit"), False
         try:
             future = self.engine.submit(job)
         except QueueFull as e:
@@ -320,9 +384,9 @@ class Service:
             result = CachedResult(tuple(job.images), job.nfe, tuple(job.call_images))
             self.cache.put(cache_key, result)
             self.metrics.cache_bytes.set(self.cache.nbytes)
-        response = self._respond(call, job, plan, cache=None if cache_key is None else "miss")
-        self._outcome(job, True)
-        return response
+        self._outcome(job, True)  # the version did its work, whatever the filters decide
+        cache = None if cache_key is None else "miss"
+        return await self.screen.answer(call, job, plan, cache), True
 
     def _cache_key(self, call: GenerateCall, version: ModelVersion, plan: Plan) -> CacheKey | None:
         """The request's result cache key; None when the cache is off, its seed was drawn or its
@@ -342,20 +406,28 @@ class Service:
             observe(job, ok, latency)
 
     def _plan(self, call: GenerateCall, request_id: str) -> Plan:
+        return self._parse(call, request_id)[1]
+
+    def _parse(self, call: GenerateCall, request_id: str) -> tuple[GenerateRequest, Plan]:
         """Parse and validate the body against the limits and the production model (versions
-        served side by side accept the same requests; see router.check_compatible)."""
+        served side by side accept the same requests; see router.check_compatible); the request
+        is kept for the breaker's cheap route (it re-resolves it)."""
         try:
             req = parse_body(call.body, self.config.limits)
-            return resolve(
-                req,
-                self.config.limits,
-                self.router.production.model,
-                default_deadline_s=self.config.default_deadline_s,
-                max_deadline_s=self.config.max_deadline_s,
-            )
+            return req, self._resolve(req)
         except RequestInvalid as e:
             self._audit(call, request_id, "invalid", e.reason, {"errors": e.errors}, None)
             raise ServiceError(e.reason, e.errors, request_id=request_id) from None
+
+    def _resolve(self, req: GenerateRequest) -> Plan:
+        """The one resolver under this service's limits (RequestInvalid if `req` breaks one)."""
+        return resolve(
+            req,
+            self.config.limits,
+            self.router.production.model,
+            default_deadline_s=self.config.default_deadline_s,
+            max_deadline_s=self.config.max_deadline_s,
+        )
 
     def _key(
         self, version: ModelVersion, sampler: str, steps: int, guided: bool, options, cond=()
@@ -423,9 +495,15 @@ class Service:
         return ServiceError(reason, msg, request_id=job.request_id)
 
     def _respond(
-        self, call: GenerateCall, job: Job, plan: Plan, cache: str | None = None
+        self,
+        call: GenerateCall,
+        job: Job,
+        plan: Plan,
+        cache: str | None = None,
+        screened: ScreenOutcome | None = None,
     ) -> StoredResponse:
-        """Encode the job's images; `cache` ("hit" or "miss", None when off) becomes X-Cache."""
+        """Encode the job's images; `cache` ("hit" or "miss", None when off) becomes X-Cache;
+        `screened`: the filter stage's decisions (provenance) and outcome (the audit status)."""
         images = [img for img in job.images if img is not None]
         digest = pixels_sha256(images)
         model = job.version.model
@@ -439,6 +517,7 @@ class Service:
             "grid": plan.grid,
             "options": dict(plan.options),
             **({"adapter": model.adapters[plan.adapter].describe()} if plan.adapter else {}),
+            **({"degraded": job.degraded.describe()} if job.degraded else {}),
             "request_id": job.request_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "synthetic": True,
@@ -449,9 +528,15 @@ class Service:
             "X-Output-SHA256": digest,
             "X-Model-Version": job.version.id,
             **({"X-Cache": cache} if cache else {}),
+            **({DEGRADED_HEADER: job.degraded.header()} if job.degraded else {}),
         }
-        self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
-        self._audit(call, job.request_id, "ok", "ok", plan.params(), job, digest, cache)
+        status, filters = ("ok", None) if screened is None else screened.audit_status()
+        if status == "ok":
+            self.metrics.images.labels(job.version.id, plan.sampler).inc(len(images))
+            self._audit(
+                call, job.request_id, "ok", "ok", plan.params(), job, digest, cache, filters
+            )
+        # a held answer is audited once the review queue took it (difforge.serving.review)
         extra = {
             "role": job.role,
             "nfe": job.nfe,
@@ -467,7 +552,8 @@ class Service:
             )
             return StoredResponse(body, "application/json", headers)
         edits = None if plan.edit is None else [plan.edit.image_params(i) for i in range(plan.n)]
-        encoded = encode_images(images, common, plan.seeds, plan.conditioning, edits)
+        per_image = None if screened is None else screened.provenance()
+        encoded = encode_images(images, common, plan.seeds, plan.conditioning, edits, per_image)
         if plan.response_format == "png":
             return StoredResponse(encoded[0][1], "image/png", headers)
         return StoredResponse(
@@ -486,6 +572,7 @@ class Service:
         job: Job | None,
         digest=None,
         cache: str | None = None,
+        filters: dict | None = None,
     ):
         version = job.version if job is not None else None
         detail = {}
@@ -498,6 +585,10 @@ class Service:
             }
         if cache is not None:  # "hit": answered from the result cache; calls and nfe are the
             detail["cache"] = cache  # stored result's, none of them ran for this request
+        if job is not None and job.degraded:  # params are what ran; this is what was asked
+            detail["degraded"] = job.degraded.describe()
+        if filters is not None:  # the filter stage's decisions and versions
+            detail["filters"] = filters
         self.audit.append(
             AuditEntry(
                 request_id=request_id,
@@ -516,8 +607,13 @@ class Service:
 
     # -- admin -----------------------------------------------------------------------------------
 
-    def request_status(self, request_id: str, principal: Principal) -> dict | None:
-        """A running request's progress, or its audit record; None if absent or not the caller's."""
+    def request_status(self, request_id: str, principal: Principal) -> dict | StoredResponse | None:
+        """A running request's progress, or its audit record; None if absent or not the caller's.
+        A request held for review answers its held status (a StoredResponse: 202, then the
+        approved images) or raises ServiceError (410 after a rejection or expiry)."""
+        held = self.screen.poll(request_id, principal)
+        if held is not None:
+            return held
         job = self.engine.jobs.get(request_id)
         if job is not None:
             if not (principal.may("admin") or principal.key_id == job.key_id):

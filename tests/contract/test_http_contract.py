@@ -83,7 +83,7 @@ def test_openapi_describes_every_route_body_and_response(app):
     inferred = get_openapi(title="t", version="0", routes=app.routes)["paths"]  # every route
     routes = {(p, m) for p, ops in inferred.items() for m in ops}
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
-    assert len(routes) == 9 and routes == documented
+    assert len(routes) == 10 and routes == documented
     gen = doc["paths"]["/v1/generate"]["post"]
     body = gen["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["steps"]["anyOf"][0]["maximum"] == 4

@@ -261,3 +261,31 @@ def test_web_page_plots_series_of_a_series_model(tmp_path):
             assert "labels 0" in page.locator("#gallery figcaption").first.inner_text()
         finally:
             browser.close()
+
+
+def test_web_page_allows_a_degraded_answer_and_says_so(tmp_path):
+    sync_api = _playwright()
+    from difforge.serving import create_app
+    from difforge.serving.breaker import BreakerConfig
+
+    breaker = BreakerConfig(latency_slo_s=0.001, min_samples=1, cooldown_s=3600, degraded_steps=2)
+    svc = make_service(
+        make_tiny_model(tmp_path / "tiny"), torch_threads=1, warmup_steps=1, breaker=breaker
+    )
+    svc.fallback.breaker.record("normal", 0.0, 1.0)  # one slow request: the breaker is open
+    with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
+        wait_ready(svc)
+        browser = launch(pw, tmp_path)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.querySelectorAll('#sampler option').length > 0")
+            page.fill("#n", "1")
+            page.fill("#steps", "4")
+            page.check("#degraded")
+            page.click("#go")
+            page.wait_for_selector("#gallery figure img", timeout=60_000)
+            status = page.inner_text("#status")
+            assert "degraded under load (steps=2; asked 4 steps)" in status, status
+        finally:
+            browser.close()

@@ -82,7 +82,7 @@ def test_keys_and_scopes(model_dir, caplog):
         assert secret not in metrics_text
         assert not any(secret in row for row in audit_rows)
         assert secret not in caplog.text
-    assert 'difforge_errors_total{reason="unauthorized"} 3.0' in metrics_text
+    assert 'difforge_errors_total{reason="unauthorized",role="none"} 3.0' in metrics_text
 
 
 def test_loopback_only_without_keys(model_dir, caplog):
@@ -187,7 +187,7 @@ def test_full_queue_answers_503_at_once_and_never_grows(model_dir):
             done = await asyncio.gather(first, *queued)
             assert [r.status_code for r in done] == [200, 200, 200]  # all accepted complete
             metrics = (await c.get("/metrics")).text
-            assert 'difforge_errors_total{reason="queue_full"} 20.0' in metrics
+            assert 'difforge_errors_total{reason="queue_full",role="production"} 20.0' in metrics
 
     run(scenario())
 
@@ -263,7 +263,7 @@ def test_deadline_drops_queued_requests_and_stops_running_ones(model_dir):
             nfe = svc.metrics.nfe.labels(svc.router.production.id)._value.get()
             assert 0 < nfe < 40  # forwards actually run: the call did not go on to the end
             metrics = (await c.get("/metrics")).text
-            assert 'difforge_errors_total{reason="deadline"} 2.0' in metrics
+            assert 'difforge_errors_total{reason="deadline",role="production"} 2.0' in metrics
 
     run(scenario())
 

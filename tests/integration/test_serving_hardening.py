@@ -79,7 +79,9 @@ def test_non_finite_output_fails_the_request_counted_and_audited(model_dir):
             ok = await c.post("/v1/generate", json={"labels": [2], "seed": 1})
             assert ok.status_code == 200 and outcomes == [False, True]
             text = (await c.get("/metrics")).text
-            assert metric(text, 'difforge_errors_total{reason="non_finite"}') == 1.0
+            assert (
+                metric(text, 'difforge_errors_total{reason="non_finite",role="production"}') == 1.0
+            )
 
     run(scenario())
 
@@ -255,8 +257,8 @@ def test_a_disconnect_while_sending_the_body_is_a_disconnect_not_a_500(model_dir
     run(scenario())
     assert sent[0]["status"] == 499
     text = svc.metrics.exposition().decode()
-    assert metric(text, 'difforge_errors_total{reason="disconnect"}') == 1.0
-    assert metric(text, 'difforge_errors_total{reason="internal"}') == 0.0
+    assert metric(text, 'difforge_errors_total{reason="disconnect",role="none"}') == 1.0
+    assert metric(text, 'difforge_errors_total{reason="internal",role="none"}') == 0.0
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 

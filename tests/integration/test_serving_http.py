@@ -225,8 +225,8 @@ def test_validation_errors_are_422_or_413_and_cost_no_queue_slot(model_dir):
             ok = await c.post("/v1/generate", json={"labels": [1], "seed": 1})  # queue of 1 free
             assert ok.status_code == 200
             metrics = (await c.get("/metrics")).text
-            assert 'difforge_errors_total{reason="validation"} 12.0' in metrics
-            assert 'difforge_errors_total{reason="body_too_large"} 1.0' in metrics
+            assert 'difforge_errors_total{reason="validation",role="none"} 12.0' in metrics
+            assert 'difforge_errors_total{reason="body_too_large",role="none"} 1.0' in metrics
 
     run(scenario())
 

@@ -217,7 +217,7 @@ def test_promote_gate_failure_and_rollback_through_admin_routes(reg):
             assert registry_version(svc.router.production) == 2
             assert actions(reg)[-1] == "promotion_refused"
             metrics = (await c.get("/metrics")).text
-            assert 'difforge_errors_total{reason="gate_failed"} 1.0' in metrics
+            assert 'difforge_errors_total{reason="gate_failed",role="none"} 1.0' in metrics
 
             r = await c.post("/v1/admin/rollback", json={"reason": "drill"})
             assert r.status_code == 200, r.text

@@ -118,3 +118,33 @@ def test_gates_file_overrides_defaults_and_rejects_unknown_keys(tmp_path):
         ValueError, match="label_accuracy_min: Input should be less than or equal to 1"
     ):
         parse_gates({"label_accuracy_min": 95})
+
+
+def test_filter_pass_rate_gate_passes_fails_and_needs_the_metric():
+    gates = Gates(
+        fid_max_ratio_to_production=None, memorization_max=None, filter_pass_rate_min=0.98
+    )
+    reports = {
+        "pass": {"metrics": {"fid": 12.0, "filter_pass_rate": {"mean": 0.995, "std": 0.002}}},
+        "fail": {"fid": 12.0, "filter_pass_rate": 0.9},
+        "missing": {"metrics": {"fid": 12.0}},
+    }
+    (ok,) = check_gates(gates, summarize_report(reports["pass"]))
+    assert ok.gate == "filter_pass_rate_min" and ok.passed and ok.margin == pytest.approx(0.015)
+    (bad,) = check_gates(gates, summarize_report(reports["fail"]))
+    assert not bad.passed
+    assert bad.message == "filter_pass_rate_min: filter_pass_rate 0.9 < 0.98 (short by 0.08)"
+    (missing,) = check_gates(gates, summarize_report(reports["missing"]))
+    assert not missing.passed and missing.message.endswith("the report has no filter_pass_rate")
+    assert (
+        check_gates(Gates(fid_max_ratio_to_production=None, memorization_max=None), summary()) == []
+    )
+
+
+def test_memorization_gate_reads_the_evaluation_reports_rate():
+    gates = Gates(fid_max_ratio_to_production=None, memorization_max=0.01)
+    ok = check_gates(gates, summarize_report({"metrics": {"memorization_rate": {"mean": 0.0}}}))
+    bad = check_gates(gates, summarize_report({"metrics": {"memorization_rate": {"mean": 0.05}}}))
+    assert ok[0].passed and not bad[0].passed and bad[0].margin == pytest.approx(-0.04)
+    with pytest.raises(Exception, match="filter_pass_rate_min"):
+        parse_gates({"filter_pass_rate_min": 1.5})

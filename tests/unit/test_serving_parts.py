@@ -432,6 +432,6 @@ def test_every_outcome_reason_has_exactly_one_http_status_in_the_app():
     from difforge.serving.metrics import ERROR_REASONS
     from difforge.serving.service import ServiceError
 
-    assert set(ERROR_REASONS) | {"ok"} == set(HTTP_STATUS)
+    assert set(ERROR_REASONS) | {"ok", "held"} == set(HTTP_STATUS)
     err = ServiceError("queue_full", "the queue is full", retry_after=2.0)
     assert not hasattr(err, "status") and (err.reason, err.retry_after) == ("queue_full", 2.0)

@@ -188,7 +188,7 @@ class ServiceConfig(_Frozen):
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000, allow_inf_nan=False)
     pad_fill_wait: float = Field(0.1, ge=0, le=1, allow_inf_nan=False)
     batch_invariance: InvarianceMode = "chunk"
-    chunk_rows: int = Field(4, ge=1, le=64)  # forward rows per network call, "chunk" only
+    chunk_rows: int = Field(2, ge=1, le=64)  # forward rows per network call, "chunk" only
     rate_limit: RateLimit | None = None  # default bucket for every key (None: unlimited)
     api_keys: tuple[ApiKey, ...] = ()  # none: only loopback clients are answered
     # Reverse proxies (IP addresses or CIDR networks) whose X-Forwarded-For is believed. None

@@ -29,8 +29,10 @@ costs. Measured on models/mnist-cond (one denoiser forward, rows bitwise equal a
 output; with 2 threads {4, 8, ..., 48} is one class. No small shape equals the large ones, so a
 chunk size is a latency/throughput trade (benchmarks/serve_ab.py, 1 thread, guided, 10 steps, a
 machine at load 11-18): lone-client p50 vs the same request in-process 1.1-1.5x at chunk_rows 2,
-1.7-1.9x at 4, 4.1-4.5x for "pad" at 8 rows; in-process, 16 images chunked by 2 run at ~62% of
-the unchunked batch's throughput, by 4 at ~91%. `probe_chunked` checks
+1.7-1.9x at 4, 4.1-4.5x for "pad" at 8 rows; in-process, 16 images chunked by 2 run at 62-67% of
+the unchunked batch's throughput, by 4 at 72-91%, in 8-row padded calls at ~100%. The default is
+"chunk" with 2 rows: the low-load latency, and a lone guided image's bytes are those of sampling
+it alone in-process (one 2-row forward). `probe_chunked` checks
 the chunk end to end before a version serves: the probe image alone, and at every position of
 calls of every size up to a full one, must come out bitwise identical; else "per_sample".
 """

@@ -10,7 +10,9 @@ fresh server process is started on 127.0.0.1 and each level runs `levels[i]` clo
 (asyncio + httpx) for --duration seconds: one image per request, random label and seed, guidance
 on. Reported per level: images/s, latency p50/p95/p99, errors by status. "offline" runs the same
 sampler calls in-process (`sample_rows`, full batches) for --duration: the ceiling the server is
-measured against. The kill run SIGKILLs the server under 16 clients, restarts it on the same audit
+measured against; "in-process lone" samples the lone client's request with `Model.sample` for
+--duration, and the summary puts each configuration's 1-client p50 beside it (the batching mode
+is the service default, batch_invariance "chunk"; benchmarks/serve_ab.py compares the modes A/B). The kill run SIGKILLs the server under 16 clients, restarts it on the same audit
 log and polls readiness from process start (it must say not-ready until warm), then checks the
 audit hash chain. The overload run sends 200 clients at a server with a queue of 8: rejected
 requests must come back fast (503 latency), every accepted one must complete, and the server's
@@ -213,7 +215,8 @@ def offline(model_path: Path, batch: int, steps: int, duration: float, threads: 
     model = load(model_path)
     per_call = max(1, batch // 2)  # guided: two forward rows per image
     key = BatchKey("bench", "dpmpp_2m", steps, "karras", tuple(model.image_shape), True)
-    rows = [Row(seed=i, label=i % 10, guidance=2.0) for i in range(per_call)]
+    conds = model.spec.resolve({"labels": [i % 10 for i in range(per_call)]}, per_call)
+    rows = [Row(seed=i, cond=c, guidance=2.0) for i, c in enumerate(conds)]
     sample_rows(model, key, rows)  # warm-up
     images, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < duration:
@@ -226,6 +229,27 @@ def offline(model_path: Path, batch: int, steps: int, duration: float, threads: 
         "seconds": wall,
         "images_per_s": images / wall,
     }
+
+
+def in_process_lone(model_path: Path, steps: int, duration: float, threads: int | None) -> dict:
+    """The lone client's request in-process: `Model.sample` of one image (a label, a seed,
+    --steps, the model's guidance), back to back for `duration`: what the served lone-client
+    p50 is compared with."""
+    from difforge.pipeline import load
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load(model_path)
+    rng = random.Random(0)
+    latencies = []
+    for i in range(10**6):
+        t0 = time.perf_counter()
+        model.sample(labels=[rng.randrange(10)], seed=rng.randrange(2**32), steps=steps)
+        if i:  # the first call is a warm-up
+            latencies.append(time.perf_counter() - t0)
+        if sum(latencies) >= duration:
+            break
+    return {"images": len(latencies), **percentiles(sorted(latencies))}
 
 
 def invariance(model_path: Path, threads: list[int], sizes: list[int], steps: int) -> list[dict]:
@@ -252,7 +276,8 @@ def invariance(model_path: Path, threads: list[int], sizes: list[int], steps: in
 
     rows, before = [], torch.get_num_threads()
     key = BatchKey("bench", "dpmpp_2m", steps, "karras", shape, True)
-    targets = [Row(seed=7 + i, label=i % 10, guidance=2.0 + 0.25 * i) for i in range(8)]
+    conds = model.spec.resolve({"labels": [i % 10 for i in range(8)]}, 8)
+    targets = [Row(seed=7 + i, cond=c, guidance=2.0 + 0.25 * i) for i, c in enumerate(conds)]
     try:
         for t in threads:
             torch.set_num_threads(t)
@@ -479,6 +504,8 @@ def main() -> int:
             )
         results["offline"] = offline(model, args.batch, args.steps, duration, args.threads)
         print(f"  offline   {results['offline']['images_per_s']:.2f} img/s", flush=True)
+        results["in_process_lone"] = in_process_lone(model, args.steps, duration, args.threads)
+        print(f"  in-process lone p50 {results['in_process_lone']['p50']:.3f} s", flush=True)
         small_queue = {**configs["batched"], "queue_size": 8}
         results["overload"] = asyncio.run(
             overload(model, small_queue, duration, args.steps, drain, workdir)
@@ -486,10 +513,17 @@ def main() -> int:
         results["kill"] = asyncio.run(kill_run(model, configs["batched"], args.steps, workdir))
     top = {n: max(lv["images_per_s"] for lv in results[n]["levels"]) for n in configs}
     ov, kill = results["overload"], results["kill"]
+    ref = results["in_process_lone"]["p50"]
+    lone = {n: next((lv["latency_s"]["p50"] for lv in results[n]["levels"] if lv["clients"] == 1),
+                    None) for n in configs}  # fmt: skip
+    lone_text = ", ".join(
+        f"{n} {v:.3f} s = {v / ref:.2f}x" for n, v in lone.items() if v is not None
+    )
     summary = (
         f"{args.model or args.net + ' net'}, {args.steps} steps, guided, {duration:g} s/level: batched "
         f"{top['batched']:.2f} img/s, unbatched {top['unbatched']:.2f}, offline "
-        f"{results['offline']['images_per_s']:.2f}; overload: 503 p99 "
+        f"{results['offline']['images_per_s']:.2f}; lone client p50 vs in-process {ref:.3f} s: "
+        f"{lone_text or 'level 1 not run'}; overload: 503 p99 "
         f"{ov['rejected_latency_s']['p99'] or 0:.3f} s (client), "
         f"{ov['server_503_latency_cdf'].get('le_0.01', 0):.0%} under 10 ms (server), "
         f"accepted-not-completed {ov['accepted_not_completed']}, RSS "

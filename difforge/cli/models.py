@@ -191,6 +191,14 @@ def sample_command(
     ),
     adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder to apply."),
     adapter_scale: float = typer.Option(1.0, "--adapter-scale", help="Scale of its update."),
+    chunk_rows: int | None = typer.Option(
+        None,
+        "--chunk-rows",
+        min=1,
+        help="Run the network on this many rows at a time (guidance counts 2 per image): "
+        "pixels then do not depend on --batch-size, and equal `difforge serve` with "
+        'batch_invariance "chunk" and the same chunk_rows.',
+    ),
     filters: list[str] | None = typer.Option(
         None,
         "--filter",
@@ -224,7 +232,8 @@ def sample_command(
     request["options"] = _options(option, "--option")
     request |= _edit_inputs(init_image, mask, strength, resample)
     with session() as world:
-        samples = generate_chunked(m, resolve(m, request), batch_size, world=world)
+        plan = resolve(m, request)
+        samples = generate_chunked(m, plan, batch_size, world=world, chunk_rows=chunk_rows)
     if not world.is_main:
         return
     if filters:

@@ -200,14 +200,30 @@ def load_component(folder: str | Path, name: str) -> tuple[Any, nn.Module, str, 
     """A stand-alone component folder, verified and strictly loaded.
 
     Args:
-        folder: written by `save_component`.
+        folder: written by `save_component`, or a pipeline's component sub-folder (verified
+            against the pipeline's manifest).
         name: its component name ("vae", ...): which config class it must validate as.
 
     Returns:
         (config, network in eval mode, sha256 of model.safetensors, {tensor name: tensor}).
     """
     folder = model_folder(folder)
-    files = verify_manifest(folder)
+    parent = folder.parent
+    if not (folder / MANIFEST_FILE).exists() and (parent / PIPELINE_FILE).exists():
+        # a pipeline's component sub-folder (e.g. models/scenes-latent/vae): the pipeline's
+        # manifest covers it, so verify that one and read the sub-folder's hashes from it
+        sub = folder.name
+        files = {
+            k.removeprefix(f"{sub}/"): v
+            for k, v in verify_manifest(parent).items()
+            if k.startswith(f"{sub}/")
+        }
+        if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
+            raise ModelIntegrityError(
+                f"{parent}/{MANIFEST_FILE} does not list {sub}/{WEIGHTS_FILE}"
+            )
+    else:
+        files = verify_manifest(folder)
     config = read_config(folder / CONFIG_FILE, COMPONENT_CONFIGS[name])
     net = load_network(folder, config)
     return config, net, files[WEIGHTS_FILE], load_file(str(folder / WEIGHTS_FILE))

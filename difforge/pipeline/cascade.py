@@ -174,17 +174,25 @@ class Cascade(Model):
         uncond: Sequence[Row] | None = None,
         callback: Callable | None = None,
         edit=None,
+        chunk_rows: int | None = None,
     ) -> tuple[Tensor, int]:
-        """Base, then upsampler: (float32 (B, *image_shape) in [-1, 1], NFE of both stages)."""
+        """Base, then upsampler: (float32 (B, *image_shape) in [-1, 1], NFE of both stages);
+        `chunk_rows` runs both stages' networks at that fixed shape (Model.sample_latents)."""
         if (edit or plan.edit) is not None:
             raise InvalidArgumentError("a cascade does not edit images; edit with a stage")
         seeds = plan.seeds if seeds is None else seeds
         x, nfe = self.base.sample_latents(
-            rows, plan, seeds=seeds, guidance=guidance, uncond=uncond, callback=callback
+            rows,
+            plan,
+            seeds=seeds,
+            guidance=guidance,
+            uncond=uncond,
+            callback=callback,
+            chunk_rows=chunk_rows,
         )
         low = self.base.decode(x)  # uint8 (B, *base.image_shape): what an image of it would be
         up = self.upsampler_plan(low, self.upsampler_seeds(seeds))
-        y, nfe_up = self.upsampler.sample_latents(up.rows, up)
+        y, nfe_up = self.upsampler.sample_latents(up.rows, up, chunk_rows=chunk_rows)
         return y, nfe + nfe_up
 
     def upsampler_plan(self, low: Tensor, seeds: Sequence[int]) -> Plan:

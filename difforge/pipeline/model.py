@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difforge.core.chunked import chunked
 from difforge.core.denoiser import EDMPrecond, ModelDenoiser
 from difforge.core.errors import InvalidArgumentError
 from difforge.core.processes import NoiseProcess, make_process
@@ -156,6 +157,7 @@ class Model:
         init_image: Any = None,
         mask: Any = None,
         strength: float | None = None,
+        chunk_rows: int | None = None,
         **knobs,
     ) -> Samples:
         """Draw n images; image i depends only on (seeds[i], its conditioning) and the settings.
@@ -172,6 +174,9 @@ class Model:
             callback: called after each sampler step with a StepInfo.
             init_image, mask, strength: img2img / inpainting (difforge.pipeline.editing), e.g.
                 a uint8 (C, H, W) tensor, a mask (H, W) with 1 = generate, strength in (0, 1].
+            chunk_rows: run the network on exactly this many rows per call (guidance's two
+                halves count as rows; difforge.core.chunked): the bytes a server with
+                batch_invariance "chunk" and the same chunk_rows returns. None: one call per step.
             **knobs: sampler-specific options (e.g. eta for ddim, max_order for ipndm).
 
         Returns:
@@ -191,7 +196,7 @@ class Model:
         if reserved:
             raise InvalidArgumentError(f"conditioning keys clash with arguments: {reserved}")
         plan = resolve(self, {**request, **values, "options": knobs}, limits)
-        return self.generate(plan, callback=callback)
+        return self.generate(plan, callback=callback, chunk_rows=chunk_rows)
 
     def upscale(self, images: Any, **kwargs: Any) -> Samples:
         """Super-resolve `images` with this upsampler (difforge.pipeline.upscale.upscale)."""
@@ -199,9 +204,13 @@ class Model:
 
         return upscale(self, images, **kwargs)
 
-    def generate(self, plan: Plan, *, callback: Callable | None = None) -> Samples:
+    def generate(
+        self, plan: Plan, *, callback: Callable | None = None, chunk_rows: int | None = None
+    ) -> Samples:
         """Run a resolved plan in one batched sampler call and decode the result to pixels."""
-        x, nfe = self.sample_latents(plan.rows, plan, uncond=plan.uncond_rows, callback=callback)
+        x, nfe = self.sample_latents(
+            plan.rows, plan, uncond=plan.uncond_rows, callback=callback, chunk_rows=chunk_rows
+        )
         return self.samples_of(plan, self.decode(x), nfe)
 
     def samples_of(self, plan: Plan, images: Tensor, nfe: int) -> Samples:
@@ -232,12 +241,14 @@ class Model:
         uncond: Sequence[Row] | None = None,
         callback: Callable | None = None,
         edit: Edit | None = None,
+        chunk_rows: int | None = None,
     ) -> tuple[Tensor, int]:
         """One sampler call over `rows`: (float32 denoiser-space output (B, *latent_shape), NFE).
 
         `seeds`, `guidance` and `edit` default to the plan's (serving passes its own per-row
         values); `uncond` gives guidance's unconditional row per image (negative prompts; None:
-        null); an edit runs img2img / inpainting (difforge.pipeline.editing).
+        null); an edit runs img2img / inpainting (difforge.pipeline.editing); `chunk_rows` runs
+        the network on that many rows per call (difforge.core.chunked; None: the whole batch).
         """
         from difforge.samplers import sample
 
@@ -252,8 +263,9 @@ class Model:
         if getattr(self, "guidance_input", False) and guided:
             w_rows = torch.as_tensor(w, dtype=torch.float32).expand(len(rows)).clone()
             cond, guided = {**cond, "guidance": w_rows}, False
+        denoiser = self.denoiser if plan.adapter is None else self.denoiser_for(plan.adapter)
         res = sample(
-            self.denoiser if plan.adapter is None else self.denoiser_for(plan.adapter),
+            chunked(denoiser, chunk_rows),
             get_sigmas(plan.grid, plan.steps, process=self.process),
             shape=self.latent_shape,
             seeds=seeds,

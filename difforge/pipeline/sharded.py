@@ -20,7 +20,12 @@ DEFAULT_BATCH = 64  # images per sampler call when none is given
 
 
 def generate_chunked(
-    model: Model, plan: Plan, batch_size: int | None = None, *, world: World | None = None
+    model: Model,
+    plan: Plan,
+    batch_size: int | None = None,
+    *,
+    world: World | None = None,
+    chunk_rows: int | None = None,
 ) -> Samples:
     """Run `plan` in sampler calls of `batch_size` images, sharded over the ranks.
 
@@ -29,6 +34,9 @@ def generate_chunked(
         plan: the resolved request; rank 0's seeds win (a randomly drawn seed differs per rank).
         batch_size: images per sampler call [DEFAULT_BATCH].
         world: the torchrun group [the current one].
+        chunk_rows: run the network on this many rows at a time (difforge.core.chunked): the
+            images then do not depend on `batch_size` either, and are a server's bytes with
+            batch_invariance "chunk" and the same chunk_rows.
 
     Returns:
         Samples of all plan.n images, on every rank.
@@ -41,7 +49,9 @@ def generate_chunked(
         uncond = None if plan.uncond_rows is None else plan.uncond_rows[start:stop]
         edit = None if plan.edit is None else replace(plan.edit, rows=plan.edit.rows[start:stop])
         rows, seeds = plan.rows[start:stop], plan.seeds[start:stop]
-        x, nfe[0] = model.sample_latents(rows, plan, seeds=seeds, uncond=uncond, edit=edit)
+        x, nfe[0] = model.sample_latents(
+            rows, plan, seeds=seeds, uncond=uncond, edit=edit, chunk_rows=chunk_rows
+        )
         return model.decode(x)
 
     size = batch_size or DEFAULT_BATCH

@@ -9,7 +9,8 @@ conditional output), the LoRA adapter that samples, and for edits the start inde
 resampling (EditSettings). A row's resolved conditioning, seed, guidance scale, init image and
 mask are its own.
 
-`BatchPlan` decides how many rows one call holds and whether it is padded to a fixed shape; see
+`BatchPlan` decides how many rows one call holds and at which shape the network runs: padded to one
+fixed call shape ("pad") or in fixed chunks of rows whatever the call holds ("chunk"); see
 difforge.serving.invariance for why the shape must be fixed.
 """
 
@@ -82,13 +83,20 @@ PAD_ROW = Row(seed=0)  # filler for fixed-shape calls (the null conditioning); o
 class BatchPlan:
     """How one model version's sampler calls are shaped.
 
-    mode "pad": every call holds exactly `micro(guided)` rows, padded with PAD_ROW;
-    "per_sample": one row per call; "off": whatever arrived, up to `micro(guided)` rows.
+    mode "pad": every call holds exactly `micro(guided)` images, padded with PAD_ROW;
+    "chunk": whatever arrived, up to `micro(guided)` images, the network run on exactly
+    `chunk_rows` forward rows at a time (difforge.core.chunked): a lone image costs one chunk;
+    "per_sample": one image per call; "off": whatever arrived, up to `micro(guided)` images.
     """
 
     mode: str
     max_rows: int  # forward rows per call (limits.max_batch_images); guidance costs 2 per image
     probe: dict[str, Any] = field(default_factory=dict)  # the invariance measurement behind it
+    chunk_rows: int | None = None  # forward rows per network call, mode "chunk" only
+
+    def __post_init__(self) -> None:
+        if (self.mode == "chunk") != (self.chunk_rows is not None):
+            raise ValueError(f"chunk_rows goes with mode 'chunk' only (mode {self.mode!r})")
 
     def micro(self, guided: bool) -> int:
         """Images per sampler call."""
@@ -112,9 +120,11 @@ def sample_rows(
     rows: Sequence[Row],
     *,
     pad_to: int | None = None,
+    chunk_rows: int | None = None,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> tuple[Tensor, int]:
-    """One batched sampler call over `rows` (padded with PAD_ROW up to `pad_to`).
+    """One batched sampler call over `rows` (padded with PAD_ROW up to `pad_to`), the network
+    run on `chunk_rows` forward rows at a time when given.
 
     Returns:
         (float32 sampler output (len(rows), *latent_shape), NFE of the call); `model.decode`
@@ -137,5 +147,6 @@ def sample_rows(
         uncond=unconds,
         callback=callback,
         edit=edit,
+        chunk_rows=chunk_rows,
     )
     return x[: len(rows)], nfe  # (k, *latent_shape)

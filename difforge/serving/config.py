@@ -38,7 +38,7 @@ from difforge.serving.drift import DriftConfig
 from difforge.serving.review import FiltersConfig
 
 Scope = Literal["generate", "admin"]
-InvarianceMode = Literal["pad", "per_sample", "off"]
+InvarianceMode = Literal["pad", "chunk", "per_sample", "off"]
 
 
 class _Frozen(BaseModel):
@@ -178,15 +178,17 @@ class ServiceConfig(_Frozen):
     duration of the call (the engine's moving average of seconds per step x steps).
     `batch_invariance` decides how an image is kept independent of its batch (see
     difforge.serving.invariance): "pad" runs every call at one fixed shape (padding with throw-away
-    rows), "per_sample" runs one image per call, "off" runs what arrived (fastest; responses then
-    say batch_invariant: false).
+    rows), "chunk" runs what arrived with the network on exactly `chunk_rows` forward rows at a
+    time (a lone request costs one chunk), "per_sample" runs one image per call, "off" runs what
+    arrived (fastest; responses then say batch_invariant: false).
     """
 
     limits: Limits = Field(default_factory=Limits)
     queue_size: int = Field(64, ge=1)  # requests waiting; one more gets 503 + Retry-After
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000, allow_inf_nan=False)
     pad_fill_wait: float = Field(0.1, ge=0, le=1, allow_inf_nan=False)
-    batch_invariance: InvarianceMode = "pad"
+    batch_invariance: InvarianceMode = "chunk"
+    chunk_rows: int = Field(2, ge=1, le=64)  # forward rows per network call, "chunk" only
     rate_limit: RateLimit | None = None  # default bucket for every key (None: unlimited)
     api_keys: tuple[ApiKey, ...] = ()  # none: only loopback clients are answered
     # Reverse proxies (IP addresses or CIDR networks) whose X-Forwarded-For is believed. None

@@ -20,7 +20,9 @@ thread that runs the sampler calls (batch -> predict -> unbatch of the serving c
   queued. Once its call runs, the sampler callback checks after every step: when every request in
   the call is cancelled the call stops (SamplingCancelled); otherwise the call finishes for the
   others and the cancelled request's images are dropped. Splitting the call instead would save
-  nothing: calls run at a fixed padded shape, so a removed row becomes a padding row.
+  nothing with "pad" (a removed row becomes a padding row) and little with "chunk".
+* Shapes: "pad" runs every call at its full padded shape, "chunk" runs what the call holds in
+  fixed chunks of forward rows, so a lone request costs one chunk (difforge.serving.invariance).
 """
 
 from __future__ import annotations
@@ -295,9 +297,10 @@ class Engine:
                 self.metrics.queue_wait_seconds.observe(now - job.accepted)
         plan = call.version.plan
         pad_to = plan.micro(call.key.guided) if plan is not None and plan.pad else None
+        chunk = plan.chunk_rows if plan is not None else None
         rows = [job.rows[i] for job, i in call.slots]
         t0 = time.perf_counter()
-        images, nfe, cpu = await self.call(self._compute, call, rows, pad_to)
+        images, nfe, cpu = await self.call(self._compute, call, rows, pad_to, chunk)
         seconds = time.perf_counter() - t0
         self._call_seconds = 0.8 * self._call_seconds + 0.2 * seconds
         if images is not None:  # a completed call: its time per step predicts the next one's
@@ -359,7 +362,7 @@ class Engine:
 
     # -- the sampler thread ----------------------------------------------------------------------
 
-    def _compute(self, call: _Call, rows: list[Row], pad_to: int | None):
+    def _compute(self, call: _Call, rows: list[Row], pad_to: int | None, chunk: int | None):
         """Runs on the sampler thread: ((uint8 image, finite) per row, or None if stopped; NFE;
         CPU seconds)."""
         jobs = call.jobs
@@ -384,7 +387,12 @@ class Engine:
         cpu0 = time.process_time()
         try:
             x, nfe = sample_rows(
-                call.version.model, call.key, rows, pad_to=pad_to, callback=on_step
+                call.version.model,
+                call.key,
+                rows,
+                pad_to=pad_to,
+                chunk_rows=chunk,
+                callback=on_step,
             )
         except SamplingCancelled:
             done = max((job.step for job in jobs), default=0)

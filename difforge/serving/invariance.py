@@ -20,6 +20,21 @@ model version serves, `probe` checks that shape end to end: a probe image comput
 position among different neighbours must come out bitwise identical. If it does not, the version
 falls back to one image per call ("per_sample", always invariant, no batching gain). The cost of
 "pad" is the padding rows: a lone request computes a full call.
+
+Mode "chunk" fixes the shape of each network call instead of the sampler call's: a call of any
+size runs the network on exactly `chunk_rows` forward rows at a time (difforge.core.chunked), so
+a lone guided image with chunk_rows 2 costs one 2-row forward, what sampling it alone in-process
+costs. Measured on models/mnist-cond (one denoiser forward, rows bitwise equal across shapes;
+1 thread): {1}, {2, 3}, {4, 6, 8, 12}, {5}, {16, 24, 32, 48} are the classes of equal per-row
+output; with 2 threads {4, 8, ..., 48} is one class. No small shape equals the large ones, so a
+chunk size is a latency/throughput trade (benchmarks/serve_ab.py, 1 thread, guided, 10 steps, a
+machine at load 11-18): lone-client p50 vs the same request in-process 1.1-1.5x at chunk_rows 2,
+1.7-1.9x at 4, 4.1-4.5x for "pad" at 8 rows; in-process, 16 images chunked by 2 run at 62-67% of
+the unchunked batch's throughput, by 4 at 72-91%, in 8-row padded calls at ~100%. The default is
+"chunk" with 2 rows: the low-load latency, and a lone guided image's bytes are those of sampling
+it alone in-process (one 2-row forward). `probe_chunked` checks
+the chunk end to end before a version serves: the probe image alone, and at every position of
+calls of every size up to a full one, must come out bitwise identical; else "per_sample".
 """
 
 from __future__ import annotations
@@ -43,10 +58,12 @@ class InvarianceReport:
     differing: tuple[int, ...]  # positions whose output was not bitwise equal to position 0's
     max_abs_diff: float  # over those positions, data space
     alone_max_abs_diff: float  # the probe image at `rows` vs alone in a call of 1 (informational)
+    sizes_differing: tuple[int, ...] = ()  # "chunk": call sizes where it differed from alone
+    chunk_rows: int | None = None  # "chunk": forward rows per network call
 
     @property
     def invariant(self) -> bool:
-        return not self.differing
+        return not self.differing and not self.sizes_differing
 
 
 def probe_positions(rows: int) -> tuple[int, ...]:
@@ -91,13 +108,64 @@ def probe(model: Model, key: BatchKey, rows: int) -> InvarianceReport:
     )
 
 
-def choose_plan(model: Model, keys: Sequence[BatchKey], mode: str, max_rows: int) -> BatchPlan:
-    """The BatchPlan a version serves with: "pad" if every probed shape is invariant, else
-    "per_sample"; "per_sample" and "off" are taken as asked (off is not probed)."""
-    plan = BatchPlan(mode, max_rows)
-    if mode != "pad":
+def probe_chunked(model: Model, key: BatchKey, rows: int, chunk_rows: int) -> InvarianceReport:
+    """The probe image alone in a call, then at the last position of calls of 2 .. rows - 1
+    images (every layout of its forward rows over the chunks, up to 2 chunks' worth of images),
+    then at every probed position of a full `rows`-image call, among different neighbours; the
+    network runs in chunks of `chunk_rows`. Every output must equal the alone one bitwise
+    (`differing`: full-call positions, `sizes_differing`: call sizes, that did not).
+    """
+    conds = model.spec.resolve({}, rows + 1)
+    w = 3.0 if key.guided else 1.0
+    target = Row(seed=12345, cond=conds[0], guidance=w)
+
+    def call(size: int, p: int, salt: int):
+        batch = [
+            Row(
+                seed=1000 * salt + i,
+                cond=conds[(i + salt) % len(conds)],
+                guidance=w + 0.5 * key.guided,
+            )
+            for i in range(size)
+        ]
+        batch[p] = target
+        return sample_rows(model, key, batch, chunk_rows=chunk_rows)[0][p]
+
+    alone = call(1, 0, 0)
+    sizes = range(2, min(rows, 2 * chunk_rows + 1))
+    by_size = {k: call(k, k - 1, k) for k in sizes}
+    positions = probe_positions(rows)
+    full = {p: call(rows, p, 100 + p) for p in positions} if rows > 1 else {0: alone}
+    diffs = [float((o - alone).abs().max()) for o in [*by_size.values(), *full.values()]]
+    return InvarianceReport(
+        rows=rows,
+        guided=key.guided,
+        positions=positions,
+        differing=tuple(p for p, o in full.items() if not torch.equal(o, alone)),
+        max_abs_diff=max(diffs, default=0.0),
+        alone_max_abs_diff=max(diffs, default=0.0),
+        sizes_differing=tuple(k for k, o in by_size.items() if not torch.equal(o, alone)),
+        chunk_rows=chunk_rows,
+    )
+
+
+def choose_plan(
+    model: Model,
+    keys: Sequence[BatchKey],
+    mode: str,
+    max_rows: int,
+    chunk_rows: int | None = None,
+) -> BatchPlan:
+    """The BatchPlan a version serves with: "pad" or "chunk" (with `chunk_rows`) if every probed
+    shape is invariant, else "per_sample"; "per_sample" and "off" are taken as asked (off is not
+    probed)."""
+    plan = BatchPlan(mode, max_rows, chunk_rows=chunk_rows if mode == "chunk" else None)
+    if mode not in ("pad", "chunk"):
         return plan
-    reports = [probe(model, k, plan.micro(k.guided)) for k in keys]
+    if mode == "chunk":
+        reports = [probe_chunked(model, k, plan.micro(k.guided), chunk_rows) for k in keys]
+    else:
+        reports = [probe(model, k, plan.micro(k.guided)) for k in keys]
     ok = all(r.invariant for r in reports)
     info = {
         "requested": mode,
@@ -105,4 +173,6 @@ def choose_plan(model: Model, keys: Sequence[BatchKey], mode: str, max_rows: int
         "threads": torch.get_num_threads(),
         "reports": [asdict(r) for r in reports],
     }
-    return BatchPlan("pad" if ok else "per_sample", max_rows, info)
+    if ok:
+        return BatchPlan(mode, max_rows, info, chunk_rows=plan.chunk_rows)
+    return BatchPlan("per_sample", max_rows, info)

@@ -69,7 +69,11 @@ class ModelVersion:
             "ready": self.ready,
             "batching": None
             if self.plan is None
-            else {"mode": self.plan.mode, "invariant": self.plan.invariant},
+            else {
+                "mode": self.plan.mode,
+                "invariant": self.plan.invariant,
+                "chunk_rows": self.plan.chunk_rows,
+            },
             **({"registry": dict(self.meta)} if self.meta else {}),
             "adapters": [a.describe() for a in getattr(m, "adapters", {}).values()],
         }

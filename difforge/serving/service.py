@@ -223,16 +223,20 @@ class Service:
         keys = [self._key(version, model.sampling.sampler, self.config.warmup_steps, False, ())]
         if model.spec.guidable:
             keys.append(self._key(version, keys[0].sampler, self.config.warmup_steps, True, ()))
-        probe_plan = BatchPlan(self.config.batch_invariance, self.config.limits.max_batch_images)
+        mode, chunk = self.config.batch_invariance, self.config.chunk_rows
+        probe_plan = BatchPlan(
+            mode, self.config.limits.max_batch_images, chunk_rows=chunk if mode == "chunk" else None
+        )
         for key in keys:  # the first call at a shape pays one-off kernel set-up; do it now
             rows = [Row(seed=0, cond=cond, guidance=2.0 if key.guided else 1.0)]
-            x, _ = sample_rows(model, key, rows, pad_to=probe_plan.micro(key.guided))
+            pad = probe_plan.micro(key.guided)
+            x, _ = sample_rows(model, key, rows, pad_to=pad, chunk_rows=probe_plan.chunk_rows)
             if not all(finite_rows(x)):  # a broken version must never become ready
                 raise NonFiniteOutput(
                     f"refusing model {version.name} ({version.id}): warm-up sample at "
                     f"{key.sampler}, {key.steps} steps, guided={key.guided} is non-finite"
                 )
-        return choose_plan(model, keys, self.config.batch_invariance, probe_plan.max_rows)
+        return choose_plan(model, keys, mode, probe_plan.max_rows, probe_plan.chunk_rows)
 
     async def install(
         self, model: Model | ModelVersion, role: Role = "production", share: float = 0.0

@@ -83,6 +83,9 @@ class TrainConfig(_Frozen):
     # A VAE folder (`difforge train-vae`): train on its scaled latents of the dataset, encoded
     # once; the model is then a v2 pipeline of vae/ + denoiser/. None: pixel space.
     vae: str | None = None
+    # A model folder whose denoiser weights start the net (fine-tuning; its EMA starts there too).
+    # The net config must match; None: random initialisation.
+    init: str | None = None
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     precision: Precision = "fp32"  # bf16 = autocast around the network's forward

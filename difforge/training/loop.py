@@ -104,6 +104,20 @@ def _info(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def _load_init(net: torch.nn.Module, folder: str) -> str:
+    """Load a model folder's denoiser weights into net (strict); returns their sha256."""
+    from difforge.pipeline.artifact import load_component
+
+    path = Path(folder)
+    sub = path / "denoiser" if (path / "denoiser").is_dir() else path
+    _, _, sha, weights = load_component(sub, "denoiser")
+    try:
+        net.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise InvalidArgumentError(f"init {folder}: weights do not fit the net: {e}") from None
+    return sha
+
+
 class Trainer:
     """Trains `config` on `dataset`, writing checkpoints, metrics and artifacts into `run_dir`.
 
@@ -156,6 +170,8 @@ class Trainer:
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
         self.net = build_network(config.net)
+        if config.init:
+            self.init_sha256 = _load_init(self.net, config.init)
         _check_net_fits(self.net, self.model_config)
         check_text_net(self.net.config, self.text_spec)
         self.denoiser = build_denoiser(self.model_config, self.net).train()
@@ -437,6 +453,8 @@ class Trainer:
             provenance["latent_encode_seconds"] = round(
                 self.latents.seconds, 1
             )  # not in train_seconds
+        if self.config.init:
+            provenance["init_sha256"] = self.init_sha256  # the denoiser weights it started from
         weights = self.ema.net.state_dict()
         if self.config.conditioning is None and self.latents is None:
             return export_model(

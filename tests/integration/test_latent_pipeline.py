@@ -198,3 +198,51 @@ def test_the_shipped_scenes_model_loads_and_samples():
     assert out.images.shape == (1, 1, 64, 64)
     info = CliRunner().invoke(app, ["info", "--model", str(root)])
     assert info.exit_code == 0 and "conditioned on slots" in info.output, info.output
+
+
+def test_a_vae_can_start_from_a_pipelines_vae_subfolder(latent_model, tmp_path):
+    _, _, sha, weights = load_component(latent_model / "vae", "vae")  # no manifest of its own
+    manifest = json.loads((latent_model / "manifest.json").read_text())["files"]
+    assert sha == manifest["vae/model.safetensors"]
+    assert set(weights) == set(load_file(str(latent_model / "vae" / "model.safetensors")))
+    out = train_vae(
+        VAE_RECIPE.model_copy(update={"init": str(latent_model / "vae"), "max_steps": 1}),
+        tmp_path / "vae2",
+        log=lambda m: None,
+    )
+    config, _, _, _ = load_component(out["folder"], "vae")
+    assert config.provenance["init_sha256"] == sha
+    tampered = tmp_path / "tampered"
+    shutil.copytree(latent_model, tampered)
+    w = load_file(str(tampered / "vae" / "model.safetensors"))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in w.items()},
+              str(tampered / "vae" / "model.safetensors"))  # fmt: skip
+    with pytest.raises(ModelIntegrityError, match="modified"):
+        load_component(tampered / "vae", "vae")
+
+
+def test_a_denoiser_can_be_fine_tuned_from_a_model(latent_model, vae_dir, tmp_path):
+    from difforge.core.errors import InvalidArgumentError
+    from difforge.data import load_dataset
+    from difforge.training.loop import Trainer
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DIFFORGE_CACHE", str(tmp_path / "cache"))
+    try:
+        cfg = _train_config(net=_unet(2, 16), vae=str(vae_dir), sigma_data=1.0)
+        start = load_file(str(latent_model / "denoiser" / "model.safetensors"))
+        trainer = Trainer(cfg.model_copy(update={"init": str(latent_model)}),
+                          load_dataset(SCENES), tmp_path / "t", log=lambda m: None)  # fmt: skip
+        assert all(torch.equal(v, start[k]) for k, v in trainer.net.state_dict().items())
+        fresh = Trainer(cfg, load_dataset(SCENES), tmp_path / "f", log=lambda m: None)
+        assert not all(torch.equal(v, start[k]) for k, v in fresh.net.state_dict().items())
+        tuned = train(cfg.model_copy(update={"init": str(latent_model)}), tmp_path / "run",
+                      progress=False)  # fmt: skip
+        pipeline = json.loads((tuned.model_dir / "pipeline.json").read_text())
+        sha = sha256_file(latent_model / "denoiser" / "model.safetensors")
+        assert pipeline["provenance"]["init_sha256"] == sha
+        wrong = cfg.model_copy(update={"init": str(latent_model), "net": _unet(1, 64), "vae": None})
+        with pytest.raises(InvalidArgumentError, match="do not fit"):
+            Trainer(wrong, load_dataset(SCENES), tmp_path / "w", log=lambda m: None)
+    finally:
+        mp.undo()

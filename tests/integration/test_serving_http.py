@@ -289,7 +289,7 @@ def test_a_slow_batch_does_not_block_health_or_metrics(model_dir):
 
 def test_metrics_are_exposed_with_conventional_names(model_dir):
     async def scenario():
-        svc = make_service(model_dir, **FAST)
+        svc = make_service(model_dir, **FAST, batch_invariance="pad")  # pads: padding counted
         async with running(svc) as c:
             await c.post("/v1/generate", json={"labels": [1, 2], "seed": 3})
             text = (await c.get("/metrics")).text

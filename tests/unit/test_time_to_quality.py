@@ -43,3 +43,12 @@ def test_summary_reports_images_wall_clock_and_targets():
         args, {"difforge": d[:1], "diffusers": []}, rate, {"fid": 15.0}, {"before": 1, "after": 1}
     )
     assert "acc>=99% at 1200 steps not measured" in short
+
+
+def test_recipe_screen_merges_overrides_key_by_key():
+    from benchmarks.recipe_screen import merged
+
+    base = {"optim": {"lr": 1e-3, "betas": [0.9, 0.999]}, "P_mean": -1.2}
+    out = merged(base, {"optim": {"lr": 2e-3}, "P_mean": -0.6})
+    assert out == {"optim": {"lr": 2e-3, "betas": [0.9, 0.999]}, "P_mean": -0.6}
+    assert base["optim"]["lr"] == 1e-3  # the base is left as it was

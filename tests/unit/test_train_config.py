@@ -192,7 +192,6 @@ def test_learning_rate_schedule():
     assert lr_at(const, 0) == lr_at(const, 999) == 1.0
 
 
-
 def test_rsqrt_schedule_is_edm2_and_independent_of_the_budget():
     optim = {"lr": 2.0, "warmup_steps": 10, "schedule": "rsqrt", "decay_steps": 100}
     short, long = (parse_config({"max_steps": m, "optim": optim}) for m in (600, 1200))
@@ -206,6 +205,7 @@ def test_rsqrt_schedule_is_edm2_and_independent_of_the_budget():
     ]
     floored = parse_config({"optim": optim | {"min_lr_ratio": 0.25}})
     assert lr_at(floored, 10**6) == pytest.approx(0.5)
+
 
 def test_ema_half_life_with_ramp():
     c = parse_config({"batch_size": 100, "ema": {"halflife_images": 1000, "rampup_ratio": 0.1}})

@@ -2,48 +2,33 @@
 
 from __future__ import annotations
 
-from tests.helpers import skip_unless_real
 from tests.integration.serving_fixtures import make_service
 from tests.integration.test_serving_browser import (  # noqa: F401  (the autouse fixture)
-    ServerThread,
     _chromium_present,
-    launch,
-    wait_ready,
+    served_page,
 )
 from tests.text_fixtures import make_tiny_text_model
 
 
 def test_web_page_sends_prompt_and_negative_prompt(tmp_path):
-    try:
-        from playwright import sync_api
-    except ImportError:
-        skip_unless_real("the page test needs the playwright package (pip install -e '.[dev]')")
-    from difforge.serving import create_app
 
     svc = make_service(
         make_tiny_text_model(tmp_path / "tiny-text"), torch_threads=1, warmup_steps=1
     )
-    with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as pw:
-        wait_ready(svc)
-        browser = launch(pw, tmp_path)
-        try:
-            page = browser.new_page()
-            page.goto(url + "/")
-            page.wait_for_selector("#cond-prompt")
-            assert page.get_attribute("#cond-prompt", "placeholder") == "default: a 7"
-            page.fill("#cond-prompt", "a thick 7")
-            page.fill("#cond-negative_prompt", "a 3")
-            page.fill("#n", "2")
-            page.fill("#steps", "2")
-            page.click("#go")
-            page.wait_for_selector("#gallery figure:nth-child(2) img", timeout=60_000)
-            captions = page.locator("#gallery figcaption").all_inner_texts()
-            assert all("a thick 7" in c and "a 3" in c for c in captions), captions
-            page.fill("#cond-prompt", "a \u0007 7")  # a control character: the 422 is shown
-            page.click("#go")
-            page.wait_for_function(
-                "document.getElementById('status').innerText.includes('control character')",
-                timeout=30_000,
-            )
-        finally:
-            browser.close()
+    with served_page(svc, tmp_path) as (page, _url):
+        page.wait_for_selector("#cond-prompt")
+        assert page.get_attribute("#cond-prompt", "placeholder") == "default: a 7"
+        page.fill("#cond-prompt", "a thick 7")
+        page.fill("#cond-negative_prompt", "a 3")
+        page.fill("#n", "2")
+        page.fill("#steps", "2")
+        page.click("#go")
+        page.wait_for_selector("#gallery figure:nth-child(2) img", timeout=60_000)
+        captions = page.locator("#gallery figcaption").all_inner_texts()
+        assert all("a thick 7" in c and "a 3" in c for c in captions), captions
+        page.fill("#cond-prompt", "a \u0007 7")  # a control character: the 422 is shown
+        page.click("#go")
+        page.wait_for_function(
+            "document.getElementById('status').innerText.includes('control character')",
+            timeout=30_000,
+        )

@@ -59,8 +59,8 @@ class BreakerConfig(BaseModel):
 
     The cheap route re-resolves the request with `degraded_steps` steps (and `degraded_sampler`
     when set), so a degraded answer has exactly the pixels of a normal request with those
-    settings. When a fast model (role "fast", e.g. a distilled student) is installed, the cheap
-    route is that model at `fast_steps` steps (None: its own default).
+    settings. When the router holds a fast version (a distilled student of production), the cheap
+    route is that student with its own defaults, at `fast_steps` steps (None: its default).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -77,7 +77,7 @@ class BreakerConfig(BaseModel):
     close_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False)  # hysteresis
     degraded_steps: int = Field(4, ge=1)
     degraded_sampler: str | None = None  # None: the request's own sampler
-    fast_steps: int | None = Field(None, ge=1)  # steps on a fast model (None: its default)
+    fast_steps: int | None = Field(None, ge=1)  # steps on the fast version (None: its default)
 
     @model_validator(mode="after")
     def _known_sampler(self) -> BreakerConfig:

@@ -95,3 +95,15 @@ def test_serve_registry_follows_productions_newest_student(registry_url, folders
         run(scenario())
     finally:
         reg.close()
+
+
+def test_serve_registry_refuses_a_fast_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from difforge.cli import app
+
+    url = f"sqlite:///{tmp_path}/registry.db"
+    args = ["serve", "--registry", url, "--name", NAME, "--fast", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "register students" in result.output  # the registry's newest student is the fast one

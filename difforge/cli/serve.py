@@ -34,13 +34,11 @@ def serve_command(
         help="NAME=DIR[@SCALE]: serve a LoRA adapter beside --model (repeatable).",
     ),
     fast: str | None = typer.Option(
-        None, "--fast", help='A distilled student of --model, answering route: "fast" requests.'
-    ),
-    fast_model: str | None = typer.Option(
         None,
-        "--fast-model",
-        help="Model folder (e.g. a distilled student) that answers degradable requests while the "
-        "circuit breaker is open (config: breaker).",
+        "--fast",
+        help='A distilled student of --model: it answers route: "fast" requests and degradable '
+        "requests while the circuit breaker is open (config: breaker). With --registry the "
+        "production version's newest registered student is used.",
     ),
 ) -> None:
     """Serve a model over HTTP: POST /v1/generate, /v1/models, /metrics, health, a web page.
@@ -56,8 +54,6 @@ def serve_command(
         given["adapters"] = [_adapter_spec(a) for a in adapter]
     if fast:
         given["fast"] = fast
-    if fast_model:
-        given["fast_model"] = fast_model
     serve(model, host=host, port=port, config_path=config, **given)
 
 

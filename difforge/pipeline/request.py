@@ -80,7 +80,7 @@ class SampleRequest(BaseModel):
     seeds: list[StrictInt] | None = None  # one seed per image (instead of seed)
     sampler: str | None = None
     steps: StrictInt | None = None
-    guidance: float | None = None  # classifier-free guidance scale (1 = plain conditional)
+    guidance: StrictFloat | None = None  # CFG scale (1 = plain conditional); a number, not a bool
     grid: Literal["karras", "exponential", "uniform"] | None = None
     options: dict[str, StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)  # knobs
     response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several or series

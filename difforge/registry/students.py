@@ -3,7 +3,7 @@
 A student is a model folder whose provenance names its teacher's sha256 (difforge.training.distill
 writes it; difforge.pipeline.students reads it). `register_student` refuses a student whose teacher
 is not a registered version, registers it and records the link in the audit chain; `students_of`
-and `fast_student` find the students of a version (what `difforge serve --registry` could serve as
+and `fast_student` find the students of a version (what `difforge serve --registry` serves as
 the "fast" route beside production).
 """
 

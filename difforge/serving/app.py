@@ -58,7 +58,7 @@ from difforge.serving.idempotency import StoredResponse
 from difforge.serving.openapi import openapi_document
 from difforge.serving.protocol import RequestInvalid, field_error, validation_body
 from difforge.serving.registry_source import RegistrySource, open_service
-from difforge.serving.router import ModelRouter, ModelVersion, load_student
+from difforge.serving.router import ModelRouter, ModelVersion
 from difforge.serving.service import GenerateCall, Service, ServiceError
 
 log = logging.getLogger("difforge.serving")
@@ -425,7 +425,8 @@ def build_service(
 ) -> Service:
     """Load the model at `model_path` as the production version of a new Service, with LoRA
     `adapters` (name, folder, scale) attached beside it (requests name them) and optionally a
-    distilled student of it at `fast`, answering `route: "fast"` requests.
+    distilled student of it at `fast` as the fast version (`route: "fast"` requests and the
+    breaker's cheap route; refused unless it descends from the model, router.check_fast).
 
     The load runs on a passing thread: torch work stays off the main thread (see
     `difforge.serving.engine.on_passing_thread`)."""
@@ -446,9 +447,7 @@ def build_service(
         return model
 
     prod = ModelVersion(on_passing_thread(load_all))
-    student = (
-        None if fast is None else ModelVersion(on_passing_thread(load_student, fast, prod.model))
-    )
+    student = None if fast is None else ModelVersion(on_passing_thread(load, fast))
     return Service(config, ModelRouter(prod, student))
 
 
@@ -463,7 +462,6 @@ def serve(
     config_path: str | Path | None = None,
     adapters: Sequence[tuple[str, str, float]] = (),
     fast: str | Path | None = None,
-    fast_model: str | Path | None = None,
 ) -> None:
     """Run the HTTP service until interrupted (`difforge serve`).
 
@@ -475,9 +473,9 @@ def serve(
         host, port: where to listen.
         config_path: the service config JSON (default: all defaults).
         adapters: LoRA adapters (name, folder, scale) served beside a --model (not --registry).
-        fast: a distilled student of the --model folder, served as the "fast" route.
-        fast_model: a model folder the circuit breaker's cheap route uses under load (e.g. a
-            distilled student; difforge.serving.fallback).
+        fast: a distilled student of the --model folder, the fast version: it answers
+            `route: "fast"` requests and is the circuit breaker's cheap route. With --registry
+            the production version's newest registered student is (registry_source).
     """
     import uvicorn
 
@@ -488,13 +486,12 @@ def serve(
         if adapters or fast:
             raise InvalidArgumentError(
                 "--adapter and --fast serve beside --model; with --registry, push adapters to the "
-                "registry (difforge registry push-adapter) and they are served with their base"
+                "registry (difforge registry push-adapter) and register students (difforge "
+                "registry register-student): production's newest student is the fast version"
             )
         service, source = open_service(registry, name or "", config, artifacts)
     else:
         service = build_service(model_path or "", config, adapters, fast)
-    if fast_model is not None:
-        service.fallback.attach_fast(fast_model, service.router.production.model)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

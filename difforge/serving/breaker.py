@@ -59,8 +59,8 @@ class BreakerConfig(BaseModel):
 
     The cheap route re-resolves the request with `degraded_steps` steps (and `degraded_sampler`
     when set), so a degraded answer has exactly the pixels of a normal request with those
-    settings. When a fast model (role "fast", e.g. a distilled student) is installed, the cheap
-    route is that model at `fast_steps` steps (None: its own default).
+    settings. When the router holds a fast version (a distilled student of production), the cheap
+    route is that student with its own defaults, at `fast_steps` steps (None: its default).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -77,7 +77,7 @@ class BreakerConfig(BaseModel):
     close_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False)  # hysteresis
     degraded_steps: int = Field(4, ge=1)
     degraded_sampler: str | None = None  # None: the request's own sampler
-    fast_steps: int | None = Field(None, ge=1)  # steps on a fast model (None: its default)
+    fast_steps: int | None = Field(None, ge=1)  # steps on the fast version (None: its default)
 
     @model_validator(mode="after")
     def _known_sampler(self) -> BreakerConfig:

@@ -15,10 +15,11 @@ settings, same seed, same bytes) and answered with `X-Difforge-Degraded: steps=4
 `sampler=...`, `model=<version>` when those change), a `degraded` record in the JSON body, the
 PNG provenance and the audit log, and a count in difforge_degraded_requests_total{reason}.
 
-The cheap route is fewer steps on the routed version, or a fast model when one is installed
-(`difforge serve --fast-model PATH`, or `await fallback.install_fast(service, model)` on a running
-service; e.g. a distilled student): that version must accept the same requests as production
-(router.check_compatible).
+The cheap route is the router's fast version when one is installed (a distilled student of
+production: `difforge serve --fast PATH`, `await service.install(model, "fast")`, or with
+`--registry` the production version's newest registered student; difforge.serving.router): the
+request is re-resolved as if it had asked for `route: "fast"`, with the student's own sampling
+defaults (`fast_steps` overrides its steps). Without one it is fewer steps on the routed version.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from difforge.pipeline import Model, Plan, SampleRequest
+from difforge.pipeline import Plan, SampleRequest
 from difforge.serving.breaker import (
     OPEN_REASONS,
     STATES,
@@ -41,7 +41,7 @@ from difforge.serving.breaker import (
 )
 from difforge.serving.metrics import ServiceMetrics
 from difforge.serving.protocol import RequestInvalid
-from difforge.serving.router import ModelVersion, check_compatible
+from difforge.serving.router import ModelVersion
 
 if TYPE_CHECKING:
     from difforge.serving.engine import Job
@@ -58,7 +58,7 @@ class Degradation:
     requested_sampler: str
     steps: int
     sampler: str
-    version: str | None = None  # the fast model's version id; None: the routed version
+    version: str | None = None  # the fast version's id; None: the routed version
 
     def header(self) -> str:
         """The X-Difforge-Degraded value: `steps=4`, then `sampler=` / `model=` if they changed."""
@@ -88,7 +88,7 @@ class Choice:
     route: Route
     plan: Plan
     degradation: Degradation | None = None
-    version: ModelVersion | None = None  # the fast model, when the cheap route is one
+    version: ModelVersion | None = None  # the fast version, when the cheap route is one
 
 
 class Fallback:
@@ -97,6 +97,7 @@ class Fallback:
     Args:
         config: the breaker's settings.
         metrics: the service's metrics (breaker state, degraded requests).
+        fast: the router's fast version now (None: none installed).
         clock: monotonic seconds (tests pass a fake).
     """
 
@@ -104,11 +105,12 @@ class Fallback:
         self,
         config: BreakerConfig,
         metrics: ServiceMetrics,
+        fast: Callable[[], ModelVersion | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self.metrics = metrics
-        self.fast: ModelVersion | None = None
+        self._fast = fast
         self.breaker = Breaker(config, clock, on_change=self._changed)
         for reason in OPEN_REASONS:
             metrics.degraded.labels(reason)  # exported as 0 from the start
@@ -137,18 +139,23 @@ class Fallback:
         if route != "degraded":
             self._publish(self.breaker.state)
             return Choice(route, plan)
-        fast = self.fast if self.fast is not None and self.fast.ready else None
-        steps = self.config.degraded_steps
+        fast = self._fast()
+        fast = fast if fast is not None and fast.ready else None
         if fast is not None:
-            steps = self.config.fast_steps or fast.model.sampling.steps
-        sampler = self.config.degraded_sampler or plan.sampler
-        if fast is not None and plan.adapter is not None:
-            return Choice("normal", plan)  # adapters are attached to the routed version only
-        if fast is None and steps >= plan.steps and sampler == plan.sampler:
-            return Choice("normal", plan)  # already as cheap as the cheap route: nothing to do
-        update: dict[str, Any] = {"steps": steps, "sampler": sampler}
-        if sampler != plan.sampler:
-            update["options"] = {}  # the requested sampler's knobs need not fit another one
+            if plan.adapter is not None:
+                return Choice("normal", plan)  # adapters are attached to the routed version only
+            # as if it asked for the student: its own defaults (the request's steps, sampler and
+            # knobs were chosen for production), unless the breaker config names them
+            update: dict[str, Any] = {"route": "fast", "steps": self.config.fast_steps}
+            update |= {"sampler": self.config.degraded_sampler, "options": {}}
+        else:
+            steps = self.config.degraded_steps
+            sampler = self.config.degraded_sampler or plan.sampler
+            if steps >= plan.steps and sampler == plan.sampler:
+                return Choice("normal", plan)  # already as cheap as the cheap route
+            update = {"steps": steps, "sampler": sampler}
+            if sampler != plan.sampler:
+                update["options"] = {}  # the requested sampler's knobs need not fit another one
         if plan.seed_drawn:  # keep the drawn seeds: the answer still names the seeds it used
             update |= {"seed": None, "seeds": list(plan.seeds)}
         try:
@@ -176,50 +183,15 @@ class Fallback:
             self.breaker.record(choice.route, started - job.accepted, now - job.accepted, ok)
         self._publish(self.breaker.state)
 
-    def attach_fast(self, path: str | Path, production: Model) -> ModelVersion:
-        """Load the model folder at `path` as the cheap route, before the service starts (its
-        start warms it; `difforge serve --fast-model`). Loads on a passing thread (see
-        difforge.serving.engine.on_passing_thread).
-
-        Raises:
-            InvalidArgumentError: it does not accept the same requests as `production`.
-        """
-        from difforge.pipeline import load
-        from difforge.serving.engine import on_passing_thread
-
-        version = ModelVersion(on_passing_thread(load, path))
-        check_compatible(production, version.model)
-        self.fast = version
-        return version
-
-    async def install_fast(self, service, model) -> ModelVersion:
-        """Warm `model` on `service` and make it the cheap route (undone by `remove_fast`).
-
-        Raises:
-            InvalidArgumentError: it does not accept the same requests as production.
-        """
-        version = model if isinstance(model, ModelVersion) else ModelVersion(model)
-        check_compatible(service.router.production.model, version.model)
-        if not version.ready:
-            await service.warm(version)
-        self.fast = version
-        service._publish_models()
-        return version
-
-    def remove_fast(self, service) -> ModelVersion | None:
-        """Back to fewer steps on the routed version; returns the fast model (it finishes its
-        requests)."""
-        fast, self.fast = self.fast, None
-        service._publish_models()
-        return fast
-
     def status(self) -> dict[str, Any]:
-        """The breaker and the cheap route, for GET /v1/models."""
+        """The breaker and the cheap route, for GET /v1/models (the fast version itself is listed
+        once, with the router's versions)."""
+        fast = self._fast()
         return {
             **self.breaker.window(),
             "degrade": self.config.degrade,
             "degraded_steps": self.config.degraded_steps,
-            "fast_model": None if self.fast is None else self.fast.id,
+            "fast_model": None if fast is None else fast.id,
         }
 
     def _changed(self, state: BreakerState, reason: OpenReason | None) -> None:

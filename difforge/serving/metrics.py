@@ -46,7 +46,7 @@ ERROR_REASONS = (
 )
 # failures that count against the version that served the request (not the client's doing)
 VERSION_FAILURES = ("internal", "non_finite", "deadline")
-ROLES = ("production", "canary")  # the router's roles, exported from the start
+ROLES = ("production", "canary", "fast")  # the router's roles, exported from the start
 FILTER_DECISIONS = ("pass", "review", "refuse")
 REVIEW_OUTCOMES = ("held", "approved", "rejected", "expired", "full")
 REGISTRY_EVENTS = ("install", "load_failed", "auto_rollback", "poll_error")

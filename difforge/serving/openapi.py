@@ -138,7 +138,7 @@ def generate_request_schema(config: ServiceConfig, model: Model) -> dict[str, An
         "allow_degraded": {
             **_nullable({"type": "boolean"}),
             "description": "under load (circuit breaker open), may a cheaper route answer: "
-            f"{config.breaker.degraded_steps} steps, or a fast model when one is installed; "
+            f"{config.breaker.degraded_steps} steps, or the fast route's student when one is served; "
             f"null: the service policy decides ({config.breaker.degrade})",
         },
     }

@@ -15,6 +15,8 @@ the outcome windows a canary is judged on: `difforge.serving.outcomes`.
     a PostgreSQL change notification   the same, at once (difforge.serving.registry_notify)
     every `check_s`                    should_rollback(production window, canary window)?
                                        -> canary out of the router -> auto_rollback_canary
+    every sync                         production's newest registered student (registry.students
+                                       .fast_student) -> load + verify -> warm -> the fast version
 
 Promotions load the version *before* asking the registry, so a version this service cannot load
 never becomes an alias through it. Every change goes through `sync`, which makes the router match
@@ -37,6 +39,7 @@ from difforge.pipeline import Model
 from difforge.registry import Registry, RegistryError, Resolution, should_rollback
 from difforge.registry.adapters import attach_registered
 from difforge.registry.reports import latest_report
+from difforge.registry.students import fast_student
 from difforge.serving.access import Principal
 from difforge.serving.admin import CanaryBody, PromoteBody, RollbackBody, registry_errors
 from difforge.serving.config import RegistryFollow, ServiceConfig
@@ -84,6 +87,7 @@ class RegistrySource:
         self.problems: dict[str, str] = {}  # alias -> why it is not served as the registry says
         self.events: deque[dict[str, Any]] = deque(maxlen=50)
         self._failed: dict[int, _Failure] = {}  # registry version -> its last failure
+        self._failed_fast: dict[str, _Failure] = {}  # student ref ("name:vN") -> its last failure
         self._pending_rollback: tuple[int, str] | None = None  # decided, registry not yet told
         self._spare: ModelVersion | None = None  # the production replaced last, still warm
         self._lock = asyncio.Lock()
@@ -147,11 +151,51 @@ class RegistrySource:
         self, *, force: bool = False, preloaded: dict[int, Model] | None = None
     ) -> Resolution | None:
         res = await asyncio.to_thread(self.registry.resolve, self.name)
-        if not force and res.revision == self.revision and not self._retry_due(res):
-            return None
-        await self._apply(res, force, preloaded or {})
-        self.revision = res.revision
-        return res
+        changed = force or res.revision != self.revision or self._retry_due(res)
+        if changed:
+            await self._apply(res, force, preloaded or {})
+            self.revision = res.revision
+        await self._sync_fast(force)  # a student registers under its own name: check each time
+        return res if changed else None
+
+    async def _sync_fast(self, force: bool) -> None:
+        """Serve production's newest registered student as the fast version (none: remove it)."""
+        info = await asyncio.to_thread(fast_student, self.registry, self.name)
+        fast = self.service.router.fast
+        if info is None:
+            self.problems.pop("fast", None)
+            if fast is not None:
+                self.service.remove_fast()
+                self._event("install", f"no fast version: no student of {self.name} production")
+            return
+        if fast is not None and (fast.meta.get("registry_name"), registry_version(fast)) == (
+            info.name,
+            info.version,
+        ):
+            return
+        failure = self._failed_fast.get(info.ref)
+        if failure is not None and not force and failure.retry_at > time.monotonic():
+            self.problems["fast"] = failure.message
+            return
+        try:
+            model = await self.service.engine.call(
+                self.registry.load_version, info.name, info.version
+            )
+            meta = {"registry_name": info.name, "registry_version": info.version}
+            version = await self.service.install(ModelVersion(model, meta=meta), "fast")
+        except Exception as e:  # e.g. no student of the production this service still serves
+            message = f"not serving {info.ref} as the fast version: {e}"
+            attempts = 1 if failure is None else failure.attempts + 1
+            delay = min(_MAX_RETRY_S, self.follow.retry_failed_s * 2 ** min(attempts - 1, 20))
+            self._failed_fast[info.ref] = _Failure(message, attempts, time.monotonic() + delay)
+            self.problems["fast"] = message
+            log.error("registry %s: %s", self.name, message)
+            self._event("load_failed", message)
+            return
+        self._failed_fast.pop(info.ref, None)
+        self.problems.pop("fast", None)
+        self._event("install", f"fast is {info.ref} ({version.id})")
+        self._publish()
 
     def _retry_due(self, res: Resolution) -> bool:
         now = time.monotonic()
@@ -203,7 +247,7 @@ class RegistrySource:
         held = [*self.service.router.versions(), ("spare", self._spare)]
         for role, version in held:
             number = registry_version(version)
-            if number is None:
+            if number is None or role == "fast":  # a student is registered under its own name
                 continue
             try:
                 added = await self.service.engine.call(
@@ -392,7 +436,7 @@ class RegistrySource:
         served = [
             (role, v.id, registry_version(v))
             for role, v in self.service.router.versions()
-            if registry_version(v) is not None
+            if registry_version(v) is not None and role != "fast"  # the student's own name
         ]
         self.service.metrics.set_registry_versions(self.name, served)
 
@@ -405,6 +449,7 @@ class RegistrySource:
             "serving": [
                 {
                     "role": role,
+                    **({"registry_name": v.meta.get("registry_name")} if role == "fast" else {}),
                     "registry_version": registry_version(v),
                     "version": v.id,
                     "adapters": [a.describe() for a in v.model.adapters.values()],
@@ -435,7 +480,8 @@ def open_service(
 ) -> tuple[Service, RegistrySource]:
     """A Service whose production is registry model `name`'s production version, and its source.
 
-    The canary (if any) is installed when the source starts (after the service's warm-up).
+    The canary (if any) and production's newest registered student (the fast version, if any)
+    are installed when the source starts (after the service's warm-up).
 
     Raises:
         RegistryError: no such model, or it has no production version.

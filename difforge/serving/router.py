@@ -10,9 +10,12 @@ The canary share is stable: the routing key (API key id + seed, or the request i
 given) is hashed to a number in [0, 1), and requests under `share` go to the canary. The same key
 and seed always reach the same version for a given share.
 
-A "fast" version (a distilled student of production, difforge.training.distill) can be installed
-beside them; it answers only requests that ask for it (`route: "fast"`), with its own sampling
-defaults, and never takes a share of the others' traffic.
+At most one "fast" version (a distilled student of production, difforge.training.distill) can be
+installed beside them; it answers requests that ask for it (`route: "fast"`), with its own sampling
+defaults, and is the circuit breaker's cheap route while it is open (difforge.serving.fallback); it
+never takes a share of the others' traffic. `check_fast` is the one check that it may: here, when
+it is installed (`difforge serve --fast PATH`, `await service.install(model, "fast")`, or the
+registry's newest student of production with `difforge serve --registry`).
 
 `await service.install(model, role=...)` warms a version, then calls the methods below;
 difforge.serving.registry_source drives it from the registry's production and canary aliases.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from difforge.core.errors import InvalidArgumentError
@@ -95,15 +97,25 @@ def check_compatible(a: Model, b: Model) -> None:
         )
 
 
-def load_student(path: str | Path, teacher: Model) -> Model:
-    """Load the model folder at `path`, refusing it unless it was distilled from `teacher`."""
-    from difforge.pipeline import load
+def check_fast(production: Model, student: Model) -> None:
+    """The fast version must be a distilled student of production that accepts its requests.
+
+    Raises:
+        InvalidArgumentError: it is no student of `production`, or serves other requests.
+    """
     from difforge.pipeline.students import check_student_of
 
-    student = load(path)
-    check_student_of(student, teacher)
-    check_compatible(teacher, student)
-    return student
+    check_student_of(student, production)
+    check_compatible(production, student)
+
+
+def is_student(student: Model, production: Model) -> bool:
+    """Whether `check_fast` lets `student` be the fast version beside `production`."""
+    try:
+        check_fast(production, student)
+    except InvalidArgumentError:
+        return False
+    return True
 
 
 class ModelRouter:
@@ -111,7 +123,8 @@ class ModelRouter:
 
     Args:
         production: the version that answers requests not sent to the canary.
-        fast: a student of production answering `route: "fast"` requests (optional).
+        fast: a student of production answering `route: "fast"` requests and the breaker's
+            cheap route (optional; warmed with production by the service's start).
     """
 
     def __init__(self, production: ModelVersion, fast: ModelVersion | None = None):
@@ -120,8 +133,8 @@ class ModelRouter:
         self._canary: ModelVersion | None = None
         self._share = 0.0
         if fast is not None:
-            check_compatible(production.model, fast.model)
-        self._fast = fast  # warmed with production by the service's start
+            check_fast(production.model, fast.model)
+        self._fast = fast
 
     @property
     def production(self) -> ModelVersion:
@@ -149,10 +162,10 @@ class ModelRouter:
         return self._fast
 
     def set_fast(self, version: ModelVersion | None) -> None:
-        """Answer `route: "fast"` requests with a ready `version`; None removes the fast route."""
+        """Make a ready student of production the fast version; None removes the fast route."""
         if version is not None:
             self._require_ready(version)
-            check_compatible(self._production.model, version.model)
+            check_fast(self._production.model, version.model)
         with self._lock:
             self._fast = version
 
@@ -183,11 +196,15 @@ class ModelRouter:
         return "production", prod
 
     def swap(self, version: ModelVersion) -> ModelVersion:
-        """Make a ready `version` production; returns the old one (still finishing its requests)."""
+        """Make a ready `version` production; returns the old one (still finishing its requests).
+
+        A fast version that is no student of the new production leaves with the old one."""
         self._require_ready(version)
         with self._lock:
             check_compatible(self._production.model, version.model)
             old, self._production = self._production, version
+            if self._fast is not None and not is_student(self._fast.model, version.model):
+                self._fast = None
         return old
 
     def set_canary(self, version: ModelVersion | None, share: float = 0.0) -> None:
@@ -207,6 +224,8 @@ class ModelRouter:
                 raise InvalidArgumentError("there is no canary to promote")
             old, self._production = self._production, self._canary
             self._canary, self._share = None, 0.0
+            if self._fast is not None and not is_student(self._fast.model, self._production.model):
+                self._fast = None
         return old
 
     @staticmethod

@@ -140,7 +140,8 @@ class Service:
         self.state = SharedState(config, registry_url)
         self.limiter, self.idempotency = self.state.limiter, self.state.idempotency
         self.audit = AuditLog(config.audit_db)
-        self.fallback = Fallback(config.breaker, self.metrics)  # the breaker and the cheap route
+        # the breaker and its cheap route (the router's fast version, when one is installed)
+        self.fallback = Fallback(config.breaker, self.metrics, lambda: self.router.fast)
         rc = config.result_cache
         self.cache = ResultCache(
             rc.max_bytes,
@@ -172,9 +173,6 @@ class Service:
             # Set on the sampler thread: that thread's OpenMP team is what runs the batches.
             self._threads_before = await self.engine.call(_set_threads, self.config.torch_threads)
         versions = [v for _, v in self.router.versions() if not v.ready]
-        fast = self.fallback.fast  # the breaker's cheap route, when one was attached
-        if fast is not None and not fast.ready:
-            versions.append(fast)
         self._publish_models()
         self._warming = asyncio.create_task(self._warm_all(versions), name="difforge-warmup")
         if self.drift is not None:
@@ -241,8 +239,9 @@ class Service:
     async def install(
         self, model: Model | ModelVersion, role: Role = "production", share: float = 0.0
     ) -> ModelVersion:
-        """Warm `model` (unless it is a version already warm), then make it production or the
-        canary (with `share` of the traffic).
+        """Warm `model` (unless it is a version already warm), then make it production, the
+        canary (with `share` of the traffic) or the fast version (a student of production that
+        answers `route: "fast"` and the breaker's cheap route; router.check_fast).
 
         Requests already accepted finish on the version they were routed to; none fails.
         """
@@ -265,11 +264,16 @@ class Service:
         self._publish_models()
         return canary
 
+    def remove_fast(self) -> ModelVersion | None:
+        """Remove the fast version (it finishes its requests); the breaker falls back to fewer
+        steps and `route: "fast"` requests are refused."""
+        fast = self.router.fast
+        self.router.set_fast(None)
+        self._publish_models()
+        return fast
+
     def _publish_models(self) -> None:
-        served = [(v.name, v.id, role) for role, v in self.router.versions()]
-        if self.fallback.fast is not None:  # the breaker's cheap route (serving.fallback)
-            served.append((self.fallback.fast.name, self.fallback.fast.id, "fast"))
-        self.metrics.set_models(served)
+        self.metrics.set_models([(v.name, v.id, role) for role, v in self.router.versions()])
 
     # -- generate --------------------------------------------------------------------------------
 
@@ -351,7 +355,7 @@ class Service:
             choice = Choice("normal", plan)
         else:
             choice = self.fallback.choose(req, plan, self._resolve, self.engine.depth)
-        if choice.version is not None:  # the cheap route is the fast model
+        if choice.version is not None:  # the cheap route is the fast version
             role, version = "fast", choice.version
         self.metrics.routed.labels(role).inc()
         job = self._job(request_id, version, role, choice.plan, call.accepted)

@@ -1,7 +1,8 @@
 """Fallback under load over HTTP (in-process, tiny model): the circuit breaker forced open by a
 low SLO serves degradable requests with fewer steps, says so in the header, body, provenance,
 audit log and metrics, gives exactly the pixels of a normal request with those steps, and closes
-again once probes run fast. Also the fast-model hook and the error counter's role label."""
+again once probes run fast. Also the cheap route through the fast version (a distilled student of
+production: `serve --fast`, `service.install(model, "fast")`) and the error counter's role label."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import pytest
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.model import load
-from difforge.serving import png_text
+from difforge.serving import ServiceConfig, png_text
+from difforge.serving.app import build_service
 from difforge.serving.breaker import BreakerConfig
+from difforge.serving.router import ModelVersion
+from tests.distill_fixtures import make_student, make_teacher
 from tests.integration.serving_fixtures import (
     make_service,
-    make_tiny_model,
     run,
     running,
     slow_down,
@@ -161,42 +164,62 @@ def test_metrics_show_the_breaker_closing_when_idle(model_dir):
     run(scenario())
 
 
-def test_a_fast_model_is_the_cheap_route_when_installed(model_dir, tmp_path):
-    svc = make_service(model_dir, breaker=forced_open(fast_steps=3), **FAST)
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny teacher (dpmpp_2m, 6 steps) and its 2-step euler student (tests.distill_fixtures)."""
+    root = tmp_path_factory.mktemp("breaker-fast")
+    teacher = make_teacher(root / "teacher")
+    return teacher, make_student(teacher, root / "student")
+
+
+def test_an_open_breaker_uses_the_installed_student(pair, tmp_path):
+    teacher_dir, student_dir = pair
+    svc = make_service(teacher_dir, breaker=forced_open(fast_steps=3), **FAST)
 
     async def scenario():
         async with running(svc) as c:
-            fast = await svc.fallback.install_fast(
-                svc, load(make_tiny_model(tmp_path / "fast", seed=5, name="fast"))
-            )
+            stranger = ModelVersion(load(make_teacher(tmp_path / "other", seed=1)))
+            with pytest.raises(InvalidArgumentError, match="not a distilled student"):
+                await svc.install(stranger, "fast")  # the one check: router.check_fast
+            fast = await svc.install(load(student_dir), "fast")
             for seed in (1, 2):
                 await c.post("/v1/generate", json={**BODY, "seed": seed})
+            assert svc.fallback.breaker.state == "open"
             r = await c.post("/v1/generate", json={**BODY, "allow_degraded": True})
-            assert r.headers["x-difforge-degraded"] == f"steps=3; model={fast.id}"
+            # the student's own sampler at fast_steps, not the request's dpmpp_2m at 4
+            assert r.headers["x-difforge-degraded"] == f"steps=3; sampler=euler; model={fast.id}"
             assert r.headers["x-model-version"] == fast.id
             body = r.json()
-            assert body["role"] == "fast" and body["model"] == "fast" and body["steps"] == 3
+            assert body["role"] == "fast" and body["steps"] == 3 and body["sampler"] == "euler"
             assert body["degraded"]["model_version"] == fast.id
+            # exactly the pixels of asking the fast route for 3 steps (one resolver, one model)
+            asked = {**BODY, "steps": 3, "route": "fast", "allow_degraded": False}
+            same = await c.post("/v1/generate", json=asked)
+            assert "x-difforge-degraded" not in same.headers
+            assert r.headers["x-output-sha256"] == same.headers["x-output-sha256"]
             text = (await c.get("/metrics")).text
-            assert metric(text, 'difforge_generate_requests_total{role="fast"}') == 1.0
-            info = f'difforge_model_info{{name="fast",role="fast",version="{fast.id}"}}'
+            assert metric(text, 'difforge_generate_requests_total{role="fast"}') == 2.0
+            info = f'difforge_model_info{{name="{fast.name}",role="fast",version="{fast.id}"}}'
             assert metric(text, info) == 1.0
-            svc.fallback.remove_fast(svc)
+            models = (await c.get("/v1/models")).json()
+            assert [m["role"] for m in models["models"]] == ["production", "fast"]  # listed once
+            assert models["breaker"]["fast_model"] == fast.id
+            assert svc.remove_fast() is fast
             r = await c.post("/v1/generate", json={**BODY, "allow_degraded": True})
             assert r.headers["x-difforge-degraded"] == "steps=2"
             assert r.headers["x-model-version"] == svc.router.production.id
+            r = await c.post("/v1/generate", json={**BODY, "route": "fast"})
+            assert r.status_code == 422  # one fast version: removed for both paths
 
     run(scenario())
 
 
-def test_a_fast_model_attached_before_start_is_warmed_and_used(model_dir, tmp_path):
-    svc = make_service(model_dir, breaker=forced_open(), **FAST)
-    fast_dir = make_tiny_model(tmp_path / "fast", seed=6, name="fast")
-    fast = svc.fallback.attach_fast(fast_dir, svc.router.production.model)  # serve --fast-model
-    assert not fast.ready
-    wrong = make_tiny_model(tmp_path / "five", classes=5, name="five")
-    with pytest.raises(InvalidArgumentError, match="cannot serve beside"):
-        svc.fallback.attach_fast(wrong, svc.router.production.model)
+def test_a_student_given_before_start_is_warmed_and_used(pair):
+    teacher_dir, student_dir = pair
+    config = ServiceConfig(audit_db=":memory:", breaker=forced_open(), **FAST)
+    svc = build_service(teacher_dir, config, fast=student_dir)  # serve --fast
+    fast = svc.router.fast
+    assert fast is not None and not fast.ready
 
     async def scenario():
         async with running(svc) as c:
@@ -205,7 +228,8 @@ def test_a_fast_model_attached_before_start_is_warmed_and_used(model_dir, tmp_pa
                 await c.post("/v1/generate", json={**BODY, "seed": seed})
             r = await c.post("/v1/generate", json={**BODY, "allow_degraded": True})
             assert r.headers["x-model-version"] == fast.id
-            assert r.headers["x-difforge-degraded"] == f"steps=4; model={fast.id}"  # its default
+            # its own defaults: 2 euler steps
+            assert r.headers["x-difforge-degraded"] == f"steps=2; sampler=euler; model={fast.id}"
 
     run(scenario())
 
@@ -228,24 +252,27 @@ def test_errors_carry_the_role_they_were_routed_to(model_dir):
     run(scenario())
 
 
-def test_serve_fast_model_from_the_cli(model_dir, tmp_path, monkeypatch):
+def test_serve_fast_from_the_cli(pair, tmp_path, monkeypatch):
     import uvicorn
     from typer.testing import CliRunner
 
     from difforge.cli import app
 
+    teacher_dir, student_dir = pair
     ran = []
     monkeypatch.setattr(uvicorn, "run", lambda asgi, **kw: ran.append(asgi))
     cfg = tmp_path / "serve.json"
     cfg.write_text(json.dumps({"audit_db": ":memory:", "breaker": {"degraded_steps": 2}}))
-    fast_dir = make_tiny_model(tmp_path / "fast", seed=6, name="fast")
-    args = ["serve", "--model", str(model_dir), "--config", str(cfg), "--fast-model"]
-    result = CliRunner().invoke(app, [*args, str(fast_dir)])
+    args = ["serve", "--model", str(teacher_dir), "--config", str(cfg), "--fast"]
+    result = CliRunner().invoke(app, [*args, str(student_dir)])
     assert result.exit_code == 0, result.output
     (asgi,) = ran
-    assert asgi.state.service.fallback.fast.name == "fast"
+    service = asgi.state.service
+    assert service.router.fast.name == "tiny-teacher-progressive"
+    assert service.fallback.status()["fast_model"] == service.router.fast.id
 
-    wrong = make_tiny_model(tmp_path / "five", classes=5, name="five")
-    result = CliRunner().invoke(app, [*args, str(wrong)])
+    result = CliRunner().invoke(app, [*args, str(teacher_dir)])  # no student of itself
     assert result.exit_code != 0
-    assert "cannot serve beside" in result.output and "Traceback" not in result.output
+    assert "not a distilled student" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["serve", "--model", str(teacher_dir), "--fast-model", "x"])
+    assert result.exit_code != 0 and "No such option" in result.output  # one flag: --fast

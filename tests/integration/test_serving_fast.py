@@ -9,7 +9,7 @@ import difforge
 from difforge.common.png import png_pixels
 from difforge.core.errors import InvalidArgumentError
 from difforge.serving import ServiceConfig, png_text
-from difforge.serving.router import ModelRouter, ModelVersion, load_student
+from difforge.serving.router import ModelRouter, ModelVersion, check_fast
 from difforge.serving.service import Service
 from tests.distill_fixtures import make_student, make_teacher
 from tests.integration.serving_fixtures import run, running
@@ -29,7 +29,7 @@ def pair(tmp_path_factory):
 def test_fast_route_answers_with_the_students_bytes(pair):
     teacher_dir, student_dir = pair
     teacher = difforge.load(teacher_dir)
-    student = load_student(student_dir, teacher)
+    student = difforge.load(student_dir)
     want = student.sample(labels=[3], seed=7).images[0, 0].numpy()  # its own defaults
     plain = teacher.sample(labels=[3], seed=7).images[0, 0].numpy()
 
@@ -69,7 +69,14 @@ def test_fast_route_without_a_student_is_a_422(pair):
 def test_a_model_that_is_not_its_student_is_refused(pair, tmp_path):
     teacher_dir, student_dir = pair
     other = difforge.load(make_teacher(tmp_path / "other", seed=1))
+    student, teacher = difforge.load(student_dir), difforge.load(teacher_dir)
     with pytest.raises(InvalidArgumentError, match="distilled from"):
-        load_student(student_dir, other)
+        check_fast(other, student)
     with pytest.raises(InvalidArgumentError, match="not a distilled student"):
-        load_student(teacher_dir, other)
+        check_fast(other, teacher)
+    with pytest.raises(InvalidArgumentError, match="distilled from"):  # where it is installed
+        ModelRouter(ModelVersion(other), ModelVersion(student))
+    router = ModelRouter(ModelVersion(teacher), ModelVersion(student))
+    ready = ModelVersion(other, plan=router.production.plan or object())  # a "warm" stand-in
+    router.swap(ready)
+    assert router.fast is None  # no student of the new production: it leaves with the old one

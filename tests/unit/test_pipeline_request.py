@@ -20,6 +20,7 @@ from difforge.pipeline import (
     resolve,
 )
 from difforge.serving.config import Limits
+from difforge.serving.protocol import RequestInvalid as BodyInvalid
 from difforge.serving.protocol import parse_body
 from difforge.serving.protocol import resolve as http_resolve
 
@@ -104,6 +105,15 @@ def test_http_bodies_and_library_dicts_resolve_to_the_same_plan():
     limits = Limits(max_n=8)
     via_http = http_resolve(parse_body(json.dumps(body).encode(), limits), limits, CLASSES)
     assert via_http.params() == resolve(CLASSES, body).params()
+
+
+@pytest.mark.parametrize("guidance", [False, True, "2"])
+def test_guidance_must_be_a_json_number(guidance):
+    limits = Limits(max_n=8)
+    assert parse_body(b'{"guidance": 2}', limits).guidance == 2.0
+    with pytest.raises(BodyInvalid) as e:
+        parse_body(json.dumps({"guidance": guidance}).encode(), limits)
+    assert e.value.errors[0]["loc"] == ["body", "guidance"]
 
 
 def test_limits_bound_a_request():

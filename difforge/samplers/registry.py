@@ -120,6 +120,14 @@ def _guided(denoiser, guidance, b, uncond, rescale, interval, device) -> Denoise
     return CFGDenoiser(denoiser, scale.to(device), uncond, rescale=rescale, interval=interval)
 
 
+def _prepare_grid(denoiser, grid: list[float], b: int, guided: bool, x: Tensor, device) -> None:
+    """Let an adapter with `prepare_grid` compute its per-level inputs once for this call's grid
+    (batch b, and 2b for guidance's cond/uncond pair), rather than at each level's first visit."""
+    prepare = getattr(denoiser, "prepare_grid", None)
+    if prepare is not None:
+        prepare(grid, (b, 2 * b) if guided else (b,), x.ndim, device)
+
+
 def start_for_strength(steps: int, strength: float) -> int:
     """img2img's `start` for a diffusers-style strength in (0, 1]: the last int(steps * strength)
     of `steps` steps run (at least one), as diffusers' img2img `get_timesteps`; 1: all of them."""
@@ -234,6 +242,7 @@ def sample(
     run_on = sigmas if start == 0 else sigmas[start:]
     kwargs = {"cond": cond, "noise": noise, "callback": compose_hooks(step_hook, callback)}
     with torch.no_grad():
+        _prepare_grid(denoiser, grid[start:], len(noise.seeds), model is not denoiser, x, device)
         if resample is None:
             x = fn(counter, x, run_on, **kwargs, **knobs)
         else:

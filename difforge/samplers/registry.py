@@ -87,6 +87,9 @@ def sampler_knobs(name: str) -> dict[str, object]:
 
 
 def check_knobs(name: str, knobs: Mapping[str, object]) -> None:
+    if not knobs:  # the common call: no inspect.signature (~0.1 ms) per sampling call
+        check_choice("sampler", name, SAMPLERS)
+        return
     allowed = sampler_knobs(name)
     for key, value in knobs.items():
         if key not in allowed:
@@ -108,6 +111,8 @@ def _to_device(cond: Mapping[str, Tensor] | None, device) -> dict[str, Tensor] |
 
 def _guided(denoiser, guidance, b, uncond, rescale, interval, device) -> Denoiser:
     """The denoiser itself, or CFGDenoiser around it when guidance (or its rescale) is on."""
+    if isinstance(guidance, int | float) and guidance == 1 and rescale <= 0:
+        return denoiser  # the unguided call, without the tensor checks below
     scale = torch.as_tensor(guidance, dtype=torch.float32)
     if scale.ndim not in (0, 1) or (scale.ndim == 1 and scale.shape[0] != b):
         raise InvalidArgumentError(f"guidance must be a float or one value per sample ({b})")

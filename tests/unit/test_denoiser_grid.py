@@ -36,11 +36,11 @@ def _grid(process, kind, n=12):
 
 
 @pytest.mark.parametrize("process,prediction,time_scale,kind", CASES)
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch,steps", [(1, 12), (3, 12), (1, 70)])  # 70: SIMD paths, not tails
 def test_prepared_levels_are_bitwise_the_per_step_ones(
-    process, prediction, time_scale, kind, batch
+    process, prediction, time_scale, kind, batch, steps
 ):
-    grid = _grid(process, kind)
+    grid = _grid(process, kind, steps)
     x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     ref_net, prep_net = Recorder(), Recorder()
     ref = ModelDenoiser(ref_net, process, prediction, time_scale=time_scale)

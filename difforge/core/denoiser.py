@@ -192,6 +192,7 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = float(sigma_data)
         self.net_dtype = _net_dtype(net, dtype)
+        self._memo: dict = {}  # see _coefficients_memo
 
     def _coefficients(self, sigma: Tensor, ndim: int):
         sd2 = self.sigma_data**2
@@ -202,8 +203,23 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
+    def _coefficients_memo(self, sigma: Tensor, ndim: int):
+        """`_coefficients` once per distinct CPU sigma vector, as `ModelDenoiser._time_inputs_memo`:
+        a loaded model visits the same few levels on every call, and the cached tensors are the ones
+        the first call computed (each level by the very same ops), so outputs are bitwise equal."""
+        if sigma.device.type != "cpu" or torch.is_grad_enabled():
+            return self._coefficients(sigma, ndim)
+        key = (sigma.numpy().tobytes(), sigma.dtype, sigma.shape, ndim)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._coefficients(sigma.clone(), ndim)
+            if len(self._memo) >= 1024:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
-        c_skip, c_out, c_in, c_noise = self._coefficients(sigma, x.ndim)
+        c_skip, c_out, c_in, c_noise = self._coefficients_memo(sigma, x.ndim)
         f = _unwrap(self.net((c_in * x).to(self.net_dtype), c_noise.float(), cond)).float()
         return c_skip * x + c_out * f
 

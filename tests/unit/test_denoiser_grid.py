@@ -109,3 +109,28 @@ def test_guided_sampling_prepares_the_doubled_batch(monkeypatch):
     monkeypatch.setattr(ModelDenoiser, "prepare_grid", None)
     want = sample(ModelDenoiser(TinyEpsNet(), process, "eps"), sigmas, **kw)
     assert torch.equal(got.x, want.x)
+
+
+def test_edm_precond_memo_is_bitwise_and_skips_recomputation():
+    from difforge.core import EDMPrecond
+
+    grid = _grid(VEProcess(), "karras", 40)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    ref_net, memo_net = Recorder(), Recorder()
+    ref, memo = EDMPrecond(ref_net, 0.5), EDMPrecond(memo_net, 0.5)
+    with torch.no_grad():
+        for s in grid[:-1]:
+            memo(x, torch.full((2,), s))  # first visits fill the memo
+        assert len(memo._memo) == len(grid) - 1
+        calls = []
+        memo._coefficients = lambda *a: calls.append(a) or EDMPrecond._coefficients(memo, *a)
+        memo_net.seen.clear()
+        for s in grid[:-1]:
+            sigma = torch.full((2,), s)
+            assert torch.equal(ref(x, sigma), memo(x, sigma))
+    assert calls == []
+    for (xa, ta), (xb, tb) in zip(ref_net.seen, memo_net.seen, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ta, tb)
+    sigma = torch.full((2,), 1.5, requires_grad=False)
+    out = memo(x.requires_grad_(), sigma)  # with autograd: computed, not cached
+    assert out.requires_grad and len(memo._memo) == len(grid) - 1

@@ -193,6 +193,7 @@ class EDMPrecond(nn.Module):
         self.sigma_data = float(sigma_data)
         self.net_dtype = _net_dtype(net, dtype)
         self._memo: dict = {}  # see _coefficients_memo
+        self._prepared: set = set()  # grids whose levels prepare_grid put in the memo
 
     def _coefficients(self, sigma: Tensor, ndim: int):
         sd2 = self.sigma_data**2
@@ -215,8 +216,43 @@ class EDMPrecond(nn.Module):
             hit = self._coefficients(sigma.clone(), ndim)
             if len(self._memo) >= 1024:
                 self._memo.clear()
+                self._prepared.clear()
             self._memo[key] = hit
         return hit
+
+    def prepare_grid(
+        self, sigmas: Sequence[float], batches: Sequence[int], ndim: int, device: Any = "cpu"
+    ) -> None:
+        """As `ModelDenoiser.prepare_grid`: c_skip, c_out and c_in for the whole grid in one pass
+        (+, *, /, sqrt are exact per element whatever the length), c_noise = ln(sigma) / 4 per
+        level on a (B,) tensor exactly as the step computes it (a vectorized log may differ from
+        a scalar one in the last bit), so memo hits are bitwise the per-step coefficients."""
+        if torch.device(device).type != "cpu" or torch.is_grad_enabled():
+            return
+        levels = tuple(float(s) for s in sigmas if s > 0)
+        sizes = tuple(sorted({int(b) for b in batches if int(b) > 0}))
+        grid_key = (levels, sizes, ndim)
+        if not levels or not sizes or grid_key in self._prepared:
+            return
+        if len(self._memo) + len(levels) * len(sizes) > 1024:
+            self._memo.clear()
+            self._prepared.clear()
+        c_skip, c_out, c_in, _ = self._coefficients(torch.tensor(levels, dtype=torch.float32), 1)
+        n, tail = len(levels), (1,) * (ndim - 1)
+        for b in sizes:
+            sig = torch.tensor(levels, dtype=torch.float32)[:, None].expand(n, b).contiguous()
+            keys = sig.numpy().tobytes()  # row i is bytes [4 b i, 4 b (i + 1))
+            rows = [
+                v[:, None].expand(n, b).contiguous().view(n, b, *tail).unbind(0)
+                for v in (c_skip, c_out, c_in)
+            ]
+            shape, width = torch.Size((b,)), 4 * b
+            for i in range(n):
+                key = (keys[width * i : width * (i + 1)], torch.float32, shape, ndim)
+                if key not in self._memo:
+                    c_noise = sig[i].clone().log() / 4  # (b,), as _coefficients takes it
+                    self._memo[key] = (rows[0][i], rows[1][i], rows[2][i], c_noise)
+        self._prepared.add(grid_key)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
         c_skip, c_out, c_in, c_noise = self._coefficients_memo(sigma, x.ndim)

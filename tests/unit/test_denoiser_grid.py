@@ -134,3 +134,39 @@ def test_edm_precond_memo_is_bitwise_and_skips_recomputation():
     sigma = torch.full((2,), 1.5, requires_grad=False)
     out = memo(x.requires_grad_(), sigma)  # with autograd: computed, not cached
     assert out.requires_grad and len(memo._memo) == len(grid) - 1
+
+
+@pytest.mark.parametrize("batch,steps,sigma_data", [(1, 70, 0.5), (3, 12, 0.3), (20, 30, 1.0)])
+def test_edm_prepared_levels_are_bitwise_the_per_step_ones(batch, steps, sigma_data):
+    from difforge.core import EDMPrecond
+
+    grid = _grid(VEProcess(), "karras", steps)
+    x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref_net, prep_net = Recorder(), Recorder()
+    ref, prep = EDMPrecond(ref_net, sigma_data), EDMPrecond(prep_net, sigma_data)
+    with torch.no_grad():
+        prep.prepare_grid(grid, (batch,), x.ndim)
+        assert len(prep._memo) == len(grid) - 1
+        calls = []
+        prep._coefficients = lambda *a: calls.append(a) or EDMPrecond._coefficients(prep, *a)
+        for s in grid[:-1]:
+            sigma = torch.full((batch,), s)
+            assert torch.equal(ref(x, sigma), prep(x, sigma))
+    assert calls == []
+    for (xa, ta), (xb, tb) in zip(ref_net.seen, prep_net.seen, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ta, tb) and ta.dtype == tb.dtype
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
+def test_edm_sample_with_a_fresh_adapter_is_unchanged(sampler, monkeypatch):
+    from difforge.core import EDMPrecond
+
+    sigmas = get_sigmas("karras", 10, process=VEProcess())
+    kw = dict(shape=(1, 8, 8), seeds=[5, 6, 7], sampler=sampler)
+    fresh = EDMPrecond(TinyEpsNet(), 0.5)
+    got = sample(fresh, sigmas, **kw)
+    assert fresh._prepared  # sample() prepared the grid
+    monkeypatch.setattr(EDMPrecond, "prepare_grid", None)
+    monkeypatch.setattr(EDMPrecond, "_coefficients_memo", EDMPrecond._coefficients)
+    want = sample(EDMPrecond(TinyEpsNet(), 0.5), sigmas, **kw)  # no memo at all: the old path
+    assert torch.equal(got.x, want.x)

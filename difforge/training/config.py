@@ -22,7 +22,7 @@ Parameterization = Literal["eps", "x0", "v", "velocity", "edm"]
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "velocity", "edm")
 LossWeighting = Literal["native", "min_snr", "edm"]
 NoiseDistribution = Literal["uniform_t", "log_normal", "logit_normal"]
-LRSchedule = Literal["constant", "cosine", "linear"]
+LRSchedule = Literal["constant", "cosine", "linear", "rsqrt"]
 Precision = Literal["fp32", "bf16"]
 
 
@@ -38,7 +38,11 @@ class OptimConfig(_Frozen):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(100, ge=0)  # linear ramp 0 -> lr over these optimizer steps
-    schedule: LRSchedule = "constant"  # after warmup; cosine/linear decay until max_steps
+    # After warmup: cosine/linear decay until max_steps, or rsqrt = lr / sqrt(max(1, step /
+    # decay_steps)) (Karras et al. 2024, EDM2 Eq. 16), which needs no budget, so a run resumed
+    # past its first stop follows the same curve.
+    schedule: LRSchedule = "constant"
+    decay_steps: int = Field(1000, ge=1)  # rsqrt: steps before the decay starts
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # floor of the decay, as a fraction of lr
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables clipping
 

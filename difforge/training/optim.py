@@ -43,6 +43,8 @@ def lr_at(config: TrainConfig, step: int) -> float:
         return opt.lr * (step + 1) / opt.warmup_steps
     if opt.schedule == "constant":
         return opt.lr
+    if opt.schedule == "rsqrt":  # EDM2 (Karras et al. 2024) Eq. 16; min_lr_ratio still floors it
+        return opt.lr * max(opt.min_lr_ratio, 1 / math.sqrt(max(1.0, step / opt.decay_steps)))
     progress = min(1.0, (step - opt.warmup_steps) / max(1, config.max_steps - opt.warmup_steps))
     # Cosine decay (Loshchilov & Hutter 2017, SGDR Eq. 5, without restarts), or linear.
     scale = 0.5 * (1 + math.cos(math.pi * progress)) if opt.schedule == "cosine" else 1 - progress

@@ -192,6 +192,21 @@ def test_learning_rate_schedule():
     assert lr_at(const, 0) == lr_at(const, 999) == 1.0
 
 
+def test_rsqrt_schedule_is_edm2_and_independent_of_the_budget():
+    optim = {"lr": 2.0, "warmup_steps": 10, "schedule": "rsqrt", "decay_steps": 100}
+    short, long = (parse_config({"max_steps": m, "optim": optim}) for m in (600, 1200))
+    assert lr_at(short, 0) == pytest.approx(0.2) and lr_at(short, 9) == pytest.approx(2.0)
+    assert lr_at(short, 50) == lr_at(short, 100) == pytest.approx(2.0)  # flat until decay_steps
+    assert lr_at(short, 400) == pytest.approx(1.0)  # 2 / sqrt(400 / 100)
+    assert lr_at(short, 2500) == pytest.approx(0.4)  # past max_steps the curve goes on
+    # A 600-step run resumed to 1200 follows the curve a 1200-step run would have.
+    assert [lr_at(short, s) for s in range(0, 1200, 37)] == [
+        lr_at(long, s) for s in range(0, 1200, 37)
+    ]
+    floored = parse_config({"optim": optim | {"min_lr_ratio": 0.25}})
+    assert lr_at(floored, 10**6) == pytest.approx(0.5)
+
+
 def test_ema_half_life_with_ramp():
     c = parse_config({"batch_size": 100, "ema": {"halflife_images": 1000, "rampup_ratio": 0.1}})
     assert ema_beta(c, 1000) == pytest.approx(0.5)  # h = 100 images = one batch

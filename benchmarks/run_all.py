@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BENCHMARKS = {
     "sampler_overhead": (["--rounds", "5"], ["--rounds", "1", "--steps", "5"]),
+    "adapter_overhead": ([], ["--calls", "3", "--steps", "5"]),
     "quality_vs_nfe": ([], ["--quick"]),
     "guidance_sweep": ([], ["--quick"]),
     "serve_load": ([], ["--quick"]),

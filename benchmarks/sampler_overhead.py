@@ -5,7 +5,8 @@ DDPM linear schedule) drives every loop. A timer wraps the network call; per ste
 outside = (loop wall time - time inside the network) / steps. Runs alternate A and B in every
 round (difforge samplers and diffusers loops interleaved) so drift on a shared machine hits both.
 The difforge adapter is by default built once (--adapter loaded), as `difforge.model.load` and
-the server keep it; --adapter fresh builds one per call, so every sigma is a first visit.
+the server keep it; --adapter fresh builds one per call, whose time inputs `sample` then
+precomputes for the whole grid in one pass (`ModelDenoiser.prepare_grid`).
 On a shared machine preemption lands at random inside or outside the network and inflates both;
 the minimum over rounds (also reported) is the better estimate of the uncontended cost there.
 
@@ -71,7 +72,8 @@ def build_unet(num_class_embeds: int | None = None):
 def run_difforge(
     timed: TimedNet, name: str, batch: int, steps: int, den: ModelDenoiser | None = None
 ) -> dict:
-    """One difforge sampling call; `den` None builds a fresh adapter (whose memo starts empty)."""
+    """One difforge sampling call; `den` None builds a fresh adapter (whose memo starts empty,
+    until `sample` prepares it for the grid: that cost is inside the timed call)."""
     proc = DiscreteVP()
     den = ModelDenoiser(timed, proc, "eps") if den is None else den
     sigmas = get_sigmas("karras", steps, process=proc)
@@ -110,7 +112,8 @@ def main() -> None:
     ap.add_argument(
         "--adapter", choices=("loaded", "fresh"), default="loaded",
         help="loaded: one ModelDenoiser for every call, as a loaded model and the server keep it "
-        "(its memo of t and input scale warm after the first call); fresh: a new one per call",
+        "(its memo of t and input scale warm after the first call); fresh: a new one per call "
+        "(sample() fills its memo for the grid up front)",
     )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

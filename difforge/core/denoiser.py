@@ -7,12 +7,17 @@ et al. 2022, Eq. 2), sigma a float32 tensor of shape (B,), x and x0_hat float32 
 Adapters are the only place a prediction type or a network's time input is known; samplers never
 branch on them. The precision boundary sits at the network call: the input is cast to the
 network's dtype, the output back to float32.
+
+An adapter may also offer `prepare_grid(sigmas, batches, ndim, device)`: `difforge.samplers.sample`
+calls it once per sampling call with the grid, so the per-level inputs the network needs (time
+input, input scale) are computed in one vectorized pass instead of once per step (see
+`ModelDenoiser.prepare_grid`). It is an optimisation only: outputs are bitwise the same without it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -79,6 +84,7 @@ class ModelDenoiser(nn.Module):
         self.time_scale = float(time_scale)
         self.net_dtype = _net_dtype(net, dtype)
         self._memo: dict = {}  # see _time_inputs_memo
+        self._prepared: set = set()  # grids whose levels prepare_grid put in the memo
 
     def _time_inputs(self, sigma: Tensor, ndim: int) -> tuple[Tensor, Tensor, Tensor]:
         """(sigma as (B, 1, ...), the input scale s(sigma) likewise, the network's time t (B,))."""
@@ -100,9 +106,55 @@ class ModelDenoiser(nn.Module):
         if hit is None:
             hit = self._time_inputs(sigma.clone(), ndim)  # clone: callers may reuse their sigma
             if len(self._memo) >= 1024:  # bounded: e.g. random sigmas in a validation loop
-                self._memo.clear()
+                self._clear_memo()
             self._memo[key] = hit
         return hit
+
+    def _clear_memo(self) -> None:
+        self._memo.clear()
+        self._prepared.clear()
+
+    def prepare_grid(
+        self, sigmas: Sequence[float], batches: Sequence[int], ndim: int, device: Any = "cpu"
+    ) -> None:
+        """Put the time inputs of every positive level of a sampling grid in the memo at once.
+
+        A fresh adapter would otherwise compute them at each level's first visit, ~10 tiny ops per
+        step, which at batch 1 cost more than the sampler's own arithmetic. Here they are computed
+        for the whole grid in one pass (the same elementwise ops on a (G,) vector; each element is
+        bitwise what the (B,) per-step call gives: np.interp and +, *, /, sqrt are exact per
+        element whatever the length) and laid out as (G, B) rows, one memo entry per level and
+        batch size, keyed as `forward` looks them up. CPU and no-autograd only, like the memo; a
+        grid already prepared costs one set lookup.
+
+        Args:
+            sigmas: the grid as floats (zeros are skipped: no network call happens there).
+            batches: the batch sizes the network will see (B, and 2B under guidance).
+            ndim: x.ndim of the calls, e.g. 4 for (B, C, H, W).
+            device: where x lives; anything but CPU is a no-op.
+        """
+        if torch.device(device).type != "cpu" or torch.is_grad_enabled():
+            return
+        levels = tuple(float(s) for s in sigmas if s > 0)
+        sizes = tuple(sorted({int(b) for b in batches if int(b) > 0}))
+        grid_key = (levels, sizes, ndim)
+        if not levels or not sizes or grid_key in self._prepared:
+            return
+        if len(self._memo) + len(levels) * len(sizes) > 1024:
+            self._clear_memo()
+        g = torch.tensor(levels, dtype=torch.float32)  # float32(level), as torch.full rounds it
+        sig_g, scale_g, t_g = self._time_inputs(g, 1)  # each (G,)
+        n, tail = len(levels), (1,) * (ndim - 1)
+        for b in sizes:
+            rows = [v[:, None].expand(n, b).contiguous() for v in (sig_g, scale_g, t_g)]
+            keys = rows[0].numpy().tobytes()  # row i is bytes [4 b i, 4 b (i + 1))
+            sig_r, scale_r = (r.view(n, b, *tail).unbind(0) for r in rows[:2])
+            t_r = rows[2].unbind(0)
+            shape, width = torch.Size((b,)), 4 * b
+            for i in range(n):
+                key = (keys[width * i : width * (i + 1)], torch.float32, shape, ndim)
+                self._memo.setdefault(key, (sig_r[i], scale_r[i], t_r[i]))
+        self._prepared.add(grid_key)
 
     def _net(self, x: Tensor, x_scale: Tensor, t: Tensor, cond: Cond) -> Tensor:
         x_in = x * x_scale
@@ -140,6 +192,8 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = float(sigma_data)
         self.net_dtype = _net_dtype(net, dtype)
+        self._memo: dict = {}  # see _coefficients_memo
+        self._prepared: set = set()  # grids whose levels prepare_grid put in the memo
 
     def _coefficients(self, sigma: Tensor, ndim: int):
         sd2 = self.sigma_data**2
@@ -150,8 +204,58 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
+    def _coefficients_memo(self, sigma: Tensor, ndim: int):
+        """`_coefficients` once per distinct CPU sigma vector, as `ModelDenoiser._time_inputs_memo`:
+        a loaded model visits the same few levels on every call, and the cached tensors are the ones
+        the first call computed (each level by the very same ops), so outputs are bitwise equal."""
+        if sigma.device.type != "cpu" or torch.is_grad_enabled():
+            return self._coefficients(sigma, ndim)
+        key = (sigma.numpy().tobytes(), sigma.dtype, sigma.shape, ndim)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._coefficients(sigma.clone(), ndim)
+            if len(self._memo) >= 1024:
+                self._memo.clear()
+                self._prepared.clear()
+            self._memo[key] = hit
+        return hit
+
+    def prepare_grid(
+        self, sigmas: Sequence[float], batches: Sequence[int], ndim: int, device: Any = "cpu"
+    ) -> None:
+        """As `ModelDenoiser.prepare_grid`: c_skip, c_out and c_in for the whole grid in one pass
+        (+, *, /, sqrt are exact per element whatever the length), c_noise = ln(sigma) / 4 per
+        level on a (B,) tensor exactly as the step computes it (a vectorized log may differ from
+        a scalar one in the last bit), so memo hits are bitwise the per-step coefficients."""
+        if torch.device(device).type != "cpu" or torch.is_grad_enabled():
+            return
+        levels = tuple(float(s) for s in sigmas if s > 0)
+        sizes = tuple(sorted({int(b) for b in batches if int(b) > 0}))
+        grid_key = (levels, sizes, ndim)
+        if not levels or not sizes or grid_key in self._prepared:
+            return
+        if len(self._memo) + len(levels) * len(sizes) > 1024:
+            self._memo.clear()
+            self._prepared.clear()
+        c_skip, c_out, c_in, _ = self._coefficients(torch.tensor(levels, dtype=torch.float32), 1)
+        n, tail = len(levels), (1,) * (ndim - 1)
+        for b in sizes:
+            sig = torch.tensor(levels, dtype=torch.float32)[:, None].expand(n, b).contiguous()
+            keys = sig.numpy().tobytes()  # row i is bytes [4 b i, 4 b (i + 1))
+            rows = [
+                v[:, None].expand(n, b).contiguous().view(n, b, *tail).unbind(0)
+                for v in (c_skip, c_out, c_in)
+            ]
+            shape, width = torch.Size((b,)), 4 * b
+            for i in range(n):
+                key = (keys[width * i : width * (i + 1)], torch.float32, shape, ndim)
+                if key not in self._memo:
+                    c_noise = sig[i].clone().log() / 4  # (b,), as _coefficients takes it
+                    self._memo[key] = (rows[0][i], rows[1][i], rows[2][i], c_noise)
+        self._prepared.add(grid_key)
+
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
-        c_skip, c_out, c_in, c_noise = self._coefficients(sigma, x.ndim)
+        c_skip, c_out, c_in, c_noise = self._coefficients_memo(sigma, x.ndim)
         f = _unwrap(self.net((c_in * x).to(self.net_dtype), c_noise.float(), cond)).float()
         return c_skip * x + c_out * f
 

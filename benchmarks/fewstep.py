@@ -2,6 +2,7 @@
 
     python -m benchmarks.fewstep [--teacher models/mnist-cond] [--n 1000] [--seed 0]
         [--student PATH[:STEPS]] ... [--threads 1] [--batch 100] [--fresh]
+        [--context-guidance 2,1]
 
 Every method draws the same n images: image i has seed `seed + i` and label i mod 10, at the
 teacher's guidance (3.0) unless a student says otherwise. For each it records FID and KID in
@@ -15,7 +16,9 @@ A method's images are drawn in chunks of --batch seeds, cached under benchmarks/
 (keyed by model sha256, sampler, steps, guidance, n and seed) with its result, so students can be
 added to a run without redrawing the teacher, and several processes running the same command
 share the chunks (each claims a chunk before drawing it); a method is reported once all its chunks
-are drawn. --fresh recomputes the metrics; --cached-only draws nothing.
+are drawn. --fresh recomputes the metrics; --cached-only draws nothing. --context-guidance W
+also measures the teacher at its default steps and guidance W (same seeds): context for reading a
+student's FID (a less guided student has a lower FID), never used in the verdicts.
 
 Targets (issue #14), reported met or not with the numbers:
   (1) a 4-step student's FID within 1.3x of the teacher's 50-step FID;
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--teacher-steps", default="50,20")
+    p.add_argument("--context-guidance", default="", help="teacher at these w too (context)")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--cached-only", action="store_true", help="report only methods measured before")
     args = p.parse_args(argv)
@@ -178,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         if k != "none"  # "none": students only (e.g. a second process while the teacher runs)
     ]
     t_recs = [r for r in t_recs if r is not None]
+    c_recs = [
+        measure(teacher, args.teacher, ts.sampler, ts.steps, float(w), args, against)
+        for w in args.context_guidance.split(",")
+        if w
+    ]
+    c_recs = [r for r in c_recs if r is not None]
     s_recs = []
     for spec in args.student:
         path, _, steps = spec.partition(":")
@@ -193,10 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     verdict = verdicts(by_steps.get(50), by_steps.get(ts.steps), s_recs)
     payload = {"n": args.n, "seed": args.seed, "teacher": t_recs, "students": s_recs}
     payload["targets"] = verdict
+    payload["context"] = c_recs  # the teacher at other guidance scales: not judged
     word = {True: "MET", False: "NOT met", None: "not judged (teacher point not measured)"}
     marks = "; ".join(f"{k} {word[v['met']]}" for k, v in verdict.items())
     summary = f"n={args.n}, seeds {args.seed}..{args.seed + args.n - 1}, labels i mod 10: "
     summary += "; ".join(_row(r) for r in t_recs + s_recs) + f". Targets: {marks}"
+    if c_recs:
+        summary += ". Context (teacher): " + "; ".join(
+            f"w={r['guidance']} {_row(r)}" for r in c_recs
+        )
     out = write_result("fewstep", payload, summary)
     print(summary)
     print(f"wrote {out.relative_to(ROOT)}")

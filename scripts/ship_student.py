@@ -116,7 +116,7 @@ def main() -> None:
     sha = json.loads((src / "manifest.json").read_text())["files"]["model.safetensors"]
     fewstep = json.loads(Path(args.fewstep).read_text())
     rec = _record(fewstep, sha, config.sampling.steps)
-    save_model(dst, config, weights, card(config, args.command, fewstep, rec, args.note))
+    extra = {}
     if rec is not None:
         report = {
             "num_samples": rec["n"], "model_sha256": sha, "benchmark": "benchmarks/fewstep.py",
@@ -126,7 +126,8 @@ def main() -> None:
             "sampling": {k: rec[k] for k in ("sampler", "steps", "guidance")},
             "nfe": rec["nfe"], "forwards_per_image": rec["forwards_per_image"],
         }  # fmt: skip
-        (dst / "eval_fewstep.json").write_text(json.dumps(report, indent=2) + "\n")
+        extra["eval_fewstep.json"] = json.dumps(report, indent=2) + "\n"  # in the manifest too
+    save_model(dst, config, weights, card(config, args.command, fewstep, rec, args.note), extra)
     print(f"wrote {dst} (weights sha256 {sha[:12]}...)")
 
 

@@ -120,7 +120,11 @@ def _temp(folder: Path) -> Path:
 
 
 def save_model(
-    folder: str | Path, config: ModelConfig, weights: Mapping[str, Tensor], card: str
+    folder: str | Path,
+    config: ModelConfig,
+    weights: Mapping[str, Tensor],
+    card: str,
+    extra: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a v1 model folder (one denoiser) atomically and return its path.
 
@@ -129,12 +133,15 @@ def save_model(
         config: the ModelConfig written as config.json.
         weights: the network's state dict (EMA weights), float tensors.
         card: the README.md model card text.
+        extra: further text files {name: text} (e.g. an eval*.json report), in the manifest too.
     """
     folder = Path(folder)
     with atomic_folder(folder, tmp=_temp(folder)) as tmp:
         _write_weights(tmp / WEIGHTS_FILE, weights, FORMAT_V1)
         _write_json(tmp / CONFIG_FILE, config)
         _write_text(tmp / CARD_FILE, card)
+        for name, text in (extra or {}).items():
+            _write_text(_safe_name(tmp, name), text)
         _write_manifest(tmp)
     return folder
 

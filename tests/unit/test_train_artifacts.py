@@ -196,3 +196,19 @@ def test_grid_png_carries_provenance(tmp_path, model_dir):
 def test_grid_png_rejects_float_images(tmp_path):
     with pytest.raises(InvalidArgumentError, match="uint8"):
         save_grid_png(tmp_path / "g.png", torch.zeros(2, 1, 4, 4))
+
+
+def test_extra_files_are_in_the_manifest(tmp_path):
+    """An eval report shipped with the model (save_model extra=) is covered by the manifest."""
+    config = tiny_model_config()
+    net = build_network(config.net)
+    report = json.dumps({"metrics": {"fid": 1.0}})
+    folder = save_model(tmp_path / "m", config, net.state_dict(), "", {"eval_x.json": report})
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert set(files) == {"README.md", "config.json", "model.safetensors", "eval_x.json"}
+    difforge.load(folder)
+    (folder / "eval_x.json").write_text(report.replace("1.0", "2.0"))
+    with pytest.raises(ModelIntegrityError, match=r"eval_x\.json is corrupted or was modified"):
+        difforge.load(folder)
+    with pytest.raises(ModelIntegrityError, match="bad file name"):
+        save_model(tmp_path / "n", config, net.state_dict(), "", {"../x.json": report})

@@ -133,15 +133,10 @@ class ModelDenoiser(nn.Module):
             ndim: x.ndim of the calls, e.g. 4 for (B, C, H, W).
             device: where x lives; anything but CPU is a no-op.
         """
-        if torch.device(device).type != "cpu" or torch.is_grad_enabled():
+        todo = _grid_to_prepare(self, sigmas, batches, ndim, device)
+        if todo is None:
             return
-        levels = tuple(float(s) for s in sigmas if s > 0)
-        sizes = tuple(sorted({int(b) for b in batches if int(b) > 0}))
-        grid_key = (levels, sizes, ndim)
-        if not levels or not sizes or grid_key in self._prepared:
-            return
-        if len(self._memo) + len(levels) * len(sizes) > 1024:
-            self._clear_memo()
+        levels, sizes, grid_key = todo
         g = torch.tensor(levels, dtype=torch.float32)  # float32(level), as torch.full rounds it
         sig_g, scale_g, t_g = self._time_inputs(g, 1)  # each (G,)
         n, tail = len(levels), (1,) * (ndim - 1)
@@ -227,16 +222,10 @@ class EDMPrecond(nn.Module):
         (+, *, /, sqrt are exact per element whatever the length), c_noise = ln(sigma) / 4 per
         level on a (B,) tensor exactly as the step computes it (a vectorized log may differ from
         a scalar one in the last bit), so memo hits are bitwise the per-step coefficients."""
-        if torch.device(device).type != "cpu" or torch.is_grad_enabled():
+        todo = _grid_to_prepare(self, sigmas, batches, ndim, device)
+        if todo is None:
             return
-        levels = tuple(float(s) for s in sigmas if s > 0)
-        sizes = tuple(sorted({int(b) for b in batches if int(b) > 0}))
-        grid_key = (levels, sizes, ndim)
-        if not levels or not sizes or grid_key in self._prepared:
-            return
-        if len(self._memo) + len(levels) * len(sizes) > 1024:
-            self._memo.clear()
-            self._prepared.clear()
+        levels, sizes, grid_key = todo
         c_skip, c_out, c_in, _ = self._coefficients(torch.tensor(levels, dtype=torch.float32), 1)
         n, tail = len(levels), (1,) * (ndim - 1)
         for b in sizes:
@@ -288,3 +277,20 @@ def diffusers_unet_call(unet: Any, label_key: str = "labels") -> NetCall:
         return unet(x, t, class_labels=labels).sample
 
     return call
+
+
+def _grid_to_prepare(owner, sigmas, batches, ndim: int, device) -> tuple | None:
+    """What an adapter's `prepare_grid` must fill: (levels, batch sizes, grid key), or None when
+    there is nothing to do (not CPU, autograd on, an empty grid, or one already prepared). Clears
+    `owner`'s memo (and its prepared set) first when the grid would grow it past 1024 entries."""
+    if torch.device(device).type != "cpu" or torch.is_grad_enabled():
+        return None
+    levels = tuple(float(s) for s in sigmas if s > 0)
+    sizes = tuple(sorted({int(b) for b in batches if int(b) > 0}))
+    grid_key = (levels, sizes, ndim)
+    if not levels or not sizes or grid_key in owner._prepared:
+        return None
+    if len(owner._memo) + len(levels) * len(sizes) > 1024:
+        owner._memo.clear()
+        owner._prepared.clear()
+    return levels, sizes, grid_key

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from difforge.core.errors import DifforgeError, InvalidArgumentError
+from difforge.pipeline.filters import Classifier  # noqa: F401  (the one classifier protocol)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -52,16 +53,6 @@ class FeatureExtractor(Protocol):
     feature_dim: int
 
     def features(self, x: Tensor) -> Tensor: ...
-
-
-@runtime_checkable
-class Classifier(Protocol):
-    """Maps images (float32 in [-1, 1], (B, C, H, W)) to class logits (B, num_classes)."""
-
-    name: str
-    sha256: str
-
-    def logits(self, x: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -88,8 +88,10 @@ class OutputFilter(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
 class Classifier(Protocol):
-    """Images (float32 in [-1, 1], (B, C, H, W)) -> logits (B, classes); named by its sha256."""
+    """Images (float32 in [-1, 1], (B, C, H, W)) -> logits (B, classes); named by its sha256.
+    The one classifier protocol: difforge.evaluation re-exports it."""
 
     name: str
     sha256: str

@@ -343,9 +343,11 @@ class LowResKey(_Frozen):
 
     def check_size(self, value: Any, max_bytes: int | None, problems: list) -> None:
         """Encoded inputs over `max_bytes` -> "too_large" problems (before anything is decoded)."""
+        from difforge.pipeline.editing import encoded_size
+
         values = value if isinstance(value, list) else [value]
         for i, v in enumerate(values):
-            size = len(v) * 3 // 4 if isinstance(v, str) else len(v) if isinstance(v, bytes) else 0
+            size = encoded_size(v) or 0
             if max_bytes is not None and size > max_bytes:
                 loc = (self.name, i) if isinstance(value, list) else (self.name,)
                 msg = f"is {size} bytes; the limit is {max_bytes}"

@@ -112,16 +112,21 @@ def _problem(problems: list, loc: tuple, msg: str, kind: str = "value_error") ->
     problems.append(FieldProblem(loc, msg, kind))
 
 
+def encoded_size(value: Any) -> int | None:
+    """The PNG's size in bytes, from base64 text (a data: URL prefix allowed) without decoding it,
+    or from bytes; None for anything else."""
+    if isinstance(value, str):
+        return len(value.removeprefix(_DATA_URL)) * 3 // 4
+    return len(value) if isinstance(value, bytes | bytearray) else None
+
+
 def _png_data(value: Any, loc: tuple, max_bytes: int | None, problems: list) -> bytes | None:
     """bytes or base64 text -> PNG bytes, the size limit checked before base64 is decoded."""
-    if isinstance(value, str):
-        text = value.removeprefix(_DATA_URL)
-        size = len(text) * 3 // 4
-    elif isinstance(value, bytes | bytearray):
-        text, size = None, len(value)
-    else:
+    size = encoded_size(value)
+    if size is None:
         _problem(problems, loc, "must be a PNG: base64 text, bytes or a uint8 tensor", "type")
         return None
+    text = value.removeprefix(_DATA_URL) if isinstance(value, str) else None
     if max_bytes is not None and size > max_bytes:
         msg = f"is {size} bytes; the limit is {max_bytes}"
         _problem(problems, loc, msg, "too_large")

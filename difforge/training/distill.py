@@ -46,6 +46,7 @@ from difforge.pipeline import (
     save_model,
 )
 from difforge.training.export import _now
+from difforge.training.losses import edm_lambda
 from difforge.training.optim import EMA
 
 TeacherFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (x, sigma, labels, w) -> x0_hat
@@ -125,8 +126,8 @@ def teacher_fn(teacher: Model) -> TeacherFn:
 
 
 def edm_weight(sigma: Tensor, sigma_data: float, ndim: int) -> Tensor:
-    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Eq. 8), broadcast."""
-    return append_dims((sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2, ndim)
+    """losses.edm_lambda broadcast to ndim dims."""
+    return append_dims(edm_lambda(sigma, sigma_data), ndim)
 
 
 def guidance_loss(

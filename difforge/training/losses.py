@@ -73,9 +73,13 @@ def x0_weighting(config: TrainConfig, sigma: Tensor, native: Tensor) -> Tensor:
     if kind == "min_snr":
         # Min-SNR-gamma (Hang et al. 2023, Eq. 9): min(SNR, gamma) with SNR = 1 / sigma^2.
         return sigma.pow(-2).clamp(max=config.min_snr_gamma).float()
-    sd = config.sigma_data
-    # lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, Eq. 8 / Tab. 1).
-    return ((sigma**2 + sd**2) / (sigma * sd) ** 2).float()
+    return edm_lambda(sigma, config.sigma_data).float()
+
+
+def edm_lambda(sigma: Tensor, sigma_data: float) -> Tensor:
+    """lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, Eq. 8 /
+    Tab. 1), in sigma's dtype."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
 def denoising_loss(

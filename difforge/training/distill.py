@@ -49,7 +49,8 @@ from difforge.training.export import _now
 from difforge.training.losses import edm_lambda
 from difforge.training.optim import EMA
 
-TeacherFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (x, sigma, labels, w) -> x0_hat
+# (x, sigma, labels, w) -> x0_hat; `teacher_fn` also sets .cond_name, the class key's cond name
+TeacherFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 RHO = 7.0  # Karras et al. 2022, Eq. 5: the grid is uniform in sigma ** (1 / rho)
 
 
@@ -109,18 +110,20 @@ def student_net(teacher: Model) -> nn.Module:
 def teacher_fn(teacher: Model) -> TeacherFn:
     """The teacher's guided denoiser D_w(x; sigma, c): one forward for a guidance-input model, else
     classifier-free guidance over a batched cond/null forward (Ho & Salimans 2022, Eq. 6)."""
-    d, null = teacher.denoiser, teacher.num_classes
+    d, key = teacher.denoiser, teacher.spec.class_key()  # the spec's class key: name and null
 
     def guided(x: Tensor, sigma: Tensor, labels: Tensor, w: Tensor) -> Tensor:
         if teacher.guidance_input:
-            return d(x, sigma, {"labels": labels, "guidance": w})
+            return d(x, sigma, {key.name: labels, "guidance": w})
         both = d(
             torch.cat([x, x]),
             torch.cat([sigma, sigma]),
-            {"labels": torch.cat([labels, torch.full_like(labels, null)])},
+            {key.name: torch.cat([labels, key.null_row().expand_as(labels)])},
         )
         x0_c, x0_u = both.chunk(2)  # (B, C, H, W) each
         return x0_u + append_dims(w, x.ndim) * (x0_c - x0_u)
+
+    guided.cond_name = key.name  # the student's cond key for the labels: the same spec's
 
     return guided
 
@@ -146,7 +149,7 @@ def guidance_loss(
     x = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=gen)
     with torch.no_grad():
         target = teacher(x, sigma, labels, w)  # (B, C, H, W)
-    pred = student(x, sigma, {"labels": labels, "guidance": w})
+    pred = student(x, sigma, {teacher.cond_name: labels, "guidance": w})
     return (edm_weight(sigma, student.sigma_data, x0.ndim) * (pred - target) ** 2).mean()
 
 
@@ -186,7 +189,7 @@ def progressive_loss(
             x_next, a = x_next + append_dims(nxt - a, nd) * d, nxt
         # the x0 whose Euler step from s lands on x_next (s_next = 0 gives x_next itself)
         target = x - append_dims(s / (s_next - s), nd) * (x_next - x)
-    pred = student(x, s, {"labels": labels, "guidance": w})
+    pred = student(x, s, {teacher.cond_name: labels, "guidance": w})
     return (edm_weight(s, student.sigma_data, nd) * (pred - target) ** 2).mean()
 
 

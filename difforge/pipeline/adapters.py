@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from difforge.core.errors import DifforgeError, InvalidArgumentError
+from difforge.nets.invariant import batch_invariant
 
 if TYPE_CHECKING:
     from difforge.pipeline.model import Model
@@ -195,9 +196,10 @@ def attach_adapter(
 
     check_base(model, adapter)
     net = _adapted_net(model, adapter, float(scale)).eval().requires_grad_(False)
-    attached = AttachedAdapter(
-        name or adapter.name, adapter.sha256, float(scale), build_denoiser(model.config, net)
-    )
+    denoiser = build_denoiser(model.config, net)
+    if getattr(model.backend, "invariant", False):  # the model's batch-invariant kernels
+        denoiser = batch_invariant(denoiser)
+    attached = AttachedAdapter(name or adapter.name, adapter.sha256, float(scale), denoiser)
     model.adapters[attached.name] = attached
     return attached
 

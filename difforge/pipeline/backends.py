@@ -11,11 +11,16 @@ those of `Model.sample` without a backend. Other backends agree within a stated 
 (tests/parity/test_backends.py): onnxruntime and compile within 1e-4 of eager on the sampled
 latents; bf16 autocast is looser (up to 6e-2 measured on mnist-cond's latents; it rounds
 activations to 8 mantissa bits). benchmarks/compile.py and onnx_loop.py measure the speed.
+
+`kernels="invariant"` (eager, float32, contiguous only) runs the network with batch-invariant
+kernels (difforge.nets.invariant): an image's bytes then do not depend on how many images share
+its call, at any batch size; they differ from the default kernels' in the last bits.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from difforge.core.errors import InvalidArgumentError, check_choice
+from difforge.nets.invariant import batch_invariant
 from difforge.nets.onnx import OPSET, OnnxNet, export_onnx
 
 if TYPE_CHECKING:
@@ -33,6 +39,7 @@ BackendKind = Literal["eager", "compile", "onnxruntime"]
 Precision = Literal["float32", "bfloat16"]
 MemoryFormat = Literal["contiguous", "channels_last"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+Kernels = Literal["default", "invariant"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,9 @@ class Backend:
         memory_format: "channels_last" converts the weights and input (a copy of the net).
         compile_mode: torch.compile's mode, for "compile".
         threads: onnxruntime intra-op threads [default: torch.get_num_threads()].
+        kernels: "invariant" runs Linear / Conv layers with batch-invariant kernels
+            (difforge.nets.invariant; eager float32 contiguous only): an image's output does not
+            depend on the batch it is computed in.
     """
 
     kind: BackendKind = "eager"
@@ -55,9 +65,15 @@ class Backend:
     memory_format: MemoryFormat = "contiguous"
     compile_mode: CompileMode = "default"
     threads: int | None = None
+    kernels: Kernels = "default"
 
     def __post_init__(self) -> None:
         check_choice("backend", self.kind, get_args(BackendKind))
+        check_choice("kernels", self.kernels, get_args(Kernels))
+        if self.invariant and (self.kind != "eager" or self.torch_options):
+            raise InvalidArgumentError(
+                'kernels "invariant" goes with the eager backend in float32, contiguous only'
+            )
         check_choice("precision", self.precision, get_args(Precision))
         check_choice("memory_format", self.memory_format, get_args(MemoryFormat))
         check_choice("compile_mode", self.compile_mode, get_args(CompileMode))
@@ -69,6 +85,11 @@ class Backend:
             )
         if self.threads is not None and self.threads < 1:
             raise InvalidArgumentError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def invariant(self) -> bool:
+        """Whether the network runs with batch-invariant kernels."""
+        return self.kernels == "invariant"
 
     @property
     def torch_options(self) -> bool:
@@ -107,7 +128,7 @@ def network_call(model: Model, backend: Backend) -> Any:
                 f"{backend.onnx_path} was exported from model {made_for}, not {model.sha256}"
             )
         return net
-    call: nn.Module = model.net
+    call: nn.Module = batch_invariant(model.net) if backend.invariant else model.net
     if backend.memory_format == "channels_last":
         call = copy.deepcopy(model.net).to(memory_format=torch.channels_last)
     if backend.torch_options:
@@ -140,6 +161,11 @@ def with_backend(model: Model, backend: Backend | str = "eager", **options: Any)
     new.backend = backend
     if backend != Backend():
         new.denoiser = build_denoiser(model.config, network_call(model, backend)).eval()
+    if backend.invariant:  # the attached LoRA adapters run with the same kernels
+        new.adapters = {
+            name: dataclasses.replace(a, denoiser=batch_invariant(a.denoiser))
+            for name, a in model.adapters.items()
+        }
     return new
 
 

@@ -21,6 +21,7 @@ UPSAMPLER_STREAM)`. So `cascade.sample(seed=s)` equals `upscale(upsampler, base.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -157,7 +158,17 @@ class Cascade(Model):
         )
 
     def with_backend(self, backend: Any = "eager", **options: Any) -> Model:
-        raise InvalidArgumentError("a cascade runs its stages eagerly; set backends per stage")
+        """Only the batch-invariant kernels, for both stages: ("eager", kernels="invariant")."""
+        if backend != "eager" or options != {"kernels": "invariant"}:
+            raise InvalidArgumentError(
+                'a cascade runs its stages eagerly (or with kernels="invariant"); set other '
+                "backends per stage"
+            )
+        new = copy.copy(self)
+        new.base = self.base.with_backend(backend, **options)
+        new.upsampler = self.upsampler.with_backend(backend, **options)
+        new.denoiser, new.backend = new.base.denoiser, new.base.backend
+        return new
 
     def upsampler_seeds(self, seeds: Sequence[int]) -> list[int]:
         from difforge.samplers.noise import stream_seeds

@@ -86,7 +86,9 @@ class BatchPlan:
     mode "pad": every call holds exactly `micro(guided)` images, padded with PAD_ROW;
     "chunk": whatever arrived, up to `micro(guided)` images, the network run on exactly
     `chunk_rows` forward rows at a time (difforge.core.chunked): a lone image costs one chunk;
-    "per_sample": one image per call; "off": whatever arrived, up to `micro(guided)` images.
+    "kernels": whatever arrived, up to `micro(guided)` images, in one network call on the
+    version's batch-invariant kernels (invariance.serving_model); "per_sample": one image per
+    call; "off": whatever arrived, up to `micro(guided)` images.
     """
 
     mode: str

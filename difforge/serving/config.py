@@ -38,7 +38,7 @@ from difforge.serving.drift import DriftConfig
 from difforge.serving.review import FiltersConfig
 
 Scope = Literal["generate", "admin"]
-InvarianceMode = Literal["pad", "chunk", "per_sample", "off"]
+InvarianceMode = Literal["pad", "chunk", "kernels", "per_sample", "off"]
 
 
 class _Frozen(BaseModel):
@@ -179,7 +179,8 @@ class ServiceConfig(_Frozen):
     `batch_invariance` decides how an image is kept independent of its batch (see
     difforge.serving.invariance): "pad" runs every call at one fixed shape (padding with throw-away
     rows), "chunk" runs what arrived with the network on exactly `chunk_rows` forward rows at a
-    time (a lone request costs one chunk), "per_sample" runs one image per call, "off" runs what
+    time (a lone request costs one chunk), "kernels" runs what arrived in one network call with
+    batch-invariant kernels (difforge.nets.invariant), "per_sample" runs one image per call, "off" runs what
     arrived (fastest; responses then say batch_invariant: false).
     """
 

@@ -35,6 +35,12 @@ the unchunked batch's throughput, by 4 at 72-91%, in 8-row padded calls at ~100%
 it alone in-process (one 2-row forward). `probe_chunked` checks
 the chunk end to end before a version serves: the probe image alone, and at every position of
 calls of every size up to a full one, must come out bitwise identical; else "per_sample".
+
+Mode "kernels" makes the network itself batch-invariant instead (difforge.nets.invariant:
+per-image GEMMs and convolutions, Model.with_backend("eager", kernels="invariant")), so a call
+of any size runs as it arrived, in one network call per step, unpadded and unchunked.
+`probe_kernels` checks it end to end like "chunk" (alone, calls of several sizes, every probed
+position of a full call). benchmarks/serve_ab.py measures it against "chunk".
 """
 
 from __future__ import annotations
@@ -108,12 +114,32 @@ def probe(model: Model, key: BatchKey, rows: int) -> InvarianceReport:
     )
 
 
-def probe_chunked(model: Model, key: BatchKey, rows: int, chunk_rows: int) -> InvarianceReport:
+def serving_model(model: Model, mode: str) -> Model:
+    """The model a version samples with under `mode`: for "kernels", `model` with batch-invariant
+    kernels (same weights, same sha256); for every other mode `model` itself."""
+    if mode != "kernels" or getattr(model.backend, "invariant", False):
+        return model
+    return model.with_backend("eager", kernels="invariant")
+
+
+def kernel_probe_sizes(rows: int) -> tuple[int, ...]:
+    """Call sizes (images) probed for "kernels" besides 1 and `rows`: small ones and a middle."""
+    return tuple(k for k in sorted({2, 3, 5, rows // 2, rows - 1}) if 2 <= k < rows)
+
+
+def probe_chunked(
+    model: Model,
+    key: BatchKey,
+    rows: int,
+    chunk_rows: int | None,
+    sizes: tuple[int, ...] | None = None,
+) -> InvarianceReport:
     """The probe image alone in a call, then at the last position of calls of 2 .. rows - 1
     images (every layout of its forward rows over the chunks, up to 2 chunks' worth of images),
     then at every probed position of a full `rows`-image call, among different neighbours; the
-    network runs in chunks of `chunk_rows`. Every output must equal the alone one bitwise
-    (`differing`: full-call positions, `sizes_differing`: call sizes, that did not).
+    network runs in chunks of `chunk_rows` (None: one network call, mode "kernels", with the
+    call `sizes` given). Every output must equal the alone one bitwise (`differing`: full-call
+    positions, `sizes_differing`: call sizes, that did not).
     """
     conds = model.spec.resolve({}, rows + 1)
     w = 3.0 if key.guided else 1.0
@@ -132,7 +158,8 @@ def probe_chunked(model: Model, key: BatchKey, rows: int, chunk_rows: int) -> In
         return sample_rows(model, key, batch, chunk_rows=chunk_rows)[0][p]
 
     alone = call(1, 0, 0)
-    sizes = range(2, min(rows, 2 * chunk_rows + 1))
+    if sizes is None:
+        sizes = tuple(range(2, min(rows, 2 * chunk_rows + 1)))
     by_size = {k: call(k, k - 1, k) for k in sizes}
     positions = probe_positions(rows)
     full = {p: call(rows, p, 100 + p) for p in positions} if rows > 1 else {0: alone}
@@ -156,13 +183,16 @@ def choose_plan(
     max_rows: int,
     chunk_rows: int | None = None,
 ) -> BatchPlan:
-    """The BatchPlan a version serves with: "pad" or "chunk" (with `chunk_rows`) if every probed
-    shape is invariant, else "per_sample"; "per_sample" and "off" are taken as asked (off is not
-    probed)."""
+    """The BatchPlan a version serves with: "pad", "chunk" (with `chunk_rows`) or "kernels" (on
+    `serving_model(model, "kernels")`) if every probed shape is invariant, else "per_sample";
+    "per_sample" and "off" are taken as asked (off is not probed)."""
     plan = BatchPlan(mode, max_rows, chunk_rows=chunk_rows if mode == "chunk" else None)
-    if mode not in ("pad", "chunk"):
+    if mode not in ("pad", "chunk", "kernels"):
         return plan
-    if mode == "chunk":
+    if mode == "kernels":
+        sizes = {k: kernel_probe_sizes(plan.micro(k.guided)) for k in keys}
+        reports = [probe_chunked(model, k, plan.micro(k.guided), None, sizes[k]) for k in keys]
+    elif mode == "chunk":
         reports = [probe_chunked(model, k, plan.micro(k.guided), chunk_rows) for k in keys]
     else:
         reports = [probe(model, k, plan.micro(k.guided)) for k in keys]

@@ -56,7 +56,7 @@ from difforge.serving.engine import (
 from difforge.serving.fallback import HEADER as DEGRADED_HEADER
 from difforge.serving.fallback import Choice, Fallback
 from difforge.serving.idempotency import IdempotencyConflict, StoredResponse
-from difforge.serving.invariance import choose_plan
+from difforge.serving.invariance import choose_plan, serving_model
 from difforge.serving.metrics import VERSION_FAILURES, ServiceMetrics
 from difforge.serving.protocol import (
     GenerateRequest,
@@ -216,7 +216,7 @@ class Service:
         return plan
 
     def _warm_sync(self, version: ModelVersion) -> BatchPlan:
-        model = version.model
+        model = version.model = serving_model(version.model, self.config.batch_invariance)
         cond = model.spec.resolve({}, 1)[0]  # the spec's default conditioning
         keys = [self._key(version, model.sampling.sampler, self.config.warmup_steps, False, ())]
         if model.spec.guidable:

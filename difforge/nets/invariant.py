@@ -1,0 +1,110 @@
+"""Batch-invariant execution of a network: every row's arithmetic is the same whatever the batch.
+
+CPU GEMM and convolution libraries pick their algorithm by shape: MKL's sgemm takes a different
+path for a 1-row input than for a 16-row one, oneDNN picks a different convolution kernel (and
+NNPACK takes over at 16 images), so one image's output changes in its last bits with the number
+of images beside it (difforge.serving.invariance has the measurements). Batch-invariant kernels
+(He et al. 2025, "Defeating Nondeterminism in LLM Inference", Thinking Machines Lab) fix this by
+making every reduction's order independent of the batch size. Here that is done per op, with
+each image computed at one shape that does not move:
+
+* Linear on one vector per image (the time embedding, FiLM scale/shift): a batched GEMM with
+  the batch as bmm's batch dimension, one (1, K) @ (K, N) product per image;
+* Linear on tokens (attention projections): the same, one (T, K) @ (K, N) product per image;
+* Conv1d / Conv2d: the library's convolution called once per image at batch 1 (one oneDNN
+  primitive of one shape for every image);
+* GroupNorm, LayerNorm, softmax, scaled_dot_product_attention, elementwise ops, embeddings:
+  torch's CPU kernels already reduce within one image (over (C/G, H, W), a row, a head's keys)
+  in an order that depends only on that image's shape; they are used as they are.
+
+`batch_invariant(net)` returns a copy of `net` whose Linear / Conv layers use these kernels,
+sharing the very same parameter tensors (no weight is copied, the state_dict keys and the
+safetensors file are unchanged). The copy has no mutable state, so one copy serves any number of
+threads. Its outputs differ from the eager net's in the last bits (a different summation order,
+not a different function: ~1e-6 relative), and do not depend on the batch: tests/unit/
+test_invariant_kernels.py checks batch sizes 1..64 and every row position at 1 and 2 threads,
+and the serving probe checks the whole sampler call before a version serves with it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+
+class InvariantLinear(nn.Linear):
+    """nn.Linear as one GEMM per image: (B, K) or (B, T, K) -> (B, N) or (B, T, N)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, k, n = x.shape[0], self.in_features, self.out_features
+        rows = x.reshape(b, -1, k)  # (B, T, K), T = 1 for a vector per image
+        w = self.weight.t().expand(b, k, n)  # (B, K, N), a view: each image's own GEMM
+        out = torch.bmm(rows, w)  # (B, T, N)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], n)
+
+
+def _per_image(conv: nn.Module, x: Tensor) -> Tensor:
+    """`conv`'s own convolution called at batch 1 for every image: (B, C, ...) -> (B, C', ...)."""
+    if x.shape[0] == 1:
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    outs = [conv._conv_forward(x[i : i + 1], conv.weight, conv.bias) for i in range(x.shape[0])]
+    return torch.cat(outs)
+
+
+class InvariantConv2d(nn.Conv2d):
+    """nn.Conv2d computed one image at a time (see the module docstring)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _per_image(self, x)
+
+
+class InvariantConv1d(nn.Conv1d):
+    """nn.Conv1d computed one image at a time (see the module docstring)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _per_image(self, x)
+
+
+# exact classes only: a subclass (e.g. a LoRA layer) may compute differently and is left alone
+_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: InvariantLinear,
+    nn.Conv2d: InvariantConv2d,
+    nn.Conv1d: InvariantConv1d,
+}
+
+
+def batch_invariant(net: nn.Module) -> nn.Module:
+    """A copy of `net` that runs every Linear / Conv layer with batch-invariant kernels.
+
+    Args:
+        net: any torch module (a difforge net, or a denoiser adapter around one).
+
+    Returns:
+        A module of the same structure and state_dict keys whose parameters and buffers are
+        `net`'s own tensors (shared, not copied); `net` itself is not changed.
+    """
+    shared = {id(t): t for t in (*net.parameters(), *net.buffers())}
+    new = copy.deepcopy(net, memo=shared)
+    for module in new.modules():
+        swap = _SWAPS.get(type(module))
+        if swap is not None:
+            module.__class__ = swap
+    return new
+
+
+def is_batch_invariant(net: nn.Module) -> bool:
+    """Whether `net` has gone through `batch_invariant` (no eager Linear / Conv left)."""
+    return not any(type(m) in _SWAPS for m in net.modules())
+
+
+__all__ = [
+    "InvariantConv1d",
+    "InvariantConv2d",
+    "InvariantLinear",
+    "batch_invariant",
+    "is_batch_invariant",
+]

@@ -1,0 +1,181 @@
+"""Batch-invariant kernels (difforge.nets.invariant): a row's output is bitwise the same at every
+batch size 1..64 and every position, at 1 and 2 threads; the eager kernels are the control."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from difforge.core.errors import InvalidArgumentError
+from difforge.nets import build_net
+from difforge.nets.invariant import InvariantLinear, batch_invariant, is_batch_invariant
+from difforge.nets.unet import UNetConfig
+from difforge.pipeline.backends import Backend
+
+POOL = 64  # rows drawn from; batch sizes 1..POOL
+
+UNET = UNetConfig(
+    in_channels=1,
+    out_channels=1,
+    image_size=8,
+    base_channels=16,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    head_dim=8,
+    num_classes=10,
+    norm_groups=4,
+    context_dim=8,
+)
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _randomised(net: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-initialised layers would hide their kernels' rounding
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return net.eval()
+
+
+def _unet_inputs(n: int):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 1, 8, 8, generator=gen)  # (n, C, H, W)
+    c_noise = torch.randn(n, generator=gen)  # (n,)
+    cond = {
+        "labels": torch.arange(n) % 11,  # the null class included
+        "context": torch.randn(n, 3, 8, generator=gen),  # (n, L, context_dim)
+        "context_mask": torch.arange(3)[None] <= torch.arange(n)[:, None] % 3,  # (n, L)
+    }
+    return x, c_noise, cond
+
+
+def _rows(inputs, idx):
+    x, c, cond = inputs
+    return x[idx], c[idx], {k: v[idx] for k, v in cond.items()}
+
+
+@pytest.fixture(scope="module")
+def unet_pair():
+    torch.manual_seed(0)
+    net = _randomised(build_net("unet", UNET))
+    return net, batch_invariant(net).eval()
+
+
+def _alone(net, inputs, n: int = POOL):
+    with torch.no_grad():
+        return [net(*_rows(inputs, slice(i, i + 1))) for i in range(n)]
+
+
+ALL_SIZES = tuple(range(1, POOL + 1))
+SOME_SIZES = (1, 2, 3, 5, 8, 16, 17, 24)
+
+
+@pytest.mark.parametrize(
+    ("threads", "sizes"),
+    [
+        (1, ALL_SIZES),
+        (2, SOME_SIZES),
+        # every size at 2 threads: ~2 min on the shared 2-core machine (OpenMP regions per image)
+        pytest.param(2, ALL_SIZES, marks=pytest.mark.slow),
+    ],
+    indirect=["threads"],
+)
+def test_every_batch_size_and_position_gives_the_rows_alone_bits(unet_pair, threads, sizes):
+    net, inv = unet_pair
+    inputs = _unet_inputs(POOL)
+    alone = _alone(inv, inputs, max(sizes))
+    with torch.no_grad():
+        for b in sizes:
+            out = inv(*_rows(inputs, slice(0, b)))  # rows 0..b-1 at positions 0..b-1
+            bad = [i for i in range(b) if not torch.equal(out[i : i + 1], alone[i])]
+            assert not bad, f"batch {b}: rows {bad} differ from the row alone"
+    if threads > 1:
+        return
+    # the control: the default kernels do move (else this test could not fail)
+    eager_alone = _alone(net, inputs)
+    with torch.no_grad():
+        out = net(*_rows(inputs, slice(0, 32)))
+    assert any(not torch.equal(out[i : i + 1], eager_alone[i]) for i in range(32))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.permutations(range(POOL)), st.integers(1, POOL))
+def test_any_neighbours_in_any_order(unet_pair, order, size):
+    """A row placed anywhere among any other rows: its alone bits (1 thread, torch's state)."""
+    _, inv = unet_pair
+    inputs = _unet_inputs(POOL)
+    idx = torch.tensor(order[:size])
+    with torch.no_grad():
+        out = inv(*_rows(inputs, idx))
+        for pos, i in enumerate(idx.tolist()):
+            assert torch.equal(out[pos : pos + 1], inv(*_rows(inputs, slice(i, i + 1))))
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("kind", ["unet1d", "dit"])
+def test_other_nets_are_batch_invariant(kind, threads):
+    if kind == "unet1d":
+        cfg = {"in_channels": 2, "out_channels": 2, "length": 16, "base_channels": 8}
+        cfg |= {"channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8]}
+        cfg |= {"head_dim": 8, "norm_groups": 4, "num_classes": 3}
+        shape = (2, 16)
+    else:
+        cfg = {"in_channels": 1, "out_channels": 1, "image_size": 8, "patch_size": 2}
+        cfg |= {"width": 32, "depth": 2, "heads": 4, "num_classes": 3}
+        shape = (1, 8, 8)
+    torch.manual_seed(0)
+    inv = batch_invariant(_randomised(build_net(kind, cfg)))
+    gen = torch.Generator().manual_seed(2)
+    x, c = torch.randn(24, *shape, generator=gen), torch.randn(24, generator=gen)
+    cond = {"labels": torch.arange(24) % 4}
+    with torch.no_grad():
+        alone = [inv(x[i : i + 1], c[i : i + 1], {"labels": cond["labels"][i : i + 1]})
+                 for i in range(24)]  # fmt: skip
+        for b in (2, 3, 7, 16, 24):
+            out = inv(x[:b], c[:b], {"labels": cond["labels"][:b]})
+            assert all(torch.equal(out[i : i + 1], alone[i]) for i in range(b)), b
+
+
+def test_the_copy_shares_weights_and_keys_and_leaves_the_net_alone(unet_pair):
+    net, inv = unet_pair
+    assert is_batch_invariant(inv) and not is_batch_invariant(net)
+    assert type(net.noise_embed.mlp[0]) is nn.Linear  # the original is untouched
+    assert type(inv.noise_embed.mlp[0]) is InvariantLinear
+    a, b = net.state_dict(), inv.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].data_ptr() == b[k].data_ptr() for k in a)  # shared, not copied
+    inputs = _unet_inputs(8)
+    with torch.no_grad():  # the same function, another summation order
+        diff = (net(*inputs) - inv(*inputs)).abs().max()
+    assert 0 < diff < 1e-4
+
+
+def test_invariant_linear_matches_linear_on_vectors_and_tokens():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 5)
+    inv = batch_invariant(lin)
+    for x in (torch.randn(7, 12), torch.randn(3, 4, 12)):
+        assert inv(x).shape == lin(x).shape
+        torch.testing.assert_close(inv(x), lin(x))
+    inv.bias = None
+    assert torch.allclose(inv(torch.ones(2, 12)), torch.ones(2, 12) @ lin.weight.t())
+
+
+def test_backend_kernels_choice_is_checked():
+    assert Backend(kernels="invariant").invariant
+    with pytest.raises(InvalidArgumentError, match="default, invariant"):
+        Backend(kernels="fast")
+    for bad in ({"kind": "compile"}, {"precision": "bfloat16"}):
+        with pytest.raises(InvalidArgumentError, match="eager backend in float32"):
+            Backend(kernels="invariant", **bad)

@@ -199,6 +199,12 @@ def sample_command(
         "pixels then do not depend on --batch-size, and equal `difforge serve` with "
         'batch_invariance "chunk" and the same chunk_rows.',
     ),
+    kernels: str = typer.Option(
+        "default",
+        "--kernels",
+        help="Network kernels: default, or invariant (batch-invariant: pixels do not depend on "
+        '--batch-size, and equal `difforge serve` with batch_invariance "kernels").',
+    ),
     filters: list[str] | None = typer.Option(
         None,
         "--filter",
@@ -220,6 +226,8 @@ def sample_command(
         from difforge.pipeline.adapters import apply_adapter, load_adapter
 
         m = apply_adapter(m, load_adapter(adapter), scale=adapter_scale)
+    if kernels != "default":
+        m = m.with_backend("eager", kernels=kernels)
     request: dict[str, object] = _options(cond, "--cond")
     if labels is not None:
         key = m.spec.class_key()

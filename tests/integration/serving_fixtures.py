@@ -131,8 +131,12 @@ class BatchSensitiveDenoiser:
 
 
 def wrap_denoisers(service: Service, wrap) -> None:
-    """Replace every served version's denoiser d by wrap(d)."""
+    """Replace every served version's denoiser d by wrap(d) (for batch_invariance "kernels": the
+    denoiser it serves with, made before warm-up so that the probe sees the wrapper)."""
+    from difforge.serving.invariance import serving_model
+
     for _, version in service.router.versions():
+        version.model = serving_model(version.model, service.config.batch_invariance)
         version.model.denoiser = wrap(version.model.denoiser)
 
 

@@ -135,6 +135,8 @@ def test_pixels_are_identical_alone_or_in_any_batch(model_dir):
         ("pad", "size", "pad", True),
         ("off", "size", "off", False),  # the control: without fixed shapes, pixels move
         ("pad", "position", "per_sample", True),  # the probe catches it and falls back
+        ("kernels", "size", "per_sample", True),  # kernels that move: the probe catches them
+        ("kernels", "position", "per_sample", True),
     ],
 )
 def test_fixed_call_shapes_protect_pixels_from_batch_dependent_kernels(

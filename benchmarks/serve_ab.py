@@ -1,7 +1,7 @@
 """Lone-client latency and 16-client throughput of `difforge serve`, batch-invariance modes A/B,
 against the same requests in-process.
 
-    python -m benchmarks.serve_ab --model models/mnist-cond [--modes pad:8,chunk:2,chunk:4]
+    python -m benchmarks.serve_ab --model models/mnist-cond [--modes pad:8,chunk:2,kernels]
                                   [--rounds 3] [--duration 20] [--steps 10] [--threads 1]
     python -m benchmarks.serve_ab --offline-only [--rounds 5] [--reps 3]  # no server
 
@@ -12,9 +12,12 @@ always first on a machine whose load drifts), and then the two in-process refere
     compared with (the issue's target: within 1.5x);
   * batched: `sample_rows` over full guided batches of 16 images (32 forward rows, the network
     at the batch's own shape, no chunking) for --duration: the offline throughput the served
-    16-client throughput is compared with (target: at least 85%).
+    16-client throughput is compared with (target: at least 85%); the same with the
+    batch-invariant kernels (Model.with_backend("eager", kernels="invariant")) is reported beside
+    it ("batched_kernels"), the default kernels' staying the denominator.
 A mode is "pad:N" (batch_invariance "pad", max_batch_images N: every call padded to N forward
-rows) or "chunk:C" (batch_invariance "chunk", chunk_rows C, max_batch_images 32). Per mode and
+rows), "chunk:C" (batch_invariance "chunk", chunk_rows C, max_batch_images 32) or "kernels"
+(batch_invariance "kernels", max_batch_images 32: unpadded calls, invariant kernels). Per mode and
 round: lone-client p50 (1 closed-loop client) and images/s at 16 clients; the summary gives the
 median over rounds and the min-max spread, and the ratios against the same round's references.
 
@@ -53,8 +56,10 @@ def mode_config(mode: str, steps: int, threads: int | None) -> dict:
     elif kind == "chunk":
         cfg |= {"batch_invariance": "chunk", "chunk_rows": int(n)}
         cfg["limits"] = {**cfg["limits"], "max_batch_images": 32}
+    elif kind == "kernels":
+        cfg |= {"batch_invariance": "kernels", "limits": {**cfg["limits"], "max_batch_images": 32}}
     else:
-        raise SystemExit(f"unknown mode {mode!r}: pad:N or chunk:C")
+        raise SystemExit(f"unknown mode {mode!r}: pad:N, chunk:C or kernels")
     return cfg
 
 
@@ -98,14 +103,19 @@ def in_process(model_path: Path, steps: int, duration: float, threads: int | Non
     key = BatchKey("bench", s.sampler, steps, s.grid, tuple(model.latent_shape), True)
     conds = model.spec.resolve({"labels": [i % 10 for i in range(16)]}, 16)
     rows = [Row(seed=i, cond=c, guidance=s.guidance) for i, c in enumerate(conds)]
-    sample_rows(model, key, rows)  # warm-up
-    images, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < duration:
-        model.decode(sample_rows(model, key, rows)[0])
-        images += len(rows)
-    wall = time.perf_counter() - t0
-    return {"lone_p50_s": statistics.median(lone), "lone_n": len(lone),
-            "batched_images_per_s": images / wall, "batched_images": images}  # fmt: skip
+    out = {"lone_p50_s": statistics.median(lone), "lone_n": len(lone)}
+    kernels = model.with_backend("eager", kernels="invariant")
+    for name, m in (("batched", model), ("batched_kernels", kernels)):
+        sample_rows(m, key, rows)  # warm-up
+        images, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < duration:
+            m.decode(sample_rows(m, key, rows)[0])
+            images += len(rows)
+        out |= {
+            f"{name}_images_per_s": images / (time.perf_counter() - t0),
+            f"{name}_images": images,
+        }
+    return out
 
 
 def offline_ab(model_path: Path, modes: list[str], rounds: int, steps: int, reps: int) -> dict:
@@ -121,10 +131,14 @@ def offline_ab(model_path: Path, modes: list[str], rounds: int, steps: int, reps
     key = BatchKey("bench", s.sampler, steps, s.grid, tuple(model.latent_shape), True)
     conds = model.spec.resolve({"labels": [i % 10 for i in range(16)]}, 16)
     rows = [Row(seed=i, cond=c, guidance=s.guidance) for i, c in enumerate(conds)]
-    chunks = {"natural": None} | {m: int(m.split(":")[1]) for m in modes}
+    chunks = {"natural": None} | {m: int(m.split(":")[1]) if ":" in m else None for m in modes}
+    kernels = model.with_backend("eager", kernels="invariant")
     times: dict[str, dict[str, list[float]]] = {m: {"lone": [], "16": []} for m in chunks}
 
     def draw(m: str, n: int) -> None:
+        if m == "kernels":
+            sample_rows(kernels, key, rows[:n])
+            return
         if not m.startswith("pad"):
             sample_rows(model, key, rows[:n], chunk_rows=chunks[m])
             return
@@ -213,7 +227,8 @@ def main() -> int:
             out["in_process"] = in_process(model, args.steps, args.duration, args.threads)
             ref = out["in_process"]
             print(f"  round {r} in-process: lone p50 {ref['lone_p50_s']:.3f} s "
-                  f"(n={ref['lone_n']}), batched {ref['batched_images_per_s']:.2f} img/s", flush=True)  # fmt: skip
+                  f"(n={ref['lone_n']}), batched {ref['batched_images_per_s']:.2f} img/s, invariant "
+                  f"kernels {ref['batched_kernels_images_per_s']:.2f} img/s", flush=True)  # fmt: skip
             rounds.append(out)
     table = {}
     for mode in modes:
@@ -223,19 +238,28 @@ def main() -> int:
         thr_f = [
             v / o["in_process"]["batched_images_per_s"] for v, o in zip(thr, rounds, strict=True)
         ]
+        thr_k = [
+            v / o["in_process"]["batched_kernels_images_per_s"]
+            for v, o in zip(thr, rounds, strict=True)
+        ]
         errors = sum(o["modes"][mode][lv]["errors"] for o in rounds for lv in ("lone", "crowd16"))
         table[mode] = {"lone_p50_s": lone, "lone_vs_in_process": lone_x,
-                       "crowd16_images_per_s": thr, "crowd16_vs_offline": thr_f, "errors": errors}  # fmt: skip
+                       "crowd16_images_per_s": thr, "crowd16_vs_offline": thr_f,
+                       "crowd16_vs_offline_kernels": thr_k, "errors": errors}  # fmt: skip
     ref_lone = [o["in_process"]["lone_p50_s"] for o in rounds]
     ref_thr = [o["in_process"]["batched_images_per_s"] for o in rounds]
+    ref_k = [o["in_process"]["batched_kernels_images_per_s"] for o in rounds]
     summary = (
         f"{args.model}, {args.steps} steps, guided, {args.threads} thread(s), {args.rounds} "
         f"rounds x {args.duration:g} s/level, medians [min-max]: in-process lone p50 "
-        f"{spread(ref_lone)} s, offline batched(16) {spread(ref_thr)} img/s; "
+        f"{spread(ref_lone)} s, offline batched(16) {spread(ref_thr)} img/s (invariant "
+        f"kernels {spread(ref_k)}); "
         + "; ".join(
             f"{m}: lone p50 {spread(t['lone_p50_s'])} s = {spread(t['lone_vs_in_process'])}x "
             f"in-process, 16 clients {spread(t['crowd16_images_per_s'])} img/s = "
-            f"{spread([100 * f for f in t['crowd16_vs_offline']])}% of offline, "
+            f"{spread([100 * f for f in t['crowd16_vs_offline']])}% of offline "
+            f"({spread([100 * f for f in t['crowd16_vs_offline_kernels']])}% of the invariant "
+            "kernels' offline), "
             f"errors {t['errors']}"
             for m, t in table.items()
         )

@@ -199,3 +199,25 @@ def test_cli_serve_passes_adapters(model_dir, monkeypatch):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert calls[0][1]["adapters"] == [("a", "/x", 0.5), ("b", "/y", 1.0)]
+
+
+def test_adapters_run_with_the_models_invariant_kernels(adapter_dir, model_dir):
+    """Attached before or after with_backend(kernels="invariant"), an adapter samples with the
+    batch-invariant kernels: its images do not depend on the batch."""
+    from difforge.nets.invariant import is_batch_invariant
+    from difforge.pipeline.adapters import attach_adapter
+
+    before = load(model_dir)
+    attach_adapter(before, load_adapter(adapter_dir), name="early")
+    model = before.with_backend("eager", kernels="invariant")
+    attach_adapter(model, load_adapter(adapter_dir), name="late")
+    assert not is_batch_invariant(before.adapters["early"].denoiser)  # the original is kept
+    for name in ("early", "late"):
+        assert is_batch_invariant(model.adapters[name].denoiser)
+    kwargs = {"adapter": "late", "steps": 3, "guidance": 2.0}
+    from difforge.pipeline import resolve
+
+    plan = resolve(model, {"labels": [1, 2, 3], "seed": 4, **kwargs})
+    x, _ = model.sample_latents(plan.rows, plan)
+    alone = resolve(model, {"labels": [2], "seed": 5, **kwargs})
+    assert torch.equal(x[1:2], model.sample_latents(alone.rows, alone)[0])

@@ -17,7 +17,8 @@ always first on a machine whose load drifts), and then the two in-process refere
     it ("batched_kernels"), the default kernels' staying the denominator.
 A mode is "pad:N" (batch_invariance "pad", max_batch_images N: every call padded to N forward
 rows), "chunk:C" (batch_invariance "chunk", chunk_rows C, max_batch_images 32) or "kernels"
-(batch_invariance "kernels", max_batch_images 32: unpadded calls, invariant kernels). Per mode and
+(batch_invariance "kernels", max_batch_images 32: unpadded calls, invariant kernels); "off" (the
+default kernels unpadded, max_batch_images 32: not invariant, the service's ceiling). Per mode and
 round: lone-client p50 (1 closed-loop client) and images/s at 16 clients; the summary gives the
 median over rounds and the min-max spread, and the ratios against the same round's references.
 
@@ -56,10 +57,10 @@ def mode_config(mode: str, steps: int, threads: int | None) -> dict:
     elif kind == "chunk":
         cfg |= {"batch_invariance": "chunk", "chunk_rows": int(n)}
         cfg["limits"] = {**cfg["limits"], "max_batch_images": 32}
-    elif kind == "kernels":
-        cfg |= {"batch_invariance": "kernels", "limits": {**cfg["limits"], "max_batch_images": 32}}
+    elif kind in ("kernels", "off"):  # "off": the default kernels unpadded, NOT invariant
+        cfg |= {"batch_invariance": kind, "limits": {**cfg["limits"], "max_batch_images": 32}}
     else:
-        raise SystemExit(f"unknown mode {mode!r}: pad:N, chunk:C or kernels")
+        raise SystemExit(f"unknown mode {mode!r}: pad:N, chunk:C, kernels or off")
     return cfg
 
 

@@ -180,8 +180,8 @@ class ServiceConfig(_Frozen):
     difforge.serving.invariance): "pad" runs every call at one fixed shape (padding with throw-away
     rows), "chunk" runs what arrived with the network on exactly `chunk_rows` forward rows at a
     time (a lone request costs one chunk), "kernels" runs what arrived in one network call with
-    batch-invariant kernels (difforge.nets.invariant), "per_sample" runs one image per call, "off" runs what
-    arrived (fastest; responses then say batch_invariant: false).
+    batch-invariant kernels (difforge.nets.invariant), "per_sample" runs one image per call,
+    "off" runs what arrived (fastest; responses then say batch_invariant: false).
     """
 
     limits: Limits = Field(default_factory=Limits)

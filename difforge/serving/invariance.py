@@ -39,8 +39,11 @@ calls of every size up to a full one, must come out bitwise identical; else "per
 Mode "kernels" makes the network itself batch-invariant instead (difforge.nets.invariant:
 per-image GEMMs and convolutions, Model.with_backend("eager", kernels="invariant")), so a call
 of any size runs as it arrived, in one network call per step, unpadded and unchunked.
-`probe_kernels` checks it end to end like "chunk" (alone, calls of several sizes, every probed
-position of a full call). benchmarks/serve_ab.py measures it against "chunk".
+`probe_chunked` (without chunks, at `kernel_probe_sizes`) checks it end to end like "chunk":
+alone, calls of several sizes, every probed position of a full call. Measured on
+models/mnist-cond (benchmarks/serve_ab.py, 1 thread, 40 s per level, load 6-7): lone-client p50
+1.27-1.32x in-process, 16 clients 52-60% of offline batched throughput, the same as chunk_rows
+2 in that run; its per-image convolutions cost what batching gains, so "chunk" stays the default.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ of any size runs as it arrived, in one network call per step, unpadded and unchu
 alone, calls of several sizes, every probed position of a full call. Measured on
 models/mnist-cond (benchmarks/serve_ab.py, 1 thread, 40 s per level, load 6-7): lone-client p50
 1.27-1.32x in-process, 16 clients 52-60% of offline batched throughput, the same as chunk_rows
-2 in that run; its per-image convolutions cost what batching gains, so "chunk" stays the default.
+2 in that run (71% in a quieter run, where "off" served 106%); its per-image convolutions cost
+what batching gains, so "chunk" stays the default.
 """
 
 from __future__ import annotations

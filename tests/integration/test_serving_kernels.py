@@ -96,3 +96,29 @@ def test_cli_sample_with_invariant_kernels_does_not_depend_on_the_batch_size(mod
     assert np.array_equal(one, five) and np.array_equal(one, three)
     bad = runner.invoke(app, [*args[:-1], "fast", "--out", str(tmp_path / "x.png")])
     assert bad.exit_code != 0 and "invariant" in bad.output
+
+
+def test_a_cascade_serves_both_stages_with_the_kernels(tmp_path):
+    import pytest
+
+    from difforge.core.errors import InvalidArgumentError
+    from difforge.nets.invariant import is_batch_invariant
+    from difforge.serving.invariance import serving_model
+    from tests.upscale_fixtures import make_tiny_cascade
+
+    cascade_dir, _, _ = make_tiny_cascade(tmp_path)
+    cascade = load(cascade_dir)
+    fast = serving_model(cascade, "kernels")
+    assert fast.sha256 == cascade.sha256 and fast.backend.invariant
+    for stage in (fast.base, fast.upsampler):
+        assert is_batch_invariant(stage.denoiser)
+    assert not is_batch_invariant(cascade.base.denoiser)  # the loaded cascade is unchanged
+    with pytest.raises(InvalidArgumentError, match="cascade"):
+        cascade.with_backend("compile")
+
+    def both():
+        crowd = fast.sample(labels=[4, 1, 7], seeds=[3, 5, 9], guidance=2.0).images
+        return crowd, fast.sample(labels=[1], seeds=[5], guidance=2.0).images
+
+    crowd, alone = _one_thread(both)
+    assert crowd.shape == (3, 1, 16, 16) and torch.equal(crowd[1], alone[0])

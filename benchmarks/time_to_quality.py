@@ -226,7 +226,7 @@ def main() -> None:
     load = {"before": load_before, "after": load_after}
     summary = summarize(args, results, rate, floor, load)
     write_result(
-        "time_to_quality" + ("_quick" if args.quick else ""),
+        result_name(args),
         {
             "budgets": args.budgets,
             "config": args.config,
@@ -240,6 +240,12 @@ def main() -> None:
         summary,
     )
     print(summary)
+
+
+def result_name(args: argparse.Namespace) -> str:
+    """time_to_quality[_<config stem> unless the default][_quick]: one JSON per recipe."""
+    stem = Path(args.config).stem
+    return "time_to_quality" + ("" if stem == "mnist" else f"_{stem}") + ("_quick" * args.quick)
 
 
 def train_diffusers_equal_time(runs: list[dict]) -> list[dict]:

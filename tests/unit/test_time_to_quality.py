@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.time_to_quality import BATCH, parse_args, point_of, summarize
+from benchmarks.time_to_quality import BATCH, parse_args, point_of, result_name, summarize
 
 
 def test_steps_are_the_default_budget():
@@ -52,3 +52,10 @@ def test_recipe_screen_merges_overrides_key_by_key():
     out = merged(base, {"optim": {"lr": 2e-3}, "P_mean": -0.6})
     assert out == {"optim": {"lr": 2e-3, "betas": [0.9, 0.999]}, "P_mean": -0.6}
     assert base["optim"]["lr"] == 1e-3  # the base is left as it was
+
+
+def test_result_name_keeps_one_json_per_recipe():
+    assert result_name(parse_args([])) == "time_to_quality"
+    short = parse_args(["--config", "configs/mnist-short-run.json"])
+    assert result_name(short) == "time_to_quality_mnist-short-run"
+    assert result_name(parse_args(["--quick"])) == "time_to_quality_quick"

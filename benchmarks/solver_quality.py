@@ -2,8 +2,9 @@
 difforge against diffusers, k-diffusion and ComfyUI driving the same network from the same state.
 
     python -m benchmarks.solver_quality [--model models/mnist-cond] [--n 1000] [--nfe 4,5,6,8,10]
-        [--guidance 2] [--batch 100] [--methods FAMILY:NAME[@GRID],...] [--ref deis:60]
-        [--check-ref 0] [--threads 1] [--cached-only] [--name solver_quality]
+        [--guidance 2] [--batch 100] [--methods FAMILY:NAME[@GRID][=NFE/NFE...],...]
+        [--ref deis:60] [--ref-n N] [--check-ref 0] [--threads 1] [--cached-only]
+        [--name solver_quality]
 
 One ODE per image. Image i (seed i, label i mod 10) starts where diffusers' schedulers start on the
 DDPM linear-beta grid (t = 999, sigma_T = 157.4, x = sqrt(1 + sigma_T^2) z; see
@@ -21,11 +22,15 @@ Methods (one evaluation of the guided denoiser D_w per step for all of them, so 
                        diffusers' multistep schedulers visit; benchmarks.solver_error.make_grid)
   diffusers:OPTION     a diffusers scheduler on its own timestep spacing (solver_error.DIFFUSERS)
   kdiff:NAME@GRID      k-diffusion 0.1.1's sample_NAME on its get_sigmas_GRID(n, 0.002, 80) (float32,
-                       as it computes them); dpm_fast takes (sigma_min, sigma_max, n) instead
-  comfy:NAME@GRID      ComfyUI's sample_ipndm / sample_ipndm_v / sample_deis (its k_diffusion copy)
-                       on k-diffusion's grid; the side environment ./peers (scripts/setup_peers.sh,
-                       /work/shared/PEERS.md) must hold them as peers/comfy_k
-Peers are imported from ./peers (or $DIFFORGE_PEERS); a family whose code is missing is skipped.
+                       as it computes them), or get_sigmas_vp(n) for GRID vp (its VP-SDE grid,
+                       from sigma 152.2 to t = 1e-3); dpm_fast takes (sigma_min, sigma_max, n)
+  comfy:NAME@GRID      ComfyUI's sample_ipndm / sample_ipndm_v / sample_deis (its k_diffusion copy,
+                       comfy/k_diffusion/sampling.py and deis.py) on k-diffusion's grids
+  ...=4/5/6            a suffix: that method at these NFE only (each family's best per NFE)
+Peers are imported from ./peers (or $DIFFORGE_PEERS): k-diffusion as scripts/setup_peers.sh installs
+it, ComfyUI's three functions as peers/comfy_k/ (copied there by hand, never into difforge); a
+family whose code is missing is skipped. --ref-n N computes the reference (the costliest piece,
+~70 NFE per image) for the first N seeds only: RMSE is then on those, FID on all n.
 
 Per method and NFE: RMSE (pixel units of [-1, 1], over all pixels and images) with a 95% bootstrap
 CI over images; FID and KID in difforge's feature space (models/mnist-features, against MNIST
@@ -64,11 +69,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "runs" / "solver_quality"
 PEERS = Path(os.environ.get("DIFFORGE_PEERS", ROOT / "peers"))
 SIGMA_T = float(VP.sigma_max)  # sigma at t = 999: where every diffusers loop starts
-DEFAULT_METHODS = (
-    "difforge:ipndm@vp_linspace,difforge:ipndm@vp_time,difforge:deis@vp_time,"
-    "diffusers:unipc,diffusers:dpmsolver,diffusers:deis,"
-    "kdiff:dpmpp_2m@karras,kdiff:lms@karras,comfy:deis@karras,comfy:ipndm_v@karras"
-)
+# the finalists of the n=32 screen (RESULTS.md, solver_quality_screen): each family's best per NFE
+DEFAULT_METHODS = "difforge:ipndm@vp_time,diffusers:unipc,kdiff:lms@vp=4/5/6,comfy:deis@vp=8/10"
 FAMILIES = ("difforge", "diffusers", "kdiff", "comfy")
 PEER_GROUP = {
     "diffusers": "diffusers",

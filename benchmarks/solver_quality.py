@@ -377,6 +377,35 @@ def summarize(rows: list[dict], verdict: dict, args) -> str:
     return ". ".join(parts)
 
 
+def verdict_table(rows: list[dict], verdict: dict) -> str:
+    """Markdown: per NFE, each family's best RMSE and FID (95% CI), and the paired verdicts."""
+    fam = {"difforge": "difforge", **PEER_GROUP}
+    groups = ["difforge", *sorted(set(PEER_GROUP.values()))]
+    head = "| NFE | metric | " + " | ".join(f"best {g}" for g in groups) + " | difforge wins |"
+    out = [head, "|" + "---|" * (len(groups) + 3)]
+    for k, vs in verdict.items():
+        for what in ("rmse", "fid"):
+            cells = []
+            for g in groups:
+                here = [
+                    r for r in rows if r["nfe"] == int(k) and fam[r["family"]] == g and what in r
+                ]
+                if not here:
+                    cells.append("-")
+                    continue
+                b = min(here, key=lambda r: r[what])
+                ci = (
+                    f" [{b['rmse_ci95'][0]:.3f}, {b['rmse_ci95'][1]:.3f}]" if what == "rmse" else ""
+                )
+                cells.append(f"{b['method']} {b[what]:.3f}{ci}" if what == "rmse"
+                             else f"{b['method']} {b[what]:.1f}")  # fmt: skip
+            wins = [f"vs {key.split(' vs ')[1]}: {'yes' if v['win'] else 'no'} ({v['diff']:+.3g} "
+                    f"[{v['ci95'][0]:+.3g}, {v['ci95'][1]:+.3g}])"
+                    for key, v in vs.items() if key.startswith(what)]  # fmt: skip
+            out.append(f"| {k} | {what.upper()} | " + " | ".join(cells) + f" | {'; '.join(wins)} |")
+    return "\n".join(out)
+
+
 def check_reference(args, model, methods, log) -> dict:
     """The reference against Heun with 4x the steps (both grids), on the first --check-ref images:
     their RMSE bounds the reference's own error."""
@@ -452,6 +481,7 @@ def main(argv=None) -> int:
                "verdicts": verdict, "note": args.note, "seconds": time.perf_counter() - start}  # fmt: skip
     out = write_result(args.name, payload, summary + (f". {args.note}" if args.note else ""))
     print(summary)
+    print(verdict_table(rows, verdict))
     print("wrote", out.relative_to(ROOT))
     return 0
 

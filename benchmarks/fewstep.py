@@ -16,7 +16,9 @@ A method's images are drawn in chunks of --batch seeds, cached under benchmarks/
 (keyed by model sha256, sampler, steps, guidance, n and seed) with its result, so students can be
 added to a run without redrawing the teacher, and several processes running the same command
 share the chunks (each claims a chunk before drawing it); a method is reported once all its chunks
-are drawn. --fresh recomputes the metrics; --cached-only draws nothing. --context-guidance W
+are drawn. --fresh recomputes the metrics; --cached-only draws nothing. A --student given as such
+a record (results/fewstep/KEY.json) is judged from it, so a student folder that is gone (runs/ is
+not kept) still counts, at the n and seeds it was measured with. --context-guidance W
 also measures the teacher at its default steps and guidance W (same seeds): context for reading a
 student's FID (a less guided student has a lower FID), never used in the verdicts.
 
@@ -116,6 +118,15 @@ def measure(model: Model, path: str, sampler: str, steps: int, guidance: float, 
     return rec
 
 
+def cached_record(path: str, args) -> dict:
+    """A method's record written by `measure` (its images need not exist any more: it names the
+    model's sha256), refused unless it has this run's n and seed."""
+    rec = json.loads(Path(path).read_text())
+    if (rec["n"], rec["seed"]) != (args.n, args.seed):
+        raise SystemExit(f"{path}: n={rec['n']}, seed={rec['seed']}, not {args.n}, {args.seed}")
+    return rec
+
+
 def verdicts(teacher50: dict | None, teacher20: dict | None, students: list[dict]) -> dict:
     """The three targets, each with the numbers it was judged on ("met": None when the teacher
     point it needs was not measured)."""
@@ -161,7 +172,10 @@ def _row(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default="models/mnist-cond")
-    p.add_argument("--student", action="append", default=[], help="PATH[:STEPS[,STEPS...]]")
+    p.add_argument(
+        "--student", action="append", default=[],
+        help="PATH[:STEPS[,STEPS...]], or a record results/fewstep/KEY.json measured before",
+    )  # fmt: skip
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=100)
@@ -190,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     c_recs = [r for r in c_recs if r is not None]
     s_recs = []
     for spec in args.student:
+        if spec.endswith(".json"):  # a student measured before, by its cached record
+            s_recs.append(cached_record(spec, args))
+            continue
         path, _, steps = spec.partition(":")
         student = load(path)
         ss = student.sampling

@@ -30,7 +30,11 @@ def _common_options(guidance, grid, n, labels, split, batch_size, threads, cache
 
 
 GUIDANCE = typer.Option(None, "--guidance", help="CFG scale; 1 = conditional.")
-GRID = typer.Option(None, "--grid", help="Sigma grid: karras, exponential, uniform.")
+GRID = typer.Option(
+    None,
+    "--grid",
+    help="Sigma grid: karras, exponential, uniform, vp_time (few-step: even in VP time).",
+)
 LABELS = typer.Option("balanced", "--labels", help="Class labels: balanced or random.")
 SPLIT = typer.Option("test", "--reference-split", help="MNIST split to compare against.")
 BATCH = typer.Option(250, "--batch-size", help="Images per sampling call.")

@@ -168,7 +168,9 @@ def sample_command(
         None, "--n", "--num-images", help="Number of images [default: len(labels) or 1]."
     ),
     grid: str | None = typer.Option(
-        None, "--grid", help="Sigma grid: karras, exponential, uniform."
+        None,
+        "--grid",
+        help="Sigma grid: karras, exponential, uniform, vp_time (few-step: even in VP time).",
     ),
     option: list[str] | None = typer.Option(
         None, "--option", help="KEY=VALUE sampler option, e.g. max_order=3 (repeatable)."

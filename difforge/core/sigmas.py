@@ -11,8 +11,11 @@ from torch import Tensor
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.core.processes import DiscreteVP, NoiseProcess
 
-GridKind = Literal["karras", "exponential", "uniform"]
-GRID_KINDS: tuple[str, ...] = ("karras", "exponential", "uniform")
+GridKind = Literal["karras", "exponential", "uniform", "vp_time"]
+GRID_KINDS: tuple[str, ...] = ("karras", "exponential", "uniform", "vp_time")
+# The VP SDE of Song et al. 2021 (Eq. 11 with beta(t) = beta_min + t beta_d): the continuous limit of
+# DDPM's linear betas 1e-4..0.02 over 1000 steps, the schedule diffusers' multistep solvers step on.
+VP_BETA_MIN, VP_BETA_D = 0.1, 19.9
 Spacing = Literal["leading", "trailing", "linspace"]
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 
@@ -39,6 +42,32 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
         return _append_zero(torch.tensor([sigma_max], dtype=torch.float64))
     log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)
     return _append_zero(log_sigmas.exp())
+
+
+def vp_time_to_sigma(t: Tensor) -> Tensor:
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) of that VP SDE (x = x0 + sigma eps)."""
+    return torch.expm1(0.5 * VP_BETA_D * t**2 + VP_BETA_MIN * t).sqrt()
+
+
+def vp_sigma_to_time(sigma: Tensor) -> Tensor:
+    """The inverse: t(sigma) = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d."""
+    return (
+        (VP_BETA_MIN**2 + 2 * VP_BETA_D * torch.log1p(sigma**2)).sqrt() - VP_BETA_MIN
+    ) / VP_BETA_D
+
+
+def vp_time_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """n levels evenly spaced in the VP time t, t_max (n - i) / n for i < n, t_max = t(sigma_max),
+    then 0: the "linspace" spacing of diffusers' multistep schedulers (timesteps linspace(0, T-1,
+    n + 1) rounded, largest first, the last dropped, final sigma 0) on a continuous range. The
+    last level is sigma(t_max / n), not sigma_min: few-step solvers spend no evaluation where
+    D(x; sigma) ~ x (the Karras grid's last level, 0.002, costs one NFE of n and moves x by
+    ~1e-3). Levels below sigma_min (only for n in the thousands) are raised to it."""
+    t_max = vp_sigma_to_time(torch.tensor(sigma_max, dtype=torch.float64))
+    t = t_max * torch.arange(n, 0, -1, dtype=torch.float64) / n  # (n,) t_max .. t_max / n
+    sigmas = vp_time_to_sigma(t).clamp(min=sigma_min)
+    sigmas[0] = sigma_max  # exact, not through the round trip t(sigma_max)
+    return _append_zero(sigmas)
 
 
 def uniform_timesteps(process: DiscreteVP, n: int, spacing: str = "leading") -> Tensor:
@@ -76,9 +105,11 @@ def get_sigmas(
     """A grid of n sampling noise levels plus a final 0: float64, shape (n + 1,), decreasing.
 
     Args:
-        kind: "karras" (Karras 2022 Eq. 5, with `rho`), "exponential" (even in log sigma) or
+        kind: "karras" (Karras 2022 Eq. 5, with `rho`), "exponential" (even in log sigma),
             "uniform" (evenly spaced timesteps of `process`; for a DiscreteVP process `spacing`
-            picks leading / trailing / linspace, as diffusers' `timestep_spacing`).
+            picks leading / trailing / linspace, as diffusers' `timestep_spacing`) or "vp_time"
+            (even in the time of the linear-beta VP SDE, trailing: `vp_time_sigmas`; the few-step
+            default of the multistep solvers, benchmarks/solver_quality.py).
         n: number of sampling steps (>= 1).
         sigma_min, sigma_max: range; default to the process's range when a process is given.
     """
@@ -100,6 +131,8 @@ def get_sigmas(
         return karras_sigmas(n, sigma_min, sigma_max, rho)
     if kind == "exponential":
         return exponential_sigmas(n, sigma_min, sigma_max)
+    if kind == "vp_time":
+        return vp_time_sigmas(n, sigma_min, sigma_max)
     if process is None:
         raise InvalidArgumentError("the 'uniform' grid needs the process whose timesteps it spaces")
     if isinstance(process, DiscreteVP):

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.core.sigmas import GridKind
 from difforge.pipeline.artifact import (
     CARD_FILE,
     PIPELINE_FILE,
@@ -66,7 +67,7 @@ class UpsamplerStage(StageRef):
 
     sampler: str | None = None
     steps: int | None = Field(None, ge=1)
-    grid: Literal["karras", "exponential", "uniform"] | None = None
+    grid: GridKind | None = None
     level: float | None = Field(None, ge=0)  # conditioning augmentation std at sampling
 
 

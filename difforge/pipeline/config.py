@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from difforge.core.errors import check_choice
+from difforge.core.sigmas import GridKind
 from difforge.pipeline.conditioning import ConditioningSpec
 
 FORMAT_V1 = "difforge-model/1"
@@ -49,7 +50,7 @@ class SamplingDefaults(_Frozen):
     sampler: str = "dpmpp_2m"  # a name in difforge.samplers.SAMPLERS
     steps: int = Field(20, ge=1)
     guidance: float = 3.0  # classifier-free guidance scale; 1 = plain conditional
-    grid: Literal["karras", "exponential", "uniform"] = "karras"
+    grid: GridKind = "karras"
 
     @field_validator("sampler")
     @classmethod

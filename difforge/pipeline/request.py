@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.core.sigmas import GridKind
 from difforge.pipeline.conditioning import ConditioningSpec, FieldProblem, Row
 from difforge.pipeline.config import SamplingDefaults
 from difforge.pipeline.editing import Edit, per_image_counts, resolve_edit
@@ -81,7 +82,7 @@ class SampleRequest(BaseModel):
     sampler: str | None = None
     steps: StrictInt | None = None
     guidance: StrictFloat | None = None  # CFG scale (1 = plain conditional); a number, not a bool
-    grid: Literal["karras", "exponential", "uniform"] | None = None
+    grid: GridKind | None = None
     options: dict[str, StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)  # knobs
     response_format: ResponseFormat = "auto"  # auto: PNG for one image, JSON for several or series
     deadline_ms: StrictInt | None = None  # give up this long after arrival (services only)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from difforge.core.sigmas import GRID_KINDS
 from difforge.pipeline import Model
 from difforge.samplers.noise import MAX_SEED
 from difforge.serving.config import ServiceConfig
@@ -117,7 +118,7 @@ def generate_request_schema(config: ServiceConfig, model: Model) -> dict[str, An
         "guidance": _nullable(
             {"type": "number", "minimum": lim.min_guidance, "maximum": lim.max_guidance}
         ),
-        "grid": _nullable({"type": "string", "enum": ["karras", "exponential", "uniform"]}),
+        "grid": _nullable({"type": "string", "enum": list(GRID_KINDS)}),
         "seed": _nullable(seed),
         "seeds": _nullable({"type": "array", "items": seed, "minItems": 1, "maxItems": lim.max_n}),
         "options": {"type": "object", "additionalProperties": option, "default": {}},

@@ -450,12 +450,14 @@ class Service:
         )
 
     def _key(
-        self, version: ModelVersion, sampler: str, steps: int, guided: bool, options, cond=()
-    ) -> BatchKey:
-        m = version.model
+        self, version: ModelVersion, sampler: str, steps: int, guided: bool, options, cond=(),
+        grid: str | None = None,
+    ) -> BatchKey:  # fmt: skip
+        m = version.model  # grid: the request's (its plan's), else the model's default
         return BatchKey(
-            version.id, sampler, steps, m.sampling.grid, m.image_shape, guided, options, cond
-        )
+            version.id, sampler, steps, grid or m.sampling.grid, m.image_shape, guided, options,
+            cond,
+        )  # fmt: skip
 
     def _job(
         self, request_id: str, version: ModelVersion, role: str, plan: Plan, accepted: float
@@ -468,7 +470,9 @@ class Service:
         ]
         deadline = None if plan.deadline_s is None else accepted + plan.deadline_s
         sig = signature(plan.rows[0]) if plan.rows and len(plan.rows[0]) else ()
-        key = self._key(version, plan.sampler, plan.steps, plan.guided, plan.options, sig)
+        key = self._key(
+            version, plan.sampler, plan.steps, plan.guided, plan.options, sig, plan.grid
+        )
         if plan.edit is not None or plan.adapter is not None:
             edit = None if plan.edit is None else plan.edit.settings
             key = replace(key, edit=edit, adapter=plan.adapter)

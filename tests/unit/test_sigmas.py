@@ -18,7 +18,7 @@ def test_grid_shape_order_and_endpoints(kind, n):
     assert (s[1:] < s[:-1]).all(), "strictly decreasing"
     if kind != "uniform":
         assert s[0].item() == pytest.approx(p.sigma_max)
-        if n > 1:
+        if n > 1 and kind != "vp_time":  # vp_time's last level is sigma(t_max / n)
             assert s[-2].item() == pytest.approx(p.sigma_min)
 
 
@@ -43,7 +43,7 @@ def test_uniform_leading_matches_diffusers_ddim_timesteps():
 
 def test_exported_from_samplers_and_errors():
     assert exported is get_sigmas
-    with pytest.raises(UnknownChoiceError, match="karras, exponential, uniform"):
+    with pytest.raises(UnknownChoiceError, match="karras, exponential, uniform, vp_time"):
         get_sigmas("cosine", 10, 0.1, 10.0)
     for bad in [0, -3, 2.5, True]:
         with pytest.raises(InvalidArgumentError, match="steps"):

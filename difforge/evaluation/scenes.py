@@ -129,3 +129,22 @@ def reconstruction_report(
         "feature_net": {"name": extractor.name, "sha256": extractor.sha256},
         "vae_scaling_factor": vae_config.scaling_factor,
     }
+
+
+def judge_clauses(
+    extractor: TorchFeatureExtractor, images: Tensor, clauses: list, thresholds: Any
+) -> list[bool]:
+    """Per scene: does every stated fact hold? The one judge of scene prompts.
+
+    Args:
+        extractor: the MNIST classifier (per quadrant, via `predict_slots`).
+        images: uint8 (N, 1, 64, 64).
+        clauses: per scene, its `difforge.data.scene_captions.Clause`s.
+        thresholds: the `SceneThresholds` the captions were made with (ink measurements per
+            quadrant, `quadrant_labels`, for thickness and size).
+    """
+    from difforge.data.scene_captions import facts_hold, quadrant_labels
+
+    pred = predict_slots(extractor, images).tolist()  # (N, 4)
+    labels = quadrant_labels(images, thresholds)
+    return [facts_hold(c, p, lab) for c, p, lab in zip(clauses, pred, labels, strict=True)]

@@ -135,7 +135,9 @@ def first_per_category(prompts: list[dict], k: int) -> list[dict]:
 
 def _line(name: str, params: int, step, w: float, r: dict) -> str:
     cats = ", ".join(
-        f"{c} {v['fraction']:.0%} (n={v['n']})" for c, v in r.items() if c in CATEGORIES
+        f"{c} {v['fraction']:.0%} ({v['fraction_stated']:.0%} stated facts only, n={v['n']})"
+        for c, v in r.items()
+        if c in CATEGORIES
     )
     return f"{name} ({params / 1e6:.2f}M, step {step}) w={w:g}: {cats}"
 
@@ -148,6 +150,13 @@ def run_model(name, path, prompts, args, judge_fn, cond_fn=None, categories=CATE
     params = model.summary()["parameters"]
     prov = model.pipeline.provenance if model.pipeline else {}
     out = {"path": path, "parameters": params, "provenance": prov}
+    data = prov.get("dataset")
+    if isinstance(data, dict) and data.get("kind") == "scene_captions":
+        # combo_held_out means "never stated in training" only for the combos the model held out
+        trained = data.get("held_out_combos", HELD_OUT_COMBOS)
+        out["held_out_combos_match"] = {tuple(c) for c in trained} == set(HELD_OUT_COMBOS)
+        if not out["held_out_combos_match"]:
+            print(f"warning: {name} held out {trained}, not {HELD_OUT_COMBOS}", flush=True)
     lines, chosen = [], [p for p in prompts if p["category"] in categories]
     for w in (float(g) for g in args.guidance.split(",")):
         t0 = time.monotonic()
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = first_per_category(prompts, args.limit)
 
     def judge_fn(images, ps):
-        return judge_clauses(extractor, images, [p["clauses"] for p in ps], thresholds)
+        return judge_clauses(extractor, images, [p["clauses"] for p in ps], thresholds, True)
 
     results, lines = {}, []
     for spec in args.model:

@@ -295,22 +295,40 @@ def scene_captions_for(
 
 
 def facts_hold(
-    clauses: Sequence[Clause], slots: Sequence[int], labels: Sequence[tuple[str, str]]
+    clauses: Sequence[Clause],
+    slots: Sequence[int],
+    labels: Sequence[tuple[str, str]],
+    require_empty: bool = True,
 ) -> bool:
     """Does a scene with these per-quadrant classes (EMPTY: none) and (thickness, size) labels
     satisfy every clause? Each digit must appear exactly `count` times, at the stated quadrants
-    when stated, with its stated adjectives; quadrants no clause accounts for must be empty."""
+    when stated, with its stated adjectives; quadrants no clause accounts for must be empty.
+
+    require_empty=False (a diagnostic, not the score): extra digits elsewhere are allowed, so a
+    clause needs only its stated quadrants (or, positions open, at least `count` copies)."""
     slots = [int(s) for s in slots]
-    if sum(s != EMPTY for s in slots) != sum(c.count for c in clauses):
+    if require_empty and sum(s != EMPTY for s in slots) != sum(c.count for c in clauses):
         return False
+
+    def fits(c: Clause, q: int) -> bool:  # quadrant q holds c's digit with c's adjectives
+        thick, size = labels[q]
+        return (
+            slots[q] == c.digit
+            and (not c.thickness or thick == c.thickness)
+            and (not c.size or size == c.size)
+        )
+
     for c in clauses:
         where = [q for q, s in enumerate(slots) if s == c.digit]
-        if len(where) != c.count or (c.quadrants and sorted(c.quadrants) != where):
-            return False
-        for q in where:
-            thick, size = labels[q]
-            if (c.thickness and thick != c.thickness) or (c.size and size != c.size):
+        if c.quadrants:
+            if (require_empty and sorted(c.quadrants) != where) or not all(
+                fits(c, q) for q in c.quadrants
+            ):
                 return False
+        elif (len(where) != c.count if require_empty else len(where) < c.count) or sum(
+            fits(c, q) for q in where
+        ) < c.count:
+            return False
     return True
 
 

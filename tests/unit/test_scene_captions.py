@@ -159,3 +159,18 @@ def test_clause_slots_places_stated_then_open_digits():
     assert clause_slots(clauses) == [7, 3, 7, None]
     with pytest.raises(InvalidArgumentError):
         clause_slots([Clause(1, 4), Clause(2, 1)])
+
+
+def test_stated_facts_only_ignores_extra_digits_but_not_wrong_ones():
+    lab = [("medium", "medium")] * 4
+    placed = [Clause(7, 1, (0,), thickness="thick")]
+    extra = [7, EMPTY, 3, EMPTY]
+    assert not facts_hold(placed, extra, [("thick", "medium")] * 4)
+    assert facts_hold(placed, extra, [("thick", "medium")] * 4, require_empty=False)
+    assert not facts_hold(placed, extra, lab, require_empty=False)  # not thick
+    assert not facts_hold(placed, [3, 7, EMPTY, EMPTY], lab, require_empty=False)  # moved
+    two = [Clause(1, 2)]
+    assert facts_hold(two, [1, EMPTY, EMPTY, 1], lab)
+    assert not facts_hold(two, [1, 1, EMPTY, 1], lab)
+    assert facts_hold(two, [1, 1, EMPTY, 1], lab, require_empty=False)
+    assert not facts_hold(two, [1, EMPTY, EMPTY, 4], lab, require_empty=False)

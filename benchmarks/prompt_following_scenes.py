@@ -74,7 +74,7 @@ def _held_out_counts() -> ScenePhrasings:
 
 
 def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
-    """[{category, prompt, clauses}]: 32 + 32 + 20 + 10 + 10 + 20 + 3 * len(combos) prompts."""
+    """[{category, prompt, clauses, index}]: 32 + 32 + 20 + 10 + 10 + 20 + 3 * len(combos) prompts."""
     combos = {tuple(c) for c in combos}
     rng = random.Random("scenes-prompt-set")
     pairs = [(d, q) for d in range(10) for q in range(4) if (d, q) not in combos]
@@ -98,7 +98,7 @@ def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
     out = []
     for i, (cat, clauses, phr) in enumerate(facts):
         text = phrase(clauses, phr, random.Random(f"{cat}:{i}"), MAX_TOKENS - 1)
-        out.append({"category": cat, "prompt": text, "clauses": clauses})
+        out.append({"category": cat, "prompt": text, "clauses": clauses, "index": i})
     return out
 
 

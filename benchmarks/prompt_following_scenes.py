@@ -2,6 +2,7 @@
 
 The scenes sibling of benchmarks/prompt_following.py (its sampling loop, `score`, is shared). A
 fixed prompt set is phrased by difforge.data.scene_captions from clauses, in categories:
+  digit               one digit, position open, seen phrasings ("a 7", "the digit seven")
   position            one digit at a stated quadrant, seen phrasings ("a 7 in the top left")
   position_held_out   the same facts, the held-out position phrasing ("... in the upper-left corner")
   two_digits          two different digits, each at a stated quadrant
@@ -53,6 +54,7 @@ from difforge.data.scene_captions import (
 )
 
 CATEGORIES = (
+    "digit",
     "position",
     "position_held_out",
     "two_digits",
@@ -74,11 +76,13 @@ def _held_out_counts() -> ScenePhrasings:
 
 
 def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
-    """[{category, prompt, clauses, index}]: 32 + 32 + 20 + 10 + 10 + 20 + 3 * len(combos) prompts."""
+    """[{category, prompt, clauses, index}]: 20 + 32 + 32 + 20 + 10 + 10 + 20 + 3 * len(combos)."""
     combos = {tuple(c) for c in combos}
     rng = random.Random("scenes-prompt-set")
     pairs = [(d, q) for d in range(10) for q in range(4) if (d, q) not in combos]
     facts: list[tuple[str, list[Clause], ScenePhrasings]] = []
+    for d in range(10):
+        facts += [("digit", [Clause(d, 1)], SEEN)] * 2  # two phrasings
     for d, q in pairs:
         facts.append(("position", [Clause(d, 1, (q,))], SEEN))
         facts.append(("position_held_out", [Clause(d, 1, (q,))], _held_out_positions()))

@@ -174,3 +174,14 @@ def test_stated_facts_only_ignores_extra_digits_but_not_wrong_ones():
     assert not facts_hold(two, [1, 1, EMPTY, 1], lab)
     assert facts_hold(two, [1, 1, EMPTY, 1], lab, require_empty=False)
     assert not facts_hold(two, [1, EMPTY, EMPTY, 4], lab, require_empty=False)
+
+
+def test_p_open_sets_how_often_a_single_digit_is_unplaced():
+    never = load_dataset({"kind": "scene_captions", "split": "test", "limit": 100, "p_open": 0.0,
+                          "held_out_combos": []})  # fmt: skip
+    always = load_dataset({"kind": "scene_captions", "split": "test", "limit": 100, "p_open": 1.0})
+    singles = [c for cs in never.clauses for c in cs if c.count == 1]
+    assert singles and all(c.quadrants for c in singles)
+    assert not any(c.quadrants for cs in always.clauses for c in cs if c.count == 1)
+    with pytest.raises(InvalidArgumentError, match="p_open"):
+        load_dataset({"kind": "scene_captions", "split": "test", "limit": 4, "p_open": 2.0})

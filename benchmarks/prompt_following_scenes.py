@@ -9,6 +9,7 @@ fixed prompt set is phrased by difforge.data.scene_captions from clauses, in cat
   count               two copies of a digit, positions open ("two sevens", "a pair of 7s")
   count_held_out      the held-out count phrasing ("two of the number 7")
   thickness           digit + quadrant + "thick"/"thin"
+  size                digit + quadrant + "large"/"small" (the ink's height, as captioned)
   combo_held_out      a (digit, quadrant) pair no training caption states (HELD_OUT_COMBOS),
                       in seen phrasings
 An image passes when every fact holds, judged by difforge.evaluation.scenes.judge_clauses: the
@@ -18,8 +19,8 @@ thickness, and every quadrant no clause accounts for must be empty (the captions
 Each text model (`--model NAME=PATH`) runs at every `--guidance`; a class-conditional slot model
 (`--slot-model`, default models/scenes-latent) runs on the same prompts where both apply: each
 prompt's clauses become the slots it takes (`clause_slots`; open copies in the first free
-quadrants), every category but thickness (a slot model has no thickness input). The slot model
-saw every (digit, quadrant) pair in training, so on combo_held_out it is a reference, not a
+quadrants), every category but thickness and size (a slot model has no input for them). The slot
+model saw every (digit, quadrant) pair in training, so on combo_held_out it is a reference, not a
 like-for-like generalisation test. The judge's ceiling: real test scenes judged against their own
 (seen-phrasing) captions.
 
@@ -61,9 +62,10 @@ CATEGORIES = (
     "count",
     "count_held_out",
     "thickness",
+    "size",
     "combo_held_out",
 )
-SLOT_CATEGORIES = tuple(c for c in CATEGORIES if c != "thickness")  # where a slot model applies
+SLOT_CATEGORIES = tuple(c for c in CATEGORIES if c not in ("thickness", "size"))  # slots apply
 
 
 def _held_out_positions() -> ScenePhrasings:
@@ -76,7 +78,7 @@ def _held_out_counts() -> ScenePhrasings:
 
 
 def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
-    """[{category, prompt, clauses, index}]: 20 + 32 + 32 + 20 + 10 + 10 + 20 + 3 * len(combos)."""
+    """[{category, prompt, clauses, index}]: 20 + 32 + 32 + 20 + 10 + 10 + 20 + 20 + 3 * len(combos)."""
     combos = {tuple(c) for c in combos}
     rng = random.Random("scenes-prompt-set")
     pairs = [(d, q) for d in range(10) for q in range(4) if (d, q) not in combos]
@@ -97,6 +99,9 @@ def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
         for thick in ("thick", "thin"):
             q = rng.choice([q for dd, q in pairs if dd == d])
             facts.append(("thickness", [Clause(d, 1, (q,), thickness=thick)], SEEN))
+        for size in ("large", "small"):
+            q = rng.choice([q for dd, q in pairs if dd == d])
+            facts.append(("size", [Clause(d, 1, (q,), size=size)], SEEN))
     for d, q in sorted(combos):
         facts += [("combo_held_out", [Clause(d, 1, (q,))], SEEN)] * 3  # three phrasings
     out = []

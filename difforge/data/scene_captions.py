@@ -84,7 +84,7 @@ PAIR_PHRASE = "a pair of {d}s"  # a seen count phrasing for two copies only
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 PLURAL_WORDS = ("zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens",
                 "eights", "nines")  # fmt: skip
-# (digit, quadrant) pairs no training caption states together: one per quadrant and digit pair.
+# (digit, quadrant) pairs no training caption states together: two per quadrant, eight digits.
 HELD_OUT_COMBOS: tuple[tuple[int, int], ...] = (
     (7, 0), (2, 0), (3, 1), (9, 1), (5, 2), (0, 2), (4, 3), (8, 3),
 )  # fmt: skip
@@ -174,15 +174,26 @@ def phrase(
     clauses: Sequence[Clause], phr: ScenePhrasings, rng: random.Random, max_words: int
 ) -> str:
     """The clauses as one caption of at most `max_words` words (see the module's budget rule)."""
+    return phrase_stated(clauses, phr, rng, max_words)[0]
+
+
+def phrase_stated(
+    clauses: Sequence[Clause], phr: ScenePhrasings, rng: random.Random, max_words: int
+) -> tuple[str, list[Clause]]:
+    """`phrase`, and the clauses as the caption states them (adjectives dropped to fit go)."""
     state = rng.getstate()
     for attempt in range(3):
         rng.setstate(state)  # each attempt redraws the same choices, with less to say
-        cs = clauses if attempt == 0 else [replace(c, thickness=None, size=None) for c in clauses]
+        cs = (
+            list(clauses)
+            if attempt == 0
+            else [replace(c, thickness=None, size=None) for c in clauses]
+        )
         p = phr.shortest() if attempt == 2 else phr
         parts = [phrase_clause(c, p, rng) for c in cs]
         text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         if count_words(text) <= max_words:
-            return text
+            return text, cs
     raise InvalidArgumentError(
         f"a {len(clauses)}-clause caption needs {count_words(text)} words; max_words {max_words}"
     )
@@ -294,8 +305,9 @@ def scene_captions_for(
     for i, (row, lab) in enumerate(zip(slots.tolist(), labels, strict=True)):
         rng = random.Random(f"scene:{seed}:{i}")
         clauses = scene_clauses(row, lab, rng, held_out_combos, p_open)
-        texts.append(phrase(clauses, phrasings, rng, max_words))
-        facts.append(clauses)
+        text, stated = phrase_stated(clauses, phrasings, rng, max_words)
+        texts.append(text)
+        facts.append(stated)
     return texts, facts
 
 

@@ -18,6 +18,7 @@ from difforge.data.scene_captions import (
     facts_hold,
     phrase,
     phrase_clause,
+    phrase_stated,
     position_text,
 )
 from difforge.data.scenes import EMPTY
@@ -150,6 +151,9 @@ def test_captions_fit_the_token_budget(data):
         text = phrase(worst, SEEN, random.Random(seed), 15)
         assert count_words(text) <= 15
     assert count_words(phrase(worst, SEEN, random.Random(0), 200)) > 31  # why the rule exists
+    text, stated = phrase_stated(worst, SEEN, random.Random(0), 31)
+    assert all(c.thickness is None and c.size is None for c in stated)  # the facts as stated
+    assert "thick" not in text and [c.quadrants for c in stated] == [c.quadrants for c in worst]
     with pytest.raises(InvalidArgumentError, match="max_tokens >= 16"):
         load_dataset({"kind": "scene_captions", "split": "test", "limit": 4, "max_tokens": 8})
 

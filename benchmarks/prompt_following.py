@@ -92,12 +92,19 @@ def score(
 ) -> dict:
     """{category: {fraction, n}} for one model and guidance scale.
 
-    Prompt i's images use seeds seed + per_prompt * i + j (j < per_prompt) whatever the batching
-    (every image has its own generator), so every model and setting sees the same noise.
-    `judge_fn(images, prompts) -> [bool]` says whether each image obeys its prompt; `cond_fn`
+    Prompt i's images use seeds seed + per_prompt * i + j (j < per_prompt; i = the prompt's
+    "index" when it has one, so a subset of a prompt set keeps each prompt's seeds) whatever the
+    batching (every image has its own generator): every model and setting sees the same noise.
+    `judge_fn(images, prompts) -> [bool]` says whether each image obeys its prompt (or gives
+    {"all": bool, other diagnostics: bool} per image, each reported as fraction_<key>); `cond_fn`
     turns a prompt into the image's conditioning (its text, or a slot model's slots).
     """
     rows = [p for p in prompts for _ in range(per_prompt)]
+    seeds = [
+        seed + per_prompt * p.get("index", i) + j
+        for i, p in enumerate(prompts)
+        for j in range(per_prompt)
+    ]
     ok: list[bool] = []
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
@@ -105,15 +112,20 @@ def score(
         s = model.sample(
             n=len(chunk),
             cond={k: [c[k] for c in conds] for k in conds[0]},
-            seeds=[seed + start + j for j in range(len(chunk))],
+            seeds=seeds[start : start + batch],
             guidance=guidance,
             steps=steps,
         )
         ok += judge_fn(s.images, chunk)
-    hits: dict[str, list[bool]] = {c: [] for c in categories}
+    hits: dict[str, list] = {c: [] for c in categories}
     for p, good in zip(rows, ok, strict=True):
-        hits[p["category"]].append(good)
-    return {c: {"fraction": sum(h) / len(h), "n": len(h)} for c, h in hits.items() if h}
+        hits[p["category"]].append(good if isinstance(good, dict) else {"all": good})
+    out = {}
+    for c, h in hits.items():
+        if h:  # "all" is the score; other keys of a judge's verdicts are diagnostics
+            out[c] = {"fraction": sum(v["all"] for v in h) / len(h), "n": len(h)}
+            out[c] |= {f"fraction_{k}": sum(v[k] for v in h) / len(h) for k in h[0] if k != "all"}
+    return out
 
 
 def real_ceiling(classifier, thresholds, n: int = 2000) -> dict:

@@ -2,12 +2,14 @@
 
 The scenes sibling of benchmarks/prompt_following.py (its sampling loop, `score`, is shared). A
 fixed prompt set is phrased by difforge.data.scene_captions from clauses, in categories:
+  digit               one digit, position open, seen phrasings ("a 7", "the digit seven")
   position            one digit at a stated quadrant, seen phrasings ("a 7 in the top left")
   position_held_out   the same facts, the held-out position phrasing ("... in the upper-left corner")
   two_digits          two different digits, each at a stated quadrant
   count               two copies of a digit, positions open ("two sevens", "a pair of 7s")
   count_held_out      the held-out count phrasing ("two of the number 7")
   thickness           digit + quadrant + "thick"/"thin"
+  size                digit + quadrant + "large"/"small" (the ink's height, as captioned)
   combo_held_out      a (digit, quadrant) pair no training caption states (HELD_OUT_COMBOS),
                       in seen phrasings
 An image passes when every fact holds, judged by difforge.evaluation.scenes.judge_clauses: the
@@ -17,8 +19,8 @@ thickness, and every quadrant no clause accounts for must be empty (the captions
 Each text model (`--model NAME=PATH`) runs at every `--guidance`; a class-conditional slot model
 (`--slot-model`, default models/scenes-latent) runs on the same prompts where both apply: each
 prompt's clauses become the slots it takes (`clause_slots`; open copies in the first free
-quadrants), every category but thickness (a slot model has no thickness input). The slot model
-saw every (digit, quadrant) pair in training, so on combo_held_out it is a reference, not a
+quadrants), every category but thickness and size (a slot model has no input for them). The slot
+model saw every (digit, quadrant) pair in training, so on combo_held_out it is a reference, not a
 like-for-like generalisation test. The judge's ceiling: real test scenes judged against their own
 (seen-phrasing) captions.
 
@@ -53,15 +55,17 @@ from difforge.data.scene_captions import (
 )
 
 CATEGORIES = (
+    "digit",
     "position",
     "position_held_out",
     "two_digits",
     "count",
     "count_held_out",
     "thickness",
+    "size",
     "combo_held_out",
 )
-SLOT_CATEGORIES = tuple(c for c in CATEGORIES if c != "thickness")  # where a slot model applies
+SLOT_CATEGORIES = tuple(c for c in CATEGORIES if c not in ("thickness", "size"))  # slots apply
 
 
 def _held_out_positions() -> ScenePhrasings:
@@ -74,11 +78,13 @@ def _held_out_counts() -> ScenePhrasings:
 
 
 def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
-    """[{category, prompt, clauses}]: 32 + 32 + 20 + 10 + 10 + 20 + 3 * len(combos) prompts."""
+    """[{category, prompt, clauses, index}]: 20 + 32 + 32 + 20 + 10 + 10 + 20 + 20 + 3 * len(combos)."""
     combos = {tuple(c) for c in combos}
     rng = random.Random("scenes-prompt-set")
     pairs = [(d, q) for d in range(10) for q in range(4) if (d, q) not in combos]
     facts: list[tuple[str, list[Clause], ScenePhrasings]] = []
+    for d in range(10):
+        facts += [("digit", [Clause(d, 1)], SEEN)] * 2  # two phrasings
     for d, q in pairs:
         facts.append(("position", [Clause(d, 1, (q,))], SEEN))
         facts.append(("position_held_out", [Clause(d, 1, (q,))], _held_out_positions()))
@@ -93,12 +99,15 @@ def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
         for thick in ("thick", "thin"):
             q = rng.choice([q for dd, q in pairs if dd == d])
             facts.append(("thickness", [Clause(d, 1, (q,), thickness=thick)], SEEN))
+        for size in ("large", "small"):
+            q = rng.choice([q for dd, q in pairs if dd == d])
+            facts.append(("size", [Clause(d, 1, (q,), size=size)], SEEN))
     for d, q in sorted(combos):
         facts += [("combo_held_out", [Clause(d, 1, (q,))], SEEN)] * 3  # three phrasings
     out = []
     for i, (cat, clauses, phr) in enumerate(facts):
         text = phrase(clauses, phr, random.Random(f"{cat}:{i}"), MAX_TOKENS - 1)
-        out.append({"category": cat, "prompt": text, "clauses": clauses})
+        out.append({"category": cat, "prompt": text, "clauses": clauses, "index": i})
     return out
 
 
@@ -135,7 +144,9 @@ def first_per_category(prompts: list[dict], k: int) -> list[dict]:
 
 def _line(name: str, params: int, step, w: float, r: dict) -> str:
     cats = ", ".join(
-        f"{c} {v['fraction']:.0%} (n={v['n']})" for c, v in r.items() if c in CATEGORIES
+        f"{c} {v['fraction']:.0%} ({v['fraction_stated']:.0%} stated facts only, n={v['n']})"
+        for c, v in r.items()
+        if c in CATEGORIES
     )
     return f"{name} ({params / 1e6:.2f}M, step {step}) w={w:g}: {cats}"
 
@@ -148,6 +159,13 @@ def run_model(name, path, prompts, args, judge_fn, cond_fn=None, categories=CATE
     params = model.summary()["parameters"]
     prov = model.pipeline.provenance if model.pipeline else {}
     out = {"path": path, "parameters": params, "provenance": prov}
+    data = prov.get("dataset")
+    if isinstance(data, dict) and data.get("kind") == "scene_captions":
+        # combo_held_out means "never stated in training" only for the combos the model held out
+        trained = data.get("held_out_combos", HELD_OUT_COMBOS)
+        out["held_out_combos_match"] = {tuple(c) for c in trained} == set(HELD_OUT_COMBOS)
+        if not out["held_out_combos_match"]:
+            print(f"warning: {name} held out {trained}, not {HELD_OUT_COMBOS}", flush=True)
     lines, chosen = [], [p for p in prompts if p["category"] in categories]
     for w in (float(g) for g in args.guidance.split(",")):
         t0 = time.monotonic()
@@ -187,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = first_per_category(prompts, args.limit)
 
     def judge_fn(images, ps):
-        return judge_clauses(extractor, images, [p["clauses"] for p in ps], thresholds)
+        return judge_clauses(extractor, images, [p["clauses"] for p in ps], thresholds, True)
 
     results, lines = {}, []
     for spec in args.model:

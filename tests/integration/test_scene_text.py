@@ -98,8 +98,34 @@ def test_benchmark_scores_a_text_model_per_category(scene_text_model, extractor)
     thresholds = fit_scene_thresholds()
 
     def judge_fn(images, ps):
-        return judge_clauses(extractor, images, [p["clauses"] for p in ps], thresholds)
+        return judge_clauses(extractor, images, [p["clauses"] for p in ps], thresholds, True)
 
     r = score(load(scene_text_model), prompts, 1, 2.0, 2, judge_fn, CATEGORIES, batch=4)
     assert set(r) == set(CATEGORIES) and all(v["n"] == 1 for v in r.values())
-    assert all(0.0 <= v["fraction"] <= 1.0 for v in r.values())
+    assert all(0.0 <= v["fraction"] <= v["fraction_stated"] <= 1.0 for v in r.values())
+
+
+def test_data_preview_prints_scene_captions(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as ok:
+        main(["data", "preview", "scene_captions:test", "--n", "2", "--out", str(out)])
+    assert ok.value.code == 0 and out.is_file()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("0: ") and lines[2].startswith("1: ")
+
+
+def test_captioned_scenes_share_the_latent_cache_of_their_pixels(tmp_path, monkeypatch):
+    from difforge.data import load_dataset, load_scenes
+    from difforge.training.vae import encoded_dataset
+
+    monkeypatch.setenv("DIFFORGE_CACHE", str(tmp_path))
+    spec = {"kind": "scene_captions", "split": "test", "limit": 8}
+    a, b = load_dataset(spec), load_dataset({**spec, "seed": 1})
+    assert a.content_hash != b.content_hash and a.images_hash == b.images_hash
+    assert load_dataset({"kind": "scene_captions", "split": "test"}).images_hash == (
+        load_scenes("test").content_hash
+    )
+    first = encoded_dataset("models/scenes-latent/vae", a)
+    again = encoded_dataset("models/scenes-latent/vae", b)  # other captions, same pixels: a hit
+    assert first.seconds > 0 and again.seconds == 0.0
+    assert torch.equal(first.latents, again.latents)

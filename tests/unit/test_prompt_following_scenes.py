@@ -26,7 +26,7 @@ QUAD_WORDS = {0: ("top", "upper", "left"), 1: ("top", "upper", "right"),
 def test_prompt_set_categories_and_facts():
     prompts = prompt_set()
     assert {p["category"] for p in prompts} == set(CATEGORIES)
-    assert "thickness" not in SLOT_CATEGORIES
+    assert "thickness" not in SLOT_CATEGORIES and "size" not in SLOT_CATEGORIES
     assert prompt_set() == prompts  # fixed
     combos = set(HELD_OUT_COMBOS)
     for p in prompts:
@@ -49,6 +49,9 @@ def test_prompt_set_categories_and_facts():
             assert p["clauses"] == [Clause(p["clauses"][0].digit, 2)]
         if p["category"] == "thickness":
             synonyms = SEEN.digits.thick[p["clauses"][0].thickness]
+            assert any(w in p["prompt"].split() for w in synonyms)
+        if p["category"] == "size":
+            synonyms = SEEN.digits.size[p["clauses"][0].size]
             assert any(w in p["prompt"].split() for w in synonyms)
         assert len(clause_slots(p["clauses"])) == 4
     assert [p["category"] for p in first_per_category(prompts, 1)] == list(CATEGORIES)

@@ -18,6 +18,7 @@ from difforge.data.scene_captions import (
     facts_hold,
     phrase,
     phrase_clause,
+    phrase_stated,
     position_text,
 )
 from difforge.data.scenes import EMPTY
@@ -150,6 +151,9 @@ def test_captions_fit_the_token_budget(data):
         text = phrase(worst, SEEN, random.Random(seed), 15)
         assert count_words(text) <= 15
     assert count_words(phrase(worst, SEEN, random.Random(0), 200)) > 31  # why the rule exists
+    text, stated = phrase_stated(worst, SEEN, random.Random(0), 31)
+    assert all(c.thickness is None and c.size is None for c in stated)  # the facts as stated
+    assert "thick" not in text and [c.quadrants for c in stated] == [c.quadrants for c in worst]
     with pytest.raises(InvalidArgumentError, match="max_tokens >= 16"):
         load_dataset({"kind": "scene_captions", "split": "test", "limit": 4, "max_tokens": 8})
 
@@ -159,3 +163,29 @@ def test_clause_slots_places_stated_then_open_digits():
     assert clause_slots(clauses) == [7, 3, 7, None]
     with pytest.raises(InvalidArgumentError):
         clause_slots([Clause(1, 4), Clause(2, 1)])
+
+
+def test_stated_facts_only_ignores_extra_digits_but_not_wrong_ones():
+    lab = [("medium", "medium")] * 4
+    placed = [Clause(7, 1, (0,), thickness="thick")]
+    extra = [7, EMPTY, 3, EMPTY]
+    assert not facts_hold(placed, extra, [("thick", "medium")] * 4)
+    assert facts_hold(placed, extra, [("thick", "medium")] * 4, require_empty=False)
+    assert not facts_hold(placed, extra, lab, require_empty=False)  # not thick
+    assert not facts_hold(placed, [3, 7, EMPTY, EMPTY], lab, require_empty=False)  # moved
+    two = [Clause(1, 2)]
+    assert facts_hold(two, [1, EMPTY, EMPTY, 1], lab)
+    assert not facts_hold(two, [1, 1, EMPTY, 1], lab)
+    assert facts_hold(two, [1, 1, EMPTY, 1], lab, require_empty=False)
+    assert not facts_hold(two, [1, EMPTY, EMPTY, 4], lab, require_empty=False)
+
+
+def test_p_open_sets_how_often_a_single_digit_is_unplaced():
+    never = load_dataset({"kind": "scene_captions", "split": "test", "limit": 100, "p_open": 0.0,
+                          "held_out_combos": []})  # fmt: skip
+    always = load_dataset({"kind": "scene_captions", "split": "test", "limit": 100, "p_open": 1.0})
+    singles = [c for cs in never.clauses for c in cs if c.count == 1]
+    assert singles and all(c.quadrants for c in singles)
+    assert not any(c.quadrants for cs in always.clauses for c in cs if c.count == 1)
+    with pytest.raises(InvalidArgumentError, match="p_open"):
+        load_dataset({"kind": "scene_captions", "split": "test", "limit": 4, "p_open": 2.0})

@@ -155,6 +155,9 @@ class UNetConfig(LevelsConfig):
     # classes 0..num_classes-1 plus the null class num_classes; 0 = unconditional (labels ignored)
     num_classes: int = 0
     context_dim: int | None = None  # cross-attention context width; None = no cross-attention
+    # a learned, zero-initialised position embedding on the cross-attention queries (see
+    # layers.AttentionBlock): lets positional prompts ("in the top left") bind to places
+    query_positions: bool = False
     norm_groups: int = 32  # GroupNorm groups; must divide every channel count
     emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
     slot_grid: int = 0  # side of the slot layout (2: four quadrants); 0 = no slot conditioning
@@ -248,7 +251,9 @@ class UNet(nn.Module):
         res = ResBlock(in_ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout, self.dims)
         if not (attn and size in cfg.attention_resolutions):
             return Stage(res, None)
-        return Stage(res, AttentionBlock(out_ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim))
+        positions = size**self.dims if getattr(cfg, "query_positions", False) else 0
+        attn = AttentionBlock(out_ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim, positions)
+        return Stage(res, attn)
 
     def _build_encoder(self, emb_dim: int) -> tuple[nn.ModuleList, list[int]]:
         """Encoder blocks, and the channels of every activation kept for the decoder."""

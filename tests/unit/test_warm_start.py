@@ -58,3 +58,36 @@ def test_exact_mode_refuses_another_architecture_and_matching_needs_one_fit(tmp_
         _load_init(tiny_text_net("unet"), str(folder), "exact")
     with pytest.raises(InvalidArgumentError, match="no tensor"):
         _load_init(tiny_text_net("dit"), str(folder), "matching")
+
+
+def test_query_positions_start_at_zero_so_a_warm_start_is_unchanged(tmp_path):
+    """A text U-Net with query_positions, warm-started from one without, computes the same
+    output until the position embedding moves; moving it changes the output by position."""
+    from tests.text_fixtures import ENCODER
+
+    plain = tiny_text_net("unet")
+    folder = save_model(
+        tmp_path / "plain",
+        ModelConfig(
+            name="plain",
+            net=NetSpec(kind="text_conditioned", config=plain.config.to_dict()),
+            process={"kind": "vp", "schedule": "cosine"},
+            parameterization="x0",
+            image_shape=(1, 8, 8),
+        ),
+        plain.state_dict(),
+        "# plain\n",
+    )
+    backbone = BACKBONES["unet"] | {"query_positions": True}
+    cfg = {"backbone_kind": "unet", "backbone": backbone, "encoder": ENCODER}
+    net = build_net("text_conditioned", cfg)
+    _, report = _load_init(net, str(folder), "matching")
+    pos = [k for k in net.state_dict() if k.endswith("query_pos")]
+    assert pos and report["fresh"] == len(pos) and report["skipped"] == 0
+    x, c = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    ids = {"prompt": torch.tensor([[2, 5, 6, 0, 0, 0], [2, 7, 0, 0, 0, 0]])}
+    with torch.no_grad():
+        assert torch.equal(net(x, c, ids), plain(x, c, ids))
+        for k in pos:
+            net.get_parameter(k).normal_()
+        assert not torch.allclose(net(x, c, ids), plain(x, c, ids))

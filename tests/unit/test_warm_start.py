@@ -60,9 +60,12 @@ def test_exact_mode_refuses_another_architecture_and_matching_needs_one_fit(tmp_
         _load_init(tiny_text_net("dit"), str(folder), "matching")
 
 
-def test_query_positions_start_at_zero_so_a_warm_start_is_unchanged(tmp_path):
-    """A text U-Net with query_positions, warm-started from one without, computes the same
-    output until the position embedding moves; moving it changes the output by position."""
+@pytest.mark.parametrize(
+    "option", [{"query_positions": True}, {"text_layout_grid": 2}], ids=lambda o: next(iter(o))
+)
+def test_positional_text_paths_start_at_zero_so_a_warm_start_is_unchanged(tmp_path, option):
+    """A text U-Net with query_positions or a text layout, warm-started from one without,
+    computes the same output until the new weights move; moving them changes the output."""
     from tests.text_fixtures import ENCODER
 
     plain = tiny_text_net("unet")
@@ -78,16 +81,22 @@ def test_query_positions_start_at_zero_so_a_warm_start_is_unchanged(tmp_path):
         plain.state_dict(),
         "# plain\n",
     )
-    backbone = BACKBONES["unet"] | {"query_positions": True}
+    backbone = BACKBONES["unet"] | option
     cfg = {"backbone_kind": "unet", "backbone": backbone, "encoder": ENCODER}
     net = build_net("text_conditioned", cfg)
     _, report = _load_init(net, str(folder), "matching")
-    pos = [k for k in net.state_dict() if k.endswith("query_pos")]
-    assert pos and report["fresh"] == len(pos) and report["skipped"] == 0
+    new = [k for k in net.state_dict() if "query_pos" in k or "text_layout" in k]
+    assert new and report["fresh"] == len(new) and report["skipped"] == 0
     x, c = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
     ids = {"prompt": torch.tensor([[2, 5, 6, 0, 0, 0], [2, 7, 0, 0, 0, 0]])}
     with torch.no_grad():
         assert torch.equal(net(x, c, ids), plain(x, c, ids))
-        for k in pos:
+        for k in new:
             net.get_parameter(k).normal_()
         assert not torch.allclose(net(x, c, ids), plain(x, c, ids))
+
+
+def test_text_layout_grid_is_checked():
+    for bad in ({"text_layout_grid": 3}, {"text_layout_grid": 2, "context_dim": None}):
+        with pytest.raises(InvalidArgumentError, match="text_layout_grid"):
+            build_net("unet", BACKBONES["unet"] | bad)

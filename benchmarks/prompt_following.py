@@ -78,19 +78,54 @@ def judge(
     return ok
 
 
-def score(model, prompts, per_prompt, guidance, steps, classifier, thresholds, seed=0) -> dict:
-    """{category: fraction} for one model and guidance scale (same seeds for every setting)."""
-    hits: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
-    for i, p in enumerate(prompts):
+def score(
+    model,
+    prompts,
+    per_prompt,
+    guidance,
+    steps,
+    judge_fn,
+    categories=CATEGORIES,
+    cond_fn=lambda p: {"prompt": p["prompt"]},
+    seed=0,
+    batch=64,
+) -> dict:
+    """{category: {fraction, n}} for one model and guidance scale.
+
+    Prompt i's images use seeds seed + per_prompt * i + j (j < per_prompt; i = the prompt's
+    "index" when it has one, so a subset of a prompt set keeps each prompt's seeds) whatever the
+    batching (every image has its own generator): every model and setting sees the same noise.
+    `judge_fn(images, prompts) -> [bool]` says whether each image obeys its prompt (or gives
+    {"all": bool, other diagnostics: bool} per image, each reported as fraction_<key>); `cond_fn`
+    turns a prompt into the image's conditioning (its text, or a slot model's slots).
+    """
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    seeds = [
+        seed + per_prompt * p.get("index", i) + j
+        for i, p in enumerate(prompts)
+        for j in range(per_prompt)
+    ]
+    ok: list[bool] = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        conds = [cond_fn(p) for p in chunk]
         s = model.sample(
-            n=per_prompt,
-            cond={"prompt": p["prompt"]},
-            seed=seed + per_prompt * i,
+            n=len(chunk),
+            cond={k: [c[k] for c in conds] for k in conds[0]},
+            seeds=seeds[start : start + batch],
             guidance=guidance,
             steps=steps,
         )
-        hits[p["category"]] += judge(s.images, [p] * per_prompt, classifier, thresholds)
-    return {c: {"fraction": sum(h) / len(h), "n": len(h)} for c, h in hits.items()}
+        ok += judge_fn(s.images, chunk)
+    hits: dict[str, list] = {c: [] for c in categories}
+    for p, good in zip(rows, ok, strict=True):
+        hits[p["category"]].append(good if isinstance(good, dict) else {"all": good})
+    out = {}
+    for c, h in hits.items():
+        if h:  # "all" is the score; other keys of a judge's verdicts are diagnostics
+            out[c] = {"fraction": sum(v["all"] for v in h) / len(h), "n": len(h)}
+            out[c] |= {f"fraction_{k}": sum(v[k] for v in h) / len(h) for k in h[0] if k != "all"}
+    return out
 
 
 def real_ceiling(classifier, thresholds, n: int = 2000) -> dict:
@@ -143,7 +178,12 @@ def main() -> None:
         for w in (float(g) for g in args.guidance.split(",")):
             t0 = time.monotonic()
             results[name][f"w={w:g}"] = r = score(
-                model, prompts, args.per_prompt, w, args.steps, classifier, thresholds
+                model,
+                prompts,
+                args.per_prompt,
+                w,
+                args.steps,
+                lambda images, ps: judge(images, ps, classifier, thresholds),
             )
             r["seconds"] = round(time.monotonic() - t0, 1)
             cats = ", ".join(f"{c} {r[c]['fraction']:.0%}" for c in CATEGORIES)

@@ -27,7 +27,7 @@ def preview_command(
     data = load_dataset(dataset)
     n = min(n, len(data))
     images = data.images[:n]
-    if isinstance(data, SceneDataset):
+    if isinstance(data, SceneDataset) or getattr(data, "slots", None) is not None:
         captions = [slot_caption(s) for s in data.slots[:n]]
     elif data.labels is not None:
         captions = [str(int(v)) for v in data.labels[:n]]
@@ -36,3 +36,5 @@ def preview_command(
     meta = {"dataset": json.dumps(dataset), "content_hash": data.content_hash, "n": str(n)}
     path = save_grid_png(out, images, captions=captions, metadata=meta)
     typer.echo(f"{path}: {n} images of {data.name} ({len(data)} in all, {data.content_hash})")
+    for i, text in enumerate(getattr(data, "captions", ())[:n]):  # too long for a grid cell
+        typer.echo(f"{i}: {text}")

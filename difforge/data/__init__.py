@@ -18,6 +18,7 @@ from difforge.data.resolution import (
     load_downsampled,
     load_super_resolution,
 )
+from difforge.data.scene_captions import SceneCaptionDataset, load_scene_captions
 from difforge.data.scenes import SceneDataset, load_scenes
 from difforge.data.timeseries import SeriesDataset, load_sines, load_ucr, ucr_names
 from difforge.data.toy import TOY_NAMES, GaussianMixture, eight_gaussians, load_toy
@@ -31,6 +32,7 @@ _LOADERS: dict[str, Callable[..., ImageDataset | PointDataset | SeriesDataset]] 
     "ucr": load_ucr,
     "sines": load_sines,
     "mnist_captions": load_mnist_captions,
+    "scene_captions": load_scene_captions,
     "downsampled": load_downsampled,
     "super_resolution": load_super_resolution,
 }
@@ -61,6 +63,7 @@ def load_dataset(spec: str | Mapping[str, Any]) -> ImageDataset | PointDataset |
             {"kind": "folder", "path": "imgs/", "size": 32, "mode": "rgb"},
             {"kind": "toy", "name": "moons", "n": 10000, "seed": 0},
             {"kind": "scenes", "split": "train", "n": 20000, "seed": 0},
+            {"kind": "scene_captions", "split": "train", "max_tokens": 32},
             {"kind": "ucr", "name": "GunPoint", "split": "test", "length": 128},
             {"kind": "sines", "n": 512, "length": 64};
             or the shorthand "kind" / "kind:value" ("mnist:test", "toy:rings") setting the
@@ -97,6 +100,7 @@ __all__ = [
     "GaussianMixture",
     "ImageDataset",
     "PointDataset",
+    "SceneCaptionDataset",
     "SceneDataset",
     "SeriesDataset",
     "SuperResolutionDataset",
@@ -108,6 +112,7 @@ __all__ = [
     "load_image_folder",
     "load_mnist",
     "load_mnist_captions",
+    "load_scene_captions",
     "load_scenes",
     "load_sines",
     "load_super_resolution",

@@ -129,3 +129,32 @@ def reconstruction_report(
         "feature_net": {"name": extractor.name, "sha256": extractor.sha256},
         "vae_scaling_factor": vae_config.scaling_factor,
     }
+
+
+def judge_clauses(
+    extractor: TorchFeatureExtractor,
+    images: Tensor,
+    clauses: list,
+    thresholds: Any,
+    detail: bool = False,
+) -> list:
+    """Per scene: does every stated fact hold? The one judge of scene prompts.
+
+    Args:
+        extractor: the MNIST classifier (per quadrant, via `predict_slots`).
+        images: uint8 (N, 1, 64, 64).
+        clauses: per scene, its `difforge.data.scene_captions.Clause`s.
+        thresholds: the `SceneThresholds` the captions were made with (ink measurements per
+            quadrant, `quadrant_labels`, for thickness and size).
+        detail: return {"all": the verdict, "stated": the verdict without the rule that
+            unmentioned quadrants are empty} per scene instead of the verdict alone.
+    """
+    from difforge.data.scene_captions import facts_hold, quadrant_labels
+
+    pred = predict_slots(extractor, images).tolist()  # (N, 4)
+    labels = quadrant_labels(images, thresholds)
+    out = []
+    for c, p, lab in zip(clauses, pred, labels, strict=True):
+        verdict = facts_hold(c, p, lab)
+        out.append({"all": verdict, "stated": facts_hold(c, p, lab, False)} if detail else verdict)
+    return out

@@ -107,10 +107,15 @@ class AttentionBlock(nn.Module):
 
     x = x + SelfAttn(GN(x)); if context is given: x = x + CrossAttn(GN(x), context), queries
     from the image, keys/values from the (B, L, context_dim) context (Rombach et al. 2022,
-    Sec. 3.3). Both output projections are zero-initialised.
+    Sec. 3.3). Both output projections are zero-initialised. With `positions` (H*W), a learned
+    per-position vector is added to the cross-attention queries' input, zero-initialised (so a
+    warm start is unchanged): a U-Net's features carry no explicit position, and a prompt such as
+    "a 7 in the top left" needs each position to pick its tokens by where it is.
     """
 
-    def __init__(self, ch: int, head_dim: int, groups: int, context_dim: int | None):
+    def __init__(
+        self, ch: int, head_dim: int, groups: int, context_dim: int | None, positions: int = 0
+    ):
         super().__init__()
         self.heads = ch // head_dim
         self.norm = nn.GroupNorm(groups, ch)
@@ -126,6 +131,9 @@ class AttentionBlock(nn.Module):
                     "proj": zero_module(nn.Linear(ch, ch)),
                 }
             )
+        self.query_pos = (
+            nn.Parameter(torch.zeros(positions, ch)) if positions and context_dim else None
+        )
 
     def _split(self, t: Tensor) -> Tensor:
         B, T, C = t.shape
@@ -150,6 +158,8 @@ class AttentionBlock(nn.Module):
         x = x + out.transpose(1, 2).reshape(shape)
         if self.cross is not None and context is not None:
             h = self.cross["norm"](x).flatten(2).transpose(1, 2)  # (B, HW, C)
+            if self.query_pos is not None:
+                h = h + self.query_pos.to(h.dtype)  # (HW, C) broadcast over the batch
             k, v = self.cross["kv"](context.to(h.dtype)).chunk(2, dim=2)  # (B, L, C) x2
             out = self.cross["proj"](self._attend(self.cross["q"](h), k, v, mask))  # (B, HW, C)
             x = x + out.transpose(1, 2).reshape(shape)

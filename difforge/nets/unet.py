@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difforge.core.errors import InvalidArgumentError
@@ -155,6 +156,13 @@ class UNetConfig(LevelsConfig):
     # classes 0..num_classes-1 plus the null class num_classes; 0 = unconditional (labels ignored)
     num_classes: int = 0
     context_dim: int | None = None  # cross-attention context width; None = no cross-attention
+    # a learned, zero-initialised position embedding on the cross-attention queries (see
+    # layers.AttentionBlock): lets positional prompts ("in the top left") bind to places
+    query_positions: bool = False
+    # g: a g x g grid of learned queries cross-attends to the context tokens; each cell's result
+    # is added over its cell after conv_in (as slot_grid's map is) and, summed, to the embedding:
+    # a text-to-layout path for positional prompts (see `TextLayout`); 0 = none
+    text_layout_grid: int = 0
     norm_groups: int = 32  # GroupNorm groups; must divide every channel count
     emb_mult: int = 4  # noise/class embedding width = base_channels * emb_mult (ADM uses 4)
     slot_grid: int = 0  # side of the slot layout (2: four quadrants); 0 = no slot conditioning
@@ -173,6 +181,14 @@ class UNetConfig(LevelsConfig):
         if bool(self.slot_grid) != bool(self.slot_classes):
             raise InvalidArgumentError("slot_grid and slot_classes must both be 0 or both >= 1")
         _check_int("low_res_channels", self.low_res_channels, minimum=0)
+        _check_int("text_layout_grid", self.text_layout_grid, minimum=0)
+        if self.text_layout_grid and (
+            self.context_dim is None or self.image_size % self.text_layout_grid
+        ):
+            raise InvalidArgumentError(
+                f"text_layout_grid {self.text_layout_grid} needs a context_dim and must divide "
+                f"image_size {self.image_size}"
+            )
         if self.slot_grid and self.image_size % self.slot_grid:
             raise InvalidArgumentError(
                 f"image_size {self.image_size} is not divisible by slot_grid {self.slot_grid}"
@@ -222,6 +238,12 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         self.slot_embed = SlotEmbedding(cfg, emb_dim) if getattr(cfg, "slot_grid", 0) else None
         self.pooled_embed = nn.Linear(cfg.context_dim, emb_dim) if cfg.context_dim else None
+        grid = getattr(cfg, "text_layout_grid", 0)
+        self.text_layout = (
+            TextLayout(grid, cfg.context_dim, cfg.base_channels, emb_dim, cfg.head_dim)
+            if grid and cfg.context_dim
+            else None
+        )
         self.low_res = getattr(cfg, "low_res_channels", 0)
         # the augmentation level of the low-res image, embedded like the noise level
         self.level_embed = NoiseEmbedding(cfg.base_channels, emb_dim) if self.low_res else None
@@ -248,7 +270,9 @@ class UNet(nn.Module):
         res = ResBlock(in_ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout, self.dims)
         if not (attn and size in cfg.attention_resolutions):
             return Stage(res, None)
-        return Stage(res, AttentionBlock(out_ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim))
+        positions = size**self.dims if getattr(cfg, "query_positions", False) else 0
+        attn = AttentionBlock(out_ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim, positions)
+        return Stage(res, attn)
 
     def _build_encoder(self, emb_dim: int) -> tuple[nn.ModuleList, list[int]]:
         """Encoder blocks, and the channels of every activation kept for the decoder."""
@@ -354,6 +378,10 @@ class UNet(nn.Module):
             x = torch.cat([x, low.to(x.dtype)], dim=1)  # (B, in + c, H, W)
         if self.inpaint_channels:
             x = torch.cat([x, self._inpaint(cond, x)], dim=1)  # (B, in + inpaint_channels, H, W)
+        if self.text_layout is not None and context is not None:
+            layout_emb, layout_map = self.text_layout(context, mask, x.shape[-1])
+            emb = emb + layout_emb.to(x.dtype)
+            slot_map = layout_map if slot_map is None else slot_map + layout_map
         h = self.conv_in(x)  # (B, base, H, W)
         if slot_map is not None:
             h = h + slot_map.to(h.dtype)  # (B, base, H, W): each slot's embedding over its cell
@@ -407,6 +435,37 @@ class SlotEmbedding(nn.Module):
         local = self.local(slots) + self.cell  # (B, g*g, base)
         local = local.transpose(1, 2).reshape(b, -1, g, g)  # (B, base, g, g), row-major cells
         return glob, nn.functional.interpolate(local, size=(size, size), mode="nearest")
+
+
+class TextLayout(nn.Module):
+    """Text tokens -> a g x g layout: a spatial map (B, base, H, W) and a global embedding.
+
+    One learned query per cell attends to the (B, L, C) tokens (padding masked), an MLP follows;
+    zero-initialised outputs, so a warm-started net starts unchanged. Like `SlotEmbedding`'s, its
+    map is added after conv_in, so "a 7 in the top left" can place a 7 where a slot would.
+    """
+
+    def __init__(self, grid: int, width: int, base: int, emb_dim: int, head_dim: int):
+        super().__init__()
+        self.grid, self.heads = grid, max(1, width // head_dim)
+        self.queries = nn.Parameter(torch.randn(grid * grid, width) * 0.02)
+        self.q, self.kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU())
+        self.local = zero_module(nn.Linear(4 * width, base))
+        self.glob = zero_module(nn.Linear(4 * width, emb_dim))
+
+    def forward(self, context: Tensor, mask: Tensor | None, size: int) -> tuple[Tensor, Tensor]:
+        b, g, width = context.shape[0], self.grid, context.shape[2]
+        q = self.q(self.queries.to(context.dtype)).expand(b, -1, -1)  # (B, g*g, C)
+        k, v = self.kv(context).chunk(2, dim=2)  # (B, L, C) x2
+        q, k, v = (
+            t.reshape(b, -1, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v)
+        )
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, g*g, hs)
+        h = self.mlp(out.transpose(1, 2).reshape(b, g * g, width))  # (B, g*g, 4C)
+        local = self.local(h).transpose(1, 2).reshape(b, -1, g, g)  # (B, base, g, g) row-major
+        return self.glob(h).sum(1), F.interpolate(local, size=(size, size), mode="nearest")
 
 
 def _check_labels(labels: Tensor, batch: int, num_classes: int) -> None:

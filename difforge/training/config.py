@@ -90,6 +90,11 @@ class TrainConfig(_Frozen):
     # A model folder whose denoiser weights start the net (fine-tuning; its EMA starts there too).
     # The net config must match; None: random initialisation.
     init: str | None = None
+    # "exact": every tensor of the net, nothing else (fine-tuning). "matching": a warm start from
+    # another architecture (a class U-Net into a text net's backbone): tensors whose name (under
+    # the net's `backbone.` prefix when the source is a bare backbone) and shape match are loaded,
+    # the rest keep their initialisation; the counts go into the provenance.
+    init_mode: Literal["exact", "matching"] = "exact"
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     precision: Precision = "fp32"  # bf16 = autocast around the network's forward

@@ -104,18 +104,38 @@ def _info(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _load_init(net: torch.nn.Module, folder: str) -> str:
-    """Load a model folder's denoiser weights into net (strict); returns their sha256."""
+def _load_init(net: torch.nn.Module, folder: str, mode: str = "exact") -> tuple[str, dict]:
+    """Load a model folder's denoiser weights into net; returns (their sha256, what was loaded).
+
+    mode "exact": strict, every tensor. "matching": the tensors whose name and shape fit (a bare
+    backbone's names are looked up under the net's `backbone.` prefix too); at least one must."""
     from difforge.pipeline.artifact import load_component
 
     path = Path(folder)
     sub = path / "denoiser" if (path / "denoiser").is_dir() else path
     _, _, sha, weights = load_component(sub, "denoiser")
-    try:
-        net.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise InvalidArgumentError(f"init {folder}: weights do not fit the net: {e}") from None
-    return sha
+    if mode == "exact":
+        try:
+            net.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise InvalidArgumentError(f"init {folder}: weights do not fit the net: {e}") from None
+        return sha, {"mode": mode, "loaded": len(weights), "skipped": 0, "fresh": 0}
+    own = net.state_dict()
+    prefix = "" if any(k in own for k in weights) else "backbone."
+    fit = {
+        prefix + k: v
+        for k, v in weights.items()
+        if prefix + k in own and own[prefix + k].shape == v.shape
+    }
+    if not fit:
+        raise InvalidArgumentError(f"init {folder}: no tensor's name and shape fit the net")
+    net.load_state_dict(fit, strict=False)
+    return sha, {
+        "mode": mode,
+        "loaded": len(fit),
+        "skipped": len(weights) - len(fit),  # in the source, not used
+        "fresh": len(own) - len(fit),  # in the net, left at their initialisation
+    }
 
 
 class Trainer:
@@ -171,7 +191,7 @@ class Trainer:
         random.seed(config.seed)
         self.net = build_network(config.net)
         if config.init:
-            self.init_sha256 = _load_init(self.net, config.init)
+            self.init_sha256, self.init_report = _load_init(self.net, config.init, config.init_mode)
         _check_net_fits(self.net, self.model_config)
         check_text_net(self.net.config, self.text_spec)
         self.denoiser = build_denoiser(self.model_config, self.net).train()
@@ -455,6 +475,8 @@ class Trainer:
             )  # not in train_seconds
         if self.config.init:
             provenance["init_sha256"] = self.init_sha256  # the denoiser weights it started from
+            if self.config.init_mode != "exact":
+                provenance["init"] = self.init_report
         weights = self.ema.net.state_dict()
         if self.config.conditioning is None and self.latents is None:
             return export_model(

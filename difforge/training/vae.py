@@ -257,7 +257,9 @@ def encoded_dataset(folder: str | Path, dataset: ImageDataset) -> LatentSource:
             f"the VAE in {folder} encodes {tuple(config.image_shape)} images, but the dataset "
             f"has {tuple(dataset.images.shape[1:])}"
         )
-    key = f"{sha[:20]}-{dataset.content_hash.removeprefix('sha256:')[:20]}.safetensors"
+    # A captioned data set names the hash of its pixels alone (`images_hash`): same latents.
+    pixels = getattr(dataset, "images_hash", "") or dataset.content_hash
+    key = f"{sha[:20]}-{pixels.removeprefix('sha256:')[:20]}.safetensors"
     path = _cache_dir() / key
     if path.is_file():
         return LatentSource(config, weights, sha, load_file(str(path))["latents"], 0.0)

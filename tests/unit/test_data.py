@@ -188,6 +188,7 @@ def test_load_dataset_specs():
         "ucr",
         "sines",
         "mnist_captions",
+        "scene_captions",
         "scenes",
         "downsampled",
         "super_resolution",

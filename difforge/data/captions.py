@@ -93,13 +93,12 @@ class InkThresholds:
     thick_above: float
 
     def thickness(self, stroke: float) -> str:
-        return (
-            "thick"
-            if stroke > self.thick_above
-            else "thin"
-            if stroke < self.thin_below
-            else "medium"
-        )
+        return tercile_word(stroke, self.thin_below, self.thick_above, ("thin", "thick"))
+
+
+def tercile_word(value: float, below: float, above: float, words: tuple[str, str]) -> str:
+    """words[0] under the lower tercile boundary, words[1] over the upper one, else "medium"."""
+    return words[1] if value > above else words[0] if value < below else "medium"
 
 
 def ink_measurements(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

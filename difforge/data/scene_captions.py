@@ -64,6 +64,7 @@ from difforge.data.captions import (
     Phrasings,
     caption,
     ink_measurements,
+    tercile_word,
 )
 from difforge.data.scenes import EMPTY, SLOTS, load_scenes, quadrants
 
@@ -211,13 +212,7 @@ class SceneThresholds:
     large_above: float
 
     def size(self, height: float) -> str:
-        return (
-            "large"
-            if height > self.large_above
-            else "small"
-            if height < self.small_below
-            else "medium"
-        )
+        return tercile_word(height, self.small_below, self.large_above, ("small", "large"))
 
 
 def measure_quadrants(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

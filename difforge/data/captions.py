@@ -18,8 +18,6 @@ prompt-following benchmark judges generated images with, so the caption and the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ import torch
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.data.dataset import ImageDataset
+from difforge.data.hashing import json_hash
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 INK_LEVEL = 128  # a pixel is ink when its uint8 value is at least this
@@ -208,17 +207,15 @@ def load_mnist_captions(
         images, labels = images[:limit], labels[:limit]
     texts = captions_for(measure_digits(images, labels.tolist(), thresholds), SEEN, seed, combos)
     ids = tokenizer.encode_batch(texts, max_tokens)
-    digest = hashlib.sha256(
-        json.dumps(
-            [base.content_hash, limit, texts, tokenizer.to_json(), *([combos] if combos else [])]
-        ).encode()
-    ).hexdigest()
+    digest = json_hash(
+        [base.content_hash, limit, texts, tokenizer.to_json(), *([combos] if combos else [])]
+    )
     return CaptionedDataset(
         name=f"mnist_captions:{split}",
         images=images,
         labels=labels,
         num_classes=10,
-        content_hash=f"sha256:{digest}",
+        content_hash=digest,
         class_names=base.class_names,
         captions=tuple(texts),
         token_ids=ids,

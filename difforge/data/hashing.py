@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,3 +29,9 @@ def content_hash(
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
         h.update(a.tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def json_hash(parts: Sequence[Any]) -> str:
+    """sha256 of the JSON of `parts` (default `json.dumps` form), as 'sha256:<hex>': the content
+    hash of a data set derived from others (their hashes, its options and generated text)."""
+    return "sha256:" + hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()

@@ -46,8 +46,6 @@ not depend on n, limit or seed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -66,6 +64,7 @@ from difforge.data.captions import (
     ink_measurements,
     tercile_word,
 )
+from difforge.data.hashing import content_hash, json_hash
 from difforge.data.scenes import EMPTY, SLOTS, load_scenes, quadrants
 
 MAX_TOKENS = 32  # ids per prompt, [CLS] included: 31 words
@@ -448,28 +447,16 @@ def load_scene_captions(
     texts, facts = scene_captions_for(slots, labels, SEEN, seed, combos, max_tokens - 1, p_open)
     tokenizer = train_tokenizer(vocabulary_corpus(SEEN))
     ids = tokenizer.encode_batch(texts, max_tokens)
-    images_hash = base.content_hash if not limit else ""
-    if not images_hash:
-        from difforge.data.hashing import content_hash
-
-        images_hash = content_hash(images, slots)
-    digest = hashlib.sha256(
-        json.dumps(
-            [
-                images_hash,
-                texts,
-                tokenizer.to_json(),
-                combos,
-                *([p_open] if p_open != P_OPEN else []),
-            ]
-        ).encode()
-    ).hexdigest()
+    images_hash = (base.content_hash if not limit else "") or content_hash(images, slots)
+    digest = json_hash(
+        [images_hash, texts, tokenizer.to_json(), combos, *([p_open] if p_open != P_OPEN else [])]
+    )
     return SceneCaptionDataset(
         name=f"scene_captions:{split}",
         images=images,
         labels=None,
         num_classes=0,
-        content_hash=f"sha256:{digest}",
+        content_hash=digest,
         captions=tuple(texts),
         token_ids=ids,
         tokenizer=tokenizer.to_json(),

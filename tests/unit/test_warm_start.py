@@ -18,15 +18,19 @@ def _class_unet_folder(tmp_path):
     cfg = {k: v for k, v in BACKBONES["unet"].items() if k != "context_dim"} | {"num_classes": 3}
     torch.manual_seed(1)
     net = build_net("unet", cfg)
+    return _save(tmp_path / "cls", net), net.state_dict()
+
+
+def _save(folder, net):
+    """A v1 model folder of `net` (8x8, VP cosine, x0)."""
     config = ModelConfig(
-        name="tiny-class",
-        net=NetSpec(kind="unet", config=net.config.to_dict()),
+        name=folder.name,
+        net=NetSpec(kind=net.kind, config=net.config.to_dict()),
         process={"kind": "vp", "schedule": "cosine"},
         parameterization="x0",
         image_shape=(1, 8, 8),
     )
-    folder = save_model(tmp_path / "cls", config, net.state_dict(), "# tiny-class\n")
-    return folder, net.state_dict()
+    return save_model(folder, config, net.state_dict(), f"# {folder.name}\n")
 
 
 def test_matching_loads_the_fitting_backbone_tensors_and_reports_the_rest(tmp_path):
@@ -69,18 +73,7 @@ def test_positional_text_paths_start_at_zero_so_a_warm_start_is_unchanged(tmp_pa
     from tests.text_fixtures import ENCODER
 
     plain = tiny_text_net("unet")
-    folder = save_model(
-        tmp_path / "plain",
-        ModelConfig(
-            name="plain",
-            net=NetSpec(kind="text_conditioned", config=plain.config.to_dict()),
-            process={"kind": "vp", "schedule": "cosine"},
-            parameterization="x0",
-            image_shape=(1, 8, 8),
-        ),
-        plain.state_dict(),
-        "# plain\n",
-    )
+    folder = _save(tmp_path / "plain", plain)
     backbone = BACKBONES["unet"] | option
     cfg = {"backbone_kind": "unet", "backbone": backbone, "encoder": ENCODER}
     net = build_net("text_conditioned", cfg)

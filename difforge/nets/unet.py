@@ -54,6 +54,7 @@ from difforge.nets.layers import (
     conv_nd,
     zero_module,
 )
+from difforge.nets.text_encoder import attention
 
 
 class LevelsConfig(JsonConfig):
@@ -455,15 +456,10 @@ class TextLayout(nn.Module):
         self.glob = zero_module(nn.Linear(4 * width, emb_dim))
 
     def forward(self, context: Tensor, mask: Tensor | None, size: int) -> tuple[Tensor, Tensor]:
-        b, g, width = context.shape[0], self.grid, context.shape[2]
+        b, g = context.shape[0], self.grid
         q = self.q(self.queries.to(context.dtype)).expand(b, -1, -1)  # (B, g*g, C)
         k, v = self.kv(context).chunk(2, dim=2)  # (B, L, C) x2
-        q, k, v = (
-            t.reshape(b, -1, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v)
-        )
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, g*g, hs)
-        h = self.mlp(out.transpose(1, 2).reshape(b, g * g, width))  # (B, g*g, 4C)
+        h = self.mlp(attention(q, k, v, self.heads, mask))  # (B, g*g, 4C)
         local = self.local(h).transpose(1, 2).reshape(b, -1, g, g)  # (B, base, g, g) row-major
         return self.glob(h).sum(1), F.interpolate(local, size=(size, size), mode="nearest")
 

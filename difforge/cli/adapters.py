@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from difforge.cli.app import command, int_list
+from difforge.cli.app import command, data_spec, int_list
 
 
 @command("train-lora")
@@ -29,7 +29,6 @@ def train_lora_command(
     seed: int = typer.Option(0, "--seed", help="Seed of batches and noise."),
 ) -> None:
     """Fine-tune LoRA adapters of a base model on a data subset; writes OUT/adapter.safetensors."""
-    import json
 
     from difforge.training.lora import LoraTrainConfig, train_lora
 
@@ -38,7 +37,7 @@ def train_lora_command(
         rank=rank,
         alpha=alpha,
         target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()),
-        dataset=json.loads(dataset) if dataset.lstrip().startswith("{") else dataset,
+        dataset=data_spec(dataset),
         classes=None if classes is None else tuple(int_list(classes, "--classes")),
         stroke=stroke,
         stroke_fraction=stroke_fraction,

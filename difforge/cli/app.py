@@ -57,6 +57,14 @@ def int_list(text: str | None, what: str) -> list[int] | None:
         ) from None
 
 
+def data_spec(text: str) -> str | dict:
+    """A data set argument: a JSON object ('{"kind": ...}') is parsed, a name ("mnist:train")
+    stays a string."""
+    import json
+
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
 def command(name: str) -> Callable:
     """Register a command wrapped by friendly_errors; OS errors (disk full, a file where a
     folder should be) also become one line."""

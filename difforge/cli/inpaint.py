@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from difforge.cli.app import command
+from difforge.cli.app import command, data_spec
 
 
 @command("train-inpaint")
@@ -28,13 +28,12 @@ def train_inpaint_command(
     seed: int = typer.Option(0, "--seed", help="Seed of batches, masks and noise."),
 ) -> None:
     """Fine-tune a base model into a mask-conditioned inpainting model (random masks)."""
-    import json
 
     from difforge.training.inpaint import InpaintTrainConfig, train_inpaint
 
     config = InpaintTrainConfig(
         name=name,
-        dataset=json.loads(dataset) if dataset.lstrip().startswith("{") else dataset,
+        dataset=data_spec(dataset),
         masks=tuple(m.strip() for m in masks.split(",") if m.strip()),
         mask_dropout=mask_dropout,
         steps=steps,

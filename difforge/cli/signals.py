@@ -6,13 +6,12 @@ Thin like the rest of the CLI: parse, build the dataset or config, call one libr
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
 
-from difforge.cli.app import app, friendly_errors
+from difforge.cli.app import app, data_spec, friendly_errors
 
 anomaly_app = typer.Typer(
     name="anomaly",
@@ -44,7 +43,7 @@ def _load_fit_data(data: str, length: int | None):
 
     if data.lower().endswith(".csv"):
         return series_from_array(read_series_csv(data), Path(data).stem, length)
-    spec = json.loads(data) if data.lstrip().startswith("{") else data
+    spec = data_spec(data)
     if length is not None:
         if isinstance(spec, str):
             kind, _, name = spec.partition(":")

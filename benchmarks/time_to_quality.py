@@ -3,8 +3,11 @@
 The budget is training work: difforge trains to each of `--steps` (batch 64, so 600 steps = 38,400
 images) and the wall-clock it took is reported beside it, since this shared machine's speed drifts
 from day to day. The diffusers recipe then trains for the same wall-clock as difforge took to each
-point (equal time). `--minutes` keeps the older equal-minutes budget instead. Both are scored by the
-same evaluation (difforge's MNIST feature network: FID-MNIST, KID and label accuracy against the
+point (equal time) and for the same number of steps (equal training work), from one run of its loop:
+each of its snapshots is taken when the loop first reaches that point, so the run costs the longer of
+the two (`--diffusers-budget steps|time` keeps one). `--minutes` keeps the older equal-minutes
+budget instead. Every point reports its wall-clock, training images/s and the 1-minute load average
+when it was reached. Both are scored by the same evaluation (difforge's MNIST feature network: FID-MNIST, KID and label accuracy against the
 test split), on the same number of class-balanced samples.
 
   difforge:  `--config` (default configs/mnist.json: EDM preconditioning and loss weighting,
@@ -19,6 +22,7 @@ both recipes so that machine drift hits both equally.
 
     python -m benchmarks.time_to_quality [--steps 600,1200 | --minutes 20] [--n 1000]
         [--config configs/mnist.json] [--threads 2] [--no-diffusers] [--quick]
+        [--diffusers-budget both|steps|time]
 
 Scoring is not timed. The report adds the train-vs-test floor: FID of n real training images at
 the same n, and the 1-minute load average before and after training.
@@ -104,14 +108,6 @@ def sample_diffusers(net, labels: list[int], seed: int, steps: int = 20) -> torc
     return torch.cat(out)
 
 
-def train_diffusers(recipe: DiffusersRecipe, minutes: float) -> tuple[int, float]:
-    start, steps = time.perf_counter(), 0
-    while time.perf_counter() - start < 60 * minutes:
-        recipe.step()
-        steps += 1
-    return steps, time.perf_counter() - start
-
-
 def throughput(config: Path, rounds: int, burst: int) -> dict:
     """Images/s of one training step at batch 64, difforge vs diffusers, alternating bursts."""
     from difforge.training import Trainer
@@ -163,7 +159,9 @@ def train_difforge(config: Path, budgets: list[dict], keep: Path) -> list[dict]:
         )
         steps_seconds += res.seconds
         shutil.copytree(res.model_dir, keep / f"model-{i}")
+        load = os.getloadavg()[0]
         runs.append({"dir": keep / f"model-{i}", "steps": res.step, "seconds": steps_seconds})
+        runs[-1]["load"] = load
     return runs
 
 
@@ -180,6 +178,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", default="configs/mnist.json", help="difforge training recipe")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both recipes")
     ap.add_argument("--no-diffusers", action="store_true", help="score difforge's recipe only")
+    ap.add_argument(
+        "--diffusers-budget",
+        choices=("both", "steps", "time"),
+        default="both",
+        help="train the diffusers recipe to difforge's steps (equal training work), to its "
+        "wall-clock (equal time), or both from one run (default)",
+    )
     ap.add_argument("--quick", action="store_true", help="steps 20,40 and n=300: checks it runs")
     args = ap.parse_args(argv)
     if args.quick:
@@ -208,7 +213,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # Both recipes train first, back to back; scoring (not timed) comes after.
         runs = train_difforge(config, args.budgets, Path(tmp))
-        theirs = [] if args.no_diffusers else train_diffusers_equal_time(runs)
+        load_difforge = os.getloadavg()[0]
+        theirs = (
+            []
+            if args.no_diffusers
+            else train_diffusers_matched(DiffusersRecipe(), runs, args.diffusers_budget)
+        )
         load_after = os.getloadavg()[0]
         import difforge
 
@@ -223,7 +233,7 @@ def main() -> None:
             images = sample_diffusers(run["net"], labels, 0)
             results["diffusers"].append(point_of(run) | score(images, labels, extractor, reference))
     floor = real_data_floor(args.n, extractor, reference)
-    load = {"before": load_before, "after": load_after}
+    load = {"before": load_before, "after_difforge": load_difforge, "after": load_after}
     summary = summarize(args, results, rate, floor, load)
     write_result(
         result_name(args),
@@ -232,6 +242,7 @@ def main() -> None:
             "config": args.config,
             "threads": args.threads,
             "n": args.n,
+            "diffusers_budget": None if args.no_diffusers else args.diffusers_budget,
             "results": results,
             "throughput": rate,
             "load_1min": load,
@@ -243,31 +254,84 @@ def main() -> None:
 
 
 def result_name(args: argparse.Namespace) -> str:
-    """time_to_quality[_<config stem> unless the default][_quick]: one JSON per recipe."""
+    """time_to_quality[_<config stem> unless the default][_steps<budgets> unless the default]
+    [_quick]: one JSON per recipe and budget, so a shorter run does not overwrite a longer one."""
     stem = Path(args.config).stem
-    return "time_to_quality" + ("" if stem == "mnist" else f"_{stem}") + ("_quick" * args.quick)
+    steps = [b["steps"] for b in args.budgets if "steps" in b]
+    suffix = (
+        "" if args.quick or steps in ([], [600, 1200]) else "_steps" + "-".join(map(str, steps))
+    )
+    return (
+        "time_to_quality"
+        + ("" if stem == "mnist" else f"_{stem}")
+        + suffix
+        + ("_quick" * args.quick)
+    )
 
 
-def train_diffusers_equal_time(runs: list[dict]) -> list[dict]:
-    """The diffusers recipe, trained for the wall-clock difforge took to each of its points."""
-    recipe, theirs, elapsed = DiffusersRecipe(), [], 0.0
+def diffusers_targets(runs: list[dict], budget: str) -> list[dict]:
+    """The points the diffusers recipe is snapshot at: difforge's steps and/or its wall-clock."""
+    targets = []
     for run in runs:
-        steps, seconds = train_diffusers(recipe, (run["seconds"] - elapsed) / 60)
-        elapsed += seconds
-        total = steps + (theirs[-1]["steps"] if theirs else 0)
-        theirs.append({"net": recipe.ema_net(), "steps": total, "seconds": elapsed})
-    return theirs
+        if budget in ("both", "steps"):
+            targets.append({"budget": "equal steps", "steps": run["steps"]})
+        if budget in ("both", "time"):
+            targets.append({"budget": "equal time", "seconds": run["seconds"]})
+    return targets
+
+
+def train_diffusers_matched(
+    recipe, runs: list[dict], budget: str = "both", clock=time.perf_counter, load=None
+) -> list[dict]:
+    """Train one diffusers run, snapshotting its EMA net as it first reaches each target.
+
+    A step target is reached after that many steps, a time target after the first step that ends
+    at or past that many seconds of training (snapshot time is not counted). The run stops when
+    every target is reached, so `both` costs the longer of the two budgets, not their sum."""
+    load = load or (lambda: os.getloadavg()[0])
+    pending = diffusers_targets(runs, budget)
+    points: list[dict] = []
+    steps, elapsed = 0, 0.0
+    while pending:
+        t0 = clock()
+        recipe.step()
+        elapsed += clock() - t0
+        steps += 1
+        reached = [
+            t
+            for t in pending
+            if steps >= t.get("steps", float("inf")) or elapsed >= t.get("seconds", float("inf"))
+        ]
+        for target in reached:
+            pending.remove(target)
+            points.append(
+                {
+                    "budget": target["budget"],
+                    "net": recipe.ema_net(),
+                    "steps": steps,
+                    "seconds": elapsed,
+                    "load": load(),
+                }
+            )
+    return points
 
 
 def point_of(run: dict) -> dict:
-    return {"steps": run["steps"], "images": run["steps"] * BATCH, "minutes": run["seconds"] / 60}
+    """steps, images, minutes and training images/s of a point (and its budget and load if set)."""
+    images = run["steps"] * BATCH
+    point = {"steps": run["steps"], "images": images, "minutes": run["seconds"] / 60}
+    point["img_per_s"] = images / run["seconds"] if run["seconds"] > 0 else None
+    return point | {k: run[k] for k in ("budget", "load") if k in run}
 
 
 def summarize(args, results: dict, rate: dict, floor: dict, load: dict) -> str:
     def fmt(p: dict) -> str:
+        extra = [f"{p['img_per_s']:.1f} img/s"] if p.get("img_per_s") else []
+        extra += [f"load {p['load']:.1f}"] if p.get("load") is not None else []
         return (
-            f"{p['steps']} steps ({p['images']:,} images)/{p['minutes']:.1f} min: "
-            f"FID {p['fid']:.1f}, acc {100 * p['label_accuracy']:.1f}%"
+            f"{p['steps']} steps ({p['images']:,} images)/{p['minutes']:.1f} min"
+            + (f" ({', '.join(extra)})" if extra else "")
+            + f": FID {p['fid']:.1f}, acc {100 * p['label_accuracy']:.1f}%"
         )
 
     def target(steps: int, acc: float) -> str:
@@ -280,12 +344,19 @@ def summarize(args, results: dict, rate: dict, floor: dict, load: dict) -> str:
     d, p = results["difforge"], results["diffusers"]
     checks = [target(600, 0.98), target(1200, 0.99)]
     if p:
-        met = d[-1]["fid"] <= p[-1]["fid"] / 2
-        checks.append(f"FID<=half of diffusers' {'met' if met else 'NOT met'}")
-    theirs = " | diffusers (equal time) " + "; ".join(fmt(x) for x in p) if p else ""
+        same = [x for x in p if x.get("budget") == "equal steps" and x["steps"] == d[-1]["steps"]]
+        versus = same[-1] if same else p[-1]
+        met = d[-1]["fid"] <= versus["fid"] / 2
+        label = versus.get("budget", "equal time")
+        checks.append(f"FID<=half of diffusers' ({label}) {'met' if met else 'NOT met'}")
+    theirs = ""
+    for budget in dict.fromkeys(x.get("budget", "equal time") for x in p):
+        group = [x for x in p if x.get("budget", "equal time") == budget]
+        theirs += f" | diffusers ({budget}) " + "; ".join(fmt(x) for x in group)
+    after = f"{load['after_difforge']:.1f}->" if "after_difforge" in load else ""
     return (
         f"n={args.n}, {args.config}, {args.threads} threads, load {load['before']:.1f}->"
-        f"{load['after']:.1f}, guidance 3 (difforge) / none (diffusers); difforge "
+        f"{after}{load['after']:.1f}, guidance 3 (difforge) / none (diffusers); difforge "
         + "; ".join(fmt(x) for x in d)
         + theirs
         + f" | floor FID {floor['fid']:.1f} | targets: {', '.join(checks)} | train throughput "

@@ -7,8 +7,9 @@ point (equal time) and for the same number of steps (equal training work), from 
 each of its snapshots is taken when the loop first reaches that point, so the run costs the longer of
 the two (`--diffusers-budget steps|time` keeps one). `--minutes` keeps the older equal-minutes
 budget instead. Every point reports its wall-clock, training images/s and the 1-minute load average
-when it was reached. Both are scored by the same evaluation (difforge's MNIST feature network: FID-MNIST, KID and label accuracy against the
-test split), on the same number of class-balanced samples.
+when it was reached. Both are scored by the same evaluation (difforge's MNIST feature network:
+FID-MNIST, KID and label accuracy against the test split), on the same number of class-balanced
+samples.
 
   difforge:  `--config` (default configs/mnist.json: EDM preconditioning and loss weighting,
              log-normal sigmas, 10% label dropout, EMA, lr 1e-3; configs/mnist-short-run.json is the

@@ -55,18 +55,83 @@ def _per_image(conv: nn.Module, x: Tensor) -> Tensor:
     return torch.cat(outs)
 
 
+def _stackable(conv: nn.Module) -> bool:
+    """Whether `conv` can run as one tall image: zero padding given as numbers, oneDNN present."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+def _gap(size: int, k: int, s: int, p: int, d: int) -> tuple[int, int]:
+    """Zero rows after each image along the stacked axis, and that axis' output length.
+
+    The gap covers what the image's own zero padding would (p rows above the next image, and the
+    rows past its end that its last output reads) and makes each block a multiple of the stride,
+    so that every image's outputs start on an output row of their own.
+    """
+    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+    below = max(0, (out - 1) * s - p + d * (k - 1) - (size - 1))
+    gap = max(p, below)
+    return gap + (-(size + gap)) % s, out
+
+
+def _stacked2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """Conv2d of a batch as one image of height B * (H + gap), channels_last, by oneDNN.
+
+    (B, C, H, W) -> (B, C', H', W'), a channels_last view of the tall output.
+    """
+    b, c, h, w = x.shape
+    (kh, _), (sh, sw), (ph, pw), (dh, dw) = (
+        conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    )  # fmt: skip
+    gap, oh = _gap(h, kh, sh, ph, dh)
+    block = h + gap  # rows per image in the tall input; block // sh rows per image out
+    tall = x.new_empty(b, block, w, c)  # NHWC
+    tall[:, :h] = x.permute(0, 2, 3, 1)
+    tall[:, h:] = 0  # the gaps
+    tall = tall.view(1, b * block, w, c).permute(0, 3, 1, 2)  # (1, C, B*block, W) channels_last
+    out = _MKLDNN_CONV(
+        tall, conv.weight, conv.bias, [ph, pw], [sh, sw], [dh, dw], conv.groups
+    ).permute(0, 2, 3, 1)  # (1, R, W', C') contiguous
+    _, _, ow, co = out.shape
+    per = block // sh * ow * co  # one image's block of output rows
+    return out.as_strided(
+        (b, co, oh, ow), (per, 1, ow * co, co), out.storage_offset()
+    )  # image i's rows i*block/sh .. + H'
+
+
+def _stacked1d(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """Conv1d of a batch as one sequence of length B * (T + gap): (B, C, T) -> (B, C', T')."""
+    b, c, t = x.shape
+    (k,), (s,), (p,), (d,) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    gap, ot = _gap(t, k, s, p, d)
+    block = t + gap
+    tall = x.new_zeros(c, b, block)
+    tall[:, :, :t] = x.transpose(0, 1)
+    out = _MKLDNN_CONV(
+        tall.view(1, c, b * block), conv.weight, conv.bias, [p], [s], [d], conv.groups
+    )[0]  # (C', R)
+    co, r = out.shape
+    return out.as_strided((b, co, ot), (block // s, r, 1), out.storage_offset())
+
+
+_MKLDNN_CONV = torch.ops.aten.mkldnn_convolution  # one library, whatever the shape (see above)
+
+
 class InvariantConv2d(nn.Conv2d):
-    """nn.Conv2d computed one image at a time (see the module docstring)."""
+    """nn.Conv2d with the batch stacked into one tall image (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _per_image(self, x)
+        return _stacked2d(self, x) if _stackable(self) else _per_image(self, x)
 
 
 class InvariantConv1d(nn.Conv1d):
-    """nn.Conv1d computed one image at a time (see the module docstring)."""
+    """nn.Conv1d with the batch stacked into one long sequence (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _per_image(self, x)
+        return _stacked1d(self, x) if _stackable(self) else _per_image(self, x)
 
 
 # exact classes only: a subclass (e.g. a LoRA layer) may compute differently and is left alone

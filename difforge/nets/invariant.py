@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -89,9 +88,13 @@ def _stacked2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
     )  # fmt: skip
     gap, oh = _gap(h, kh, sh, ph, dh)
     block = h + gap  # rows per image in the tall input; block // sh rows per image out
-    tall = F.pad(x, (0, 0, 0, gap)) if gap else x  # (B, C, block, W), zero gap rows
-    tall = tall.contiguous(memory_format=torch.channels_last)  # a no-op when it already is
-    tall = tall.permute(0, 2, 3, 1).view(1, b * block, w, c).permute(0, 3, 1, 2)  # one image
+    if gap:
+        tall = x.new_empty(b, block, w, c)  # NHWC
+        tall[:, :h] = x.permute(0, 2, 3, 1)
+        tall[:, h:] = 0  # the gap rows
+    else:
+        tall = x.permute(0, 2, 3, 1).contiguous()  # a no-op when x is channels_last
+    tall = tall.view(1, b * block, w, c).permute(0, 3, 1, 2)  # (1, C, B*block, W) one image
     out = _MKLDNN_CONV(tall, conv.weight, conv.bias, [ph, pw], [sh, sw], [dh, dw], conv.groups)
     # channels_last out for channels_last in (a no-op then); a 1-channel input can come out NCHW
     out = out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (1, R, W', C')

@@ -11,15 +11,40 @@ each image computed at one shape that does not move:
 * Linear on one vector per image (the time embedding, FiLM scale/shift): a batched GEMM with
   the batch as bmm's batch dimension, one (1, K) @ (K, N) product per image;
 * Linear on tokens (attention projections): the same, one (T, K) @ (K, N) product per image;
-* Conv1d / Conv2d: the library's convolution called once per image at batch 1 (one oneDNN
-  primitive of one shape for every image);
-* GroupNorm, LayerNorm, softmax, scaled_dot_product_attention, elementwise ops, embeddings:
-  torch's CPU kernels already reduce within one image (over (C/G, H, W), a row, a head's keys)
-  in an order that depends only on that image's shape; they are used as they are.
+* Conv1d / Conv2d: the whole batch as ONE tall image at batch 1. The images are stacked along H
+  (Conv1d: along T) with zero rows between them, as many as the image's own zero padding needs
+  (and a multiple of the stride), so no receptive field crosses into a neighbour; the tall
+  image, channels_last, goes through oneDNN's convolution (aten.mkldnn_convolution, called
+  directly so that torch's own dispatch, which sends inputs under 20480 elements and 1x1 kernels
+  at 1 thread to its im2col path, cannot switch library with the height), and each image's
+  output rows are a view of the tall output. oneDNN's direct convolution reduces every output
+  pixel over (C_in, kh, kw) in an order that does not depend on the image's height (or on which
+  explicit zero rows it reads: they add exact zeros); its output stays channels_last;
+* GroupNorm on a channels_last input of >= 256 pixels: per-channel sums over H*W (vertical,
+  vectorised over C) added up per group, then one addcmul (InvariantGroupNorm): torch's
+  channels_last kernel is 2-5x slower than its NCHW one here, and above 1024 pixels splits an
+  image's pixels over threads; smaller maps and NCHW inputs use torch's kernel;
+* LayerNorm, softmax, scaled_dot_product_attention, elementwise ops, embeddings: torch's CPU
+  kernels already reduce within one image (a row, a head's keys) in an order that depends only
+  on that image's shape; they are used as they are.
 
-`batch_invariant(net)` returns a copy of `net` whose Linear / Conv layers use these kernels,
-sharing the very same parameter tensors (no weight is copied, the state_dict keys and the
-safetensors file are unchanged). The copy has no mutable state, so one copy serves any number of
+Why the tall image (measured on models/mnist-cond's conv shapes, batch 32, 1 thread, 12 layers'
+sum; load 5-6, so +-15%; invariance checked bitwise over batch sizes 1..64, every position):
+the default kernels 80 ms (not invariant: 1x1 convs and the 14x14 / 7x7 maps move); the
+previous formulation, the library conv once per image, 112 ms; im2col (F.unfold) + one bmm per
+image 359 ms (invariant; the unfold dominates); the batch folded into a grouped conv (groups =
+B) 94 ms and not invariant (oneDNN's grouped kernels change with B); the tall image through
+torch's dispatch 90 ms, not invariant at 14x14 and 7x7 (the dispatch switch above); the tall
+image in NCHW forced to oneDNN 83 ms, not invariant for 1x1 kernels; the tall image channels_last
+through oneDNN 75 ms, invariant at every shape: oneDNN's brgemm convolution reads and writes
+channels_last without the NCHW <-> blocked reorders the default path pays on every call. On the
+whole bare net (python -m benchmarks.invariant_kernels, benchmarks/RESULTS.md) this runs at
+roughly the default kernels' speed at batch 16-64 (0.85-1.05x across loaded runs, against
+0.57-0.70x per image), and 0.75-0.9x at batch 1-2 (more small ops per layer).
+
+`batch_invariant(net)` returns a copy of `net` whose Linear / Conv / GroupNorm layers use these
+kernels, sharing the very same parameter tensors (no weight is copied, the state_dict keys and
+the safetensors file are unchanged). The copy has no mutable state, so one copy serves any number of
 threads. Its outputs differ from the eager net's in the last bits (a different summation order,
 not a different function: ~1e-6 relative), and do not depend on the batch: tests/unit/
 test_invariant_kernels.py checks batch sizes 1..64 and every row position at 1 and 2 threads,
@@ -179,7 +204,7 @@ _SWAPS: dict[type[nn.Module], type[nn.Module]] = {
 
 
 def batch_invariant(net: nn.Module) -> nn.Module:
-    """A copy of `net` that runs every Linear / Conv layer with batch-invariant kernels.
+    """A copy of `net` that runs every Linear / Conv / GroupNorm layer with batch-invariant kernels.
 
     Args:
         net: any torch module (a difforge net, or a denoiser adapter around one).
@@ -198,7 +223,7 @@ def batch_invariant(net: nn.Module) -> nn.Module:
 
 
 def is_batch_invariant(net: nn.Module) -> bool:
-    """Whether `net` has gone through `batch_invariant` (no eager Linear / Conv / GroupNorm left)."""
+    """Whether `net` has gone through `batch_invariant` (no eager Linear/Conv/GroupNorm left)."""
     return not any(type(m) in _SWAPS for m in net.modules())
 
 

@@ -102,6 +102,21 @@ def _gap(size: int, k: int, s: int, p: int, d: int) -> tuple[int, int]:
     return gap + (-(size + gap)) % s, out
 
 
+def _weight_channels_last(conv: nn.Conv2d) -> Tensor:
+    """`conv.weight` channels_last, as oneDNN reads it with a channels_last input: torch would
+    copy it on every call (30-80 us per layer at batch 1-2). Kept while the weight is the same
+    tensor at the same version (an in-place update, e.g. load_state_dict, makes a new copy);
+    while autograd records, the copy is made per call (a graph node, so gradients flow)."""
+    w = conv.weight
+    if torch.is_grad_enabled():
+        return w.contiguous(memory_format=torch.channels_last)
+    kept = conv.__dict__.get("_weight_cl")
+    if kept is None or kept[0] is not w or kept[1] != w._version:
+        kept = (w, w._version, w.detach().contiguous(memory_format=torch.channels_last))
+        conv.__dict__["_weight_cl"] = kept  # same values: a cache, not state
+    return kept[2]
+
+
 def _stacked2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """Conv2d of a batch as one image of height B * (H + gap), channels_last, by oneDNN.
 
@@ -120,7 +135,8 @@ def _stacked2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
     else:
         tall = x.permute(0, 2, 3, 1).contiguous()  # a no-op when x is channels_last
     tall = tall.view(1, b * block, w, c).permute(0, 3, 1, 2)  # (1, C, B*block, W) one image
-    out = _MKLDNN_CONV(tall, conv.weight, conv.bias, [ph, pw], [sh, sw], [dh, dw], conv.groups)
+    weight = _weight_channels_last(conv)
+    out = _MKLDNN_CONV(tall, weight, conv.bias, [ph, pw], [sh, sw], [dh, dw], conv.groups)
     # channels_last out for channels_last in (a no-op then); a 1-channel input can come out NCHW
     out = out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (1, R, W', C')
     _, _, ow, co = out.shape

@@ -253,3 +253,20 @@ def test_invariant_group_norm_matches_group_norm():
     assert inv(x_cl).is_contiguous(memory_format=torch.channels_last)  # the layout is kept
     inv.weight, inv.bias = None, None
     torch.testing.assert_close(inv(x_cl), nn.functional.group_norm(x, 4), atol=2e-5, rtol=1e-5)
+
+
+def test_the_kept_channels_last_weight_follows_the_weight_and_autograd():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    inv = batch_invariant(conv)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        first = inv(x)
+        conv.weight.mul_(2)  # in place, on the tensor both share
+        torch.testing.assert_close(inv(x), conv(x))
+        assert not torch.allclose(inv(x), first)
+    with torch.inference_mode():
+        torch.testing.assert_close(inv(x), conv(x))
+    inv(x.requires_grad_()).sum().backward()  # autograd through the stacked conv
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert x.grad is not None

@@ -80,10 +80,13 @@ def _per_image(conv: nn.Module, x: Tensor) -> Tensor:
     return torch.cat(outs)
 
 
-def _stackable(conv: nn.Module) -> bool:
-    """Whether `conv` can run as one tall image: zero padding given as numbers, oneDNN present."""
+def _stackable(conv: nn.Module, x: Tensor) -> bool:
+    """Whether `conv` can run as one tall image: float32 on the CPU with oneDNN present, zero
+    padding given as numbers (other cases run one image per call)."""
     return (
-        torch.backends.mkldnn.is_available()
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
     )
@@ -168,14 +171,14 @@ class InvariantConv2d(nn.Conv2d):
     """nn.Conv2d with the batch stacked into one tall image (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _stacked2d(self, x) if _stackable(self) else _per_image(self, x)
+        return _stacked2d(self, x) if _stackable(self, x) else _per_image(self, x)
 
 
 class InvariantConv1d(nn.Conv1d):
     """nn.Conv1d with the batch stacked into one long sequence (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _stacked1d(self, x) if _stackable(self) else _per_image(self, x)
+        return _stacked1d(self, x) if _stackable(self, x) else _per_image(self, x)
 
 
 class InvariantGroupNorm(nn.GroupNorm):
@@ -188,7 +191,13 @@ class InvariantGroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.stride(1) != 1 or x.shape[1] == 1 or x[0, 0].numel() < 256:
+        if (
+            not x.is_cpu
+            or x.dim() != 4
+            or x.stride(1) != 1
+            or x.shape[1] == 1
+            or x[0, 0].numel() < 256
+        ):
             return super().forward(x)  # torch's kernel: NCHW, or channels_last under 1024 pixels
         b, c, h, w = x.shape
         g = self.num_groups

@@ -270,3 +270,17 @@ def test_the_kept_channels_last_weight_follows_the_weight_and_autograd():
     inv(x.requires_grad_()).sum().backward()  # autograd through the stacked conv
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("case", ["float64", "reflect", "same"])
+def test_convs_the_tall_image_cannot_take_run_one_image_per_call(case):
+    torch.manual_seed(0)
+    kw = {"padding_mode": "reflect", "padding": 1} if case == "reflect" else {}
+    conv = nn.Conv2d(2, 3, 3, padding="same") if case == "same" else nn.Conv2d(2, 3, 3, **kw)
+    if case == "float64":
+        conv = conv.double()
+    inv = batch_invariant(conv)
+    x = torch.randn(3, 2, 6, 6, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(inv(x), conv(x))
+        assert torch.equal(inv(x)[1:2], inv(x[1:2]))

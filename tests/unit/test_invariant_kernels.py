@@ -86,7 +86,7 @@ SOME_SIZES = (1, 2, 3, 5, 8, 16, 17, 24)
     [
         (1, ALL_SIZES),
         (2, SOME_SIZES),
-        # every size at 2 threads: ~2 min on the shared 2-core machine (OpenMP regions per image)
+        # every size at 2 threads: ~25 s on the shared 2-core machine
         pytest.param(2, ALL_SIZES, marks=pytest.mark.slow),
     ],
     indirect=["threads"],

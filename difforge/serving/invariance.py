@@ -42,11 +42,11 @@ Model.with_backend("eager", kernels="invariant")), so a call of any size runs as
 one network call per step, unpadded and unchunked. `probe_chunked` (without chunks, at
 `kernel_probe_sizes`) checks it end to end like "chunk": alone, calls of several sizes, every
 probed position of a full call. Measured on models/mnist-cond (benchmarks/serve_ab.py, 1 thread,
-2 rounds x 40 s per level, load 5.0-5.2): lone-client p50 1.38-1.55x in-process, 16 clients
-76.6-86.8% of offline batched throughput ("off", the default kernels unpadded: 1.14x and
-90-102%); the bare net runs at 0.88-0.90x the default kernels at batch 16-64 (0.57-0.70x with
-the earlier one-conv-call-per-image kernels). The 85% target is not met in the median, so
-"chunk" stays the default.
+2 rounds x 40 s per level, two runs at load 2.6-5.2): lone-client p50 1.30-2.16x in-process
+(medians 1.46x, 1.73x), 16 clients 55.8-89.2% of offline batched throughput (medians 81.7%,
+72.5%; "off", the default kernels unpadded: 1.01-1.57x and 90-118%); the bare net runs at
+0.88-0.90x the default kernels at batch 16-64 (0.57-0.70x with the earlier one-conv-call-per-
+image kernels). The 85% target is not met in a median, so "chunk" stays the default.
 """
 
 from __future__ import annotations

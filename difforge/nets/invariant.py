@@ -28,19 +28,20 @@ each image computed at one shape that does not move:
   kernels already reduce within one image (a row, a head's keys) in an order that depends only
   on that image's shape; they are used as they are.
 
-Why the tall image (measured on models/mnist-cond's conv shapes, batch 32, 1 thread, 12 layers'
-sum; load 5-6, so +-15%; invariance checked bitwise over batch sizes 1..64, every position):
-the default kernels 80 ms (not invariant: 1x1 convs and the 14x14 / 7x7 maps move); the
-previous formulation, the library conv once per image, 112 ms; im2col (F.unfold) + one bmm per
-image 359 ms (invariant; the unfold dominates); the batch folded into a grouped conv (groups =
-B) 94 ms and not invariant (oneDNN's grouped kernels change with B); the tall image through
-torch's dispatch 90 ms, not invariant at 14x14 and 7x7 (the dispatch switch above); the tall
-image in NCHW forced to oneDNN 83 ms, not invariant for 1x1 kernels; the tall image channels_last
-through oneDNN 75 ms, invariant at every shape: oneDNN's brgemm convolution reads and writes
-channels_last without the NCHW <-> blocked reorders the default path pays on every call. On the
-whole bare net (python -m benchmarks.invariant_kernels, benchmarks/RESULTS.md) this runs at
-roughly the default kernels' speed at batch 16-64 (0.85-1.05x across loaded runs, against
-0.57-0.70x per image), and 0.75-0.9x at batch 1-2 (more small ops per layer).
+Why the tall image (`python -m benchmarks.conv_formulations`: models/mnist-cond's 12 conv
+shapes, batch 32, 1 thread, load 3.7-3.9, sum of the layers' times; invariance checked bitwise
+over batch sizes 1..64, every position): the default kernels 59 ms, 6 layers not invariant (1x1
+convs and the 14x14 / 7x7 maps move); the previous formulation, the library conv once per
+image, 84 ms; im2col (F.unfold) + one bmm per image 254 ms (invariant; the unfold dominates);
+the batch folded into a grouped conv (groups = B) 72 ms, 5 layers not invariant (oneDNN's
+grouped kernels change with B); the tall image through torch's dispatch 66 ms, not invariant at
+14x14 and 7x7 (the dispatch switch above); the tall image in NCHW forced to oneDNN 68 ms, not
+invariant for two 1x1 shapes; the tall image channels_last through oneDNN 59 ms, invariant at
+every shape: oneDNN's brgemm convolution reads and writes channels_last without the NCHW <->
+blocked reorders the default path pays on every call. On the whole bare net (python -m
+benchmarks.invariant_kernels, benchmarks/RESULTS.md) this runs at 0.88-0.90x the default
+kernels' throughput at batch 16-64 (0.84-1.04x over rounds; 0.57-0.70x one image per call) and
+0.66x at batch 1 (more small ops per layer; 0.84x at batch 2 in an A/B of forwards).
 
 `batch_invariant(net)` returns a copy of `net` whose Linear / Conv / GroupNorm layers use these
 kernels, sharing the very same parameter tensors (no weight is copied, the state_dict keys and

@@ -54,9 +54,9 @@ class Backend:
         memory_format: "channels_last" converts the weights and input (a copy of the net).
         compile_mode: torch.compile's mode, for "compile".
         threads: onnxruntime intra-op threads [default: torch.get_num_threads()].
-        kernels: "invariant" runs Linear / Conv layers with batch-invariant kernels
-            (difforge.nets.invariant; eager float32 contiguous only): an image's output does not
-            depend on the batch it is computed in.
+        kernels: "invariant" runs Linear / Conv / GroupNorm layers with batch-invariant
+            kernels (difforge.nets.invariant; eager float32 contiguous only): an image's output
+            does not depend on the batch it is computed in.
     """
 
     kind: BackendKind = "eager"

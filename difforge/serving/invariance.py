@@ -37,14 +37,16 @@ the chunk end to end before a version serves: the probe image alone, and at ever
 calls of every size up to a full one, must come out bitwise identical; else "per_sample".
 
 Mode "kernels" makes the network itself batch-invariant instead (difforge.nets.invariant:
-per-image GEMMs and convolutions, Model.with_backend("eager", kernels="invariant")), so a call
-of any size runs as it arrived, in one network call per step, unpadded and unchunked.
-`probe_chunked` (without chunks, at `kernel_probe_sizes`) checks it end to end like "chunk":
-alone, calls of several sizes, every probed position of a full call. Measured on
-models/mnist-cond (benchmarks/serve_ab.py, 1 thread, 40 s per level, load 6-7): lone-client p50
-1.27-1.32x in-process, 16 clients 52-60% of offline batched throughput, the same as chunk_rows
-2 in that run (71% in a quieter run, where "off" served 106%); its per-image convolutions cost
-what batching gains, so "chunk" stays the default.
+per-image GEMMs, every convolution as one tall image of the whole batch through oneDNN,
+Model.with_backend("eager", kernels="invariant")), so a call of any size runs as it arrived, in
+one network call per step, unpadded and unchunked. `probe_chunked` (without chunks, at
+`kernel_probe_sizes`) checks it end to end like "chunk": alone, calls of several sizes, every
+probed position of a full call. Measured on models/mnist-cond (benchmarks/serve_ab.py, 1 thread,
+2 rounds x 40 s per level, two runs at load 2.6-5.2): lone-client p50 1.30-2.16x in-process
+(medians 1.46x, 1.73x), 16 clients 55.8-89.2% of offline batched throughput (medians 81.7%,
+72.5%; "off", the default kernels unpadded: 1.01-1.57x and 90-118%); the bare net runs at
+0.88-0.90x the default kernels at batch 16-64 (0.57-0.70x with the earlier one-conv-call-per-
+image kernels). The 85% target is not met in a median, so "chunk" stays the default.
 """
 
 from __future__ import annotations

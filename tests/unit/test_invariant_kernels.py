@@ -86,7 +86,7 @@ SOME_SIZES = (1, 2, 3, 5, 8, 16, 17, 24)
     [
         (1, ALL_SIZES),
         (2, SOME_SIZES),
-        # every size at 2 threads: ~2 min on the shared 2-core machine (OpenMP regions per image)
+        # every size at 2 threads: ~25 s on the shared 2-core machine
         pytest.param(2, ALL_SIZES, marks=pytest.mark.slow),
     ],
     indirect=["threads"],
@@ -179,3 +179,108 @@ def test_backend_kernels_choice_is_checked():
     for bad in ({"kind": "compile"}, {"precision": "bfloat16"}):
         with pytest.raises(InvalidArgumentError, match="eager backend in float32"):
             Backend(kernels="invariant", **bad)
+
+
+@pytest.mark.parametrize(
+    ("dims", "ci", "co", "kw"),
+    [
+        (2, 4, 6, {"kernel_size": 3, "padding": 1}),
+        (2, 4, 6, {"kernel_size": 1}),
+        (2, 6, 6, {"kernel_size": 3, "stride": 2, "padding": 1}),
+        (2, 1, 5, {"kernel_size": 3, "padding": 1}),  # a 1-channel input (NCHW = channels_last)
+        (2, 5, 1, {"kernel_size": 3, "padding": 1}),
+        (2, 4, 4, {"kernel_size": 2, "stride": 2}),  # DiT's patch embedding
+        (2, 4, 8, {"kernel_size": (3, 5), "padding": (2, 1), "dilation": (2, 1), "groups": 2}),
+        (1, 3, 5, {"kernel_size": 3, "stride": 2, "padding": 1}),
+        (1, 3, 5, {"kernel_size": 5, "padding": 4, "dilation": 2}),
+    ],
+)
+def test_stacked_convolution_is_the_layers_function(dims, ci, co, kw):
+    """The batch as one tall image (zero gap rows between images) computes each image's conv."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(ci, co, **kw) if dims == 2 else nn.Conv1d(ci, co, **kw)
+    inv = batch_invariant(conv)
+    for size in ((7, 9), (8, 8)) if dims == 2 else ((11,), (12,)):
+        x = torch.randn(3, ci, *size)
+        xs = [x, x.contiguous(memory_format=torch.channels_last)] if dims == 2 else [x]
+        for inp in [*xs, x[:1]]:
+            with torch.no_grad():
+                want, got = conv(inp), inv(inp)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _stack() -> nn.Module:
+    """Large maps (16x16 = 256 pixels: InvariantGroupNorm's own channels_last path)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.GroupNorm(4, 16),
+        nn.SiLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.GroupNorm(4, 16),  # 8x8: torch's kernel on a channels_last input
+        nn.Conv2d(16, 8, 1),
+    )
+    return _randomised(net)
+
+
+@pytest.mark.parametrize(
+    ("threads", "sizes"), [(1, ALL_SIZES), (2, SOME_SIZES)], indirect=["threads"]
+)
+def test_stacked_layers_on_large_maps_are_batch_invariant(threads, sizes):
+    net = _stack()
+    inv = batch_invariant(net)
+    assert any(type(m).__name__ == "InvariantGroupNorm" for m in inv.modules())
+    x = torch.randn(POOL, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        alone = [inv(x[i : i + 1]) for i in range(max(sizes))]
+        for b in sizes:
+            out = inv(x[:b])
+            bad = [i for i in range(b) if not torch.equal(out[i : i + 1], alone[i])]
+            assert not bad, f"batch {b}: rows {bad} differ from the row alone"
+        if threads == 1:  # the control: the default kernels move on these shapes
+            assert not torch.equal(net(x[:16])[:1], net(x[:1]))
+
+
+def test_invariant_group_norm_matches_group_norm():
+    torch.manual_seed(0)
+    gn = _randomised(nn.GroupNorm(4, 16))
+    inv = batch_invariant(gn)
+    x = torch.randn(5, 16, 16, 16) * 3 + 1
+    for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, :8, :8]):
+        torch.testing.assert_close(inv(inp), gn(inp.contiguous()), atol=2e-5, rtol=1e-5)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert inv(x_cl).is_contiguous(memory_format=torch.channels_last)  # the layout is kept
+    inv.weight, inv.bias = None, None
+    torch.testing.assert_close(inv(x_cl), nn.functional.group_norm(x, 4), atol=2e-5, rtol=1e-5)
+
+
+def test_the_kept_channels_last_weight_follows_the_weight_and_autograd():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    inv = batch_invariant(conv)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        first = inv(x)
+        conv.weight.mul_(2)  # in place, on the tensor both share
+        torch.testing.assert_close(inv(x), conv(x))
+        assert not torch.allclose(inv(x), first)
+    with torch.inference_mode():
+        torch.testing.assert_close(inv(x), conv(x))
+    inv(x.requires_grad_()).sum().backward()  # autograd through the stacked conv
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("case", ["float64", "reflect", "same"])
+def test_convs_the_tall_image_cannot_take_run_one_image_per_call(case):
+    torch.manual_seed(0)
+    kw = {"padding_mode": "reflect", "padding": 1} if case == "reflect" else {}
+    conv = nn.Conv2d(2, 3, 3, padding="same") if case == "same" else nn.Conv2d(2, 3, 3, **kw)
+    if case == "float64":
+        conv = conv.double()
+    inv = batch_invariant(conv)
+    x = torch.randn(3, 2, 6, 6, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(inv(x), conv(x))
+        assert torch.equal(inv(x)[1:2], inv(x[1:2]))

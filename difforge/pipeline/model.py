@@ -337,6 +337,12 @@ class Model:
                 "net": self.vae_config.net.kind,
                 "scaling_factor": self.vae_config.scaling_factor,
             }
+        if self.layout is not None:
+            out["layout"] = {
+                "sha256": refs["layout"].sha256 if "layout" in refs else "(training)",
+                "parameters": count_parameters(self.layout),
+                "net": self.layout_config.net.kind,
+            }
         for name, ref in refs.items():
             out[name]["base"] = dict(ref.base)
         return out

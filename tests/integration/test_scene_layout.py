@@ -64,6 +64,7 @@ def test_the_pipeline_plans_slots_from_the_prompt_per_image(layout_model):
     assert [k.kind for k in m.spec.keys] == ["text", "slots"] and m.spec.keys[1].planned
     assert m.layout is not None and (layout_model / "layout" / "model.safetensors").is_file()
     assert m.pipeline.provenance["layout_sha256"] == m.pipeline.components["layout"].sha256
+    assert m.summary()["components"]["layout"]["net"] == "layout_planner"
     seen = []
     real = m.denoiser.forward
 

@@ -21,7 +21,9 @@ Each text model (`--model NAME=PATH`) runs at every `--guidance`; a class-condit
 prompt's clauses become the slots it takes (`clause_slots`; open copies in the first free
 quadrants), every category but thickness and size (a slot model has no input for them). The slot
 model saw every (digit, quadrant) pair in training, so on combo_held_out it is a reference, not a
-like-for-like generalisation test. The judge's ceiling: real test scenes judged against their own
+like-for-like generalisation test. A text model with a layout stage (difforge.pipeline.layout)
+can also run as `--oracle NAME=PATH`: its prompt with the slot model's layout in place of its
+planner's draw, which scores the image stage alone. The judge's ceiling: real test scenes judged against their own
 (seen-phrasing) captions.
 
     python -m benchmarks.prompt_following_scenes --model unet=runs/scenes-text-unet/model \\
@@ -123,6 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--model", action="append", default=[], help="NAME=PATH text model (repeatable)"
     )
+    ap.add_argument(
+        "--oracle", action="append", default=[],
+        help="NAME=PATH text model with a layout stage, given the slot model's layout "
+        "(clause_slots) instead of its planner's: the image stage alone (repeatable)",
+    )  # fmt: skip
     ap.add_argument("--slot-model", default="models/scenes-latent", help="'' to skip")
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--guidance", default="1,2,4")
@@ -151,6 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in args.model:
         name, _, path = spec.partition("=")
         results[name], more = run_model(name, path, prompts, args, judge_fn)
+        lines += more
+    for spec in args.oracle:
+        name, _, path = spec.partition("=")
+        results[f"{name}+oracle"], more = run_model(
+            f"{name}+oracle", path, prompts, args, judge_fn,
+            cond_fn=lambda p: {"prompt": p["prompt"], "slots": clause_slots(p["clauses"])},
+        )  # fmt: skip
         lines += more
     if args.slot_model:
         results["slots"], more = run_model(

@@ -43,8 +43,10 @@ def check_layout(spec: ConditioningSpec, config: LayoutConfig | None, where: str
     text = spec.key(config.prompt)
     net = config.net.config
     if config.slots != key.name or text.kind != "text":
-        raise InvalidArgumentError(f"{where}: the layout component reads {config.prompt!r} and "
-                                   f"fills {config.slots!r}; the spec's keys are {spec.names}")  # fmt: skip
+        raise InvalidArgumentError(
+            f"{where}: the layout component reads {config.prompt!r} and fills "
+            f"{config.slots!r}; the spec's keys are {spec.names}"
+        )
     if tokenizer_sha256(text.tokenizer) != config.tokenizer_sha256:
         raise InvalidArgumentError(
             f"{where}: the layout planner was trained with another tokenizer"

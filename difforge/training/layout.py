@@ -172,7 +172,10 @@ def train_layout(
     torch.manual_seed(config.seed)
     net = build_net(config.net.kind, config.net.config)
     if not isinstance(net, LayoutPlanner):
-        raise InvalidArgumentError(f"a layout planner needs net kind 'layout_planner', got {config.net.kind!r}")  # fmt: skip
+        kind = config.net.kind
+        raise InvalidArgumentError(
+            f"a layout planner needs net kind 'layout_planner', got {kind!r}"
+        )
     from difforge.data.tokenizer import tokenizer_from_json
 
     vocab, enc = tokenizer_from_json(tokenizer).vocab_size, net.config.encoder
@@ -193,8 +196,8 @@ def train_layout(
         "train_seconds": round(seconds, 1), "parameters": count_parameters(net),
         "report": report, "code_version": code_version(), "train_config": config.model_dump(mode="json"),
     }  # fmt: skip
-    layout = LayoutConfig(net=config.net, tokenizer_sha256=tokenizer_sha256(tokenizer),
-                          provenance=provenance)  # fmt: skip
+    sha = tokenizer_sha256(tokenizer)
+    layout = LayoutConfig(net=config.net, tokenizer_sha256=sha, provenance=provenance)
     save_component(out, layout, net.state_dict(), _card(layout))
     return {"folder": str(out), **provenance}
 

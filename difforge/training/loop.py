@@ -426,8 +426,9 @@ class Trainer:
             pipeline = None
             if self.text_spec is not None:
                 pipeline = training_pipeline(self.model_config, self.text_spec)
-            layout = {} if self.layout is None else {"layout": self.layout[1],
-                                                        "layout_config": self.layout[0]}  # fmt: skip
+            layout = {}
+            if self.layout is not None:
+                layout = {"layout": self.layout[1], "layout_config": self.layout[0]}
             self._sampler_model = Model(
                 self.model_config, self.ema.net, sha256="(training)", pipeline=pipeline, **layout
             )

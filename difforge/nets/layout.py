@@ -14,7 +14,8 @@ The layout is autoregressive over cells (row-major), p(s_1..s_n | y) = prod_j p(
 so an open statement ("two sevens") gets a coherent joint draw (exactly two 7s) instead of four
 independent marginals. Each cell's query is its position embedding plus the previous cell's token;
 blocks are pre-LN (causal self-attention over cells, cross-attention to the prompt's tokens with
-the padding mask, MLP). `sample` draws s_j by inverse CDF from given uniforms, so a draw is a pure
+the padding mask, MLP). Optional segment embeddings (the index of the clause a token is in, counted
+by `separators`) make "which digit goes with which position" a match of equal segments. `sample` draws s_j by inverse CDF from given uniforms, so a draw is a pure
 function of (ids, u): the caller seeds u per image.
 """
 
@@ -39,6 +40,9 @@ class LayoutPlannerConfig(JsonConfig):
     tokens: int = 11  # tokens a cell can hold: the classes and "empty" (the slot key's empty)
     depth: int = 2  # decoder blocks
     encoder: dict[str, Any] = field(default_factory=dict)
+    # token ids that end a clause (e.g. "and", ","): each token gets a learned embedding of its
+    # clause index (separators before it), as BERT's segment embeddings; () = none
+    separators: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("cells", "tokens", "depth"):
@@ -46,6 +50,7 @@ class LayoutPlannerConfig(JsonConfig):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgumentError(f"{name} must be an integer >= 1, got {v!r}")
         object.__setattr__(self, "encoder", TextEncoderConfig.from_dict(self.encoder).to_dict())
+        object.__setattr__(self, "separators", tuple(int(t) for t in self.separators))
 
     @property
     def width(self) -> int:
@@ -92,6 +97,17 @@ class LayoutPlanner(nn.Module):
         self.blocks = nn.ModuleList(PlannerBlock(enc.width, enc.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(enc.width)
         self.head = nn.Linear(enc.width, cfg.tokens)
+        self.segment = nn.Embedding(enc.max_tokens, enc.width) if cfg.separators else None
+        self.register_buffer("seps", torch.tensor(cfg.separators, dtype=torch.int64), False)
+
+    def encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) -> (tokens (B, L, C), mask (B, L)), with segment embeddings."""
+        extra = None
+        if self.segment is not None:
+            seg = torch.isin(ids, self.seps).long().cumsum(1) - torch.isin(ids, self.seps).long()
+            extra = self.segment(seg.clamp(max=self.segment.num_embeddings - 1))  # (B, L, C)
+        text, mask, _ = self.text(ids, extra)
+        return text, mask
 
     def logits(self, ids: Tensor, slots: Tensor) -> Tensor:
         """Cell j's logits given the true tokens of cells < j: ids (B, L), slots (B, cells)."""
@@ -101,7 +117,7 @@ class LayoutPlanner(nn.Module):
                 f"slots must be an integer tensor ({ids.shape[0]}, {cfg.cells}), got "
                 f"{slots.dtype} {tuple(slots.shape)}"
             )
-        text, mask, _ = self.text(ids)  # (B, L, C), (B, L)
+        text, mask = self.encode(ids)  # (B, L, C), (B, L)
         start = torch.full_like(slots[:, :1], cfg.tokens)
         x = self.prev(torch.cat([start, slots[:, :-1]], dim=1)) + self.cell  # (B, cells, C)
         for block in self.blocks:

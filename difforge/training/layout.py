@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.core.errors import InvalidArgumentError
 from difforge.data import load_dataset
 from difforge.data.scene_captions import facts_hold
-from difforge.data.tokenizer import tokenizer_sha256
+from difforge.data.tokenizer import UNK_ID, tokenizer_sha256
 from difforge.nets import build_net, count_parameters
 from difforge.nets.layout import LayoutPlanner
 from difforge.pipeline import LayoutConfig, NetSpec, code_version
@@ -53,6 +53,9 @@ class LayoutTrainConfig(_Frozen):
         default_factory=lambda: {"kind": "scene_captions", "split": "train", "max_tokens": 32}
     )  # a scene_captions spec; its "seed" is replaced by each of the caption seeds
     caption_seeds: int = Field(4, ge=1)  # captions drawn under seeds 0 .. caption_seeds - 1
+    # words that end a clause: the planner's segment embeddings (their ids fill the net config's
+    # `separators`); [] = none
+    separator_words: tuple[str, ...] = ()
     lr: float = Field(1e-3, gt=0)  # AdamW, linear warmup then cosine to 0
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -169,6 +172,12 @@ def train_layout(
     """Train a planner and write its component folder to `out`; returns the report."""
     out = Path(out)
     ids, slots, tokenizer = _data(config)
+    if config.separator_words:
+        seps = [_word_id(tokenizer, w) for w in config.separator_words]
+        net_spec = config.net.model_copy(
+            update={"config": {**config.net.config, "separators": seps}}
+        )
+        config = config.model_copy(update={"net": net_spec})
     torch.manual_seed(config.seed)
     net = build_net(config.net.kind, config.net.config)
     if not isinstance(net, LayoutPlanner):
@@ -200,6 +209,16 @@ def train_layout(
     layout = LayoutConfig(net=config.net, tokenizer_sha256=sha, provenance=provenance)
     save_component(out, layout, net.state_dict(), _card(layout))
     return {"folder": str(out), **provenance}
+
+
+def _word_id(tokenizer: str, word: str) -> int:
+    """The id of one vocabulary word (an unknown one is refused)."""
+    from difforge.data.tokenizer import tokenizer_from_json
+
+    ids = tokenizer_from_json(tokenizer).encode(word, 3)  # [CLS] word [PAD]
+    if ids[1] == UNK_ID:
+        raise InvalidArgumentError(f"separator {word!r} is not one word of the vocabulary")
+    return ids[1]
 
 
 def _card(layout: LayoutConfig) -> str:

@@ -158,3 +158,35 @@ def test_train_layout_writes_a_loadable_component(tmp_path):
     assert config.provenance["steps"] == 40 and len(sha) == 64
     assert isinstance(loaded, LayoutPlanner)
     assert "valid layouts" in (tmp_path / "planner" / "README.md").read_text()
+
+
+def test_segment_embeddings_count_clauses_by_separators():
+    torch.manual_seed(0)
+    net = build_net("layout_planner", {"cells": 4, "tokens": 11, "depth": 1, "encoder": ENC,
+                                       "separators": [60, 59]}).eval()  # fmt: skip
+    x = torch.tensor([[2, 5, 50, 60, 5, 51, 59, 5, 52] + [0] * 23])  # a 3 and a 4 , a 5
+    seen = {}
+    net.segment.register_forward_hook(lambda m, i, o: seen.update(seg=i[0]))
+    net.encode(x)
+    assert seen["seg"][0, :10].tolist() == [
+        0,
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        2,
+        2,
+    ]  # a separator ends its clause
+    plain = tiny_planner()
+    assert plain.segment is None and set(plain.state_dict()) < set(net.state_dict())
+
+
+def test_separator_words_must_be_vocabulary_words(tokenizer):
+    from difforge.training.layout import _word_id
+
+    assert _word_id(tokenizer, "and") == 60
+    with pytest.raises(InvalidArgumentError, match="not one word"):
+        _word_id(tokenizer, "handwritten")

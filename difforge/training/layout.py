@@ -56,6 +56,9 @@ class LayoutTrainConfig(_Frozen):
     # words that end a clause: the planner's segment embeddings (their ids fill the net config's
     # `separators`); [] = none
     separator_words: tuple[str, ...] = ()
+    # training: each word of a caption is removed with this probability (the rest close up), so
+    # the planner leans on the words a fact needs, not on one template's word order
+    word_dropout: float = Field(0.0, ge=0, lt=1)
     lr: float = Field(1e-3, gt=0)  # AdamW, linear warmup then cosine to 0
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -106,7 +109,8 @@ def _fit(net: LayoutPlanner, ids, slots, config, metrics: Path, log) -> tuple[in
             pos += config.batch_size
             for group in opt.param_groups:
                 group["lr"] = _lr(config, step)
-            logits = net.logits(ids[idx], slots[idx])  # (B, cells, tokens)
+            x = drop_words(ids[idx], config.word_dropout, gen) if config.word_dropout else ids[idx]
+            logits = net.logits(x, slots[idx])  # (B, cells, tokens)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), slots[idx].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -116,6 +120,18 @@ def _fit(net: LayoutPlanner, ids, slots, config, metrics: Path, log) -> tuple[in
                 out.write(json.dumps(row) + "\n")
                 log(f"layout step {step + 1}: loss {loss.item():.4f}")
     return config.max_steps, float(loss.item()), time.monotonic() - start
+
+
+def drop_words(ids: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Remove each word id (not [CLS], not [PAD]) with probability p; the rest move left."""
+    from difforge.data.tokenizer import CLS_ID, PAD_ID
+
+    word = (ids != PAD_ID) & (ids != CLS_ID)
+    keep = ~word | (torch.rand(ids.shape, generator=gen) >= p)
+    keep &= ids != PAD_ID
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept ids first, in order
+    out = ids.gather(1, order)
+    return out.masked_fill(~keep.gather(1, order), PAD_ID)
 
 
 def draw_layouts(planner: LayoutPlanner, ids: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:

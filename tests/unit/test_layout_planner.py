@@ -190,3 +190,19 @@ def test_separator_words_must_be_vocabulary_words(tokenizer):
     assert _word_id(tokenizer, "and") == 60
     with pytest.raises(InvalidArgumentError, match="not one word"):
         _word_id(tokenizer, "handwritten")
+
+
+def test_word_dropout_removes_words_and_keeps_the_order():
+    from difforge.training.layout import drop_words
+
+    x = torch.randint(3, 70, (2000, 20))
+    x[:, 0], x[:, 15:] = 2, 0  # [CLS], 14 words, padding
+    y = drop_words(x, 0.2, torch.Generator().manual_seed(0))
+    assert (y[:, 0] == 2).all() and ((y != 0).sum(1) <= 15).all()
+    kept = ((y != 0).sum(1).float().mean() - 1) / 14
+    assert 0.77 < float(kept) < 0.83
+    for row, src in zip(y[:20].tolist(), x[:20].tolist(), strict=True):
+        it = iter(src)
+        assert all(t in it for t in row if t)  # a subsequence of the caption
+        assert row[row.index(0) :] == [0] * (20 - row.index(0)) if 0 in row else True
+    assert torch.equal(drop_words(x, 0.0, torch.Generator()), x)

@@ -59,6 +59,9 @@ class LayoutTrainConfig(_Frozen):
     # training: each word of a caption is removed with this probability (the rest close up), so
     # the planner leans on the words a fact needs, not on one template's word order
     word_dropout: float = Field(0.0, ge=0, lt=1)
+    # the words word_dropout may remove (e.g. function words: a fact's own words then never go,
+    # so no caption loses what its layout label says); () = every word
+    dropout_words: tuple[str, ...] = ()
     lr: float = Field(1e-3, gt=0)  # AdamW, linear warmup then cosine to 0
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -96,7 +99,9 @@ def _lr(config: LayoutTrainConfig, step: int) -> float:
     return config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / config.max_steps))
 
 
-def _fit(net: LayoutPlanner, ids, slots, config, metrics: Path, log) -> tuple[int, float, float]:
+def _fit(
+    net: LayoutPlanner, ids, slots, config, metrics: Path, log, eligible: torch.Tensor | None
+) -> tuple[int, float, float]:
     """AdamW on the cross-entropy until max_steps: (steps, last loss, seconds)."""
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
@@ -109,7 +114,9 @@ def _fit(net: LayoutPlanner, ids, slots, config, metrics: Path, log) -> tuple[in
             pos += config.batch_size
             for group in opt.param_groups:
                 group["lr"] = _lr(config, step)
-            x = drop_words(ids[idx], config.word_dropout, gen) if config.word_dropout else ids[idx]
+            x = ids[idx]
+            if config.word_dropout:
+                x = drop_words(x, config.word_dropout, gen, eligible)
             logits = net.logits(x, slots[idx])  # (B, cells, tokens)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), slots[idx].flatten())
             opt.zero_grad(set_to_none=True)
@@ -122,11 +129,16 @@ def _fit(net: LayoutPlanner, ids, slots, config, metrics: Path, log) -> tuple[in
     return config.max_steps, float(loss.item()), time.monotonic() - start
 
 
-def drop_words(ids: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Remove each word id (not [CLS], not [PAD]) with probability p; the rest move left."""
+def drop_words(
+    ids: torch.Tensor, p: float, gen: torch.Generator, eligible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Remove each word id (not [CLS], not [PAD]; only ids in `eligible` when given) with
+    probability p; the rest move left."""
     from difforge.data.tokenizer import CLS_ID, PAD_ID
 
     word = (ids != PAD_ID) & (ids != CLS_ID)
+    if eligible is not None:
+        word &= torch.isin(ids, eligible)
     keep = ~word | (torch.rand(ids.shape, generator=gen) >= p)
     keep &= ids != PAD_ID
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept ids first, in order
@@ -213,7 +225,12 @@ def train_layout(
     run = out.parent / f"{out.name}.run"
     run.mkdir(parents=True, exist_ok=True)
     (run / "train_config.json").write_text(config.to_json())
-    steps, loss, seconds = _fit(net.train(), ids, slots, config, run / "metrics.jsonl", log)
+    eligible = None
+    if config.dropout_words:
+        eligible = torch.tensor([_word_id(tokenizer, w) for w in config.dropout_words])
+    steps, loss, seconds = _fit(
+        net.train(), ids, slots, config, run / "metrics.jsonl", log, eligible
+    )
     report = layout_report(net.eval(), config.eval_n, ids.shape[1], config.eval_seeds)
     provenance = {
         "dataset": config.dataset, "caption_seeds": config.caption_seeds,

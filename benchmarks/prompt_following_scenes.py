@@ -1,7 +1,7 @@
 """Prompt following on the 64x64 MNIST scenes: the fraction of images whose every stated fact holds.
 
 The scenes sibling of benchmarks/prompt_following.py (its sampling loop, `score`, is shared). A
-fixed prompt set is phrased by difforge.data.scene_captions from clauses, in categories:
+fixed prompt set (difforge.data.scene_captions.prompt_set) is phrased from clauses, in categories:
   digit               one digit, position open, seen phrasings ("a 7", "the digit seven")
   position            one digit at a stated quadrant, seen phrasings ("a 7 in the top left")
   position_held_out   the same facts, the held-out position phrasing ("... in the upper-left corner")
@@ -21,7 +21,9 @@ Each text model (`--model NAME=PATH`) runs at every `--guidance`; a class-condit
 prompt's clauses become the slots it takes (`clause_slots`; open copies in the first free
 quadrants), every category but thickness and size (a slot model has no input for them). The slot
 model saw every (digit, quadrant) pair in training, so on combo_held_out it is a reference, not a
-like-for-like generalisation test. The judge's ceiling: real test scenes judged against their own
+like-for-like generalisation test. A text model with a layout stage (difforge.pipeline.layout)
+can also run as `--oracle NAME=PATH`: its prompt with the slot model's layout in place of its
+planner's draw, which scores the image stage alone. The judge's ceiling: real test scenes judged against their own
 (seen-phrasing) captions.
 
     python -m benchmarks.prompt_following_scenes --model unet=runs/scenes-text-unet/model \\
@@ -31,7 +33,6 @@ like-for-like generalisation test. The judge's ceiling: real test scenes judged 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from dataclasses import asdict
@@ -44,71 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_result
 from benchmarks.prompt_following import score
 from difforge.data.scene_captions import (
-    HELD_OUT,
+    CATEGORIES,
     HELD_OUT_COMBOS,
-    MAX_TOKENS,
-    SEEN,
-    Clause,
-    ScenePhrasings,
+    SLOT_CATEGORIES,
     clause_slots,
-    phrase,
+    prompt_set,
 )
-
-CATEGORIES = (
-    "digit",
-    "position",
-    "position_held_out",
-    "two_digits",
-    "count",
-    "count_held_out",
-    "thickness",
-    "size",
-    "combo_held_out",
-)
-SLOT_CATEGORIES = tuple(c for c in CATEGORIES if c not in ("thickness", "size"))  # slots apply
-
-
-def _held_out_positions() -> ScenePhrasings:
-    """Seen digit phrasings with the held-out position phrasing: the position rephrase alone."""
-    return ScenePhrasings(SEEN.digits, HELD_OUT.position, SEEN.count, SEEN.pair)
-
-
-def _held_out_counts() -> ScenePhrasings:
-    return ScenePhrasings(SEEN.digits, SEEN.position, HELD_OUT.count, ())
-
-
-def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
-    """[{category, prompt, clauses, index}]: 20 + 32 + 32 + 20 + 10 + 10 + 20 + 20 + 3 * len(combos)."""
-    combos = {tuple(c) for c in combos}
-    rng = random.Random("scenes-prompt-set")
-    pairs = [(d, q) for d in range(10) for q in range(4) if (d, q) not in combos]
-    facts: list[tuple[str, list[Clause], ScenePhrasings]] = []
-    for d in range(10):
-        facts += [("digit", [Clause(d, 1)], SEEN)] * 2  # two phrasings
-    for d, q in pairs:
-        facts.append(("position", [Clause(d, 1, (q,))], SEEN))
-        facts.append(("position_held_out", [Clause(d, 1, (q,))], _held_out_positions()))
-    for _ in range(20):
-        (d1, q1), (d2, q2) = rng.sample(pairs, 2)
-        while d1 == d2 or q1 == q2:
-            (d1, q1), (d2, q2) = rng.sample(pairs, 2)
-        facts.append(("two_digits", [Clause(d1, 1, (q1,)), Clause(d2, 1, (q2,))], SEEN))
-    for d in range(10):
-        facts.append(("count", [Clause(d, 2)], SEEN))
-        facts.append(("count_held_out", [Clause(d, 2)], _held_out_counts()))
-        for thick in ("thick", "thin"):
-            q = rng.choice([q for dd, q in pairs if dd == d])
-            facts.append(("thickness", [Clause(d, 1, (q,), thickness=thick)], SEEN))
-        for size in ("large", "small"):
-            q = rng.choice([q for dd, q in pairs if dd == d])
-            facts.append(("size", [Clause(d, 1, (q,), size=size)], SEEN))
-    for d, q in sorted(combos):
-        facts += [("combo_held_out", [Clause(d, 1, (q,))], SEEN)] * 3  # three phrasings
-    out = []
-    for i, (cat, clauses, phr) in enumerate(facts):
-        text = phrase(clauses, phr, random.Random(f"{cat}:{i}"), MAX_TOKENS - 1)
-        out.append({"category": cat, "prompt": text, "clauses": clauses, "index": i})
-    return out
 
 
 def real_ceiling(extractor, n: int = 2000) -> dict:
@@ -183,6 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--model", action="append", default=[], help="NAME=PATH text model (repeatable)"
     )
+    ap.add_argument(
+        "--oracle", action="append", default=[],
+        help="NAME=PATH text model with a layout stage, given the slot model's layout "
+        "(clause_slots) instead of its planner's: the image stage alone (repeatable)",
+    )  # fmt: skip
     ap.add_argument("--slot-model", default="models/scenes-latent", help="'' to skip")
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--guidance", default="1,2,4")
@@ -211,6 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in args.model:
         name, _, path = spec.partition("=")
         results[name], more = run_model(name, path, prompts, args, judge_fn)
+        lines += more
+    for spec in args.oracle:
+        name, _, path = spec.partition("=")
+        results[f"{name}+oracle"], more = run_model(
+            f"{name}+oracle", path, prompts, args, judge_fn,
+            cond_fn=lambda p: {"prompt": p["prompt"], "slots": clause_slots(p["clauses"])},
+        )  # fmt: skip
         lines += more
     if args.slot_model:
         results["slots"], more = run_model(

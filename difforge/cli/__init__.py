@@ -9,6 +9,7 @@ from difforge.cli import (  # noqa: F401  (they register)
     evaluate,
     export,
     inpaint,
+    layout,
     models,
     registry,
     review,

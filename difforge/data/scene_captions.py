@@ -469,3 +469,63 @@ def load_scene_captions(
         scene_thresholds=thresholds,
         images_hash=images_hash,
     )
+
+
+# --- the prompt-following benchmark's prompt set ---------------------------------------------
+
+CATEGORIES = (
+    "digit",
+    "position",
+    "position_held_out",
+    "two_digits",
+    "count",
+    "count_held_out",
+    "thickness",
+    "size",
+    "combo_held_out",
+)
+SLOT_CATEGORIES = tuple(c for c in CATEGORIES if c not in ("thickness", "size"))  # slots apply
+
+
+def _held_out_positions() -> ScenePhrasings:
+    """Seen digit phrasings with the held-out position phrasing: the position rephrase alone."""
+    return ScenePhrasings(SEEN.digits, HELD_OUT.position, SEEN.count, SEEN.pair)
+
+
+def _held_out_counts() -> ScenePhrasings:
+    return ScenePhrasings(SEEN.digits, SEEN.position, HELD_OUT.count, ())
+
+
+def prompt_set(combos=HELD_OUT_COMBOS) -> list[dict]:
+    """The scenes prompt-following benchmark's fixed prompts (benchmarks/prompt_following_scenes.py
+    lists the categories): [{category, prompt, clauses, index}]: 20 + 32 + 32 + 20 + 10 + 10 + 20 + 20 + 3 * len(combos)."""
+    combos = {tuple(c) for c in combos}
+    rng = random.Random("scenes-prompt-set")
+    pairs = [(d, q) for d in range(10) for q in range(4) if (d, q) not in combos]
+    facts: list[tuple[str, list[Clause], ScenePhrasings]] = []
+    for d in range(10):
+        facts += [("digit", [Clause(d, 1)], SEEN)] * 2  # two phrasings
+    for d, q in pairs:
+        facts.append(("position", [Clause(d, 1, (q,))], SEEN))
+        facts.append(("position_held_out", [Clause(d, 1, (q,))], _held_out_positions()))
+    for _ in range(20):
+        (d1, q1), (d2, q2) = rng.sample(pairs, 2)
+        while d1 == d2 or q1 == q2:
+            (d1, q1), (d2, q2) = rng.sample(pairs, 2)
+        facts.append(("two_digits", [Clause(d1, 1, (q1,)), Clause(d2, 1, (q2,))], SEEN))
+    for d in range(10):
+        facts.append(("count", [Clause(d, 2)], SEEN))
+        facts.append(("count_held_out", [Clause(d, 2)], _held_out_counts()))
+        for thick in ("thick", "thin"):
+            q = rng.choice([q for dd, q in pairs if dd == d])
+            facts.append(("thickness", [Clause(d, 1, (q,), thickness=thick)], SEEN))
+        for size in ("large", "small"):
+            q = rng.choice([q for dd, q in pairs if dd == d])
+            facts.append(("size", [Clause(d, 1, (q,), size=size)], SEEN))
+    for d, q in sorted(combos):
+        facts += [("combo_held_out", [Clause(d, 1, (q,))], SEEN)] * 3  # three phrasings
+    out = []
+    for i, (cat, clauses, phr) in enumerate(facts):
+        text = phrase(clauses, phr, random.Random(f"{cat}:{i}"), MAX_TOKENS - 1)
+        out.append({"category": cat, "prompt": text, "clauses": clauses, "index": i})
+    return out

@@ -15,6 +15,7 @@ Input rules (each violation is a `PromptError` whose message says what to change
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -98,6 +99,11 @@ class Tokenizer:
 def tokenizer_from_json(json_text: str) -> Tokenizer:
     """A Tokenizer from its JSON (cached: a spec resolves many requests with one tokenizer)."""
     return Tokenizer(json_text)
+
+
+def tokenizer_sha256(json_text: str) -> str:
+    """The identity of a tokenizer: sha256 of its JSON (what a layout planner records)."""
+    return hashlib.sha256(json_text.encode("utf-8")).hexdigest()
 
 
 def train_tokenizer(corpus: Iterable[str]) -> Tokenizer:

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from difforge.core.errors import InvalidArgumentError, check_choice
 from difforge.nets.autoencoder import Autoencoder, AutoencoderConfig
 from difforge.nets.dit import DiT, DiTConfig
+from difforge.nets.layout import LayoutPlanner, LayoutPlannerConfig
 from difforge.nets.text_encoder import (
     TextConditionedConfig,
     TextConditionedNet,
@@ -21,10 +22,18 @@ from difforge.nets.text_encoder import (
 from difforge.nets.unet import MNIST_UNET, UNet, UNetConfig
 from difforge.nets.unet1d import UNet1D, UNet1DConfig
 
-# Denoisers take forward(x, c_noise, cond); the autoencoder has encode/decode (a pipeline VAE).
+# Denoisers take forward(x, c_noise, cond); the autoencoder has encode/decode (a pipeline VAE);
+# the layout planner has logits/sample (a pipeline's text-to-layout stage, nets/layout.py).
 # "text_conditioned" = a text encoder in front of a backbone (one of BACKBONES); "unet1d" works
 # on series (C, T).
-NET_KINDS: tuple[str, ...] = ("unet", "unet1d", "dit", "text_conditioned", "autoencoder")
+NET_KINDS: tuple[str, ...] = (
+    "unet",
+    "unet1d",
+    "dit",
+    "text_conditioned",
+    "autoencoder",
+    "layout_planner",
+)
 BACKBONES: tuple[str, ...] = ("unet", "dit")
 _CONFIGS = {
     "unet": UNetConfig,
@@ -32,6 +41,7 @@ _CONFIGS = {
     "dit": DiTConfig,
     "text_conditioned": TextConditionedConfig,
     "autoencoder": AutoencoderConfig,
+    "layout_planner": LayoutPlannerConfig,
 }
 _NETS = {
     "unet": UNet,
@@ -39,9 +49,17 @@ _NETS = {
     "dit": DiT,
     "text_conditioned": TextConditionedNet,
     "autoencoder": Autoencoder,
+    "layout_planner": LayoutPlanner,
 }
 
-NetConfig = UNetConfig | UNet1DConfig | DiTConfig | TextConditionedConfig | AutoencoderConfig
+NetConfig = (
+    UNetConfig
+    | UNet1DConfig
+    | DiTConfig
+    | TextConditionedConfig
+    | AutoencoderConfig
+    | LayoutPlannerConfig
+)
 
 
 def net_config_from_dict(kind: str, config: Mapping[str, Any]) -> NetConfig:
@@ -110,6 +128,8 @@ __all__ = [
     "AutoencoderConfig",
     "DiT",
     "DiTConfig",
+    "LayoutPlanner",
+    "LayoutPlannerConfig",
     "NetConfig",
     "TextConditionedConfig",
     "TextConditionedNet",

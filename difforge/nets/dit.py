@@ -12,7 +12,10 @@ cond is None or a mapping with optional
   "labels":       (B,) int64 in [0, num_classes] (num_classes = the null class), added to c;
   "context":      (B, L, context_dim) text tokens; missing: no cross-attention;
   "context_mask": (B, L) bool, True for real tokens;
-  "pooled":       (B, context_dim) pooled text, added to c.
+  "pooled":       (B, context_dim) pooled text, added to c;
+  "slots":        (B, slot_grid ** 2) int64 in [0, slot_classes] (slot_classes = the null): a
+                  token per cell of a layout (nets/layers.SlotEmbedding, as the U-Net's); each
+                  cell's embedding is added to the patch tokens inside it, their sum to c.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 
 from difforge.core.errors import InvalidArgumentError
 from difforge.nets.jsonconfig import JsonConfig
-from difforge.nets.layers import NoiseEmbedding, zero_module
+from difforge.nets.layers import NoiseEmbedding, SlotEmbedding, zero_module
 from difforge.nets.text_encoder import attention
 
 
@@ -43,6 +46,8 @@ class DiTConfig(JsonConfig):
     mlp_ratio: int = 4
     num_classes: int = 0  # 0: no class embedding
     context_dim: int | None = None  # text token width; None: no cross-attention
+    slot_grid: int = 0  # side of the slot layout (2: quadrants); must divide the patch grid
+    slot_classes: int = 0  # tokens a slot can hold (classes + "empty"); the null is one more
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "out_channels", "image_size", "patch_size", "width"):
@@ -55,6 +60,15 @@ class DiTConfig(JsonConfig):
         if self.image_size % self.patch_size:
             raise InvalidArgumentError(
                 f"patch_size {self.patch_size} does not divide image_size {self.image_size}"
+            )
+        _check_int("slot_grid", self.slot_grid, 0)
+        _check_int("slot_classes", self.slot_classes, 0)
+        if bool(self.slot_grid) != bool(self.slot_classes):
+            raise InvalidArgumentError("slot_grid and slot_classes must both be 0 or both >= 1")
+        if self.slot_grid and (self.image_size // self.patch_size) % self.slot_grid:
+            raise InvalidArgumentError(
+                f"slot_grid {self.slot_grid} must divide the patch grid "
+                f"{self.image_size // self.patch_size}"
             )
         if self.width % self.heads:
             raise InvalidArgumentError(f"heads {self.heads} does not divide width {self.width}")
@@ -146,6 +160,9 @@ class DiT(nn.Module):
         self.noise_embed = NoiseEmbedding(min(D, 256), D)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None
         self.pooled_embed = nn.Linear(cfg.context_dim, D) if cfg.context_dim else None
+        self.slot_embed = None
+        if cfg.slot_grid:
+            self.slot_embed = SlotEmbedding(cfg.slot_grid, cfg.slot_classes, D, D)
         self.blocks = nn.ModuleList(
             DiTBlock(D, cfg.heads, cfg.mlp_ratio, cfg.context_dim) for _ in range(cfg.depth)
         )
@@ -186,6 +203,10 @@ class DiT(nn.Module):
                 f"context must have shape ({B}, L, {cfg.context_dim}), got {tuple(context.shape)}"
             )
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)  # (B, T, D)
+        if self.slot_embed is not None:
+            glob, local = self.slot_embed(cond, B, self.grid)  # (B, D), (B, D, g, g)
+            c = c + glob.to(x.dtype)
+            h = h + local.flatten(2).transpose(1, 2).to(x.dtype)  # each cell's over its patches
         for block in self.blocks:
             h = block(h, c, context, mask)
         shift, scale = self.ada_out(nn.functional.silu(c)).chunk(2, dim=1)  # (B, D) x2

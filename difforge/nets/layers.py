@@ -1,4 +1,5 @@
-"""Building blocks shared by difforge's networks: noise embedding, FiLM residual blocks, attention.
+"""Building blocks shared by difforge's networks: noise embedding, FiLM residual blocks, attention,
+slot embeddings.
 
 Architecture only: nothing here knows what c_noise means (DDPM timestep, flow time or EDM's
 ln(sigma)/4); it is embedded the same way whatever process produced it.
@@ -7,10 +8,13 @@ ln(sigma)/4); it is embedded the same way whatever process produced it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from difforge.core.errors import InvalidArgumentError
 
 
 def sinusoidal_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -186,3 +190,46 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SlotEmbedding(nn.Module):
+    """cond["slots"] (B, g*g) tokens on a g x g grid -> a global embedding (B, emb_dim) and a
+    spatial map (B, local_dim, size, size) holding each cell's token embedding over its cell.
+
+    A token is a class in [0, classes) or "empty" (both counted in `classes`); index `classes` is
+    the learned null (guidance's unconditional input), used when cond has no "slots". The map
+    carries *where* each slot is, the global embedding (one per (cell, token) pair, summed)
+    *what* is where, for every block.
+    """
+
+    def __init__(self, grid: int, classes: int, local_dim: int, emb_dim: int):
+        super().__init__()
+        self.grid, self.classes, tokens = grid, classes, classes + 1  # + the learned null
+        self.local = nn.Embedding(tokens, local_dim)
+        self.cell = nn.Parameter(torch.zeros(grid**2, local_dim))  # position
+        self.glob = nn.Embedding(grid**2 * tokens, emb_dim)  # (slot, token) pairs
+        self.tokens = tokens
+
+    def read(self, cond: Mapping[str, Tensor] | None, batch: int, device) -> Tensor:
+        """The (B, g*g) int64 slots of cond, checked; the null row when absent."""
+        g2, classes = self.grid**2, self.classes
+        slots = None if cond is None else cond.get("slots")
+        if slots is None:
+            return torch.full((batch, g2), classes, device=device)
+        if slots.shape != (batch, g2) or slots.is_floating_point():
+            raise InvalidArgumentError(
+                f"slots must be an integer tensor of shape ({batch}, {g2}), got "
+                f"{slots.dtype} {tuple(slots.shape)}"
+            )
+        if int(slots.min()) < 0 or int(slots.max()) > classes:
+            raise InvalidArgumentError(f"slots must lie in [0, {classes}] ({classes} = null)")
+        return slots.long()
+
+    def forward(self, cond: Mapping[str, Tensor] | None, batch: int, size: int):
+        """-> (glob (B, emb_dim), map (B, local_dim, size, size))."""
+        slots, g = self.read(cond, batch, self.cell.device), self.grid
+        offsets = torch.arange(g * g, device=slots.device) * self.tokens  # (g*g,)
+        glob = self.glob(slots + offsets).sum(1)  # (B, emb_dim)
+        local = self.local(slots) + self.cell  # (B, g*g, local_dim)
+        local = local.transpose(1, 2).reshape(batch, -1, g, g)  # (B, local_dim, g, g) row-major
+        return glob, nn.functional.interpolate(local, size=(size, size), mode="nearest")

@@ -97,7 +97,8 @@ class TextEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.width)
 
-    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, ids: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`extra` (B, L, width), optional: added to the input embeddings (e.g. segments)."""
         cfg = self.config
         if ids.ndim != 2 or ids.shape[1] != cfg.max_tokens or ids.is_floating_point():
             raise InvalidArgumentError(
@@ -108,6 +109,8 @@ class TextEncoder(nn.Module):
             raise InvalidArgumentError(f"token ids must lie in [0, {cfg.vocab_size - 1}]")
         mask = ids != PAD_ID  # (B, L)
         x = self.embed(ids) + self.pos  # (B, L, C)
+        if extra is not None:
+            x = x + extra
         for block in self.blocks:
             x = block(x, mask)
         x = self.norm(x)  # (B, L, C)

@@ -50,6 +50,7 @@ from difforge.nets.layers import (
     Downsample,
     NoiseEmbedding,
     ResBlock,
+    SlotEmbedding,
     Upsample,
     conv_nd,
     zero_module,
@@ -237,7 +238,11 @@ class UNet(nn.Module):
         self.noise_embed = NoiseEmbedding(cfg.base_channels, emb_dim)
         # The last row is the learned null class for classifier-free guidance.
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
-        self.slot_embed = SlotEmbedding(cfg, emb_dim) if getattr(cfg, "slot_grid", 0) else None
+        self.slot_embed = None
+        if getattr(cfg, "slot_grid", 0):
+            self.slot_embed = SlotEmbedding(
+                cfg.slot_grid, cfg.slot_classes, cfg.base_channels, emb_dim
+            )
         self.pooled_embed = nn.Linear(cfg.context_dim, emb_dim) if cfg.context_dim else None
         grid = getattr(cfg, "text_layout_grid", 0)
         self.text_layout = (
@@ -333,22 +338,6 @@ class UNet(nn.Module):
             emb = emb + self.guidance_embed(w)  # (B, emb_dim)
         return emb
 
-    def _slots(self, cond: Mapping[str, Tensor] | None, batch: int, device) -> Tensor:
-        cfg = self.config
-        slots = None if cond is None else cond.get("slots")
-        if slots is None:
-            return torch.full((batch, cfg.slot_grid**2), cfg.slot_classes, device=device)
-        if slots.shape != (batch, cfg.slot_grid**2) or slots.is_floating_point():
-            raise InvalidArgumentError(
-                f"slots must be an integer tensor of shape ({batch}, {cfg.slot_grid**2}), got "
-                f"{slots.dtype} {tuple(slots.shape)}"
-            )
-        if int(slots.min()) < 0 or int(slots.max()) > cfg.slot_classes:
-            raise InvalidArgumentError(
-                f"slots must lie in [0, {cfg.slot_classes}] ({cfg.slot_classes} = null)"
-            )
-        return slots.long()
-
     def _inpaint(self, cond: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:
         extra = None if cond is None else cond.get("inpaint")
         want = (x.shape[0], self.inpaint_channels, *x.shape[2:])
@@ -364,9 +353,7 @@ class UNet(nn.Module):
         emb = self.embed(c_noise, cond, x.shape[0]).to(x.dtype)  # (B, emb_dim)
         slot_map = None
         if self.slot_embed is not None:
-            slot_emb, slot_map = self.slot_embed(
-                self._slots(cond, x.shape[0], x.device), x.shape[-1]
-            )
+            slot_emb, slot_map = self.slot_embed(cond, x.shape[0], x.shape[-1])
             emb = emb + slot_emb.to(x.dtype)
         context = None if cond is None or self.config.context_dim is None else cond.get("context")
         mask = None
@@ -416,26 +403,6 @@ class UNet(nn.Module):
             low[:, :c].float(), size=tuple(x.shape[2:]), mode="bilinear", align_corners=False
         )  # (B, c, H, W)
         return up, low[:, c, 0, 0].float()  # level: the constant last channel
-
-
-class SlotEmbedding(nn.Module):
-    """Tokens on a g x g grid -> a spatial map (B, base, H, W) and a global embedding (B, emb)."""
-
-    def __init__(self, cfg: UNetConfig, emb_dim: int):
-        super().__init__()
-        self.grid, tokens = cfg.slot_grid, cfg.slot_classes + 1  # + the learned null
-        self.local = nn.Embedding(tokens, cfg.base_channels)
-        self.cell = nn.Parameter(torch.zeros(cfg.slot_grid**2, cfg.base_channels))  # position
-        self.glob = nn.Embedding(cfg.slot_grid**2 * tokens, emb_dim)  # (slot, token) pairs
-        self.tokens = tokens
-
-    def forward(self, slots: Tensor, size: int) -> tuple[Tensor, Tensor]:
-        b, g = slots.shape[0], self.grid
-        offsets = torch.arange(g * g, device=slots.device) * self.tokens  # (g*g,)
-        glob = self.glob(slots + offsets).sum(1)  # (B, emb_dim)
-        local = self.local(slots) + self.cell  # (B, g*g, base)
-        local = local.transpose(1, 2).reshape(b, -1, g, g)  # (B, base, g, g), row-major cells
-        return glob, nn.functional.interpolate(local, size=(size, size), mode="nearest")
 
 
 class TextLayout(nn.Module):

@@ -35,6 +35,7 @@ from difforge.pipeline.config import (
     FORMAT_V1,
     FORMAT_V2,
     ComponentRef,
+    LayoutConfig,
     ModelConfig,
     PipelineConfig,
     VAEConfig,
@@ -48,7 +49,11 @@ CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, MANIFEST_FILE = (
 )
 PIPELINE_FILE = "pipeline.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-COMPONENT_CONFIGS: dict[str, type[BaseModel]] = {"denoiser": ModelConfig, "vae": VAEConfig}
+COMPONENT_CONFIGS: dict[str, type[BaseModel]] = {
+    "denoiser": ModelConfig,
+    "vae": VAEConfig,
+    "layout": LayoutConfig,
+}
 
 
 class ModelIntegrityError(DifforgeError):

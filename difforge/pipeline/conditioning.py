@@ -32,6 +32,7 @@ from torch import Tensor
 from difforge.core.errors import InvalidArgumentError
 from difforge.data.tokenizer import PromptError, check_text, tokenizer_from_json
 
+PLANNED = "planned"  # a planned slots key's value: the layout stage draws it from the prompt
 Row = dict[str, Tensor]  # one image's conditioning: {key: tensor, no batch dimension}
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]  # (key, dtype, shape) per key, sorted
 
@@ -135,7 +136,9 @@ class SlotsKey(_Frozen):
     Request value for one image: a list of num_slots entries (int class, or None / "_" for an
     empty slot), or a string such as "_6/3_" (row by row, "_" empty, "/" and spaces ignored).
     A list of such values gives one per image (a None entry: the null, i.e. unconditional).
-    Absent: image i gets slots ((i + q) % num_classes for q in 0..num_slots-1).
+    Absent: image i gets slots ((i + q) % num_classes for q in 0..num_slots-1), or, for a
+    `planned` key, the "planned" row: the pipeline's layout stage (difforge.pipeline.layout)
+    draws the slots from the prompt per image, from that image's seed. "planned" is also a value.
     """
 
     kind: Literal["slots"] = "slots"
@@ -144,6 +147,7 @@ class SlotsKey(_Frozen):
     num_classes: int = Field(10, ge=1)
     dropout: float = Field(0.1, ge=0, le=1)  # training: P(whole vector -> null)
     source: str = "slots"
+    planned: bool = False  # absent value: planned from the prompt (a "layout" component)
 
     @property
     def empty(self) -> int:
@@ -153,10 +157,22 @@ class SlotsKey(_Frozen):
     def null(self) -> int:
         return self.num_classes + 1
 
+    @property
+    def plan(self) -> int:
+        """The token of a slot the layout stage fills (never reaches a network)."""
+        return self.num_classes + 2
+
     def null_row(self) -> Tensor:
         return torch.full((self.num_slots,), self.null, dtype=torch.int64)
 
+    def plan_row(self) -> Tensor:
+        return torch.full((self.num_slots,), self.plan, dtype=torch.int64)
+
     def _one(self, value: Any, where: tuple[str | int, ...]) -> Tensor:
+        if isinstance(value, str) and value == PLANNED:
+            if not self.planned:
+                raise FieldProblem(where, "this model has no layout stage: give the slots", "range")
+            return self.plan_row()
         if isinstance(value, str):
             value = [None if ch == "_" else ch for ch in value if ch not in "/ "]
             value = [int(v) if v is not None and v.isdigit() else v for v in value]
@@ -190,6 +206,8 @@ class SlotsKey(_Frozen):
 
     def resolve(self, value: Any, n: int) -> list[Tensor]:
         """The request value as n per-image (num_slots,) tensors, or FieldProblem."""
+        if value is None and self.planned:
+            return [self.plan_row()] * n
         if value is None:
             return [
                 torch.tensor([(i + q) % self.num_classes for q in range(self.num_slots)])
@@ -207,16 +225,19 @@ class SlotsKey(_Frozen):
         ]
         return out * (n if len(out) == 1 else 1)
 
-    def describe_row(self, row: Tensor) -> list[int | None] | None:
-        """A row as JSON: a list of classes with None for empty slots; None for the null row."""
+    def describe_row(self, row: Tensor) -> list[int | None] | str | None:
+        """A row as JSON: a list of classes with None for empty slots; None for the null row;
+        "planned" for a row the layout stage fills."""
         if bool((row == self.null).all()):
             return None
+        if bool((row == self.plan).all()):
+            return PLANNED
         return [None if int(v) == self.empty else int(v) for v in row]
 
     def caption(self, row: Tensor) -> str:
         v = self.describe_row(row)
-        if v is None:
-            return "-"
+        if v is None or v == PLANNED:
+            return "-" if v is None else PLANNED
         chars = ["_" if c is None else str(c) for c in v]
         half = (len(chars) + 1) // 2 if self.num_slots == 4 else len(chars)
         return "".join(chars[:half]) + ("/" + "".join(chars[half:]) if half < len(chars) else "")
@@ -520,6 +541,9 @@ class ConditioningSpec(_Frozen):
     """The keys a model is conditioned on; empty for an unconditional model."""
 
     keys: tuple[CondKey, ...] = ()
+    # training: P(every key -> its null together), on top of each key's own dropout, so that
+    # guidance's all-null branch is trained as often with several keys as with one
+    dropout_all: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _unique(self) -> ConditioningSpec:
@@ -648,7 +672,14 @@ class ConditioningSpec(_Frozen):
         """Training: each key's dropout to its null value, for classifier-free guidance."""
         if cond is None:
             return None
-        return {k.name: k.drop(cond[k.name], generator) for k in self.keys}
+        out = {k.name: k.drop(cond[k.name], generator) for k in self.keys}
+        if self.dropout_all:
+            n = next(iter(out.values())).shape[0]
+            drop = torch.rand(n, generator=generator) < self.dropout_all  # (B,)
+            for k in self.keys:
+                v, null = out[k.name], k.null_row().to(out[k.name].dtype)
+                out[k.name] = torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null, v)
+        return out
 
     def augment(self, cond: Mapping[str, Tensor] | None, seeds: Sequence[int]):
         """Sampling: the batched cond with each image key's conditioning augmentation, its noise

@@ -20,7 +20,8 @@ from difforge.pipeline.conditioning import ConditioningSpec
 FORMAT_V1 = "difforge-model/1"
 FORMAT_V2 = "difforge-pipeline/2"
 VAE_FORMAT = "difforge-vae/1"
-ComponentName = Literal["denoiser", "vae", "text_encoder", "adapters"]
+LAYOUT_FORMAT = "difforge-layout/1"
+ComponentName = Literal["denoiser", "vae", "text_encoder", "adapters", "layout"]
 
 
 class _Frozen(BaseModel):
@@ -95,6 +96,18 @@ class VAEConfig(_Frozen):
     scaling_factor: float = Field(1.0, gt=0)  # z_model = scaling_factor * z (1 / std over data)
     image_shape: tuple[int, int, int]  # (C, H, W) pixels
     latent_shape: tuple[int, int, int]  # (C, h, w) latents
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+class LayoutConfig(_Frozen):
+    """The layout component: a planner net (kind "layout_planner", difforge.nets.layout) that reads
+    the text key `prompt`'s token ids and draws the planned slots key `slots` per image."""
+
+    format: Literal["difforge-layout/1"] = LAYOUT_FORMAT
+    net: NetSpec  # kind "layout_planner"
+    prompt: str = "prompt"  # the text key whose ids it reads
+    slots: str = "slots"  # the slots key it fills
+    tokenizer_sha256: str  # of the tokenizer JSON it was trained with (the text key's)
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 

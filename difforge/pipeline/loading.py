@@ -17,6 +17,7 @@ from difforge.pipeline.artifact import (
     verify_manifest,
 )
 from difforge.pipeline.config import ModelConfig
+from difforge.pipeline.layout import check_layout
 from difforge.pipeline.model import Model
 
 
@@ -52,8 +53,21 @@ def load(path: str | Path) -> Model:
                 f"{folder}: the denoiser works on {tuple(configs['denoiser'].image_shape)} but "
                 f"the VAE makes latents {tuple(vae_config.latent_shape)}"
             )
+    layout = layout_config = None
+    if "layout" in refs:  # the text-to-layout stage of planned slots (pipeline/layout.py)
+        layout_config = configs["layout"]
+        layout = load_network(folder / refs["layout"].path, layout_config)
+    check_layout(pipeline.conditioning, layout_config, str(folder))
     # A pipeline's identity: pipeline.json, which records every component's weights sha256.
     sha = sha256_file(folder / PIPELINE_FILE)
     return Model(
-        configs["denoiser"], net, sha, folder, pipeline=pipeline, vae=vae, vae_config=vae_config
+        configs["denoiser"],
+        net,
+        sha,
+        folder,
+        pipeline=pipeline,
+        vae=vae,
+        vae_config=vae_config,
+        layout=layout,
+        layout_config=layout_config,
     )

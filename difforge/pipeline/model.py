@@ -22,6 +22,7 @@ from difforge.core.processes import NoiseProcess, make_process
 from difforge.core.sigmas import get_sigmas
 from difforge.pipeline.conditioning import ConditioningSpec, Row
 from difforge.pipeline.config import (
+    LayoutConfig,
     ModelConfig,
     NetSpec,
     PipelineConfig,
@@ -29,6 +30,7 @@ from difforge.pipeline.config import (
     VAEConfig,
 )
 from difforge.pipeline.editing import Edit, sample_arguments
+from difforge.pipeline.layout import plan_layouts
 from difforge.pipeline.request import Plan, RequestLimits, resolve
 
 
@@ -98,6 +100,8 @@ class Model:
         pipeline: PipelineConfig | None = None,
         vae: nn.Module | None = None,
         vae_config: VAEConfig | None = None,
+        layout: nn.Module | None = None,
+        layout_config: LayoutConfig | None = None,
     ):
         self.config = config
         self.pipeline = pipeline
@@ -113,6 +117,7 @@ class Model:
         self.net = net
         self.denoiser = build_denoiser(config, net).eval()
         self.vae, self.vae_config = vae, vae_config
+        self.layout, self.layout_config = layout, layout_config  # planned slots (pipeline.layout)
         self.adapters: dict[str, Any] = {}  # name -> AttachedAdapter (pipeline.adapters)
         # a guidance-distilled student takes w as an input: one forward per step, no uncond half
         self.guidance_input = bool(config.net.config.get("guidance_embed", False))
@@ -258,6 +263,7 @@ class Model:
         edit = plan.edit if edit is None else edit
         editing = {} if edit is None else sample_arguments(self, edit, seeds)
         cond = self.spec.augment(self.spec.collate(rows), seeds)
+        cond = plan_layouts(self.layout, self.layout_config, self.spec, cond, seeds)
         # a guidance-input student is the guided denoiser itself (Meng et al. 2023); getattr:
         # test fakes borrow this method
         if getattr(self, "guidance_input", False) and guided:
@@ -330,6 +336,12 @@ class Model:
                 "parameters": count_parameters(self.vae),
                 "net": self.vae_config.net.kind,
                 "scaling_factor": self.vae_config.scaling_factor,
+            }
+        if self.layout is not None:
+            out["layout"] = {
+                "sha256": refs["layout"].sha256 if "layout" in refs else "(training)",
+                "parameters": count_parameters(self.layout),
+                "net": self.layout_config.net.kind,
             }
         for name, ref in refs.items():
             out[name]["base"] = dict(ref.base)

@@ -87,6 +87,11 @@ class TrainConfig(_Frozen):
     # A VAE folder (`difforge train-vae`): train on its scaled latents of the dataset, encoded
     # once; the model is then a v2 pipeline of vae/ + denoiser/. None: pixel space.
     vae: str | None = None
+    # A layout planner folder (`difforge train-layout`) for a captioned-scenes text model whose
+    # backbone has a slot path: the model is then conditioned on the prompt and the scene's slots
+    # (a planned slots key: at sampling the planner draws them from the prompt, per image) and the
+    # pipeline holds the planner as its layout/ component. None: prompts only.
+    layout: str | None = None
     # A model folder whose denoiser weights start the net (fine-tuning; its EMA starts there too).
     # The net config must match; None: random initialisation.
     init: str | None = None

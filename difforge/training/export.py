@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from difforge.common.atomic import write_text_atomic
+from difforge.core.errors import InvalidArgumentError
 from difforge.data.dataset import ImageDataset
 from difforge.data.timeseries import SeriesDataset
 from difforge.pipeline import (
@@ -24,7 +25,7 @@ from difforge.pipeline import (
     save_pipeline,
     save_samples_png,
 )
-from difforge.pipeline.conditioning import TextKey
+from difforge.pipeline.conditioning import SlotsKey, TextKey
 from difforge.training.config import TrainConfig
 
 
@@ -39,12 +40,19 @@ def text_spec(config: TrainConfig, dataset: ImageDataset) -> ConditioningSpec | 
         examples=tuple(dataset.examples),
         dropout=config.cond_dropout,
     )
-    return ConditioningSpec(keys=(key,))
+    if not config.layout:
+        return ConditioningSpec(keys=(key,))
+    slots = getattr(dataset, "slots", None)
+    if slots is None:
+        raise InvalidArgumentError("a layout planner needs a data set with slots (scene_captions)")
+    planned = SlotsKey(
+        num_slots=slots.shape[1], num_classes=10, dropout=config.cond_dropout, planned=True
+    )  # the scenes' classes 0-9 and EMPTY = 10
+    return ConditioningSpec(keys=(key, planned), dropout_all=config.cond_dropout)
 
 
 def check_text_net(net_config: Any, spec: ConditioningSpec | None) -> None:
     """A text model's encoder must cover the tokenizer's vocabulary and prompt length."""
-    from difforge.core.errors import InvalidArgumentError
     from difforge.data.tokenizer import tokenizer_from_json
 
     if spec is None:
@@ -200,12 +208,14 @@ def export_pipeline(
     provenance: Mapping[str, Any],
     spec: ConditioningSpec,
     vae: Any | None = None,
+    layout: tuple[Any, Mapping[str, Tensor]] | None = None,
 ) -> Path:
     """Write a v2 pipeline folder: denoiser/ (EMA weights) and, for a latent model, vae/.
 
     Args:
         spec: the conditioning the denoiser was trained with (pipeline.json holds it).
         vae: a `difforge.training.vae.LatentSource`, or None for a pixel-space pipeline.
+        layout: (LayoutConfig, weights) of the planner of a planned slots key, saved as layout/.
     """
     provenance = {**provenance, "code_version": code_version(), "created": _now()}
     model_config = model_config.model_copy(update={"provenance": dict(provenance)})
@@ -224,9 +234,13 @@ def export_pipeline(
     if vae is not None:
         components["vae"] = (vae.config, vae.weights)
         base = {"denoiser": {"vae": vae.sha256}}  # refused at save if the VAE saved differs
+    if layout is not None:
+        components["layout"] = layout
     card = model_card(model_config, config, provenance)
     if vae is not None:
         card += _vae_section(vae)
+    if layout is not None:
+        card += _layout_section(layout[0], config.layout)
     return save_pipeline(folder, fields, components, card, base=base)
 
 
@@ -332,3 +346,24 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _layout_section(layout: Any, path: str | None) -> str:
+    """The card's account of the layout planner (its own card has the full report)."""
+    p = layout.provenance
+    test = p.get("report", {}).get("test_captions", {})
+    recipe = json.dumps(p.get("train_config", {}), indent=2, sort_keys=True)
+    return f"""
+## Layout stage
+
+`layout/`: a text-to-layout planner (difforge.nets.layout; copied from `{path}`), {p.get("parameters")}
+parameters, {p.get("steps")} steps on {p.get("captions")} captions; its drawn layouts satisfy
+{test.get("fraction", float("nan")):.1%} of held-out test captions (n={test.get("n")}). At sampling
+it draws each image's slots from the prompt and the image's seed; the denoiser reads them through
+its slot path and the prompt through cross-attention. Retrain it with
+`difforge train-layout --config layout_config.json --out LAYOUT_FOLDER` from this recipe:
+
+```json
+{recipe}
+```
+"""

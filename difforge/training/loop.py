@@ -194,6 +194,7 @@ class Trainer:
             self.init_sha256, self.init_report = _load_init(self.net, config.init, config.init_mode)
         _check_net_fits(self.net, self.model_config)
         check_text_net(self.net.config, self.text_spec)
+        self.layout = _load_layout(config.layout, self.spec)  # (config, net, sha, weights)
         self.denoiser = build_denoiser(self.model_config, self.net).train()
         # what training calls: under torchrun the same adapter around the DDP-wrapped net (DDP
         # hooks the net's forward; the adapter's loss_terms calls it)
@@ -425,8 +426,11 @@ class Trainer:
             pipeline = None
             if self.text_spec is not None:
                 pipeline = training_pipeline(self.model_config, self.text_spec)
+            layout = {}
+            if self.layout is not None:
+                layout = {"layout": self.layout[1], "layout_config": self.layout[0]}
             self._sampler_model = Model(
-                self.model_config, self.ema.net, sha256="(training)", pipeline=pipeline
+                self.model_config, self.ema.net, sha256="(training)", pipeline=pipeline, **layout
             )
         with torch.random.fork_rng(devices=[]):
             return sample_grid(self._sampler_model, path)
@@ -477,14 +481,31 @@ class Trainer:
             provenance["init_sha256"] = self.init_sha256  # the denoiser weights it started from
             if self.config.init_mode != "exact":
                 provenance["init"] = self.init_report
+        layout = None
+        if self.layout is not None:
+            provenance["layout_sha256"] = self.layout[2]
+            layout = (self.layout[0], self.layout[3])
         weights = self.ema.net.state_dict()
-        if self.config.conditioning is None and self.latents is None:
+        if self.config.conditioning is None and self.latents is None and layout is None:
             return export_model(
                 folder, self.model_config, self.config, weights, provenance, self.text_spec
             )
         return export_pipeline(
-            folder, self.model_config, self.config, weights, provenance, self.spec, self.latents
-        )
+            folder, self.model_config, self.config, weights, provenance, self.spec, self.latents,
+            layout,
+        )  # fmt: skip
+
+
+def _load_layout(path: str | None, spec) -> tuple | None:
+    """The layout planner component a planned-slots text model is trained with (None: none)."""
+    if not path:
+        return None
+    from difforge.pipeline.artifact import load_component
+    from difforge.pipeline.layout import check_layout
+
+    config, net, sha, weights = load_component(path, "layout")
+    check_layout(spec, config, path)
+    return config, net, sha, weights
 
 
 def _check_net_fits(net: torch.nn.Module, model_config) -> None:

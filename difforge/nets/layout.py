@@ -104,7 +104,8 @@ class LayoutPlanner(nn.Module):
         """Token ids (B, L) -> (tokens (B, L, C), mask (B, L)), with segment embeddings."""
         extra = None
         if self.segment is not None:
-            seg = torch.isin(ids, self.seps).long().cumsum(1) - torch.isin(ids, self.seps).long()
+            sep = torch.isin(ids, self.seps).long()  # (B, L)
+            seg = sep.cumsum(1) - sep  # separators before a token: a separator ends its clause
             extra = self.segment(seg.clamp(max=self.segment.num_embeddings - 1))  # (B, L, C)
         text, mask, _ = self.text(ids, extra)
         return text, mask
@@ -117,7 +118,11 @@ class LayoutPlanner(nn.Module):
                 f"slots must be an integer tensor ({ids.shape[0]}, {cfg.cells}), got "
                 f"{slots.dtype} {tuple(slots.shape)}"
             )
-        text, mask = self.encode(ids)  # (B, L, C), (B, L)
+        return self._decode(*self.encode(ids), slots)
+
+    def _decode(self, text: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
+        """Every cell's logits from the encoded prompt and the tokens of the cells before it."""
+        cfg = self.config
         start = torch.full_like(slots[:, :1], cfg.tokens)
         x = self.prev(torch.cat([start, slots[:, :-1]], dim=1)) + self.cell  # (B, cells, C)
         for block in self.blocks:
@@ -133,8 +138,9 @@ class LayoutPlanner(nn.Module):
         if u.shape != (ids.shape[0], cfg.cells):
             raise InvalidArgumentError(f"u must have shape ({ids.shape[0]}, {cfg.cells})")
         slots = torch.zeros(ids.shape[0], cfg.cells, dtype=torch.int64, device=ids.device)
+        text, mask = self.encode(ids)  # once: only the decoder depends on the cells drawn
         for j in range(cfg.cells):
-            logits = self.logits(ids, slots)[:, j].double()  # (B, tokens)
+            logits = self._decode(text, mask, slots)[:, j].double()  # (B, tokens)
             if temperature == 0:
                 slots[:, j] = logits.argmax(1)
                 continue

@@ -237,7 +237,7 @@ class SlotsKey(_Frozen):
     def caption(self, row: Tensor) -> str:
         v = self.describe_row(row)
         if v is None or v == PLANNED:
-            return "-" if v is None else PLANNED
+            return v or "-"
         chars = ["_" if c is None else str(c) for c in v]
         half = (len(chars) + 1) // 2 if self.num_slots == 4 else len(chars)
         return "".join(chars[:half]) + ("/" + "".join(chars[half:]) if half < len(chars) else "")

@@ -58,13 +58,26 @@ def check_layout(spec: ConditioningSpec, config: LayoutConfig | None, where: str
         )
 
 
+def draw_layouts(planner: nn.Module, ids: Tensor, seeds: Sequence[int]) -> Tensor:
+    """One layout per prompt ids (B, L), each from its seed's stream `LAYOUT_STREAM` and drawn
+    alone (batch-free): int64 (B, cells)."""
+    from difforge.samplers.noise import stream_seeds
+
+    cells = planner.config.cells
+    out = []
+    for i, seed in enumerate(stream_seeds(list(seeds), LAYOUT_STREAM)):
+        g = torch.Generator().manual_seed(seed)
+        u = torch.rand(1, cells, generator=g, dtype=torch.float64)  # (1, cells)
+        out.append(planner.sample(ids[i : i + 1], u)[0])
+    return torch.stack(out) if out else torch.zeros(0, cells, dtype=torch.int64)
+
+
 def plan_layouts(
     planner: nn.Module | None,
     config: LayoutConfig | None,
     spec: ConditioningSpec,
     cond: Mapping[str, Tensor] | None,
     seeds: Sequence[int],
-    temperature: float = 1.0,
 ) -> Mapping[str, Tensor] | None:
     """`cond` with every "planned" slots row drawn by the planner from its image's seed."""
     key = planned_key(spec)
@@ -76,12 +89,6 @@ def plan_layouts(
         return cond
     if planner is None or config is None:
         raise InvalidArgumentError(f"slots {key.name!r} are planned, but there is no planner")
-    from difforge.samplers.noise import stream_seeds
-
-    ids = cond[config.prompt]
     out = slots.clone()
-    for i, seed in zip(todo, stream_seeds([seeds[i] for i in todo], LAYOUT_STREAM), strict=True):
-        g = torch.Generator().manual_seed(seed)
-        u = torch.rand(1, key.num_slots, generator=g, dtype=torch.float64)  # (1, cells)
-        out[i] = planner.sample(ids[i : i + 1], u, temperature)[0]  # one image: batch-free
+    out[todo] = draw_layouts(planner, cond[config.prompt][todo], [seeds[i] for i in todo])
     return {**cond, key.name: out}

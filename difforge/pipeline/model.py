@@ -263,8 +263,7 @@ class Model:
         edit = plan.edit if edit is None else edit
         editing = {} if edit is None else sample_arguments(self, edit, seeds)
         cond = self.spec.augment(self.spec.collate(rows), seeds)
-        layout = getattr(self, "layout", None), getattr(self, "layout_config", None)  # fakes
-        cond = plan_layouts(*layout, self.spec, cond, seeds)
+        cond = plan_layouts(self.layout, self.layout_config, self.spec, cond, seeds)
         # a guidance-input student is the guided denoiser itself (Meng et al. 2023); getattr:
         # test fakes borrow this method
         if getattr(self, "guidance_input", False) and guided:

@@ -14,6 +14,7 @@ from torch import Tensor
 from difforge.common.atomic import write_text_atomic
 from difforge.core.errors import InvalidArgumentError
 from difforge.data.dataset import ImageDataset
+from difforge.data.scenes import EMPTY
 from difforge.data.timeseries import SeriesDataset
 from difforge.pipeline import (
     ConditioningSpec,
@@ -46,8 +47,8 @@ def text_spec(config: TrainConfig, dataset: ImageDataset) -> ConditioningSpec | 
     if slots is None:
         raise InvalidArgumentError("a layout planner needs a data set with slots (scene_captions)")
     planned = SlotsKey(
-        num_slots=slots.shape[1], num_classes=10, dropout=config.cond_dropout, planned=True
-    )  # the scenes' classes 0-9 and EMPTY = 10
+        num_slots=slots.shape[1], num_classes=EMPTY, dropout=config.cond_dropout, planned=True
+    )  # the scenes' classes 0 .. EMPTY - 1 and the EMPTY token
     return ConditioningSpec(keys=(key, planned), dropout_all=config.cond_dropout)
 
 

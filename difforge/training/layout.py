@@ -34,6 +34,7 @@ from difforge.nets import build_net, count_parameters
 from difforge.nets.layout import LayoutPlanner
 from difforge.pipeline import LayoutConfig, NetSpec, code_version
 from difforge.pipeline.artifact import save_component
+from difforge.pipeline.layout import draw_layouts
 
 
 class _Frozen(BaseModel):
@@ -144,19 +145,6 @@ def drop_words(
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept ids first, in order
     out = ids.gather(1, order)
     return out.masked_fill(~keep.gather(1, order), PAD_ID)
-
-
-def draw_layouts(planner: LayoutPlanner, ids: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-    """One layout per caption, as the pipeline draws them (pipeline.layout.LAYOUT_STREAM)."""
-    from difforge.pipeline.layout import LAYOUT_STREAM
-    from difforge.samplers.noise import stream_seeds
-
-    cells = planner.config.cells
-    out = []
-    for i, seed in enumerate(stream_seeds(list(seeds), LAYOUT_STREAM)):
-        u = torch.rand(1, cells, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        out.append(planner.sample(ids[i : i + 1], u)[0])
-    return torch.stack(out) if out else torch.zeros(0, cells, dtype=torch.int64)
 
 
 def layout_holds(clauses, slots: Sequence[int]) -> bool:

@@ -112,6 +112,7 @@ class _ChunkSensitiveModel:
     spec = ConditioningSpec()
     image_shape = latent_shape = (1, 4, 4)
     sample_latents = Model.sample_latents
+    layout = layout_config = None  # no layout stage
 
     def __init__(self):
         from difforge.core.processes import make_process

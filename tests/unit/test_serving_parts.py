@@ -356,6 +356,7 @@ class _PositionDependentModel:
     spec = ConditioningSpec()
     image_shape = latent_shape = (1, 4, 4)
     sample_latents = Model.sample_latents  # the real sampler call over this fake's denoiser
+    layout = layout_config = None  # no layout stage
 
     def __init__(self, bad_from: int | None):
         from difforge.core.processes import make_process

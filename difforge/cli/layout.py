@@ -14,7 +14,10 @@ from difforge.cli.app import command
 def train_layout_command(
     out: str = typer.Option(..., "--out", help="Planner folder to write (config, weights, card)."),
     config: str | None = typer.Option(
-        None, "--config", help="LayoutTrainConfig JSON [default: the built-in scenes recipe]."
+        None,
+        "--config",
+        help="LayoutTrainConfig JSON, e.g. configs/scenes_layout.json (the shipped planner's "
+        "recipe); none: the built-in defaults (no segment embeddings, no word dropout).",
     ),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Override max_steps."),
 ) -> None:

@@ -115,6 +115,10 @@ class BatchPlan:
         """True when an image's pixels cannot depend on the other requests in its call."""
         return self.mode != "off"
 
+    def describe(self) -> dict[str, Any]:
+        """How the version batches, as /v1/models and every response report it."""
+        return {"mode": self.mode, "invariant": self.invariant, "chunk_rows": self.chunk_rows}
+
 
 def sample_rows(
     model: Model,

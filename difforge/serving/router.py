@@ -69,13 +69,7 @@ class ModelVersion:
             "image_shape": list(m.image_shape),
             "defaults": m.sampling.model_dump(),
             "ready": self.ready,
-            "batching": None
-            if self.plan is None
-            else {
-                "mode": self.plan.mode,
-                "invariant": self.plan.invariant,
-                "chunk_rows": self.plan.chunk_rows,
-            },
+            "batching": None if self.plan is None else self.plan.describe(),
             **({"registry": dict(self.meta)} if self.meta else {}),
             "adapters": [a.describe() for a in getattr(m, "adapters", {}).values()],
         }

@@ -566,6 +566,9 @@ class Service:
             "nfe": job.nfe,
             "batch_images": job.call_images,
             "batch_invariant": job.version.plan is not None and job.version.plan.invariant,
+            # how to get these bytes in-process: "kernels" = Model.with_backend("eager",
+            # kernels="invariant"), "chunk" = Model.sample(..., chunk_rows=C)
+            "batching": None if job.version.plan is None else job.version.plan.describe(),
         }
         if len(model.image_shape) == 2:  # a series model: (C, T) float values, never PNG
             if plan.response_format == "csv":

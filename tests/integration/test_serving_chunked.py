@@ -63,7 +63,7 @@ def test_chunked_calls_protect_pixels_from_batch_dependent_kernels(model_dir, by
                             "chunk_rows": chunk if plan == "chunk" else None}  # fmt: skip
             alone, crowded, bodies = await _alone_and_crowded(c)
             assert max(bodies[0]["batch_images"]) > 1 or plan == "per_sample"
-            assert bodies[1]["batch_invariant"] is True
+            assert bodies[1]["batch_invariant"] is True and bodies[1]["batching"] == info
             assert np.array_equal(alone, crowded)
 
     run(scenario())
@@ -105,7 +105,7 @@ def test_chunk_rows_is_validated():
     with pytest.raises(ValidationError, match="batch_invariance"):
         ServiceConfig(batch_invariance="chunks")
     assert ServiceConfig(chunk_rows=3).chunk_rows == 3
-    assert ServiceConfig().batch_invariance == "chunk"  # the default
+    assert ServiceConfig().batch_invariance == "kernels"  # the default (serving/invariance.py)
 
 
 def test_cli_sample_with_chunk_rows_does_not_depend_on_the_batch_size(model_dir, tmp_path):

@@ -18,6 +18,7 @@ from tests.integration.serving_fixtures import (
     run,
     running,
     slow_down,
+    wrap_denoisers,
 )
 
 FAST = {"torch_threads": 1, "warmup_steps": 1}
@@ -89,7 +90,7 @@ def test_non_finite_output_fails_the_request_counted_and_audited(model_dir):
 def test_warm_up_refuses_a_model_with_non_finite_output(model_dir):
     svc = make_service(model_dir, **FAST)
     version = svc.router.production
-    version.model.denoiser = NaNDenoiser(version.model.denoiser)
+    wrap_denoisers(svc, NaNDenoiser)  # the denoiser the default "kernels" mode serves with
 
     async def scenario():
         await svc.start()
@@ -309,8 +310,8 @@ def test_requests_refused_while_warming_up_spend_no_rate_limit_tokens(model_dir)
     async def scenario():
         svc = make_service(model_dir, cfg)
         version = svc.router.production
-        fast = version.model.denoiser
-        version.model.denoiser = SlowDenoiser(fast, 0.2)  # a warm-up that lasts
+        served = []  # the denoiser the default "kernels" mode serves with, before the wrapper
+        wrap_denoisers(svc, lambda d: served.append(d) or SlowDenoiser(d, 0.2))  # a long warm-up
         app = create_app(svc)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, client=("10.0.0.7", 5555))
@@ -319,7 +320,7 @@ def test_requests_refused_while_warming_up_spend_no_rate_limit_tokens(model_dir)
                 assert [r.status_code for r in refused] == [503] * 4
                 assert all(r.json()["detail"] == "the model is warming up" for r in refused)
                 await svc.wait_ready(timeout=60)
-                version.model.denoiser = fast
+                version.model.denoiser = served[0]
                 codes = [
                     (await c.post("/v1/generate", json=quick, headers=gen)).status_code
                     for _ in range(3)

@@ -70,6 +70,8 @@ def test_several_images_come_as_json_with_the_same_provenance(model_dir):
             assert r.status_code == 200 and r.headers["content-type"] == "application/json"
             body = r.json()
             assert body["synthetic"] is True and body["batch_invariant"] is True
+            # the default mode, named in the response as in /v1/models
+            assert body["batching"] == {"mode": "kernels", "invariant": True, "chunk_rows": None}
             assert all(img["synthetic"] is True for img in body["images"])
             assert [img["seed"] for img in body["images"]] == [40, 41, 42]
             assert [img["conditioning"]["labels"] for img in body["images"]] == [1, 2, 3]

@@ -122,3 +122,18 @@ def test_a_cascade_serves_both_stages_with_the_kernels(tmp_path):
 
     crowd, alone = _one_thread(both)
     assert crowd.shape == (3, 1, 16, 16) and torch.equal(crowd[1], alone[0])
+
+
+def test_the_default_model_serves_with_the_kernels_by_default():
+    """models/mnist-cond under the default config: the probe passes, so it serves "kernels"
+    (a fallback to "per_sample" would serve one image per call)."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "mnist-cond"
+
+    async def scenario():
+        svc = make_service(shipped, torch_threads=1, warmup_steps=1)
+        async with running(svc):
+            return svc.router.production.plan.describe()
+
+    assert run(scenario()) == {"mode": "kernels", "invariant": True, "chunk_rows": None}

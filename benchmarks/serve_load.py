@@ -12,7 +12,8 @@ on. Reported per level: images/s, latency p50/p95/p99, errors by status. "offlin
 sampler calls in-process (`sample_rows`, full batches) for --duration: the ceiling the server is
 measured against; "in-process lone" samples the lone client's request with `Model.sample` for
 --duration, and the summary puts each configuration's 1-client p50 beside it (the batching mode
-is the service default, batch_invariance "chunk"; benchmarks/serve_ab.py compares the modes A/B). The kill run SIGKILLs the server under 16 clients, restarts it on the same audit
+is the service default, batch_invariance "kernels"; benchmarks/serve_ab.py compares the modes
+A/B). The kill run SIGKILLs the server under 16 clients, restarts it on the same audit
 log and polls readiness from process start (it must say not-ready until warm), then checks the
 audit hash chain. The overload run sends 200 clients at a server with a queue of 8: rejected
 requests must come back fast (503 latency), every accepted one must complete, and the server's

@@ -324,6 +324,18 @@ def score(images: dict, methods, nfes, args, against) -> list[dict]:
     return rows
 
 
+def score_reference(images: dict, args, against, num_classes: int) -> dict | None:
+    """FID, KID and label accuracy of the converged reference itself, when it covers all n seeds:
+    what a solver with no error scores (a few-step FID below it comes from the solver's error)."""
+    ref = images["ref"]
+    if ref is None or len(ref) < args.n:
+        return None
+    extractor, reference = against
+    labels = torch.arange(args.seed, args.seed + args.n) % num_classes
+    ev = evaluate_images(to_uint8(ref), labels, extractor, reference, seed=args.seed)["metrics"]
+    return {"n": args.n, "fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"]}
+
+
 def compare(a: dict, b: dict, what: str, reference, reps: int) -> dict:
     """a - b on the same resampled images (paired by seed), with its 95% bootstrap interval."""
     if what == "rmse":
@@ -469,14 +481,18 @@ def main(argv=None) -> int:
     reference = default_reference("train", extractor)
     rows = score(images, methods, nfes, args, (extractor, reference))
     verdict = verdicts(rows, nfes, reference)
+    converged = score_reference(images, args, (extractor, reference), model.num_classes)
     summary = summarize(rows, verdict, args)
+    if converged is not None:
+        summary += (f". The reference itself (the converged solution, n={converged['n']}): FID "
+                    f"{converged['fid']:.2f}, KID {converged['kid']:.1f}, acc {converged['acc']:.3f}")  # fmt: skip
     for r in rows:
         print(f"{r['nfe']:3d} {r['method']:34s} rmse {r['rmse']:.4f} [{r['rmse_ci95'][0]:.4f}, "
               f"{r['rmse_ci95'][1]:.4f}] fid {r.get('fid', float('nan')):7.2f} "
               f"kid {r.get('kid', float('nan')):7.1f} acc {r.get('acc', float('nan')):.3f}")  # fmt: skip
     payload = {"model": model.name, "model_sha256": model.sha256, "n": args.n, "seed": args.seed,
                "guidance": args.guidance, "nfe": nfes, "reference": args.ref, "n_rmse": rows[0].get("n_rmse"),
-               "reference_check": check, "start_sigma_diffusers": SIGMA_T,
+               "reference_check": check, "reference_scores": converged, "start_sigma_diffusers": SIGMA_T,
                "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
                "verdicts": verdict, "note": args.note, "seconds": time.perf_counter() - start}  # fmt: skip
     out = write_result(args.name, payload, summary + (f". {args.note}" if args.note else ""))

@@ -51,8 +51,7 @@ only by "kernels", so it is the default. (Under load 2.6-5.2 earlier the same da
 jobs running, kernels measured 1.46-1.73x and 72.5-81.7%: the serving and offline windows are
 minutes apart and the load moved between them.) The bare net runs at 0.88-0.90x the default
 kernels at batch 16-64 under load (0.86-1.07x per quiet round of offline sampling) and 0.66x at
-batch 1,
-which is what a lone client pays. A "kernels" image's bytes are those of
+batch 1, which is what a lone client pays. A "kernels" image's bytes are those of
 Model.with_backend("eager", kernels="invariant"), not plain Model.sample's (the last bits of a
 different summation order); "chunk" with 2 rows keeps a lone guided image's bytes equal to plain
 Model.sample's. Every response's "batching" says which.

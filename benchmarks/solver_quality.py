@@ -332,8 +332,27 @@ def score_reference(images: dict, args, against, num_classes: int) -> dict | Non
         return None
     extractor, reference = against
     labels = torch.arange(args.seed, args.seed + args.n) % num_classes
-    ev = evaluate_images(to_uint8(ref), labels, extractor, reference, seed=args.seed)["metrics"]
-    return {"n": args.n, "fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"]}
+    u8 = to_uint8(ref)
+    ev = evaluate_images(u8, labels, extractor, reference, seed=args.seed)["metrics"]
+    mu, sigma = feature_stats(extract(extractor.features, u8))
+    return {"n": args.n, "fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"],
+            "_stats": Stats(mu, sigma)}  # fmt: skip
+
+
+class Stats:
+    """Feature mean and covariance to measure an FID against (as a reference data set has)."""
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
+        self.mu, self.sigma = mu, sigma
+
+
+def add_fid_to_converged(rows: list[dict], converged: Stats) -> None:
+    """Each row's Frechet distance to the converged solution's own images (same features): the
+    solver's error as a distribution, which real-data FID is not at few NFE (see the README)."""
+    for r in rows:
+        if "_feats" in r:
+            r["fid_converged"] = fid_from_stats(*feature_stats(r["_feats"]), converged.mu,
+                                                converged.sigma)  # fmt: skip
 
 
 def compare(a: dict, b: dict, what: str, reference, reps: int) -> dict:
@@ -342,21 +361,25 @@ def compare(a: dict, b: dict, what: str, reference, reps: int) -> dict:
         ma, mb = a["_mse"], b["_mse"]
         diff = a["rmse"] - b["rmse"]
         ci = boot_ci(lambda i: np.sqrt(ma[i].mean()) - np.sqrt(mb[i].mean()), len(ma), reps, 1)
-    else:
+    else:  # "fid" (against real data) or "fid_converged": `reference` is the matching one
         fa, fb, mu, sg = a["_feats"], b["_feats"], reference.mu, reference.sigma
         fid = lambda f: fid_from_stats(*feature_stats(f), mu, sg)  # noqa: E731
-        diff = a["fid"] - b["fid"]
+        diff = a[what] - b[what]
         ci = boot_ci(lambda i: fid(fa[i]) - fid(fb[i]), len(fa), reps, 2)
     return {"ours": a["method"], "peer": b["method"], "diff": diff, "ci95": ci, "win": ci[1] < 0}
 
 
-def verdicts(rows: list[dict], nfes: list[int], reference) -> dict:
+METRICS = ("rmse", "fid", "fid_converged")  # the last only when the reference covers all n
+
+
+def verdicts(rows: list[dict], nfes: list[int], reference, converged: Stats | None = None) -> dict:
+    refs = {"rmse": None, "fid": reference, "fid_converged": converged}
     out: dict = {}
     for k in nfes:
         here = [r for r in rows if r["nfe"] == k]
         ours = [r for r in here if r["family"] == "difforge"]
         out[str(k)] = {}
-        for what in ("rmse", "fid"):
+        for what in METRICS:
             if not ours or what not in ours[0]:
                 continue
             best = min(ours, key=lambda r: r[what])
@@ -365,7 +388,7 @@ def verdicts(rows: list[dict], nfes: list[int], reference) -> dict:
                 if peers:
                     peer = min(peers, key=lambda r: r[what])
                     reps = 1000 if what == "rmse" else 200
-                    out[str(k)][f"{what} vs {group}"] = compare(best, peer, what, reference, reps)
+                    out[str(k)][f"{what} vs {group}"] = compare(best, peer, what, refs[what], reps)
     return out
 
 
@@ -382,7 +405,9 @@ def summarize(rows: list[dict], verdict: dict, args) -> str:
         parts.append(f"@{k} NFE " + "; ".join(cells))
     needed = {f"{w} vs {g}" for w in ("rmse", "fid") for g in set(PEER_GROUP.values())}
     judged = all(needed <= set(vs) for vs in verdict.values())
-    met = judged and all(v["win"] for vs in verdict.values() for v in vs.values())
+    met = judged and all(
+        v["win"] for vs in verdict.values() for key, v in vs.items() if key in needed
+    )
     word = "MET" if met else "NOT met" if judged else "not judged (a comparison is missing)"
     big = " (at n >= 1000)" if args.n >= 1000 and n_rmse >= 1000 else f" (here at n={args.n})"
     parts.append(f"target (a win at every NFE in RMSE and FID vs both peer groups){big}: {word}")
@@ -396,7 +421,9 @@ def verdict_table(rows: list[dict], verdict: dict) -> str:
     head = "| NFE | metric | " + " | ".join(f"best {g}" for g in groups) + " | difforge wins |"
     out = [head, "|" + "---|" * (len(groups) + 3)]
     for k, vs in verdict.items():
-        for what in ("rmse", "fid"):
+        for what in METRICS:
+            if not any(key.startswith(f"{what} vs") for key in vs):
+                continue
             cells = []
             for g in groups:
                 here = [
@@ -413,7 +440,7 @@ def verdict_table(rows: list[dict], verdict: dict) -> str:
                              else f"{b['method']} {b[what]:.1f}")  # fmt: skip
             wins = [f"vs {key.split(' vs ')[1]}: {'yes' if v['win'] else 'no'} ({v['diff']:+.3g} "
                     f"[{v['ci95'][0]:+.3g}, {v['ci95'][1]:+.3g}])"
-                    for key, v in vs.items() if key.startswith(what)]  # fmt: skip
+                    for key, v in vs.items() if key.startswith(f"{what} vs")]  # fmt: skip
             out.append(f"| {k} | {what.upper()} | " + " | ".join(cells) + f" | {'; '.join(wins)} |")
     return "\n".join(out)
 
@@ -480,8 +507,10 @@ def main(argv=None) -> int:
     extractor = load_feature_extractor()
     reference = default_reference("train", extractor)
     rows = score(images, methods, nfes, args, (extractor, reference))
-    verdict = verdicts(rows, nfes, reference)
     converged = score_reference(images, args, (extractor, reference), model.num_classes)
+    if converged is not None:
+        add_fid_to_converged(rows, converged["_stats"])
+    verdict = verdicts(rows, nfes, reference, converged and converged.pop("_stats"))
     summary = summarize(rows, verdict, args)
     if converged is not None:
         summary += (f". The reference itself (the converged solution, n={converged['n']}): FID "
@@ -489,7 +518,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['nfe']:3d} {r['method']:34s} rmse {r['rmse']:.4f} [{r['rmse_ci95'][0]:.4f}, "
               f"{r['rmse_ci95'][1]:.4f}] fid {r.get('fid', float('nan')):7.2f} "
-              f"kid {r.get('kid', float('nan')):7.1f} acc {r.get('acc', float('nan')):.3f}")  # fmt: skip
+              f"kid {r.get('kid', float('nan')):7.1f} acc {r.get('acc', float('nan')):.3f} "
+              f"fid to converged {r.get('fid_converged', float('nan')):6.2f}")  # fmt: skip
     payload = {"model": model.name, "model_sha256": model.sha256, "n": args.n, "seed": args.seed,
                "guidance": args.guidance, "nfe": nfes, "reference": args.ref, "n_rmse": rows[0].get("n_rmse"),
                "reference_check": check, "reference_scores": converged, "start_sigma_diffusers": SIGMA_T,

@@ -43,6 +43,10 @@ def test_summary_reports_images_wall_clock_and_targets():
         args, {"difforge": d[:1], "diffusers": []}, rate, {"fid": 15.0}, {"before": 1, "after": 1}
     )
     assert "acc>=99% at 1200 steps not measured" in short
+    late = summarize(  # a 1200-step run alone says nothing of the 600-step target
+        args, {"difforge": d[1:], "diffusers": []}, rate, {"fid": 15.0}, {"before": 1, "after": 1}
+    )
+    assert "acc>=98% at 600 steps not measured" in late
 
 
 def test_recipe_screen_merges_overrides_key_by_key():

@@ -62,6 +62,7 @@ from difforge.evaluation import evaluate_images, load_feature_extractor
 from difforge.evaluation.against import default_reference
 from difforge.evaluation.features import extract
 from difforge.evaluation.metrics import feature_stats, fid_from_stats
+from difforge.evaluation.reference import ReferenceStats
 from difforge.pipeline import Model, load, to_uint8
 from difforge.samplers import SAMPLERS, PerSampleNoise, expected_nfe
 
@@ -334,19 +335,14 @@ def score_reference(images: dict, args, against, num_classes: int) -> dict | Non
     labels = torch.arange(args.seed, args.seed + args.n) % num_classes
     u8 = to_uint8(ref)
     ev = evaluate_images(u8, labels, extractor, reference, seed=args.seed)["metrics"]
-    mu, sigma = feature_stats(extract(extractor.features, u8))
+    feats = extract(extractor.features, u8)
+    stats = ReferenceStats(f"converged {args.ref}", "", extractor.name, extractor.sha256,
+                           feats.astype(np.float32), *feature_stats(feats))  # fmt: skip
     return {"n": args.n, "fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"],
-            "_stats": Stats(mu, sigma)}  # fmt: skip
+            "_stats": stats}  # fmt: skip
 
 
-class Stats:
-    """Feature mean and covariance to measure an FID against (as a reference data set has)."""
-
-    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
-        self.mu, self.sigma = mu, sigma
-
-
-def add_fid_to_converged(rows: list[dict], converged: Stats) -> None:
+def add_fid_to_converged(rows: list[dict], converged: ReferenceStats) -> None:
     """Each row's Frechet distance to the converged solution's own images (same features): the
     solver's error as a distribution, which real-data FID is not at few NFE (see the README)."""
     for r in rows:
@@ -372,7 +368,9 @@ def compare(a: dict, b: dict, what: str, reference, reps: int) -> dict:
 METRICS = ("rmse", "fid", "fid_converged")  # the last only when the reference covers all n
 
 
-def verdicts(rows: list[dict], nfes: list[int], reference, converged: Stats | None = None) -> dict:
+def verdicts(
+    rows: list[dict], nfes: list[int], reference, converged: ReferenceStats | None = None
+) -> dict:
     refs = {"rmse": None, "fid": reference, "fid_converged": converged}
     out: dict = {}
     for k in nfes:

@@ -325,9 +325,12 @@ def score(images: dict, methods, nfes, args, against) -> list[dict]:
     return rows
 
 
-def score_reference(images: dict, args, against, num_classes: int) -> dict | None:
+def score_reference(
+    images: dict, args, against, num_classes: int
+) -> tuple[dict, ReferenceStats] | None:
     """FID, KID and label accuracy of the converged reference itself, when it covers all n seeds:
-    what a solver with no error scores (a few-step FID below it comes from the solver's error)."""
+    what a solver with no error scores (a few-step FID below it comes from the solver's error);
+    with its feature statistics, for `add_fid_to_converged`."""
     ref = images["ref"]
     if ref is None or len(ref) < args.n:
         return None
@@ -338,8 +341,8 @@ def score_reference(images: dict, args, against, num_classes: int) -> dict | Non
     feats = extract(extractor.features, u8)
     stats = ReferenceStats(f"converged {args.ref}", "", extractor.name, extractor.sha256,
                            feats.astype(np.float32), *feature_stats(feats))  # fmt: skip
-    return {"n": args.n, "fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"],
-            "_stats": stats}  # fmt: skip
+    scores = {"n": args.n, "fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"]}
+    return scores, stats
 
 
 def add_fid_to_converged(rows: list[dict], converged: ReferenceStats) -> None:
@@ -505,10 +508,11 @@ def main(argv=None) -> int:
     extractor = load_feature_extractor()
     reference = default_reference("train", extractor)
     rows = score(images, methods, nfes, args, (extractor, reference))
-    converged = score_reference(images, args, (extractor, reference), model.num_classes)
-    if converged is not None:
-        add_fid_to_converged(rows, converged["_stats"])
-    verdict = verdicts(rows, nfes, reference, converged and converged.pop("_stats"))
+    scored = score_reference(images, args, (extractor, reference), model.num_classes)
+    converged, converged_stats = scored if scored is not None else (None, None)
+    if converged_stats is not None:
+        add_fid_to_converged(rows, converged_stats)
+    verdict = verdicts(rows, nfes, reference, converged_stats)
     summary = summarize(rows, verdict, args)
     if converged is not None:
         summary += (f". The reference itself (the converged solution, n={converged['n']}): FID "

@@ -81,3 +81,26 @@ def make_tiny_text_model(folder: Path, backbone: str = "unet", seed: int = 0) ->
     }
     card = "# tiny-text\n\nA random test model.\n"
     return save_pipeline(folder, pipeline, {"denoiser": (config, net.state_dict())}, card)
+
+
+def train_tiny_scenes(tmp_path_factory, config: str, net_config: dict, name: str, **fields):
+    """Three training steps of a scenes text recipe (`config`) on 16 test scenes, its net's
+    config updated by `net_config` (a tiny backbone and encoder), more TrainConfig `fields` on
+    top; returns the exported model folder."""
+    from difforge.training import load_config, train
+
+    cfg = load_config(config)
+    net = cfg.net.model_copy(update={"config": {**cfg.net.config, **net_config}})
+    cfg = cfg.model_copy(
+        update={
+            "dataset": {"kind": "scene_captions", "split": "test", "limit": 16},
+            "net": net,
+            "max_steps": 3,
+            "batch_size": 4,
+            "checkpoint_every": 10,
+            "log_every": 1,
+            "sampling": cfg.sampling.model_copy(update={"steps": 2}),
+            **fields,
+        }
+    )
+    return train(cfg, tmp_path_factory.mktemp("run") / name, progress=False).model_dir

@@ -13,6 +13,7 @@ import torch
 from difforge.cli import main
 from difforge.pipeline import load
 from tests.integration.serving_fixtures import make_service, run, running
+from tests.text_fixtures import train_tiny_scenes
 
 PROMPT = "a thick 3 in the top left and a 7 in the bottom right"
 BACKBONE = {"in_channels": 4, "out_channels": 4, "image_size": 16, "base_channels": 8,
@@ -24,7 +25,6 @@ ENC = {"vocab_size": 72, "max_tokens": 32, "width": 16, "depth": 1, "heads": 2}
 
 @pytest.fixture(scope="module")
 def layout_model(tmp_path_factory):
-    from difforge.training import load_config, train
     from difforge.training.layout import LayoutTrainConfig, train_layout
 
     torch.set_num_threads(1)
@@ -40,23 +40,13 @@ def layout_model(tmp_path_factory):
         ),
         planner, log=lambda _: None,
     )  # fmt: skip
-    cfg = load_config("configs/scenes_text_layout.json")
-    net = cfg.net.model_copy(
-        update={"config": {**cfg.net.config, "backbone": BACKBONE, "encoder": ENC}}
-    )
-    cfg = cfg.model_copy(
-        update={
-            "dataset": {"kind": "scene_captions", "split": "test", "limit": 16},
-            "net": net, "init": None, "layout": str(planner), "max_steps": 3, "batch_size": 4,
-            "checkpoint_every": 10, "log_every": 1,
-            "sampling": cfg.sampling.model_copy(update={"steps": 2}),
-        }
-    )  # fmt: skip
     try:
-        result = train(cfg, tmp_path_factory.mktemp("run") / "scene-layout", progress=False)
+        return train_tiny_scenes(
+            tmp_path_factory, "configs/scenes_text_layout.json",
+            {"backbone": BACKBONE, "encoder": ENC}, "scene-layout", init=None, layout=str(planner),
+        )  # fmt: skip
     finally:
         mp.undo()
-    return result.model_dir
 
 
 def test_the_pipeline_plans_slots_from_the_prompt_per_image(layout_model):

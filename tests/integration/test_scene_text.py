@@ -16,6 +16,7 @@ from difforge.common.png import png_pixels
 from difforge.pipeline import load
 from difforge.serving import png_text
 from tests.integration.serving_fixtures import make_service, run, running
+from tests.text_fixtures import train_tiny_scenes
 
 PROMPT = "a thick 3 in the top left and a 7 in the bottom right"
 BACKBONE = {"in_channels": 4, "out_channels": 4, "image_size": 16, "base_channels": 8,
@@ -25,32 +26,19 @@ BACKBONE = {"in_channels": 4, "out_channels": 4, "image_size": 16, "base_channel
 
 @pytest.fixture(scope="module")
 def scene_text_model(tmp_path_factory):
-    from difforge.training import load_config, train
+    from difforge.training import load_config
 
     torch.set_num_threads(1)
     mp = pytest.MonkeyPatch()
     mp.setenv("DIFFORGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    cfg = load_config("configs/scenes_text_unet.json")
-    net = cfg.net.model_copy(
-        update={"config": {**cfg.net.config, "backbone": BACKBONE,
-                           "encoder": {**cfg.net.config["encoder"], "width": 16, "depth": 1}}}
-    )  # fmt: skip
-    cfg = cfg.model_copy(
-        update={
-            "dataset": {"kind": "scene_captions", "split": "test", "limit": 16},
-            "net": net,
-            "max_steps": 3,
-            "batch_size": 4,
-            "checkpoint_every": 10,
-            "log_every": 1,
-            "sampling": cfg.sampling.model_copy(update={"steps": 2}),
-        }
-    )
+    recipe = "configs/scenes_text_unet.json"
+    encoder = {**load_config(recipe).net.config["encoder"], "width": 16, "depth": 1}
     try:
-        result = train(cfg, tmp_path_factory.mktemp("run") / "scene-text", progress=False)
+        return train_tiny_scenes(
+            tmp_path_factory, recipe, {"backbone": BACKBONE, "encoder": encoder}, "scene-text"
+        )
     finally:
         mp.undo()
-    return result.model_dir
 
 
 def test_library_samples_a_scene_from_a_prompt(scene_text_model):

@@ -205,7 +205,7 @@ def sample_command(
         "default",
         "--kernels",
         help="Network kernels: default, or invariant (batch-invariant: pixels do not depend on "
-        '--batch-size, and equal `difforge serve` with batch_invariance "kernels").',
+        '--batch-size, and equal `difforge serve` under its default batch_invariance "kernels").',
     ),
     filters: list[str] | None = typer.Option(
         None,

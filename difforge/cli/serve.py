@@ -25,8 +25,8 @@ def serve_command(
     config: str | None = typer.Option(
         None,
         "--config",
-        help="Service config JSON (limits, queue, keys, audit db, registry, result cache, output "
-        "filters, drift monitor, breaker).",
+        help='Service config JSON (limits, batching: batch_invariance, default "kernels"; '
+        "queue, keys, audit db, registry, result cache, output filters, drift monitor, breaker).",
     ),
     adapter: list[str] | None = typer.Option(
         None,

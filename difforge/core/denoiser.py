@@ -56,6 +56,44 @@ def _net_dtype(net: Any, dtype: torch.dtype | None) -> torch.dtype:
     return torch.float32
 
 
+def memo_key(sigma: Tensor, ndim: int) -> tuple | None:
+    """An adapter memo's key for a CPU sigma vector (B,): its values as Python floats (exact for
+    float32 and float64), dtype, shape and the call's ndim; None where values as floats would not
+    tell two vectors apart (a zero: 0.0 == -0.0) or sigma is not 1-D: those calls compute.
+
+    `tolist` rather than the raw bytes: right after a network call every op runs cache-cold, and
+    this key costs about a third of `sigma.numpy().tobytes()` there (the memo lookup is on every
+    step's path)."""
+    values = sigma.tolist()
+    if type(values) is not list or 0.0 in values:
+        return None
+    try:
+        return (tuple(values), sigma.dtype, sigma.shape, ndim)
+    except TypeError:  # nested lists: not a (B,) vector
+        return None
+
+
+def memo_lookup(owner, sigma: Tensor, ndim: int, compute: Callable[[Tensor, int], Any]):
+    """`compute(sigma, ndim)` once per distinct CPU sigma vector in `owner._memo` (bounded: cleared,
+    with `owner._prepared`, at 1024 entries, e.g. random sigmas in a validation loop). Off CPU or
+    with autograd on it always computes: cached (maybe inference-mode) tensors could otherwise end
+    up saved for backward. A hit returns the tensors the first call computed, so outputs are
+    bitwise those of the uncached path."""
+    if sigma.device.type != "cpu" or torch.is_grad_enabled():
+        return compute(sigma, ndim)
+    key = memo_key(sigma, ndim)
+    if key is None:
+        return compute(sigma, ndim)
+    hit = owner._memo.get(key)
+    if hit is None:
+        hit = compute(sigma.clone(), ndim)  # clone: callers may reuse their sigma
+        if len(owner._memo) >= 1024:
+            owner._memo.clear()
+            owner._prepared.clear()
+        owner._memo[key] = hit
+    return hit
+
+
 class ModelDenoiser(nn.Module):
     """Wrap a network trained on `process` to predict eps, x0, v or flow velocity.
 
@@ -96,23 +134,8 @@ class ModelDenoiser(nn.Module):
         """`_time_inputs`, computed once per distinct CPU sigma vector: a sampler visits the same
         few levels for every image, and at batch 1 these ~10 tiny ops after each network call cost
         more than the sampler's own arithmetic. The cached tensors are the ones the first call
-        computed, so outputs are bitwise those of the uncached path."""
-        if sigma.device.type != "cpu" or torch.is_grad_enabled():
-            # sampling runs without autograd; with it, cached (maybe inference-mode) tensors
-            # could end up saved for backward
-            return self._time_inputs(sigma, ndim)
-        key = (sigma.numpy().tobytes(), sigma.dtype, sigma.shape, ndim)
-        hit = self._memo.get(key)
-        if hit is None:
-            hit = self._time_inputs(sigma.clone(), ndim)  # clone: callers may reuse their sigma
-            if len(self._memo) >= 1024:  # bounded: e.g. random sigmas in a validation loop
-                self._clear_memo()
-            self._memo[key] = hit
-        return hit
-
-    def _clear_memo(self) -> None:
-        self._memo.clear()
-        self._prepared.clear()
+        computed, so outputs are bitwise those of the uncached path (see `memo_lookup`)."""
+        return memo_lookup(self, sigma, ndim, self._time_inputs)
 
     def prepare_grid(
         self, sigmas: Sequence[float], batches: Sequence[int], ndim: int, device: Any = "cpu"
@@ -142,12 +165,12 @@ class ModelDenoiser(nn.Module):
         n, tail = len(levels), (1,) * (ndim - 1)
         for b in sizes:
             rows = [v[:, None].expand(n, b).contiguous() for v in (sig_g, scale_g, t_g)]
-            keys = rows[0].numpy().tobytes()  # row i is bytes [4 b i, 4 b (i + 1))
+            keys = rows[0].tolist()  # row i: level i's float32 value b times, as `memo_key` reads it
             sig_r, scale_r = (r.view(n, b, *tail).unbind(0) for r in rows[:2])
             t_r = rows[2].unbind(0)
-            shape, width = torch.Size((b,)), 4 * b
+            shape = torch.Size((b,))
             for i in range(n):
-                key = (keys[width * i : width * (i + 1)], torch.float32, shape, ndim)
+                key = (tuple(keys[i]), torch.float32, shape, ndim)
                 self._memo.setdefault(key, (sig_r[i], scale_r[i], t_r[i]))
         self._prepared.add(grid_key)
 
@@ -203,17 +226,7 @@ class EDMPrecond(nn.Module):
         """`_coefficients` once per distinct CPU sigma vector, as `ModelDenoiser._time_inputs_memo`:
         a loaded model visits the same few levels on every call, and the cached tensors are the ones
         the first call computed (each level by the very same ops), so outputs are bitwise equal."""
-        if sigma.device.type != "cpu" or torch.is_grad_enabled():
-            return self._coefficients(sigma, ndim)
-        key = (sigma.numpy().tobytes(), sigma.dtype, sigma.shape, ndim)
-        hit = self._memo.get(key)
-        if hit is None:
-            hit = self._coefficients(sigma.clone(), ndim)
-            if len(self._memo) >= 1024:
-                self._memo.clear()
-                self._prepared.clear()
-            self._memo[key] = hit
-        return hit
+        return memo_lookup(self, sigma, ndim, self._coefficients)
 
     def prepare_grid(
         self, sigmas: Sequence[float], batches: Sequence[int], ndim: int, device: Any = "cpu"
@@ -230,14 +243,14 @@ class EDMPrecond(nn.Module):
         n, tail = len(levels), (1,) * (ndim - 1)
         for b in sizes:
             sig = torch.tensor(levels, dtype=torch.float32)[:, None].expand(n, b).contiguous()
-            keys = sig.numpy().tobytes()  # row i is bytes [4 b i, 4 b (i + 1))
+            keys = sig.tolist()  # row i: level i's float32 value b times, as `memo_key` reads it
             rows = [
                 v[:, None].expand(n, b).contiguous().view(n, b, *tail).unbind(0)
                 for v in (c_skip, c_out, c_in)
             ]
-            shape, width = torch.Size((b,)), 4 * b
+            shape = torch.Size((b,))
             for i in range(n):
-                key = (keys[width * i : width * (i + 1)], torch.float32, shape, ndim)
+                key = (tuple(keys[i]), torch.float32, shape, ndim)
                 if key not in self._memo:
                     c_noise = sig[i].clone().log() / 4  # (b,), as _coefficients takes it
                     self._memo[key] = (rows[0][i], rows[1][i], rows[2][i], c_noise)

@@ -11,7 +11,9 @@ On a shared machine preemption lands at random inside or outside the network and
 the minimum over rounds (also reported) is the better estimate of the uncontended cost there.
 Beside the loops it times one elementwise op on the sample right after a network call against the
 same op warm: the forward evicts what the next ops need, so the first ops of ANY loop after it
-pay several times their warm price (the floor under the outside share at batch 1).
+pay several times their warm price (the floor under the outside share at batch 1). It also counts
+the tensor ops each loop runs outside the network per step (a dispatch mode that pauses inside
+the network call): at batch 1 the outside time is about that count times a cold op's price.
 
     python -m benchmarks.sampler_overhead [--steps 20] [--rounds 5] [--batches 1,64] [--threads 2]
 """
@@ -24,6 +26,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import write_result
 from difforge.core import DiscreteVP, ModelDenoiser, get_sigmas
@@ -37,20 +40,52 @@ DIFFUSERS_PEERS = {
 
 
 class TimedNet(torch.nn.Module):
-    """Wraps a network; accumulates the seconds spent inside its forward."""
+    """Wraps a network; accumulates the seconds spent inside its forward. `counter`, when set,
+    is an OpCounter paused for the duration of the network call."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
         self.inside = 0.0
         self.calls = 0
+        self.counter: OpCounter | None = None
 
     def forward(self, x, t, cond=None):
+        if self.counter is not None:
+            self.counter.paused = True
         start = time.perf_counter()
         out = self.net(x, t).sample
         self.inside += time.perf_counter() - start
         self.calls += 1
+        if self.counter is not None:
+            self.counter.paused = False
         return out
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active and not paused."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not self.paused
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(timed: TimedNet, run, steps: int) -> float:
+    """Tensor ops per step outside the network for `run()`, one sampling call (a warm one first,
+    so a loaded adapter's memo is as the timed calls see it)."""
+    run()
+    timed.counter = counter = OpCounter()
+    try:
+        with counter:
+            run()
+    finally:
+        timed.counter = None
+    return counter.ops / steps
 
 
 def build_unet(num_class_embeds: int | None = None):
@@ -145,16 +180,19 @@ def main() -> None:
     ours += [n for n in DIFFUSERS_PEERS if n not in ours]  # the side-by-side pairs always run
     adapter = ModelDenoiser(timed, DiscreteVP(), "eps") if args.adapter == "loaded" else None
     runs = [("difforge", n) for n in ours] + [("diffusers", n) for n in DIFFUSERS_PEERS]
+
+    def loop(lib: str, name: str, batch: int):
+        if lib == "difforge":
+            return lambda: run_difforge(timed, name, batch, args.steps, adapter)
+        return lambda: run_diffusers(timed, DIFFUSERS_PEERS[name], batch, args.steps)
+
     table: dict = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         samples: dict = {run: [] for run in runs}
         for r in range(args.rounds + 1):  # round 0 warms up and is discarded
             order = runs if r % 2 == 0 else runs[::-1]
             for lib, name in order:
-                if lib == "difforge":
-                    m = run_difforge(timed, name, batch, args.steps, adapter)
-                else:
-                    m = run_diffusers(timed, DIFFUSERS_PEERS[name], batch, args.steps)
+                m = loop(lib, name, batch)()
                 if r > 0:
                     samples[(lib, name)].append(m)
         for (lib, name), ms in samples.items():
@@ -170,6 +208,7 @@ def main() -> None:
                 "outside_ms_per_step_min": 1e3 * min(outside),
                 "outside_fraction_min": min(frac),
                 "step_ms_median": 1e3 * statistics.median(m["total"] / args.steps for m in ms),
+                "ops_per_step": ops_per_step(timed, loop(lib, name, batch), args.steps),
             }
         print(f"batch {batch}:")
         for row in table.values():
@@ -177,7 +216,8 @@ def main() -> None:
                 print(
                     f"  {row['library']:9s} {row['sampler']:16s} outside {row['outside_ms_per_step_median']:.3f} ms/step "
                     f"({100 * row['outside_fraction_median']:.2f}% of the step; min {row['outside_ms_per_step_min']:.3f} ms, "
-                    f"{100 * row['outside_fraction_min']:.2f}%), step {row['step_ms_median']:.1f} ms"
+                    f"{100 * row['outside_fraction_min']:.2f}%), step {row['step_ms_median']:.1f} ms, "
+                    f"{row['ops_per_step']:.1f} ops/step outside"
                 )
     verdicts = {}
     for key, row in table.items():
@@ -204,10 +244,10 @@ def main() -> None:
     pairs = [(s, int(b)) for b in args.batches.split(",") for s in DIFFUSERS_PEERS]
     floor = {int(b): first_op_cost(timed.net, int(b)) for b in args.batches.split(",")}
 
-    def vs(stat: str) -> str:
+    def vs(stat: str, digits: int = 3) -> str:
         return ", ".join(
-            f"{s}@b{b} {table[f'difforge:{s}:b{b}'][stat]:.3f} vs "
-            f"{table[f'diffusers:{s}:b{b}'][stat]:.3f}"
+            f"{s}@b{b} {table[f'difforge:{s}:b{b}'][stat]:.{digits}f} vs "
+            f"{table[f'diffusers:{s}:b{b}'][stat]:.{digits}f}"
             for s, b in pairs
         )
 
@@ -222,6 +262,7 @@ def main() -> None:
             f"b{b} {1e6 * f['after_network_s']:.0f} us ({1e6 * f['warm_s']:.1f} us warm)"
             for b, f in floor.items()
         )
+        + f"; tensor ops per step outside the network: {vs('ops_per_step', 1)}"
     )
     out = write_result(
         "sampler_overhead",

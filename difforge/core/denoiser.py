@@ -165,7 +165,7 @@ class ModelDenoiser(nn.Module):
         n, tail = len(levels), (1,) * (ndim - 1)
         for b in sizes:
             rows = [v[:, None].expand(n, b).contiguous() for v in (sig_g, scale_g, t_g)]
-            keys = rows[0].tolist()  # row i: level i's float32 value b times, as `memo_key` reads it
+            keys = rows[0].tolist()  # row i: level i's float32 value b times (see `memo_key`)
             sig_r, scale_r = (r.view(n, b, *tail).unbind(0) for r in rows[:2])
             t_r = rows[2].unbind(0)
             shape = torch.Size((b,))
@@ -243,7 +243,7 @@ class EDMPrecond(nn.Module):
         n, tail = len(levels), (1,) * (ndim - 1)
         for b in sizes:
             sig = torch.tensor(levels, dtype=torch.float32)[:, None].expand(n, b).contiguous()
-            keys = sig.tolist()  # row i: level i's float32 value b times, as `memo_key` reads it
+            keys = sig.tolist()  # row i: level i's float32 value b times (see `memo_key`)
             rows = [
                 v[:, None].expand(n, b).contiguous().view(n, b, *tail).unbind(0)
                 for v in (c_skip, c_out, c_in)

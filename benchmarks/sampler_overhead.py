@@ -141,22 +141,28 @@ def run_diffusers(timed: TimedNet, cls_name: str, batch: int, steps: int) -> dic
 
 
 def first_op_cost(net, batch: int, reps: int = 40) -> dict:
-    """Seconds of ONE elementwise op on the sample (x * 1.0) right after a network call, and the
-    same op right after another small op: a 12 ms forward evicts the caches the next ops need, so
-    every loop's first few ops after the network cost several times their warm price, whatever
-    the library (the floor under any "outside the network" share)."""
+    """Seconds of ONE elementwise op on the sample (x * 1.0) right after a network call, right
+    after a 16 MB memory copy (no network: it only evicts the caches), and right after another
+    small op: a 12 ms forward evicts the caches the next ops need, so every loop's first few ops
+    after the network cost several times their warm price, whatever the library (the floor under
+    any "outside the network" share)."""
     x, t = torch.randn((batch, 1, 28, 28)), torch.full((batch,), 500.0)
-    cold, warm = [], []
+    big = torch.randn(4_000_000)
+    flush = torch.empty_like(big)
+    before = {"network": lambda: net(x, t), "copy": lambda: flush.copy_(big)}
+    times: dict = {"network": [], "copy": [], "warm": []}
     with torch.no_grad():
         for _ in range(reps):
-            net(x, t)
-            start = time.perf_counter()
-            y = x * 1.0
-            cold.append(time.perf_counter() - start)
+            for name, f in before.items():
+                f()
+                start = time.perf_counter()
+                y = x * 1.0
+                times[name].append(time.perf_counter() - start)
             start = time.perf_counter()
             y = y * 1.0
-            warm.append(time.perf_counter() - start)
-    return {"after_network_s": statistics.median(cold), "warm_s": statistics.median(warm)}
+            times["warm"].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"after_network_s": med["network"], "after_copy_s": med["copy"], "warm_s": med["warm"]}
 
 
 def main() -> None:
@@ -259,7 +265,8 @@ def main() -> None:
         f"min: {vs('outside_ms_per_step_min')}; one elementwise op on the sample right after "
         "the network call: "
         + ", ".join(
-            f"b{b} {1e6 * f['after_network_s']:.0f} us ({1e6 * f['warm_s']:.1f} us warm)"
+            f"b{b} {1e6 * f['after_network_s']:.0f} us (after a 16 MB copy "
+            f"{1e6 * f['after_copy_s']:.0f} us, warm {1e6 * f['warm_s']:.1f} us)"
             for b, f in floor.items()
         )
         + f"; tensor ops per step outside the network: {vs('ops_per_step', 1)}"

@@ -56,6 +56,14 @@ def _net_dtype(net: Any, dtype: torch.dtype | None) -> torch.dtype:
     return torch.float32
 
 
+MEMO_LIMIT = 1024  # entries in an adapter's memo before it is cleared
+
+
+def _reset_memo(owner) -> None:
+    owner._memo.clear()
+    owner._prepared.clear()
+
+
 def memo_key(sigma: Tensor, ndim: int) -> tuple | None:
     """An adapter memo's key for a CPU sigma vector (B,): its values as Python floats (exact for
     float32 and float64), dtype, shape and the call's ndim; None where values as floats would not
@@ -65,20 +73,17 @@ def memo_key(sigma: Tensor, ndim: int) -> tuple | None:
     this key costs about a third of `sigma.numpy().tobytes()` there (the memo lookup is on every
     step's path)."""
     values = sigma.tolist()
-    if type(values) is not list or 0.0 in values:
+    if type(values) is not list or (values and type(values[0]) is list) or 0.0 in values:
         return None
-    try:
-        return (tuple(values), sigma.dtype, sigma.shape, ndim)
-    except TypeError:  # nested lists: not a (B,) vector
-        return None
+    return (tuple(values), sigma.dtype, sigma.shape, ndim)
 
 
 def memo_lookup(owner, sigma: Tensor, ndim: int, compute: Callable[[Tensor, int], Any]):
     """`compute(sigma, ndim)` once per distinct CPU sigma vector in `owner._memo` (bounded: cleared,
-    with `owner._prepared`, at 1024 entries, e.g. random sigmas in a validation loop). Off CPU or
-    with autograd on it always computes: cached (maybe inference-mode) tensors could otherwise end
-    up saved for backward. A hit returns the tensors the first call computed, so outputs are
-    bitwise those of the uncached path."""
+    with `owner._prepared`, at MEMO_LIMIT entries, e.g. random sigmas in a validation loop). Off
+    CPU or with autograd on it always computes: cached (maybe inference-mode) tensors could
+    otherwise end up saved for backward. A hit returns the tensors the first call computed, so
+    outputs are bitwise those of the uncached path."""
     if sigma.device.type != "cpu" or torch.is_grad_enabled():
         return compute(sigma, ndim)
     key = memo_key(sigma, ndim)
@@ -87,9 +92,8 @@ def memo_lookup(owner, sigma: Tensor, ndim: int, compute: Callable[[Tensor, int]
     hit = owner._memo.get(key)
     if hit is None:
         hit = compute(sigma.clone(), ndim)  # clone: callers may reuse their sigma
-        if len(owner._memo) >= 1024:
-            owner._memo.clear()
-            owner._prepared.clear()
+        if len(owner._memo) >= MEMO_LIMIT:
+            _reset_memo(owner)
         owner._memo[key] = hit
     return hit
 
@@ -295,7 +299,7 @@ def diffusers_unet_call(unet: Any, label_key: str = "labels") -> NetCall:
 def _grid_to_prepare(owner, sigmas, batches, ndim: int, device) -> tuple | None:
     """What an adapter's `prepare_grid` must fill: (levels, batch sizes, grid key), or None when
     there is nothing to do (not CPU, autograd on, an empty grid, or one already prepared). Clears
-    `owner`'s memo (and its prepared set) first when the grid would grow it past 1024 entries."""
+    `owner`'s memo (and its prepared set) first when the grid would grow it past MEMO_LIMIT entries."""
     if torch.device(device).type != "cpu" or torch.is_grad_enabled():
         return None
     levels = tuple(float(s) for s in sigmas if s > 0)
@@ -303,7 +307,6 @@ def _grid_to_prepare(owner, sigmas, batches, ndim: int, device) -> tuple | None:
     grid_key = (levels, sizes, ndim)
     if not levels or not sizes or grid_key in owner._prepared:
         return None
-    if len(owner._memo) + len(levels) * len(sizes) > 1024:
-        owner._memo.clear()
-        owner._prepared.clear()
+    if len(owner._memo) + len(levels) * len(sizes) > MEMO_LIMIT:
+        _reset_memo(owner)
     return levels, sizes, grid_key

@@ -170,3 +170,16 @@ def test_edm_sample_with_a_fresh_adapter_is_unchanged(sampler, monkeypatch):
     monkeypatch.setattr(EDMPrecond, "_coefficients_memo", EDMPrecond._coefficients)
     want = sample(EDMPrecond(TinyEpsNet(), 0.5), sigmas, **kw)  # no memo at all: the old path
     assert torch.equal(got.x, want.x)
+
+
+def test_a_sigma_that_is_not_a_vector_computes_rather_than_keys_the_memo():
+    process = DiscreteVP()
+    den, ref = (
+        ModelDenoiser(TinyEpsNet(), process, "eps"),
+        ModelDenoiser(TinyEpsNet(), process, "eps"),
+    )
+    x = torch.randn(2, 1, 8, 8)
+    column = torch.full((2, 1), 1.5)  # (B, 1), not (B,): appended to x's ndim all the same
+    with torch.no_grad():
+        assert torch.equal(den(x, column), ref(x, column.flatten()))
+    assert den._memo == {}

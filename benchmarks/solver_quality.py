@@ -303,9 +303,8 @@ def boot_ci(stat, n: int, reps: int, seed: int) -> tuple[float, float]:
 def score(images: dict, methods, nfes, args, against) -> list[dict]:
     """One row per method x NFE: RMSE (on the seeds with a reference) with its bootstrap CI, FID,
     KID and label accuracy (all n images); per-image MSEs and features kept for `compare`."""
-    extractor, reference = against
     ref = None if images["ref"] is None else images["ref"].double()
-    labels = torch.arange(args.seed, args.seed + args.n) % methods[0].model.num_classes
+    labels = seed_labels(args, methods[0].model.num_classes)
     rows = []
     for m in methods:
         for k in filter(m.at, nfes):
@@ -316,33 +315,42 @@ def score(images: dict, methods, nfes, args, against) -> list[dict]:
                 ci = boot_ci(lambda i, e=mse: np.sqrt(e[i].mean()), len(mse), 1000, 0)
                 row |= {"n_rmse": len(mse), "rmse": float(np.sqrt(mse.mean())), "rmse_ci95": ci}
                 row["_mse"] = mse
-            if len(x) > reference.feature_dim:
-                u8 = to_uint8(x)
-                ev = evaluate_images(u8, labels, extractor, reference, seed=args.seed)["metrics"]
-                row |= {"fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"]}
-                row["_feats"] = extract(extractor.features, u8)
+            if len(x) > against[1].feature_dim:
+                scores, row["_feats"] = image_scores(x, labels, against, args.seed)
+                row |= scores
             rows.append(row)
     return rows
 
 
+def seed_labels(args, num_classes: int) -> Tensor:
+    """The class each seed's image was drawn with (seed i: class i mod num_classes)."""
+    return torch.arange(args.seed, args.seed + args.n) % num_classes
+
+
+def image_scores(x: Tensor, labels: Tensor, against, seed: int) -> tuple[dict, np.ndarray]:
+    """FID, KID and label accuracy of images x in [-1, 1] against real data, and their features
+    (for the paired comparisons and the distance to the converged solution)."""
+    extractor, reference = against
+    u8 = to_uint8(x)
+    ev = evaluate_images(u8, labels, extractor, reference, seed=seed)["metrics"]
+    scores = {"fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"]}
+    return scores, extract(extractor.features, u8)
+
+
 def score_reference(
     images: dict, args, against, num_classes: int
-) -> tuple[dict, ReferenceStats] | None:
+) -> tuple[dict | None, ReferenceStats | None]:
     """FID, KID and label accuracy of the converged reference itself, when it covers all n seeds:
     what a solver with no error scores (a few-step FID below it comes from the solver's error);
-    with its feature statistics, for `add_fid_to_converged`."""
+    with its feature statistics, for `add_fid_to_converged`. (None, None) otherwise."""
     ref = images["ref"]
     if ref is None or len(ref) < args.n:
-        return None
-    extractor, reference = against
-    labels = torch.arange(args.seed, args.seed + args.n) % num_classes
-    u8 = to_uint8(ref)
-    ev = evaluate_images(u8, labels, extractor, reference, seed=args.seed)["metrics"]
-    feats = extract(extractor.features, u8)
+        return None, None
+    extractor = against[0]
+    scores, feats = image_scores(ref, seed_labels(args, num_classes), against, args.seed)
     stats = ReferenceStats(f"converged {args.ref}", "", extractor.name, extractor.sha256,
                            feats.astype(np.float32), *feature_stats(feats))  # fmt: skip
-    scores = {"n": args.n, "fid": ev["fid"], "kid": ev["kid_mean"], "acc": ev["label_accuracy"]}
-    return scores, stats
+    return {"n": args.n, **scores}, stats
 
 
 def add_fid_to_converged(rows: list[dict], converged: ReferenceStats) -> None:
@@ -508,8 +516,9 @@ def main(argv=None) -> int:
     extractor = load_feature_extractor()
     reference = default_reference("train", extractor)
     rows = score(images, methods, nfes, args, (extractor, reference))
-    scored = score_reference(images, args, (extractor, reference), model.num_classes)
-    converged, converged_stats = scored if scored is not None else (None, None)
+    converged, converged_stats = score_reference(
+        images, args, (extractor, reference), model.num_classes
+    )
     if converged_stats is not None:
         add_fid_to_converged(rows, converged_stats)
     verdict = verdicts(rows, nfes, reference, converged_stats)

@@ -561,14 +561,15 @@ class Service:
                 call, job.request_id, "ok", "ok", plan.params(), job, digest, cache, filters
             )
         # a held answer is audited once the review queue took it (difforge.serving.review)
+        # how to get these bytes in-process: "kernels" = Model.with_backend("eager",
+        # kernels="invariant"), "chunk" = Model.sample(..., chunk_rows=C)
+        batching = None if job.version.plan is None else job.version.plan.describe()
         extra = {
             "role": job.role,
             "nfe": job.nfe,
             "batch_images": job.call_images,
-            "batch_invariant": job.version.plan is not None and job.version.plan.invariant,
-            # how to get these bytes in-process: "kernels" = Model.with_backend("eager",
-            # kernels="invariant"), "chunk" = Model.sample(..., chunk_rows=C)
-            "batching": None if job.version.plan is None else job.version.plan.describe(),
+            "batch_invariant": batching is not None and batching["invariant"],
+            "batching": batching,
         }
         if len(model.image_shape) == 2:  # a series model: (C, T) float values, never PNG
             if plan.response_format == "csv":

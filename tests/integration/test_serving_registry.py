@@ -333,7 +333,8 @@ def test_a_failing_canary_is_rolled_back_automatically(reg, caplog, fault):
             assert any(rs[s].status_code == 500 for s in on_canary)
             why = "non-finite" if fault is NaNOutput else "internal error"
             assert all(why in r.json()["detail"] for r in rs.values() if r.status_code == 500)
-            await until(lambda: svc.router.canary is None)
+            await until(lambda: svc.router.canary is None)  # traffic moves first,
+            await until(lambda: reg.resolve(NAME).canary is None)  # then the registry is told
             res = reg.resolve(NAME)
             assert res.canary is None and res.production.version == 1
             entry = reg.audit_log(NAME)[-1]

@@ -2,7 +2,10 @@
 
 One generator per sample (as EDM's per-image RNG): sample i's noise depends only on its own seed
 and on how many draws came before, never on which other samples share its batch. Noise is drawn
-on the CPU and moved to the device, so a seed gives the same noise on every device.
+on the CPU and moved to the device, so a seed gives the same noise on every device. Not on
+every CPU: torch's normal_ draws through a vectorized Box-Muller under AVX2 / AVX-512, whose values
+differ from the scalar kernel's in the last bits (a third of them), so machines of different
+instruction sets agree to float32 round-off, not bit for bit.
 """
 
 from __future__ import annotations
@@ -69,11 +72,16 @@ class PerSampleNoise:
 
         Row i is filled in place by generator i: the same values, bit for bit, as
         `torch.randn(shape, generator=g_i)` stacked (normal_ on a contiguous float32 block draws
-        by element count, whatever its offset), without one tensor per sample and a copy.
+        by element count, whatever its offset), without one tensor per sample and a copy. One
+        sample is one `randn`: ancestral samplers draw after every network call, when each op
+        and Python line runs cache-cold, and the loop costs twice the call there at batch 1.
         """
-        out = torch.empty((len(self.generators), *shape))  # (B, *shape) float32
-        for row, g in zip(out, self.generators, strict=True):
-            row.normal_(generator=g)
+        if len(self.generators) == 1:
+            out = torch.randn((1, *shape), generator=self.generators[0])
+        else:
+            out = torch.empty((len(self.generators), *shape))  # (B, *shape) float32
+            for row, g in zip(out.unbind(0), self.generators, strict=True):
+                row.normal_(generator=g)
         if device is None or out.device == torch.device(device):
             return out
         return out.to(device)

@@ -33,7 +33,8 @@ GUIDANCE = typer.Option(None, "--guidance", help="CFG scale; 1 = conditional.")
 GRID = typer.Option(
     None,
     "--grid",
-    help="Sigma grid: karras, exponential, uniform, vp_time (few-step: even in VP time).",
+    help="Sigma grid: karras, exponential, uniform, vp_time or vp_time_mid (few-step: even in VP "
+    "time; mid ends at half vp_time's last time).",
 )
 LABELS = typer.Option("balanced", "--labels", help="Class labels: balanced or random.")
 SPLIT = typer.Option("test", "--reference-split", help="MNIST split to compare against.")

@@ -170,7 +170,8 @@ def sample_command(
     grid: str | None = typer.Option(
         None,
         "--grid",
-        help="Sigma grid: karras, exponential, uniform, vp_time (few-step: even in VP time).",
+        help="Sigma grid: karras, exponential, uniform, vp_time or vp_time_mid (few-step: even in VP "
+        "time; mid ends at half vp_time's last time).",
     ),
     option: list[str] | None = typer.Option(
         None, "--option", help="KEY=VALUE sampler option, e.g. max_order=3 (repeatable)."

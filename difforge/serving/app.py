@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from difforge.core.errors import InvalidArgumentError
+from difforge.core.sigmas import GRID_KINDS
 from difforge.serving.access import (
     AccessDenied,
     Principal,
@@ -327,6 +328,7 @@ def _api_routes(service: Service) -> APIRouter:
             "canary_share": router.canary_share,
             "breaker": service.fallback.status(),
             "limits": service.config.limits.model_dump(mode="json"),
+            "grids": list(GRID_KINDS),
             **service.screen.models_info(),
         }
 

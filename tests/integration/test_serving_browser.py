@@ -121,6 +121,8 @@ def test_web_page_generates_images_with_provenance_and_progress(tmp_path):
         page.fill("#n", "3")
         page.fill("#steps", "30")
         page.select_option("#sampler", "euler")
+        assert "model default (karras)" in page.inner_text("#grid")
+        page.select_option("#grid", "vp_time_mid")
         page.fill("#seed", "123")
         page.click("#go")
         page.wait_for_function(
@@ -134,7 +136,7 @@ def test_web_page_generates_images_with_provenance_and_progress(tmp_path):
         assert len(captions) == 3
         for i, text in enumerate(captions):
             assert f"seed {123 + i}" in text and "labels 7" in text
-            assert "synthetic image" in text and "euler" in text
+            assert "synthetic image" in text and "euler" in text and "grid vp_time_mid" in text
         loaded = page.evaluate(
             "Array.from(document.querySelectorAll('#gallery img')).every(i => i.naturalWidth === 8)"
         )

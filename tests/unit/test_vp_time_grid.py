@@ -6,7 +6,12 @@ import torch
 from pydantic import ValidationError
 
 from difforge.core import DiscreteVP, get_sigmas
-from difforge.core.sigmas import vp_sigma_to_time, vp_time_sigmas, vp_time_to_sigma
+from difforge.core.sigmas import (
+    vp_sigma_to_time,
+    vp_time_mid_sigmas,
+    vp_time_sigmas,
+    vp_time_to_sigma,
+)
 from difforge.pipeline.config import SamplingDefaults
 from difforge.pipeline.request import SampleRequest
 
@@ -35,6 +40,22 @@ def test_even_in_vp_time_and_trailing(n):
     torch.testing.assert_close(get_sigmas("vp_time", n, 0.002, 80.0), s)
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 10, 40])
+def test_vp_time_mid_is_even_in_vp_time_down_to_half_vp_times_last_level(n):
+    s = vp_time_mid_sigmas(n, 0.002, 80.0)
+    assert s.dtype == torch.float64 and s.shape == (n + 1,) and s[-1] == 0
+    assert s[0].item() == 80.0
+    t = vp_sigma_to_time(s[:-1])
+    t_max = vp_sigma_to_time(torch.tensor(80.0, dtype=torch.float64)).item()
+    if n > 1:  # the last level at the midpoint of vp_time's last interval [0, t_max / n]
+        assert t[-1].item() == pytest.approx(t_max / (2 * n), rel=1e-9)
+        steps = t[:-1] - t[1:]
+        torch.testing.assert_close(steps, steps[0].expand(n - 1), rtol=1e-8, atol=0)
+    vp = vp_time_sigmas(n, 0.002, 80.0)
+    assert (s[1:-1] < vp[1:-1]).all()  # every level but the first below vp_time's
+    torch.testing.assert_close(get_sigmas("vp_time_mid", n, 0.002, 80.0), s)
+
+
 def test_close_to_the_levels_diffusers_multistep_schedulers_visit():
     """With the DDPM schedule's range, vp_time is the continuous version of the "linspace" levels
     (timesteps linspace(0, 999, n + 1) rounded, largest first, the last dropped)."""
@@ -54,5 +75,6 @@ def test_levels_below_sigma_min_are_raised_to_it():
 def test_a_typed_choice_of_the_model_and_the_request():
     assert SamplingDefaults(grid="vp_time").grid == "vp_time"
     assert SampleRequest(grid="vp_time").grid == "vp_time"
-    with pytest.raises(ValidationError, match="vp_time"):
+    assert SampleRequest(grid="vp_time_mid").grid == "vp_time_mid"
+    with pytest.raises(ValidationError, match="vp_time_mid"):
         SampleRequest(grid="linear")

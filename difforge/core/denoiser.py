@@ -72,8 +72,10 @@ def memo_key(sigma: Tensor, ndim: int) -> tuple | None:
     `tolist` rather than the raw bytes: right after a network call every op runs cache-cold, and
     this key costs about a third of `sigma.numpy().tobytes()` there (the memo lookup is on every
     step's path)."""
+    if sigma.ndim != 1:
+        return None
     values = sigma.tolist()
-    if type(values) is not list or (values and type(values[0]) is list) or 0.0 in values:
+    if 0.0 in values:
         return None
     return (tuple(values), sigma.dtype, sigma.shape, ndim)
 

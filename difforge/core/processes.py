@@ -134,7 +134,7 @@ class DiscreteVP:
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         # Inverse of the piecewise-linear t_to_sigma; few ops, since it runs once per network call.
         sigma = torch.as_tensor(sigma)
-        if sigma.device.type == "cpu" and sigma.numel() <= 4096:
+        if sigma.is_cpu and sigma.numel() <= 4096:
             # one numpy call instead of ~10 tiny torch ops: this runs before every network call
             t_np = np.interp(sigma.double().numpy(), self._np_sigmas, self._np_steps)
             return torch.from_numpy(np.asarray(t_np, dtype=np.float64)).reshape(sigma.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -51,6 +52,14 @@ def sigma_list(sigmas: Tensor | list[float]) -> list[float]:
     if values[0] == 0:
         raise InvalidArgumentError("the first sigma must be positive")
     return values
+
+
+def per_grid(fn: Callable) -> Callable:
+    """Memoize a pure function of a grid (hashable arguments: the levels as a tuple of floats,
+    orders, flags) whose result is immutable: a sampler's coefficient tables. A loaded model is
+    asked the same grid request after request, and rebuilding a table in float64 Python or numpy
+    (0.2-0.5 ms per call) would cost ~20 us of every step at batch 1. LRU of 256 grids."""
+    return functools.lru_cache(maxsize=256)(fn)
 
 
 def denoise(denoiser: Denoiser, x: Tensor, sigma: float, cond: Cond) -> Tensor:

@@ -20,14 +20,14 @@ in float64, before the loop. The step to sigma = 0 returns x0_hat (first order, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
 from difforge.core.errors import InvalidArgumentError
-from difforge.samplers.base import Callback, denoise, emit, sigma_list
+from difforge.samplers.base import Callback, denoise, emit, per_grid, sigma_list
 from difforge.samplers.noise import NoiseSource
 
 # Gauss-Legendre nodes on [-1, 1]: exact for polynomials in sigma of degree < 64, and converged to
@@ -54,16 +54,23 @@ TAUS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def multistep_weights(
-    sigmas: list[float], max_order: int, tau: Callable[[np.ndarray], np.ndarray]
-) -> list[list[float]]:
+    sigmas: Sequence[float], max_order: int, tau: Callable[[np.ndarray], np.ndarray]
+) -> tuple[tuple[float, ...], ...]:
     """C_ij for every step i (newest eps first): order min(i + 1, max_order), 1 on the last step
-    when it ends at sigma = 0. Returns one list of weights per step."""
+    when it ends at sigma = 0. Returns one tuple of weights per step (computed once per grid)."""
+    return _weights(tuple(sigmas), max_order, tau)
+
+
+@per_grid
+def _weights(
+    sigmas: tuple[float, ...], max_order: int, tau: Callable[[np.ndarray], np.ndarray]
+) -> tuple[tuple[float, ...], ...]:
     out = []
     for i in range(len(sigmas) - 1):
         a, b = sigmas[i], sigmas[i + 1]
         order = 1 if b == 0 else min(i + 1, max_order)
         if order == 1:
-            out.append([b - a])  # Euler: int_a^b dsigma
+            out.append((b - a,))  # Euler: int_a^b dsigma
             continue
         # Gauss-Legendre nodes in (b, a), interior, so none equals a history time; weights of
         # int_a^b (negative: sigma decreases)
@@ -74,9 +81,8 @@ def multistep_weights(
         gaps = t_hist[:, None] - t_hist[None, :] + np.eye(order)  # (p, p): tau_j - tau_k, 1 on j=k
         # L_j = prod_{k != j} (tau - tau_k) / (tau_j - tau_k)
         basis = diff.prod(axis=0)[None, :] / diff / gaps.prod(axis=1)[:, None]  # (p, N)
-        coeffs = (basis @ w).tolist()
-        out.append(coeffs)
-    return out
+        out.append(tuple((basis @ w).tolist()))
+    return tuple(out)
 
 
 def _sample_multistep(

@@ -91,12 +91,14 @@ class PerSampleNoise:
         return PerSampleNoise(stream_seeds(self.seeds, stream))
 
     def __call__(self, like: Tensor) -> Tensor:
-        if like.shape[0] != len(self.generators):
+        shape = like.shape
+        if shape[0] != len(self.generators):
             raise InvalidArgumentError(
-                f"noise for a batch of {like.shape[0]} asked of a source with "
+                f"noise for a batch of {shape[0]} asked of a source with "
                 f"{len(self.generators)} seeds"
             )
-        out = self.draw(like.shape[1:], like.device)
+        # is_cpu first: comparing devices costs ~10 us cache-cold, after every network call
+        out = self.draw(shape[1:], None if like.is_cpu else like.device)
         return out if out.dtype == like.dtype else out.to(like.dtype)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
 from difforge.core.errors import InvalidArgumentError
-from difforge.samplers.base import Callback, denoise, emit, sigma_list
+from difforge.samplers.base import Callback, denoise, emit, per_grid, sigma_list
 from difforge.samplers.noise import NoiseSource
 
 
@@ -66,7 +66,27 @@ def _rhos(lams: list[float], i: int, order: int, bh2: bool, corrector: bool):
         rhos = []
     else:
         rhos = [0.5] if order == 2 else _solve([row[:-1] for row in R[:-1]], b[:-1])
-    return h_phi_1, b_h, r, rhos
+    return h_phi_1, b_h, tuple(r), tuple(rhos)
+
+
+@per_grid
+def _plan(s: tuple[float, ...], order: int, bh2: bool) -> tuple[tuple, tuple, tuple]:
+    """Per step: its order, its UniP coefficients and its UniC coefficients (None where the step
+    ends at sigma = 0, or for step 0's corrector), once per grid."""
+    n = len(s) - 1
+    lams = [-math.log(v) if v > 0 else math.inf for v in s]
+    orders = tuple(min(order, n - i, i + 1) for i in range(n))
+    predict = tuple(
+        _rhos(lams, i, orders[i], bh2, False) if s[i + 1] > 0 else None for i in range(n)
+    )
+    correct = (
+        None,
+        *(
+            _rhos(lams, i - 1, orders[i - 1], bh2, True) if s[i + 1] > 0 else None
+            for i in range(1, n)
+        ),
+    )
+    return orders, predict, correct
 
 
 def _unipc(denoiser, x, sigmas, cond, callback, order: int, bh2: bool, name: str) -> Tensor:
@@ -74,12 +94,7 @@ def _unipc(denoiser, x, sigmas, cond, callback, order: int, bh2: bool, name: str
         raise InvalidArgumentError(f"{name} order must be 1, 2 or 3, got {order!r}")
     s = sigma_list(sigmas)
     n = len(s) - 1
-    lams = [-math.log(v) if v > 0 else math.inf for v in s]
-    orders = [min(order, n - i, i + 1) for i in range(n)]
-    predict = [_rhos(lams, i, orders[i], bh2, False) if s[i + 1] > 0 else None for i in range(n)]
-    correct = [None] + [
-        _rhos(lams, i - 1, orders[i - 1], bh2, True) if s[i + 1] > 0 else None for i in range(1, n)
-    ]
+    orders, predict, correct = _plan(tuple(s), order, bh2)
     history: list[Tensor] = []  # x0_hat of the latest steps, newest first
     x_last = None  # x_{i-1}, the point the previous prediction started from
     for i in range(n):

@@ -8,10 +8,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from difforge.core.denoiser import Cond, Denoiser
+from difforge.core.denoiser import Cond, Denoiser, level_vector
 from difforge.core.errors import InvalidArgumentError
 from difforge.samplers.noise import NoiseSource
 
@@ -64,7 +63,7 @@ def per_grid(fn: Callable) -> Callable:
 
 def denoise(denoiser: Denoiser, x: Tensor, sigma: float, cond: Cond) -> Tensor:
     """D(x; sigma) with sigma broadcast to a (B,) float32 tensor on x's device."""
-    return denoiser(x, torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device), cond)
+    return denoiser(x, level_vector(sigma, x), cond)
 
 
 def require_noise(noise: NoiseSource | None, sampler: str) -> NoiseSource:

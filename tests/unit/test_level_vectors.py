@@ -1,0 +1,80 @@
+"""level_vector: the (B,) sigma vector a sampler hands its denoiser, made once per (sigma, B) on
+CPU without autograd, and recognised by an adapter's memo by identity; never a stale answer."""
+
+import torch
+
+from difforge.core import DiscreteVP, EDMPrecond, ModelDenoiser, get_sigmas
+from difforge.core import denoiser as core_denoiser
+from difforge.core.denoiser import level_vector
+from difforge.samplers import sample
+from tests.helpers import TinyEpsNet
+
+
+def _x(b=2):
+    return torch.zeros(b, 1, 4, 4)
+
+
+def test_same_level_and_batch_give_the_same_vector_under_no_grad():
+    with torch.no_grad():
+        a, b = level_vector(3.25, _x()), level_vector(3.25, _x())
+        other_batch, other_level = level_vector(3.25, _x(3)), level_vector(3.5, _x())
+    assert a is b and a.dtype == torch.float32 and a.tolist() == [3.25, 3.25]
+    assert other_batch is not a and other_batch.shape == (3,)
+    assert other_level is not a and other_level.tolist() == [3.5, 3.5]
+
+
+def test_with_autograd_or_at_zero_each_call_gets_a_fresh_vector():
+    assert level_vector(3.25, _x()) is not level_vector(3.25, _x())
+    with torch.no_grad():
+        assert level_vector(0.0, _x()) is not level_vector(0.0, _x())
+
+
+def test_a_written_vector_is_replaced_not_reused():
+    with torch.no_grad():
+        v = level_vector(7.0, _x())
+        v.fill_(1.0)  # a careless denoiser writes to its sigma
+        w = level_vector(7.0, _x())
+    assert w is not v and w.tolist() == [7.0, 7.0]
+
+
+def test_made_inside_inference_mode_it_is_a_normal_tensor():
+    core_denoiser._LEVELS.clear()
+    with torch.inference_mode():
+        v = level_vector(11.0, _x())
+    assert not v.is_inference()
+    with torch.no_grad():
+        assert level_vector(11.0, _x()) is v  # and reused outside it
+
+
+def _fresh(kind):
+    if kind == "eps":
+        return ModelDenoiser(TinyEpsNet(), DiscreteVP(), "eps")
+    return EDMPrecond(lambda x, t, cond: x * 0.5 + t.reshape(-1, 1, 1, 1))
+
+
+def test_the_memo_never_answers_for_a_vector_written_after_it_was_seen():
+    for kind in ("eps", "edm"):
+        den = _fresh(kind)
+        x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            v = level_vector(5.0, x)
+            first = den(x, v)
+            v.fill_(2.0)  # same object, new values: the identity path must not hit
+            got = den(x, v)
+            want = _fresh(kind)(x, torch.full((2,), 2.0))
+        assert not torch.equal(first, got), kind
+        assert torch.equal(got, want), kind
+
+
+def test_sampling_bytes_do_not_depend_on_the_level_cache():
+    process = DiscreteVP()
+    sigmas = get_sigmas("karras", 8, process=process)
+    kw = dict(shape=(1, 8, 8), seeds=[4, 5], sampler="dpmpp_2m")
+    den = ModelDenoiser(TinyEpsNet(), process, "eps")
+    warm = sample(den, sigmas, **kw)
+    again = sample(den, sigmas, **kw)  # memo hits by identity now
+    core_denoiser._LEVELS.clear()
+    core_denoiser._LEVEL_IDS.clear()
+    cold = sample(ModelDenoiser(TinyEpsNet(), process, "eps"), sigmas, **kw)
+    assert den._by_level  # the identity path was taken
+    assert torch.equal(warm.x, again.x) and torch.equal(warm.x, cold.x)

@@ -64,12 +64,14 @@ def sample_dpmpp_2m_sde(
         else:
             h = math.log(s[i]) - math.log(s[i + 1])
             eta_h = eta * h
-            x = x * (s[i + 1] / s[i] * math.exp(-eta_h)) + denoised * (-math.expm1(-h - eta_h))
+            phi = -math.expm1(-h - eta_h)
+            c = 0.0 if old_denoised is None else 0.5 * phi / (h_last / h)  # of D - D_old
+            # one op per term (x0_hat terms folded into one weight each: cache-cold ops at batch 1)
+            x = (x * (s[i + 1] / s[i] * math.exp(-eta_h))).add(denoised, alpha=phi + c)
             if old_denoised is not None:
-                r = h_last / h
-                x = x + (denoised - old_denoised) * (0.5 * -math.expm1(-h - eta_h) / r)
+                x = x.add(old_denoised, alpha=-c)
             if eta > 0:
-                x = x + noise(x) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+                x = x.add(noise(x), alpha=s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
             h_last = h
         old_denoised = denoised
         x = emit(callback, i, s, x, denoised)

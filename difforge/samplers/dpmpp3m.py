@@ -20,6 +20,22 @@ from difforge.samplers.base import (
 from difforge.samplers.noise import NoiseSource
 
 
+def _weights(phi_1: float, phi_2: float, phi_3: float, h: float, h_1, h_2) -> tuple[float, ...]:
+    """The step's x0_hat terms phi_1 D + phi_2 d1 - phi_3 d2 (k-diffusion's form, with the divided
+    differences d1_0 = (D - D_1) / r0, d1_1 = (D_1 - D_2) / r1, r_k = h_{k+1} / h,
+    d1 = d1_0 + (d1_0 - d1_1) r0 / (r0 + r1), d2 = (d1_0 - d1_1) / (r0 + r1)) as one weight per
+    x0_hat, newest first, in float64: 3 tensor ops instead of 13 at batch 1, where each op after
+    the network call runs cache-cold. Order 1 without history, 2 with one x0_hat."""
+    if h_1 is None:
+        return (phi_1,)
+    r0 = h_1 / h
+    if h_2 is None:  # D + (D - D_1) phi_2 / r0
+        return (phi_1 + phi_2 / r0, -phi_2 / r0)
+    r1 = h_2 / h
+    g = phi_2 * r0 / (r0 + r1) - phi_3 / (r0 + r1)  # the weight of d1_0 - d1_1
+    return (phi_1 + (phi_2 + g) / r0, -(phi_2 + g) / r0 - g / r1, g / r1)
+
+
 def sample_dpmpp_3m_sde(
     denoiser: Denoiser,
     x: Tensor,
@@ -48,20 +64,14 @@ def sample_dpmpp_3m_sde(
             h = math.log(s[i]) - math.log(s[i + 1])  # lambda_next - lambda
             h_eta = h * (eta + 1)
             phi_1 = -math.expm1(-h_eta)  # 1 - e^{-h_eta}
-            x = x * math.exp(-h_eta) + denoised * phi_1
             phi_2 = 1 - phi_1 / h_eta  # k-diffusion's phi_2: (e^{-h_eta} - 1) / h_eta + 1
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + d1 * phi_2 - d2 * phi_3
-            elif h_1 is not None:
-                x = x + (denoised - denoised_1) * (phi_2 / (h_1 / h))
+            coeffs = _weights(phi_1, phi_2, phi_2 / h_eta - 0.5, h, h_1, h_2)
+            x = x * math.exp(-h_eta)
+            for c, d in zip(coeffs, (denoised, denoised_1, denoised_2), strict=False):
+                x = x.add(d, alpha=c)  # one op per x0_hat: x + c_j x0_hat_{i-j}
             if eta > 0:
-                x = x + noise(x) * (s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+                sigma_up = s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+                x = x.add(noise(x), alpha=sigma_up)
             denoised_1, denoised_2 = denoised, denoised_1
             h_1, h_2 = h, h_1
         x = emit(callback, i, s, x, denoised)

@@ -46,10 +46,8 @@ def sample_ipndm(
         if s[i + 1] == 0:
             x = denoised  # the last step: see the docstring
         else:
-            weights = _AB[len(history) - 1]
-            d = history[0] * weights[0]
-            for w, d_old in zip(weights[1:], history[1:], strict=True):
-                d = d + d_old * w
-            x = x + d * (s[i + 1] - s[i])
+            h = s[i + 1] - s[i]
+            for w, eps in zip(_AB[len(history) - 1], history, strict=True):
+                x = x.add(eps, alpha=w * h)  # one op per term: x + h w_j eps_{i-j}
         x = emit(callback, i, s, x, denoised)
     return x

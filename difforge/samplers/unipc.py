@@ -69,54 +69,66 @@ def _rhos(lams: list[float], i: int, order: int, bh2: bool, corrector: bool):
     return h_phi_1, b_h, tuple(r), tuple(rhos)
 
 
+def _predictor_weights(h_phi_1: float, b_h: float, r, rhos) -> tuple[float, ...]:
+    """UniP's x0_hat terms -h_phi_1 m_i - B(h) sum_k rho_k (m_{i-k} - m_i) / r_k as one weight
+    per x0_hat (m_i, m_{i-1}, ...): each difference would be a tensor op, cache-cold at batch 1."""
+    c = [-b_h * rho / rk for rho, rk in zip(rhos, r, strict=False)]
+    return (-h_phi_1 - sum(c), *c)
+
+
+def _corrector_weights(h_phi_1: float, b_h: float, r, rhos) -> tuple[float, ...]:
+    """UniC's -h_phi_1 m_{i-1} - B(h) (rho_last (m_i - m_{i-1}) + sum_k rho_k (m_{i-1-k} -
+    m_{i-1}) / r_k) as one weight per x0_hat: (m_i, m_{i-1}, m_{i-2}, ...)."""
+    c_new = -b_h * rhos[-1]
+    c = [-b_h * rho / rk for rho, rk in zip(rhos[:-1], r, strict=False)]
+    return (c_new, -h_phi_1 - c_new - sum(c), *c)
+
+
 @per_grid
-def _plan(s: tuple[float, ...], order: int, bh2: bool) -> tuple[tuple, tuple, tuple]:
-    """Per step: its order, its UniP coefficients and its UniC coefficients (None where the step
-    ends at sigma = 0, or for step 0's corrector), once per grid."""
+def _plan(s: tuple[float, ...], order: int, bh2: bool) -> tuple[tuple, tuple]:
+    """Per step: its UniP weights and its UniC weights (None where the step ends at sigma = 0,
+    or for step 0's corrector), once per grid."""
     n = len(s) - 1
     lams = [-math.log(v) if v > 0 else math.inf for v in s]
-    orders = tuple(min(order, n - i, i + 1) for i in range(n))
+    orders = [min(order, n - i, i + 1) for i in range(n)]
     predict = tuple(
-        _rhos(lams, i, orders[i], bh2, False) if s[i + 1] > 0 else None for i in range(n)
+        _predictor_weights(*_rhos(lams, i, orders[i], bh2, False)) if s[i + 1] > 0 else None
+        for i in range(n)
     )
     correct = (
         None,
         *(
-            _rhos(lams, i - 1, orders[i - 1], bh2, True) if s[i + 1] > 0 else None
+            _corrector_weights(*_rhos(lams, i - 1, orders[i - 1], bh2, True))
+            if s[i + 1] > 0
+            else None
             for i in range(1, n)
         ),
     )
-    return orders, predict, correct
+    return predict, correct
 
 
 def _unipc(denoiser, x, sigmas, cond, callback, order: int, bh2: bool, name: str) -> Tensor:
     if order not in (1, 2, 3):
         raise InvalidArgumentError(f"{name} order must be 1, 2 or 3, got {order!r}")
     s = sigma_list(sigmas)
-    n = len(s) - 1
-    orders, predict, correct = _plan(tuple(s), order, bh2)
+    predict, correct = _plan(tuple(s), order, bh2)
     history: list[Tensor] = []  # x0_hat of the latest steps, newest first
     x_last = None  # x_{i-1}, the point the previous prediction started from
-    for i in range(n):
+    for i in range(len(s) - 1):
         denoised = denoise(denoiser, x, s[i], cond)
         if i > 0 and s[i + 1] > 0:  # UniC (at the step to 0 the corrected x would be unused)
-            p = orders[i - 1]
-            h_phi_1, b_h, r, rhos = correct[i]
-            x = (x_last * (s[i] / s[i - 1])).add(history[0], alpha=-h_phi_1)
-            x = x.add(denoised - history[0], alpha=-b_h * rhos[-1])
-            for k in range(1, p):
-                x = x.add(history[k] - history[0], alpha=-b_h * rhos[k - 1] / r[k - 1])
+            x = x_last * (s[i] / s[i - 1])
+            for c, m in zip(correct[i], (denoised, *history), strict=False):
+                x = x.add(m, alpha=c)  # one op per x0_hat
         history.insert(0, denoised)
         del history[order:]
         x_last = x
         if s[i + 1] == 0:
             x = denoised
         else:  # UniP
-            p = orders[i]
-            h_phi_1, b_h, r, rhos = predict[i]
-            x = (x * (s[i + 1] / s[i])).add(denoised, alpha=-h_phi_1)
-            for k in range(1, p):
-                x = x.add(history[k] - denoised, alpha=-b_h * rhos[k - 1] / r[k - 1])
+            x = x * (s[i + 1] / s[i])
+            for c, m in zip(predict[i], history, strict=False):
+                x = x.add(m, alpha=c)
         x = emit(callback, i, s, x, denoised)
     return x
 

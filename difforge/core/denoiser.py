@@ -74,16 +74,30 @@ def level_vector(sigma: float, x: Tensor) -> Tensor:
     version counter moved) is replaced, never reused. Elsewhere: a fresh `torch.full`."""
     if not x.is_cpu or torch.is_grad_enabled() or not sigma > 0:
         return torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
-    key = (sigma, x.shape[0])
-    v = _LEVELS.get(key)
+    return _cpu_level(sigma, x.shape[0])
+
+
+def _cpu_level(sigma: float, b: int) -> Tensor:
+    """level_vector's shared CPU vector for (sigma > 0, b)."""
+    v = _LEVELS.get((sigma, b))
     if v is None or v._version:
         if len(_LEVELS) >= LEVEL_LIMIT:
             _LEVELS.clear()
             _LEVEL_IDS.clear()
         with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
-            v = torch.full((x.shape[0],), sigma, dtype=torch.float32)
-        _LEVELS[key] = _LEVEL_IDS[id(v)] = v
+            v = torch.full((b,), sigma, dtype=torch.float32)
+        _LEVELS[(sigma, b)] = _LEVEL_IDS[id(v)] = v
     return v
+
+
+def _remember_level(owner, level: float, b: int, ndim: int, entry) -> None:
+    """prepare_grid's part of the identity path: the level vector a sampler will pass for
+    (level, b) maps straight to the memo entry, so even an adapter built for this one call finds
+    each level without reading its values."""
+    if len(owner._by_level) >= MEMO_LIMIT:
+        owner._by_level.clear()
+    v = _cpu_level(level, b)
+    owner._by_level[(id(v), ndim)] = (v, entry)
 
 
 def _reset_memo(owner) -> None:
@@ -223,7 +237,8 @@ class ModelDenoiser(nn.Module):
             t_r = rows[2].unbind(0)
             for i in range(n):
                 key = (tuple(keys[i]), torch.float32, ndim)
-                self._memo.setdefault(key, (sig_r[i], scale_r[i], t_r[i]))
+                entry = self._memo.setdefault(key, (sig_r[i], scale_r[i], t_r[i]))
+                _remember_level(self, levels[i], b, ndim, entry)
         self._prepared.add(grid_key)
 
     def _net(self, x: Tensor, x_scale: Tensor, t: Tensor, cond: Cond) -> Tensor:
@@ -306,6 +321,7 @@ class EDMPrecond(nn.Module):
                 if key not in self._memo:
                     c_noise = sig[i].clone().log() / 4  # (b,), as _coefficients takes it
                     self._memo[key] = (rows[0][i], rows[1][i], rows[2][i], c_noise)
+                _remember_level(self, levels[i], b, ndim, self._memo[key])
         self._prepared.add(grid_key)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:

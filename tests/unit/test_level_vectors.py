@@ -78,3 +78,17 @@ def test_sampling_bytes_do_not_depend_on_the_level_cache():
     cold = sample(ModelDenoiser(TinyEpsNet(), process, "eps"), sigmas, **kw)
     assert den._by_level  # the identity path was taken
     assert torch.equal(warm.x, again.x) and torch.equal(warm.x, cold.x)
+
+
+def test_a_fresh_adapter_finds_every_prepared_level_by_identity(monkeypatch):
+    """prepare_grid maps the level vectors a sampler will pass straight to their memo entries:
+    no step of a call on a just-built adapter reads sigma's values (memo_key never runs). That
+    this path is bitwise the unprepared one: tests/unit/test_denoiser_grid.py."""
+    process = DiscreteVP()
+    sigmas = get_sigmas("karras", 8, process=process)
+    keyed = []
+    real = core_denoiser.memo_key
+    monkeypatch.setattr(core_denoiser, "memo_key", lambda *a: keyed.append(a) or real(*a))
+    for den in (ModelDenoiser(TinyEpsNet(), process, "eps"), EDMPrecond(TinyEpsNet())):
+        sample(den, sigmas, shape=(1, 8, 8), seeds=[4, 5], sampler="unipc")
+        assert keyed == [], type(den).__name__

@@ -21,6 +21,7 @@ the network call): at batch 1 the outside time is about that count times a cold 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import statistics
 import time
@@ -212,6 +213,7 @@ def main() -> None:
         for r in range(args.rounds + 1):  # round 0 warms up and is discarded
             order = runs if r % 2 == 0 else runs[::-1]
             for lib, name in order:
+                gc.collect()  # the last loop's garbage is collected before, not inside, this one
                 m = loop(lib, name, batch)()
                 if r > 0:
                     samples[(lib, name)].append(m)

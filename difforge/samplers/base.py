@@ -1,10 +1,4 @@
-"""What every sampler shares: sigma checks, the denoiser call, the per-step callback.
-
-Early noise: a stochastic sampler draws step i's noise before step i's denoiser call, not after
-it. The draws and their order are the same (one per step that adds noise), so outputs are
-bitwise those of drawing after the call; but right after a network call every op runs
-cache-cold, and at batch 1 a `randn` there costs ~3x its price before the call.
-"""
+"""What every sampler shares: sigma checks, the denoiser call, the per-step callback."""
 
 from __future__ import annotations
 

@@ -58,7 +58,6 @@ def sample_dpmpp_2m_sde(
         require_noise(noise, "dpmpp_2m_sde")
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
-        z = noise(x) if eta > 0 and s[i + 1] > 0 else None  # early noise: see samplers.base
         denoised = denoise(denoiser, x, s[i], cond)
         if s[i + 1] == 0:
             x = denoised
@@ -71,8 +70,8 @@ def sample_dpmpp_2m_sde(
             x = (x * (s[i + 1] / s[i] * math.exp(-eta_h))).add(denoised, alpha=phi + c)
             if old_denoised is not None:
                 x = x.add(old_denoised, alpha=-c)
-            if z is not None:
-                x = x.add(z, alpha=s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+            if eta > 0:
+                x = x.add(noise(x), alpha=s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
             h_last = h
         old_denoised = denoised
         x = emit(callback, i, s, x, denoised)

@@ -57,7 +57,6 @@ def sample_dpmpp_3m_sde(
     denoised_1 = denoised_2 = None  # x0_hat of the previous two steps
     h_1 = h_2 = None  # their step sizes in lambda
     for i in range(len(s) - 1):
-        z = noise(x) if eta > 0 and s[i + 1] > 0 else None  # early noise: see samplers.base
         denoised = denoise(denoiser, x, s[i], cond)
         if s[i + 1] == 0:
             x = denoised
@@ -70,9 +69,9 @@ def sample_dpmpp_3m_sde(
             x = x * math.exp(-h_eta)
             for c, d in zip(coeffs, (denoised, denoised_1, denoised_2), strict=False):
                 x = x.add(d, alpha=c)  # one op per x0_hat: x + c_j x0_hat_{i-j}
-            if z is not None:
+            if eta > 0:
                 sigma_up = s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
-                x = x.add(z, alpha=sigma_up)
+                x = x.add(noise(x), alpha=sigma_up)
             denoised_1, denoised_2 = denoised, denoised_1
             h_1, h_2 = h, h_1
         x = emit(callback, i, s, x, denoised)

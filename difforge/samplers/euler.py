@@ -112,11 +112,10 @@ def sample_euler_ancestral(
     s = sigma_list(sigmas)
     noise = require_noise(noise, "euler_ancestral") if eta > 0 else noise
     for i in range(len(s) - 1):
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        z = noise(x) if sigma_up > 0 else None  # early noise: see samplers.base
         denoised = denoise(denoiser, x, s[i], cond)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         x = x + (x - denoised) * ((sigma_down - s[i]) / s[i])
-        if z is not None:
-            x = x.add(z, alpha=s_noise * sigma_up)  # one op: cache-cold at batch 1
+        if sigma_up > 0:
+            x = x.add(noise(x), alpha=s_noise * sigma_up)  # one op: cache-cold at batch 1
         x = emit(callback, i, s, x, denoised)
     return x

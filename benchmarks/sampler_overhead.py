@@ -16,14 +16,20 @@ the tensor ops each loop runs outside the network per step (a dispatch mode that
 the network call): at batch 1 the outside time is about that count times a cold op's price.
 
     python -m benchmarks.sampler_overhead [--steps 20] [--rounds 5] [--batches 1,64] [--threads 2]
+        [--processes 1] [--adapter loaded]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -180,6 +186,41 @@ def first_op_cost(net, batch: int, reps: int = 40) -> dict:
     return {"after_network_s": med["network"], "after_copy_s": med["copy"], "warm_s": med["warm"]}
 
 
+def collect(args, runs: list, batches: list[int], loop) -> dict:
+    """{(lib, name, batch): [run, ...]}: `args.rounds` rounds after a discarded warm-up, A and B
+    alternating in every round (the order reversed every other round)."""
+    out: dict = {}
+    for batch in batches:
+        for r in range(args.rounds + 1):  # round 0 warms up and is discarded
+            order = runs if r % 2 == 0 else runs[::-1]
+            for lib, name in order:
+                gc.collect()  # the last loop's garbage is collected before, not inside, this one
+                m = loop(lib, name, batch)()
+                if r > 0:
+                    out.setdefault((lib, name, batch), []).append(m)
+    return out
+
+
+def child_runs(args) -> dict:
+    """`collect` in a fresh interpreter with the same options (see --processes)."""
+    argv = list(sys.argv[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "runs.json")
+        cmd = [sys.executable, "-m", "benchmarks.sampler_overhead", *argv]
+        subprocess.run([*cmd, "--processes", "1", "--child-out", out], check=True)
+        with open(out) as f:
+            raw = json.load(f)
+    return {(k.split("|")[0], k.split("|")[1], int(k.split("|")[2])): v for k, v in raw.items()}
+
+
+def per_process_range(row: dict) -> str:
+    """The spread of the per-process medians of the outside share, when there are several."""
+    meds = row["outside_fraction_median_per_process"]
+    if len(meds) < 2:
+        return ""
+    return f"; per process {100 * min(meds):.2f}-{100 * max(meds):.2f}%"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -193,6 +234,13 @@ def main() -> None:
         "(its memo of t and input scale warm after the first call); fresh: a new one per call "
         "(sample() fills its memo for the grid up front)",
     )  # fmt: skip
+    ap.add_argument(
+        "--processes", type=int, default=1,
+        help="run the rounds in this many fresh processes, one after another, and pool them: a "
+        "process's memory layout moves its outside time by up to ~25%%, rounds within one do not "
+        "see that [1]",
+    )  # fmt: skip
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)  # internal: a child's raw runs
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     timed = TimedNet(build_unet())
@@ -207,16 +255,18 @@ def main() -> None:
             return lambda: run_difforge(timed, name, batch, args.steps, adapter)
         return lambda: run_diffusers(timed, DIFFUSERS_PEERS[name], batch, args.steps)
 
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.processes > 1:
+        per_process = [child_runs(args) for _ in range(args.processes)]
+    else:
+        per_process = [collect(args, runs, batches, loop)]
+    if args.child_out:
+        with open(args.child_out, "w") as f:
+            json.dump({"|".join(map(str, k)): v for k, v in per_process[0].items()}, f)
+        return
     table: dict = {}
-    for batch in [int(b) for b in args.batches.split(",")]:
-        samples: dict = {run: [] for run in runs}
-        for r in range(args.rounds + 1):  # round 0 warms up and is discarded
-            order = runs if r % 2 == 0 else runs[::-1]
-            for lib, name in order:
-                gc.collect()  # the last loop's garbage is collected before, not inside, this one
-                m = loop(lib, name, batch)()
-                if r > 0:
-                    samples[(lib, name)].append(m)
+    for batch in batches:
+        samples = {run: [m for p in per_process for m in p[(*run, batch)]] for run in runs}
         for (lib, name), ms in samples.items():
             outside = [(m["total"] - m["inside"]) / args.steps for m in ms]
             frac = [(m["total"] - m["inside"]) / m["total"] for m in ms]
@@ -230,6 +280,12 @@ def main() -> None:
                 "outside_ms_per_step_min": 1e3 * min(outside),
                 "outside_fraction_min": min(frac),
                 "step_ms_median": 1e3 * statistics.median(m["total"] / args.steps for m in ms),
+                "outside_fraction_median_per_process": [
+                    statistics.median(
+                        (m["total"] - m["inside"]) / m["total"] for m in p[(lib, name, batch)]
+                    )
+                    for p in per_process
+                ],
                 "ops_per_step": ops_per_step(timed, loop(lib, name, batch), args.steps),
             }
         print(f"batch {batch}:")
@@ -239,7 +295,7 @@ def main() -> None:
                     f"  {row['library']:9s} {row['sampler']:16s} outside {row['outside_ms_per_step_median']:.3f} ms/step "
                     f"({100 * row['outside_fraction_median']:.2f}% of the step; min {row['outside_ms_per_step_min']:.3f} ms, "
                     f"{100 * row['outside_fraction_min']:.2f}%), step {row['step_ms_median']:.1f} ms, "
-                    f"{row['ops_per_step']:.1f} ops/step outside"
+                    f"{row['ops_per_step']:.1f} ops/step outside" + per_process_range(row)
                 )
     verdicts = {}
     for key, row in table.items():
@@ -274,7 +330,8 @@ def main() -> None:
         )
 
     summary = (
-        f"net {params / 1e6:.2f}M params, {args.steps} steps, {args.rounds} rounds, {args.adapter} "
+        f"net {params / 1e6:.2f}M params, {args.steps} steps, {args.rounds} rounds x "
+        f"{args.processes} processes, {args.adapter} "
         "adapter; worst difforge "
         f"outside-network share at batch 1: median {100 * worst_b1:.2f}%, min {100 * worst_b1_min:.2f}%; "
         f"difforge vs diffusers outside ms/step, median: {vs('outside_ms_per_step_median')}; "
@@ -293,6 +350,7 @@ def main() -> None:
             "params": params,
             "steps": args.steps,
             "rounds": args.rounds,
+            "processes": args.processes,
             "adapter": args.adapter,
             "rows": table,
             "verdicts": verdicts,

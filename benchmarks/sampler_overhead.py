@@ -343,6 +343,8 @@ def main() -> None:
             for b, f in floor.items()
         )
         + f"; tensor ops per step outside the network: {vs('ops_per_step', 1)}"
+        + "; every difforge sampler's median share at batch 1 (%): "
+        + ", ".join(f"{r['sampler']} {100 * r['outside_fraction_median']:.2f}" for r in b1)
     )
     out = write_result(
         "sampler_overhead",

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
 from difforge.samplers.base import Callback, denoise, emit, require_noise, sigma_list
-from difforge.samplers.noise import NoiseSource
+from difforge.samplers.noise import NoiseSource, upfront
 
 
 def sample_dpmpp_2m(
@@ -56,6 +56,7 @@ def sample_dpmpp_2m_sde(
     s = sigma_list(sigmas)
     if eta > 0:
         require_noise(noise, "dpmpp_2m_sde")
+        noise = upfront(noise, x, sum(v > 0 for v in s[1:]))
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
         denoised = denoise(denoiser, x, s[i], cond)

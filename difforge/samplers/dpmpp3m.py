@@ -17,7 +17,7 @@ from difforge.samplers.base import (
     require_noise,
     sigma_list,
 )
-from difforge.samplers.noise import NoiseSource
+from difforge.samplers.noise import NoiseSource, upfront
 
 
 def _weights(phi_1: float, phi_2: float, phi_3: float, h: float, h_1, h_2) -> tuple[float, ...]:
@@ -54,6 +54,7 @@ def sample_dpmpp_3m_sde(
         raise InvalidArgumentError(f"eta must be >= 0, got {eta}")
     if eta > 0:
         require_noise(noise, "dpmpp_3m_sde")
+        noise = upfront(noise, x, sum(v > 0 for v in s[1:]))
     denoised_1 = denoised_2 = None  # x0_hat of the previous two steps
     h_1 = h_2 = None  # their step sizes in lambda
     for i in range(len(s) - 1):

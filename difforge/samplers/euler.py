@@ -9,7 +9,7 @@ from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
 from difforge.samplers.base import Callback, denoise, emit, require_noise, sigma_list
-from difforge.samplers.noise import NoiseSource
+from difforge.samplers.noise import NoiseSource, upfront
 
 
 def _churn(
@@ -111,9 +111,10 @@ def sample_euler_ancestral(
     """Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion's ancestral)."""
     s = sigma_list(sigmas)
     noise = require_noise(noise, "euler_ancestral") if eta > 0 else noise
-    for i in range(len(s) - 1):
+    steps = [ancestral_step(s[i], s[i + 1], eta) for i in range(len(s) - 1)]
+    noise = upfront(noise, x, sum(up > 0 for _, up in steps))
+    for i, (sigma_down, sigma_up) in enumerate(steps):
         denoised = denoise(denoiser, x, s[i], cond)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         x = x + (x - denoised) * ((sigma_down - s[i]) / s[i])
         if sigma_up > 0:
             x = x.add(noise(x), alpha=s_noise * sigma_up)  # one op: cache-cold at batch 1

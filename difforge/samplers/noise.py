@@ -113,3 +113,24 @@ class GeneratorNoise:
     def __call__(self, like: Tensor) -> Tensor:
         out = torch.randn(like.shape, generator=self.generator, device=self.generator.device)
         return out.to(device=like.device, dtype=like.dtype)
+
+
+UPFRONT_LIMIT = 1 << 20  # elements: a call's draws are made together only up to this (4 MB)
+
+
+def upfront(noise: NoiseSource | None, like: Tensor, count: int) -> NoiseSource | None:
+    """`noise` for a sampler that will call it `count` times, in order, with tensors shaped like
+    `like` (its state x). From a PerSampleNoise on CPU, at most UPFRONT_LIMIT elements in all,
+    the draws are made here, back to back: the same calls in the same order, so bitwise the
+    draws made one per step, but with randn's code warm, where right after each network call one
+    draw costs ~3x (batch 1). Any other source, or more elements, is returned as it is: called
+    per step, as before. The returned source must be called exactly as announced."""
+    if (
+        not isinstance(noise, PerSampleNoise)
+        or count < 2
+        or not like.is_cpu
+        or count * like.numel() > UPFRONT_LIMIT
+    ):
+        return noise
+    draws = [noise(like) for _ in range(count)][::-1]
+    return lambda x: draws.pop()

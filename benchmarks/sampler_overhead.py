@@ -210,7 +210,8 @@ def child_runs(args) -> dict:
         subprocess.run([*cmd, "--processes", "1", "--child-out", out], check=True)
         with open(out) as f:
             raw = json.load(f)
-    return {(k.split("|")[0], k.split("|")[1], int(k.split("|")[2])): v for k, v in raw.items()}
+    keys = {k: k.split("|") for k in raw}
+    return {(lib, name, int(b)): raw[k] for k, (lib, name, b) in keys.items()}
 
 
 def per_process_range(row: dict) -> str:

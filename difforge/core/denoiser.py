@@ -61,7 +61,7 @@ MEMO_LIMIT = 1024  # entries in an adapter's memo before it is cleared
 
 LEVEL_LIMIT = 4096  # level vectors kept per process before the cache is cleared
 _LEVELS: dict[tuple[float, int], Tensor] = {}  # (sigma, B) -> its (B,) vector, see level_vector
-_LEVEL_IDS: dict[int, Tensor] = {}  # id -> the same vectors: what memo_lookup may know by identity
+_LEVEL_IDS: dict[int, tuple[float, Tensor]] = {}  # id -> (sigma, the vector): known by identity
 
 
 def level_vector(sigma: float, x: Tensor) -> Tensor:
@@ -86,17 +86,34 @@ def _cpu_level(sigma: float, b: int) -> Tensor:
             _LEVEL_IDS.clear()
         with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
             v = torch.full((b,), sigma, dtype=torch.float32)
-        _LEVELS[(sigma, b)] = _LEVEL_IDS[id(v)] = v
+        _LEVELS[(sigma, b)] = v
+        _LEVEL_IDS[id(v)] = (sigma, v)
     return v
 
 
-def _remember_level(owner, level: float, b: int, ndim: int, entry) -> None:
-    """prepare_grid's part of the identity path: the level vector a sampler will pass for
-    (level, b) maps straight to the memo entry, so even an adapter built for this one call finds
-    each level without reading its values."""
+def _level_of(sigma: Tensor) -> float | None:
+    """The level of one of level_vector's vectors nobody wrote to (its version is 0, so its
+    values are still the level's); None for any other tensor."""
+    known = _LEVEL_IDS.get(id(sigma))
+    if known is None or known[1] is not sigma or sigma._version:
+        return None
+    return known[0]
+
+
+def repeat_level(sigma: Tensor, k: int) -> Tensor:
+    """sigma repeated k times along the batch (guidance's cond/uncond pair): for a level vector
+    the level vector of (level, k B), which adapters know by identity too; else `torch.cat`."""
+    level = None if torch.is_grad_enabled() else _level_of(sigma)
+    if level is None:
+        return torch.cat([sigma] * k)
+    return _cpu_level(level, k * sigma.shape[0])
+
+
+def _remember(owner, v: Tensor, ndim: int, entry) -> None:
+    """Map level vector v (and the call's ndim) to its memo entry in `owner._by_level`; the strong
+    reference there keeps v's id from being reused while the entry lives."""
     if len(owner._by_level) >= MEMO_LIMIT:
         owner._by_level.clear()
-    v = _cpu_level(level, b)
     owner._by_level[(id(v), ndim)] = (v, entry)
 
 
@@ -151,12 +168,8 @@ def memo_lookup(owner, sigma: Tensor, ndim: int, compute: Callable[[Tensor, int]
         if len(owner._memo) >= MEMO_LIMIT:
             _reset_memo(owner)
         owner._memo[key] = hit
-    if _LEVEL_IDS.get(id(sigma)) is sigma and not sigma._version:
-        # one of level_vector's: never written (its version is 0), so its values are the key's
-        # while it lives, and the strong reference here keeps its id from being reused
-        if len(owner._by_level) >= MEMO_LIMIT:
-            owner._by_level.clear()
-        owner._by_level[(id(sigma), ndim)] = (sigma, hit)
+    if _level_of(sigma) is not None:
+        _remember(owner, sigma, ndim, hit)
     return hit
 
 
@@ -238,7 +251,7 @@ class ModelDenoiser(nn.Module):
             for i in range(n):
                 key = (tuple(keys[i]), torch.float32, ndim)
                 entry = self._memo.setdefault(key, (sig_r[i], scale_r[i], t_r[i]))
-                _remember_level(self, levels[i], b, ndim, entry)
+                _remember(self, _cpu_level(levels[i], b), ndim, entry)  # the vector samplers pass
         self._prepared.add(grid_key)
 
     def _net(self, x: Tensor, x_scale: Tensor, t: Tensor, cond: Cond) -> Tensor:
@@ -321,7 +334,7 @@ class EDMPrecond(nn.Module):
                 if key not in self._memo:
                     c_noise = sig[i].clone().log() / 4  # (b,), as _coefficients takes it
                     self._memo[key] = (rows[0][i], rows[1][i], rows[2][i], c_noise)
-                _remember_level(self, levels[i], b, ndim, self._memo[key])
+                _remember(self, _cpu_level(levels[i], b), ndim, self._memo[key])
         self._prepared.add(grid_key)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from difforge.core.denoiser import Cond, Denoiser
+from difforge.core.denoiser import Cond, Denoiser, repeat_level
 from difforge.core.errors import InvalidArgumentError
 from difforge.core.processes import append_dims
 
@@ -83,7 +83,7 @@ class CFGDenoiser:
         if self._plain or (limited and not bool(active.any())):
             return self.denoiser(x, sigma, cond)
         both = self.denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_cond(cond, self.uncond)
+            torch.cat([x, x]), repeat_level(sigma, 2), _cat_cond(cond, self.uncond)
         )
         x0_c, x0_u = both.chunk(2)
         w = append_dims(w, x.ndim)

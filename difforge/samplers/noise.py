@@ -97,10 +97,8 @@ class PerSampleNoise:
                 f"noise for a batch of {shape[0]} asked of a source with "
                 f"{len(self.generators)} seeds"
             )
-        if len(self.generators) == 1 and like.is_cpu:  # draw's one-sample path, one frame less
-            out = torch.randn(shape, generator=self.generators[0])
-        else:  # is_cpu first: comparing devices costs ~10 us cache-cold, after every network call
-            out = self.draw(shape[1:], None if like.is_cpu else like.device)
+        # is_cpu first: comparing devices costs ~10 us cache-cold, after every network call
+        out = self.draw(shape[1:], None if like.is_cpu else like.device)
         return out if out.dtype == like.dtype else out.to(like.dtype)
 
 

@@ -92,3 +92,28 @@ def test_a_fresh_adapter_finds_every_prepared_level_by_identity(monkeypatch):
     for den in (ModelDenoiser(TinyEpsNet(), process, "eps"), EDMPrecond(TinyEpsNet())):
         sample(den, sigmas, shape=(1, 8, 8), seeds=[4, 5], sampler="unipc")
         assert keyed == [], type(den).__name__
+
+
+def test_guided_sampling_takes_the_identity_path_for_the_doubled_batch(monkeypatch):
+    """CFGDenoiser's cond/uncond pair gets the level vector of (level, 2B), which prepare_grid
+    registered too: no step of a guided call reads sigma's values either."""
+    process = DiscreteVP()
+    sigmas = get_sigmas("karras", 6, process=process)
+    kw = dict(shape=(1, 8, 8), seeds=[0, 1], sampler="dpmpp_2m", guidance=2.5)
+    kw |= dict(cond={"labels": torch.tensor([1, 2])}, uncond={"labels": torch.tensor([10, 10])})
+    keyed = []
+    real = core_denoiser.memo_key
+    monkeypatch.setattr(core_denoiser, "memo_key", lambda *a: keyed.append(a) or real(*a))
+    sample(ModelDenoiser(TinyEpsNet(), process, "eps"), sigmas, **kw)
+    assert keyed == []
+
+
+def test_repeat_level_is_a_plain_repeat_for_other_tensors():
+    with torch.no_grad():
+        v = level_vector(2.5, _x(3))
+        doubled = core_denoiser.repeat_level(v, 2)
+        other = torch.tensor([1.0, 2.0])
+        assert doubled is level_vector(2.5, _x(6))
+        assert torch.equal(core_denoiser.repeat_level(other, 2), torch.tensor([1.0, 2.0, 1.0, 2.0]))
+        v.fill_(1.0)  # written: no longer a level vector
+        assert torch.equal(core_denoiser.repeat_level(v, 2), torch.ones(6))

@@ -15,6 +15,7 @@ Every prediction is affine in the network output: x0 = a(sigma) x + c_out(sigma)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -52,18 +53,22 @@ def x0_from_velocity(x: Tensor, sigma: Tensor, u: Tensor) -> Tensor:
     return (x - sigma * u) / (1 + sigma)
 
 
+def _x0_from_x0(x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
+    return x0
+
+
+_TO_X0 = {"eps": x0_from_eps, "x0": _x0_from_x0, "v": x0_from_v, "velocity": x0_from_velocity}
+
+
+def x0_converter(prediction: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """`to_x0` for one prediction kind, `f(x, sigma, out) -> x0_hat`, to look up once."""
+    check_choice("prediction", prediction, PREDICTIONS)
+    return _TO_X0[prediction]
+
+
 def to_x0(prediction: str, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
     """x0_hat from a network output of kind `prediction` at noisy sample x (VE) and level sigma."""
-    if prediction == "eps":
-        return x0_from_eps(x, sigma, out)
-    if prediction == "x0":
-        return out
-    if prediction == "v":
-        return x0_from_v(x, sigma, out)
-    if prediction == "velocity":
-        return x0_from_velocity(x, sigma, out)
-    check_choice("prediction", prediction, PREDICTIONS)
-    raise AssertionError  # unreachable: check_choice raised
+    return x0_converter(prediction)(x, sigma, out)
 
 
 def target(prediction: str, x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:

@@ -8,7 +8,14 @@ import math
 from torch import Tensor
 
 from difforge.core.denoiser import Cond, Denoiser
-from difforge.samplers.base import Callback, denoise, emit, require_noise, sigma_list
+from difforge.samplers.base import (
+    Callback,
+    denoise,
+    emit,
+    per_grid,
+    require_noise,
+    sigma_list,
+)
 from difforge.samplers.noise import NoiseSource, upfront
 
 
@@ -41,6 +48,29 @@ def sample_dpmpp_2m(
     return x
 
 
+@per_grid
+def _sde_plan(s: tuple[float, ...], eta: float, s_noise: float) -> tuple:
+    """dpmpp_2m_sde's scalars, a function of the grid alone: per step (the weight of x, of D, of
+    D_old (None on the first step), the noise's sigma_up), or None on the step to 0. Made once per
+    grid, not in every step's Python after the network call (the x0_hat terms folded into one
+    weight each: one tensor op per term)."""
+    plan, h_last = [], None
+    for i in range(len(s) - 1):
+        if s[i + 1] == 0:
+            plan.append(None)
+            continue
+        h = math.log(s[i]) - math.log(s[i + 1])
+        eta_h = eta * h
+        phi = -math.expm1(-h - eta_h)
+        c = 0.0 if h_last is None else 0.5 * phi / (h_last / h)  # of D - D_old
+        up = s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise if eta > 0 else 0.0
+        plan.append(
+            (s[i + 1] / s[i] * math.exp(-eta_h), phi + c, None if h_last is None else -c, up)
+        )
+        h_last = h
+    return tuple(plan)
+
+
 def sample_dpmpp_2m_sde(
     denoiser: Denoiser,
     x: Tensor,
@@ -57,23 +87,18 @@ def sample_dpmpp_2m_sde(
     if eta > 0:
         require_noise(noise, "dpmpp_2m_sde")
         noise = upfront(noise, x, sum(v > 0 for v in s[1:]))
-    old_denoised, h_last = None, None
-    for i in range(len(s) - 1):
+    old_denoised = None
+    for i, step in enumerate(_sde_plan(tuple(s), float(eta), float(s_noise))):
         denoised = denoise(denoiser, x, s[i], cond)
-        if s[i + 1] == 0:
+        if step is None:
             x = denoised
         else:
-            h = math.log(s[i]) - math.log(s[i + 1])
-            eta_h = eta * h
-            phi = -math.expm1(-h - eta_h)
-            c = 0.0 if old_denoised is None else 0.5 * phi / (h_last / h)  # of D - D_old
-            # one op per term (x0_hat terms folded into one weight each: cache-cold ops at batch 1)
-            x = (x * (s[i + 1] / s[i] * math.exp(-eta_h))).add(denoised, alpha=phi + c)
-            if old_denoised is not None:
-                x = x.add(old_denoised, alpha=-c)
+            scale, w, w_old, sigma_up = step
+            x = (x * scale).add(denoised, alpha=w)
+            if w_old is not None:
+                x = x.add(old_denoised, alpha=w_old)
             if eta > 0:
-                x = x.add(noise(x), alpha=s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
-            h_last = h
+                x = x.add(noise(x), alpha=sigma_up)
         old_denoised = denoised
         x = emit(callback, i, s, x, denoised)
     return x

@@ -14,6 +14,7 @@ from difforge.samplers.base import (
     Callback,
     denoise,
     emit,
+    per_grid,
     require_noise,
     sigma_list,
 )
@@ -36,6 +37,27 @@ def _weights(phi_1: float, phi_2: float, phi_3: float, h: float, h_1, h_2) -> tu
     return (phi_1 + (phi_2 + g) / r0, -(phi_2 + g) / r0 - g / r1, g / r1)
 
 
+@per_grid
+def _plan(s: tuple[float, ...], eta: float, s_noise: float) -> tuple:
+    """The loop's scalars, a function of the grid alone: per step (the weight of x, the x0_hat
+    weights newest first (see `_weights`), the noise's sigma_up), or None on the step to 0. Made
+    once per grid, not in every step's Python after the network call."""
+    plan, h_1, h_2 = [], None, None  # step sizes in lambda of the previous two steps
+    for i in range(len(s) - 1):
+        if s[i + 1] == 0:
+            plan.append(None)
+            continue
+        h = math.log(s[i]) - math.log(s[i + 1])  # lambda_next - lambda
+        h_eta = h * (eta + 1)
+        phi_1 = -math.expm1(-h_eta)  # 1 - e^{-h_eta}
+        phi_2 = 1 - phi_1 / h_eta  # k-diffusion's phi_2: (e^{-h_eta} - 1) / h_eta + 1
+        coeffs = _weights(phi_1, phi_2, phi_2 / h_eta - 0.5, h, h_1, h_2)
+        up = s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise if eta > 0 else 0.0
+        plan.append((math.exp(-h_eta), coeffs, up))
+        h_1, h_2 = h, h_1
+    return tuple(plan)
+
+
 def sample_dpmpp_3m_sde(
     denoiser: Denoiser,
     x: Tensor,
@@ -56,25 +78,18 @@ def sample_dpmpp_3m_sde(
         require_noise(noise, "dpmpp_3m_sde")
         noise = upfront(noise, x, sum(v > 0 for v in s[1:]))
     denoised_1 = denoised_2 = None  # x0_hat of the previous two steps
-    h_1 = h_2 = None  # their step sizes in lambda
-    for i in range(len(s) - 1):
+    for i, step in enumerate(_plan(tuple(s), float(eta), float(s_noise))):
         denoised = denoise(denoiser, x, s[i], cond)
-        if s[i + 1] == 0:
+        if step is None:
             x = denoised
         else:
-            h = math.log(s[i]) - math.log(s[i + 1])  # lambda_next - lambda
-            h_eta = h * (eta + 1)
-            phi_1 = -math.expm1(-h_eta)  # 1 - e^{-h_eta}
-            phi_2 = 1 - phi_1 / h_eta  # k-diffusion's phi_2: (e^{-h_eta} - 1) / h_eta + 1
-            coeffs = _weights(phi_1, phi_2, phi_2 / h_eta - 0.5, h, h_1, h_2)
-            x = x * math.exp(-h_eta)
+            scale, coeffs, sigma_up = step
+            x = x * scale
             for c, d in zip(coeffs, (denoised, denoised_1, denoised_2), strict=False):
                 x = x.add(d, alpha=c)  # one op per x0_hat: x + c_j x0_hat_{i-j}
             if eta > 0:
-                sigma_up = s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
                 x = x.add(noise(x), alpha=sigma_up)
             denoised_1, denoised_2 = denoised, denoised_1
-            h_1, h_2 = h, h_1
         x = emit(callback, i, s, x, denoised)
     return x
 

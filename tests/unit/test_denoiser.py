@@ -112,3 +112,35 @@ def test_cfg_rejects_bad_arguments():
         CFGDenoiser(LabelEcho(), math.nan, {"labels": torch.tensor([1])})
     with pytest.raises(InvalidArgumentError):
         CFGDenoiser(LabelEcho(), 2.0, {"labels": torch.tensor([1])}, rescale=1.5)
+
+
+def test_model_denoiser_prediction_picks_its_conversion_and_rejects_unknown_kinds():
+    """forward converts with the kind `prediction` names now: reassigning it switches the
+    conversion (it is looked up once per assignment, not per call), and a bad kind is refused."""
+    net = TinyEpsNet()
+    den = ModelDenoiser(net, DiscreteVP(), "eps")
+    x, sigma = torch.randn(2, 1, 8, 8), torch.full((2,), 2.0)
+    eps_out = den(x, sigma)
+    den.prediction = "x0"
+    x0_out = den(x, sigma)
+    torch.testing.assert_close(x0_out, den.network_output(x, sigma))  # x0: the output itself
+    assert (eps_out - x0_out).abs().max() > 1e-3
+    with pytest.raises(InvalidArgumentError, match="prediction"):
+        den.prediction = "score"
+    assert den.prediction == "x0"  # a refused kind leaves the adapter as it was
+
+
+def test_adapters_call_their_net_as_a_module_with_its_hooks():
+    """The adapters read a Module net from `_modules` (not `nn.Module.__getattr__`): it is still
+    the registered module, called through its own __call__, so its forward hooks run."""
+    calls = []
+    for make in (lambda n: ModelDenoiser(n, DiscreteVP(), "eps"), lambda n: EDMPrecond(n)):
+        net = TinyEpsNet()
+        net.register_forward_hook(lambda mod, args, out: calls.append(mod))
+        den = make(net)
+        den(torch.randn(1, 1, 8, 8), torch.full((1,), 1.0))
+        assert calls.pop() is net and not calls
+        den.net = replacement = TinyEpsNet()  # reassigned: the new module is the one called
+        replacement.register_forward_hook(lambda mod, args, out: calls.append(mod))
+        den(torch.randn(1, 1, 8, 8), torch.full((1,), 1.0))
+        assert calls.pop() is replacement

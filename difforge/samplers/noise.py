@@ -10,12 +10,14 @@ instruction sets agree to float32 round-off, not bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from difforge.core.denoiser import CPU
 from difforge.core.errors import InvalidArgumentError
 
 MAX_SEED = 2**64 - 1
@@ -82,9 +84,29 @@ class PerSampleNoise:
             out = torch.empty((len(self.generators), *shape))  # (B, *shape) float32
             for row, g in zip(out.unbind(0), self.generators, strict=True):
                 row.normal_(generator=g)
-        if device is None or out.device == torch.device(device):
+        if device is None or device == CPU or out.device == torch.device(device):
             return out
         return out.to(device)
+
+    def draw_run(self, shape: Sequence[int], count: int) -> list[Tensor]:
+        """`count` successive `draw(shape)`s (on CPU), bitwise, from one `normal_` per sample.
+
+        torch's float32 `normal_` on a contiguous block of >= 16 values fills it with uniforms
+        in order, then maps each aligned group of 16 through Box-Muller (its scalar kernel and
+        its AVX2 / AVX-512 ones alike; only a ragged tail of a block is redrawn). When one
+        draw's size is a multiple of 16, a block of `count` draws is therefore the draws one
+        after the other (tests/unit/test_noise_upfront.py holds this on every run), at one
+        kernel launch instead of `count`; other sizes draw one by one."""
+        per = math.prod(shape)
+        if per == 0 or per % 16 or count < 2:
+            return [self.draw(shape) for _ in range(count)]
+        block = torch.empty((len(self.generators), count, *shape))  # sample-major
+        for row, g in zip(block.unbind(0), self.generators, strict=True):
+            row.normal_(generator=g)
+        if len(self.generators) > 1:  # one contiguous (B, *shape) tensor per draw
+            block = block.transpose(0, 1).contiguous()
+            return list(block.unbind(0))
+        return list(block.unbind(1))  # (1, *shape) views, contiguous as they are
 
     def stream(self, stream: int) -> PerSampleNoise:
         """A fresh source over the same samples, independent of this one (see `stream_seeds`)."""
@@ -130,5 +152,8 @@ def upfront(noise: NoiseSource | None, like: Tensor, count: int) -> NoiseSource 
         or count * like.numel() > UPFRONT_LIMIT
     ):
         return noise
-    draws = [noise(like) for _ in range(count)][::-1]
+    if like.dtype == torch.float32 and like.shape[0] == len(noise.generators):
+        draws = noise.draw_run(like.shape[1:], count)[::-1]
+    else:  # noise(like) converts the dtype, or names the batch mismatch
+        draws = [noise(like) for _ in range(count)][::-1]
     return lambda x: draws.pop()

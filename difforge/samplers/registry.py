@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from difforge.core.denoiser import CountingDenoiser, Denoiser
+from difforge.core.denoiser import CPU, CountingDenoiser, Denoiser
 from difforge.core.errors import InvalidArgumentError, UnknownChoiceError, check_choice
 from difforge.core.guidance import CFGDenoiser
 from difforge.samplers.base import Callback, StepInfo, sigma_list
@@ -237,14 +237,14 @@ def sample(
     check_knobs(sampler, knobs)
     grid = sigma_list(sigmas)
     noise = PerSampleNoise(seeds)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = CPU if device is None else torch.device(device)
     cond, uncond = _to_device(cond, device), _to_device(uncond, device)
     model = _guided(
         denoiser, guidance, len(noise.seeds), uncond, guidance_rescale, guidance_interval, device
     )
     counter = CountingDenoiser(model)
     x = initial_state(noise, shape, grid, device, init, start)
-    run_on = sigmas if start == 0 else sigmas[start:]
+    run_on = grid if start == 0 else sigma_list(grid[start:])  # checked: samplers skip it
     kwargs = {"cond": cond, "noise": noise, "callback": compose_hooks(step_hook, callback)}
     with torch.no_grad():
         _prepare_grid(denoiser, grid[start:], len(noise.seeds), model is not denoiser, x, device)

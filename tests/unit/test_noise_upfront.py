@@ -44,3 +44,25 @@ def test_stochastic_samplers_give_the_same_bytes_with_draws_up_front_or_per_step
     monkeypatch.setattr(noise_mod, "UPFRONT_LIMIT", 0)  # every draw per step
     per_step = sample(ModelDenoiser(TinyEpsNet(), process, "eps"), sigmas, **kw)
     assert torch.equal(ahead.x, per_step.x)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "shape"),
+    [
+        ([5], (1, 28, 28)),
+        ([5, 6, 7], (1, 4, 4)),
+        ([2], (3, 5, 5)),
+        ([2, 9], (1, 3, 3)),
+        ([4], (8,)),
+    ],
+)
+def test_a_run_of_draws_is_bitwise_the_draws_one_after_another(seeds, shape):
+    """draw_run's one normal_ per sample (sizes that are multiples of 16) or its fallback (others:
+    75, 9 and 8 values) gives the bytes of successive draws, and the next draw after the run is
+    the next draw after them: the generators are left where one-by-one draws leave them."""
+    lazy, run = PerSampleNoise(seeds), PerSampleNoise(seeds)
+    want = [lazy.draw(shape) for _ in range(5)]
+    got = run.draw_run(shape, 5)
+    assert all(g.is_contiguous() and g.shape == (len(seeds), *shape) for g in got)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert torch.equal(run.draw(shape), lazy.draw(shape))

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from difforge.core.errors import InvalidArgumentError, check_choice
-from difforge.core.parameterization import PREDICTIONS, target, x0_converter, x0_loss_weight
+from difforge.core.errors import InvalidArgumentError
+from difforge.core.parameterization import target, x0_converter, x0_loss_weight
 from difforge.core.processes import NoiseProcess, append_dims
 
 Cond = Mapping[str, Tensor] | None
@@ -203,13 +203,12 @@ class ModelDenoiser(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        check_choice("prediction", prediction, PREDICTIONS)
         self.net = net
         self.process = process
         self.prediction = prediction  # also picks its x0 conversion (see the property)
         self.time_scale = float(time_scale)
         self.net_dtype = _net_dtype(net, dtype)
-        self._memo: dict = {}  # see _time_inputs_memo
+        self._memo: dict = {}  # _time_inputs per sigma vector, see forward
         self._by_level: dict = {}  # the same entries by level vector identity (see memo_lookup)
         self._prepared: set = set()  # grids whose levels prepare_grid put in the memo
 
@@ -228,13 +227,6 @@ class ModelDenoiser(nn.Module):
         s = append_dims(sigma, ndim)
         t = (self.process.sigma_to_t(sigma) * self.time_scale).to(torch.float32)
         return s, self.process.input_scale(s), t
-
-    def _time_inputs_memo(self, sigma: Tensor, ndim: int) -> tuple[Tensor, Tensor, Tensor]:
-        """`_time_inputs`, computed once per distinct CPU sigma vector: a sampler visits the same
-        few levels for every image, and at batch 1 these ~10 tiny ops after each network call cost
-        more than the sampler's own arithmetic. The cached tensors are the ones the first call
-        computed, so outputs are bitwise those of the uncached path (see `memo_lookup`)."""
-        return memo_lookup(self, sigma, ndim, self._time_inputs)
 
     def prepare_grid(
         self, sigmas: Sequence[float], batches: Sequence[int], ndim: int, device: Any = "cpu"
@@ -287,7 +279,11 @@ class ModelDenoiser(nn.Module):
         return self._net(x, x_scale, t, cond)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
-        s, x_scale, t = memo_lookup(self, sigma, x.ndim, self._time_inputs)  # _time_inputs_memo
+        # _time_inputs once per distinct CPU sigma vector (a sampler visits the same few levels
+        # for every image, and at batch 1 these ~10 tiny ops after each network call cost more
+        # than the sampler's arithmetic); the cached tensors are the first call's, so outputs are
+        # bitwise the uncached path's (see `memo_lookup`)
+        s, x_scale, t = memo_lookup(self, sigma, x.ndim, self._time_inputs)
         return self._to_x0(x, s, self._net(x, x_scale, t, cond))
 
     def loss_terms(self, x0: Tensor, sigma: Tensor, eps: Tensor, cond: Cond = None):
@@ -325,7 +321,7 @@ class EDMPrecond(nn.Module):
         return c_skip, c_out, c_in, c_noise
 
     def _coefficients_memo(self, sigma: Tensor, ndim: int):
-        """`_coefficients` once per distinct CPU sigma vector, as `ModelDenoiser._time_inputs_memo`:
+        """`_coefficients` once per distinct CPU sigma vector, as `ModelDenoiser.forward` memoizes `_time_inputs`:
         a loaded model visits the same few levels on every call, and the cached tensors are the ones
         the first call computed (each level by the very same ops), so outputs are bitwise equal."""
         return memo_lookup(self, sigma, ndim, self._coefficients)

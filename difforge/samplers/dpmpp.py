@@ -48,6 +48,12 @@ def sample_dpmpp_2m(
     return x
 
 
+def sde_sigma_up(sigma_next: float, eta_h: float, s_noise: float) -> float:
+    """The noise an SDE-DPM-Solver++ step adds at sigma_next: sigma_next sqrt(1 - e^{-2 eta h})
+    (Lu et al. 2022, DPM-Solver++ SDE; k-diffusion's dpmpp_2m_sde / 3m_sde), times s_noise."""
+    return sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+
+
 @per_grid
 def _sde_plan(s: tuple[float, ...], eta: float, s_noise: float) -> tuple:
     """dpmpp_2m_sde's scalars, a function of the grid alone: per step (the weight of x, of D, of
@@ -63,7 +69,7 @@ def _sde_plan(s: tuple[float, ...], eta: float, s_noise: float) -> tuple:
         eta_h = eta * h
         phi = -math.expm1(-h - eta_h)
         c = 0.0 if h_last is None else 0.5 * phi / (h_last / h)  # of D - D_old
-        up = s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise if eta > 0 else 0.0
+        up = sde_sigma_up(s[i + 1], eta_h, s_noise) if eta > 0 else 0.0
         plan.append(
             (s[i + 1] / s[i] * math.exp(-eta_h), phi + c, None if h_last is None else -c, up)
         )

@@ -18,6 +18,7 @@ from difforge.samplers.base import (
     require_noise,
     sigma_list,
 )
+from difforge.samplers.dpmpp import sde_sigma_up
 from difforge.samplers.noise import NoiseSource, upfront
 
 
@@ -52,7 +53,7 @@ def _plan(s: tuple[float, ...], eta: float, s_noise: float) -> tuple:
         phi_1 = -math.expm1(-h_eta)  # 1 - e^{-h_eta}
         phi_2 = 1 - phi_1 / h_eta  # k-diffusion's phi_2: (e^{-h_eta} - 1) / h_eta + 1
         coeffs = _weights(phi_1, phi_2, phi_2 / h_eta - 0.5, h, h_1, h_2)
-        up = s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise if eta > 0 else 0.0
+        up = sde_sigma_up(s[i + 1], h * eta, s_noise) if eta > 0 else 0.0
         plan.append((math.exp(-h_eta), coeffs, up))
         h_1, h_2 = h, h_1
     return tuple(plan)

@@ -1,7 +1,7 @@
 """Few-step generation: the teacher at 50 and 20 steps against distilled students at 1/2/4 steps.
 
     python -m benchmarks.fewstep [--teacher models/mnist-cond] [--n 1000] [--seed 0]
-        [--student PATH[:STEPS]] ... [--threads 1] [--batch 100] [--fresh]
+        [--student PATH[:STEPS][@GRID]] ... [--threads 1] [--batch 100] [--fresh]
         [--context-guidance 2,1]
 
 Every method draws the same n images: image i has seed `seed + i` and label i mod 10, at the
@@ -56,19 +56,20 @@ def forwards_per_step(model: Model, guidance: float) -> int:
     return 1 if model.guidance_input or guidance == 1.0 else 2
 
 
-def _chunk(model: Model, sampler: str, steps: int, guidance: float, seeds: range) -> dict:
+def _chunk(model: Model, method: tuple, seeds: range) -> dict:
     """One chunk of images (seed i has label i mod 10), its NFE and its wall seconds."""
+    sampler, steps, guidance, grid = method
     labels = [i % 10 for i in seeds]
     start = time.perf_counter()
     out = model.sample(
         labels=labels, seeds=list(seeds), sampler=sampler, steps=steps, guidance=guidance,
-        grid="karras",
+        grid=grid,
     )  # fmt: skip
     return {"images": out.images, "labels": torch.tensor(labels), "nfe": out.nfe,
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def _draw_chunks(model: Model, key: str, sampler: str, steps: int, guidance: float, args):
+def _draw_chunks(model: Model, key: str, method: tuple, args):
     """Draw every chunk not drawn or claimed yet; several processes running the same command
     share the work (a chunk is claimed by creating its .claim file). Returns the chunk files."""
     folder = CACHE / key
@@ -84,18 +85,22 @@ def _draw_chunks(model: Model, key: str, sampler: str, steps: int, guidance: flo
             os.close(os.open(folder / f"chunk-{lo}.claim", os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             continue  # another process draws it
-        torch.save(_chunk(model, sampler, steps, guidance, seeds), path.with_suffix(".tmp"))
+        torch.save(_chunk(model, method, seeds), path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
     return files
 
 
-def measure(model: Model, path: str, sampler: str, steps: int, guidance: float, args, against):
+def measure(
+    model: Model, path: str, sampler: str, steps: int, guidance: float, args, against,
+    grid: str = "karras",
+) -> dict | None:  # fmt: skip
     """One method's record (cached), or None while some of its chunks are not drawn yet."""
-    key = f"{model.sha256[:16]}-{sampler}-{steps}-w{guidance}-n{args.n}-s{args.seed}"
+    on = "" if grid == "karras" else f"@{grid}"  # karras keys stay those of earlier runs
+    key = f"{model.sha256[:16]}-{sampler}-{steps}{on}-w{guidance}-n{args.n}-s{args.seed}"
     cached = CACHE / f"{key}.json"
     if cached.exists() and not args.fresh:
         return json.loads(cached.read_text())
-    files = _draw_chunks(model, key, sampler, steps, guidance, args)
+    files = _draw_chunks(model, key, (sampler, steps, guidance, grid), args)
     if not all(f.exists() for f in files):
         print(f"not complete yet: {model.name} {sampler}-{steps}")
         return None
@@ -107,7 +112,7 @@ def measure(model: Model, path: str, sampler: str, steps: int, guidance: float, 
     m, nfe = ev["metrics"], chunks[0]["nfe"]
     rec = {
         "model": path, "name": model.name, "sha256": model.sha256, "sampler": sampler,
-        "steps": steps, "guidance": guidance, "n": args.n, "seed": args.seed, "nfe": nfe,
+        "grid": grid, "steps": steps, "guidance": guidance, "n": args.n, "seed": args.seed, "nfe": nfe,
         "forwards_per_image": nfe * forwards_per_step(model, guidance),
         "ms_per_image": 1000 * sum(c["seconds"] for c in chunks) / args.n,
         "fid": m["fid"], "kid": m["kid_mean"], "label_accuracy": m["label_accuracy"],
@@ -162,9 +167,14 @@ def verdicts(teacher50: dict | None, teacher20: dict | None, students: list[dict
     return out
 
 
+def _on(r: dict) -> str:
+    grid = r.get("grid", "karras")  # records before grids were recorded are karras
+    return "" if grid == "karras" else f"@{grid}"
+
+
 def _row(r: dict) -> str:
     return (
-        f"{r['name']} {r['sampler']}-{r['steps']}: FID {r['fid']:.2f}, acc {r['label_accuracy']:.3f}"
+        f"{r['name']} {r['sampler']}-{r['steps']}{_on(r)}: FID {r['fid']:.2f}, acc {r['label_accuracy']:.3f}"
         f", {r['forwards_per_image']} fwd, {r['ms_per_image']:.1f} ms"
     )
 
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", default="models/mnist-cond")
     p.add_argument(
         "--student", action="append", default=[],
-        help="PATH[:STEPS[,STEPS...]], or a record results/fewstep/KEY.json measured before",
+        help="PATH[:STEPS[,STEPS...]][@GRID] (default: the student's steps and grid), or a "
+        "record results/fewstep/KEY.json measured before",
     )  # fmt: skip
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -207,11 +218,15 @@ def main(argv: list[str] | None = None) -> None:
         if spec.endswith(".json"):  # a student measured before, by its cached record
             s_recs.append(cached_record(spec, args))
             continue
+        spec, _, grid = spec.partition("@")
         path, _, steps = spec.partition(":")
         student = load(path)
         ss = student.sampling
         for k in steps.split(",") if steps else [str(ss.steps)]:
-            s_recs.append(measure(student, path, ss.sampler, int(k), ss.guidance, args, against))
+            rec = measure(
+                student, path, ss.sampler, int(k), ss.guidance, args, against, grid or ss.grid
+            )
+            s_recs.append(rec)
     if not t_recs and not args.cached_only:
         print(json.dumps(s_recs, indent=2))
         return

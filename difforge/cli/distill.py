@@ -1,4 +1,4 @@
-"""`difforge distill guidance|progressive`: train a few-step student (difforge.training.distill)."""
+"""`difforge distill guidance|progressive|consistency`: train a few-step student (difforge.training.distill)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,20 @@ from difforge.cli.app import command
 
 @command("distill")
 def distill_command(
-    method: str = typer.Argument(..., help="guidance (w as an input) or progressive (N -> N/2)."),
+    method: str = typer.Argument(
+        ..., help="guidance (w as an input), progressive (N -> N/2) or consistency (Song 2023)."
+    ),
     teacher: str = typer.Option(..., "--teacher", help="Teacher model folder."),
     out: str = typer.Option(..., "--out", help="Student model folder to write."),
     steps: int = typer.Option(400, "--steps", help="Optimizer steps."),
     student_steps: int = typer.Option(
-        8, "--student-steps", help="progressive: the student's Karras-grid sampling steps."
+        8, "--student-steps", help="The student's sampling steps (progressive: on its grid)."
+    ),
+    grid: str = typer.Option(
+        "karras", "--grid", help="consistency: the student's sampling grid (progressive: karras)."
+    ),
+    cd_levels: int = typer.Option(
+        18, "--cd-levels", help="consistency: N noise levels of the teacher's ODE steps."
     ),
     teacher_substeps: int = typer.Option(
         2,
@@ -35,7 +43,7 @@ def distill_command(
 
     cfg = DistillConfig(
         method=method, teacher=teacher, steps=steps, student_steps=student_steps,
-        teacher_substeps=teacher_substeps,
+        teacher_substeps=teacher_substeps, grid=grid, cd_levels=cd_levels,
         batch_size=batch_size, lr=lr, ema_halflife_steps=ema_halflife_steps, seed=seed, name=name, max_minutes=max_minutes,
     )  # fmt: skip
     folder = distill(cfg, out, log=typer.echo)

@@ -7,6 +7,7 @@ so one loaded model serves any number of concurrent calls.
 
 from difforge.core.sigmas import GRID_KINDS, get_sigmas
 from difforge.samplers.base import StepInfo
+from difforge.samplers.consistency import sample_consistency
 from difforge.samplers.ddim import sample_ddim, sample_ddpm
 from difforge.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from difforge.samplers.dpmpp3m import sample_dpmpp_3m, sample_dpmpp_3m_sde
@@ -41,6 +42,7 @@ __all__ = [
     "get_sampler",
     "get_sigmas",
     "sample",
+    "sample_consistency",
     "sample_ddim",
     "sample_ddpm",
     "sample_deis",

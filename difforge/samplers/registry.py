@@ -15,6 +15,7 @@ from difforge.core.denoiser import CPU, CountingDenoiser, Denoiser
 from difforge.core.errors import InvalidArgumentError, UnknownChoiceError, check_choice
 from difforge.core.guidance import CFGDenoiser
 from difforge.samplers.base import Callback, StepInfo, sigma_list
+from difforge.samplers.consistency import sample_consistency
 from difforge.samplers.ddim import sample_ddim, sample_ddpm
 from difforge.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from difforge.samplers.dpmpp3m import sample_dpmpp_3m, sample_dpmpp_3m_sde
@@ -44,6 +45,8 @@ SAMPLERS: dict[str, SamplerFn] = {
     "unipc_bh1": sample_unipc_bh1,
     "dpmpp_3m": sample_dpmpp_3m,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    # consistency students' multistep sampler (Song et al. 2023, Alg. 1)
+    "consistency": sample_consistency,
 }
 
 # Names that run another entry's algorithm (see samplers/ddim.py for the derivation): alias ->
@@ -52,6 +55,7 @@ SAMPLERS: dict[str, SamplerFn] = {
 ALIASES: dict[str, str] = {
     "ddim": "euler_ancestral",  # ddim(eta) = euler_ancestral(eta); eta = 0 (default) is euler
     "ddpm": "euler_ancestral",  # ddpm = euler_ancestral(eta=1), its default
+    "consistency": "euler_ancestral",  # consistency = euler_ancestral(eta=inf): x = D + sigma' z
 }
 
 # Denoiser evaluations per call for a grid of `steps` levels ending in sigma = 0.

@@ -61,6 +61,7 @@ class Limits(_Frozen):
     # A 28x28 grey PNG is under 1 KiB; raise it with max_body_bytes for larger images.
     max_image_bytes: int = Field(16_384, ge=64)
     allowed_samplers: tuple[str, ...] = (
+        "consistency",
         "ddim",
         "ddpm",
         "dpmpp_2m",

@@ -15,8 +15,22 @@ Two objectives, one short loop:
   target is D* = x - sigma_i (x'' - x) / (sigma_{i+1} - sigma_i) (Alg. 2 in sigma units). Rounds
   N -> N/2 run one after another, each from the previous student.
 
-Both losses weight the x0 error by EDM's lambda(sigma) = 1 / c_out^2 (Eq. 8), i.e. a unit-weighted
-error on the network's raw output F. The feature net of difforge.evaluation is not used in any
+- consistency distillation (Song et al. 2023, "Consistency Models", Alg. 2, with the iCT choices
+  of Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models"): on N levels
+  sigma_1 < ... < sigma_N (Karras' grid, Song et al. 2023 Sec. 5), with x_{n+1} = x0 + sigma_{n+1} z,
+  one Heun step of the teacher's guided PF-ODE gives x_hat_n, and the loss is
+  lambda(sigma_n) d(f_theta(x_{n+1}, sigma_{n+1}), f_theta-(x_hat_n, sigma_n)) with
+  d(a, b) = sqrt(||a - b||^2 + c^2) - c (pseudo-Huber, iCT Eq. 12, c = 0.00054 sqrt(dim)),
+  lambda = 1 / (sigma_{n+1} - sigma_n) (iCT Sec. 3.3), n drawn with iCT's log-normal weights (Sec.
+  3.5) and theta- = stopgrad(theta) (iCT Sec. 3.2: no EMA target). The guidance scale w is an input,
+  as in latent consistency models (Luo et al. 2023, Eq. 8): the guided ODE is what is distilled.
+  f_theta is the student's EDM-preconditioned D, whose c_skip(sigma_min) = 1 - 1.6e-5 and
+  c_out(sigma_min) = 0.002 at sigma_data 0.5: the boundary condition f(x, sigma_min) = x holds to
+  0.002 |F| without Song's shifted scalings, and the student stays an ordinary EDM model folder
+  every sampler and route reads; its sampler is `consistency` (Alg. 1, difforge.samplers).
+
+The guidance and progressive losses weight the x0 error by EDM's lambda(sigma) = 1 / c_out^2 (Eq.
+8), i.e. a unit-weighted error on the network's raw output F. The feature net of difforge.evaluation is not used in any
 loss, so label accuracy judged with its classifier head stays independent of training.
 """
 
@@ -35,7 +49,7 @@ from torch import Tensor, nn
 from difforge.core.denoiser import EDMPrecond
 from difforge.core.errors import InvalidArgumentError
 from difforge.core.processes import append_dims
-from difforge.core.sigmas import get_sigmas
+from difforge.core.sigmas import GridKind, get_sigmas
 from difforge.pipeline import (
     Model,
     ModelConfig,
@@ -59,7 +73,7 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["guidance", "progressive"]
+    method: Literal["guidance", "progressive", "consistency"]
     teacher: str  # the teacher's model folder
     steps: int = Field(400, ge=1)  # optimizer steps
     batch_size: int = Field(32, ge=1)
@@ -73,7 +87,18 @@ class DistillConfig(BaseModel):
     # progressive: teacher Euler steps per student step; 2 is Salimans & Ho's round (N -> N/2),
     # K = 2^r collapses r rounds into one (the teacher then runs K forwards per example)
     teacher_substeps: int = Field(2, ge=2)
-    sampler: str = "euler"  # progressive: the student's sampling default (what it was trained for)
+    # the student's sampling default (what it was trained for): progressive "euler", consistency
+    # "consistency" (the default for each when None); guidance keeps the teacher's
+    sampler: str | None = None
+    grid: GridKind = (
+        "karras"  # consistency: the sampling grid default (progressive trains on karras)
+    )
+    cd_levels: int = Field(18, ge=2)  # consistency: N levels (Song et al. 2023: 18 on CIFAR-10)
+    ict_P_mean: float = -1.1  # consistency: iCT's level weights, ln sigma ~ N(P_mean, P_std^2)
+    ict_P_std: float = Field(2.0, gt=0)
+    huber_c: float | None = Field(
+        None, gt=0
+    )  # consistency: pseudo-Huber c; None: 0.00054 sqrt(dim)
     seed: int = Field(0, ge=0)
     max_minutes: float | None = Field(None, gt=0)  # stop early, saving what was reached
     name: str | None = None  # the student's model name; default: teacher name + method
@@ -85,9 +110,17 @@ class DistillConfig(BaseModel):
             raise ValueError(
                 f"guidance_range must satisfy 0 <= lo <= hi, got {self.guidance_range}"
             )
-        if self.method == "progressive" and self.sampler != "euler":
+        if self.method == "progressive" and self.sampler not in (None, "euler"):
             raise ValueError("progressive distillation trains Euler (DDIM) steps: sampler 'euler'")
+        if self.method == "progressive" and self.grid != "karras":
+            raise ValueError("progressive distillation trains on the karras grid: grid 'karras'")
+        if self.method == "consistency" and self.sampler not in (None, "consistency"):
+            raise ValueError("a consistency student samples with sampler 'consistency'")
         return self
+
+    @property
+    def student_sampler(self) -> str:
+        return self.sampler or {"consistency": "consistency"}.get(self.method, "euler")
 
 
 def student_net(teacher: Model) -> nn.Module:
@@ -193,6 +226,54 @@ def progressive_loss(
     return (edm_weight(s, student.sigma_data, nd) * (pred - target) ** 2).mean()
 
 
+def consistency_levels(config: DistillConfig, sigma_min: float, sigma_max: float) -> Tensor:
+    """Song et al. 2023, Sec. 5 (Karras' grid): sigma_i = (sigma_min^(1/rho) + (i - 1) / (N - 1)
+    (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1..N, ascending, float64 (N,)."""
+    i = torch.arange(config.cd_levels, dtype=torch.float64) / (config.cd_levels - 1)
+    lo, hi = sigma_min ** (1 / RHO), sigma_max ** (1 / RHO)
+    return (lo + i * (hi - lo)) ** RHO
+
+
+def level_weights(levels: Tensor, config: DistillConfig) -> Tensor:
+    """iCT Sec. 3.5: p(n) proportional to erf((ln sigma_{n+1} - P_mean) / (sqrt(2) P_std))
+    - erf((ln sigma_n - P_mean) / (sqrt(2) P_std)), over the N - 1 adjacent pairs (N - 1,)."""
+    e = torch.erf((levels.log() - config.ict_P_mean) / (math.sqrt(2) * config.ict_P_std))
+    p = e[1:] - e[:-1]
+    return p / p.sum()
+
+
+def consistency_loss(
+    student: EDMPrecond,
+    teacher: TeacherFn,
+    x0: Tensor,
+    labels: Tensor,
+    gen: torch.Generator,
+    config: DistillConfig,
+    levels: Tensor,
+    weights: Tensor,
+) -> Tensor:
+    """Song et al. 2023, Alg. 2 (Heun teacher step), with iCT's loss, weighting and stopgrad target
+    (module docstring). levels: (N,) ascending; weights: (N - 1,) the pairs' probabilities."""
+    b, nd = x0.shape[0], x0.ndim
+    n = torch.multinomial(weights, b, replacement=True, generator=gen)  # pair (n, n + 1)
+    s, s_hi = levels[n].float(), levels[n + 1].float()  # (B,) sigma_n < sigma_{n+1}
+    lo, hi = config.guidance_range
+    w = lo + (hi - lo) * torch.rand(b, generator=gen)  # (B,)
+    cond = {teacher.cond_name: labels, "guidance": w}
+    x = x0 + append_dims(s_hi, nd) * torch.randn(x0.shape, generator=gen)  # x_{n+1}
+    dt = append_dims(s - s_hi, nd)
+    with torch.no_grad():  # Karras et al. 2022, Alg. 1 l. 4-8: one Heun step sigma_{n+1} -> sigma_n
+        d = (x - teacher(x, s_hi, labels, w)) / append_dims(s_hi, nd)
+        x_e = x + dt * d
+        d_e = (x_e - teacher(x_e, s, labels, w)) / append_dims(s, nd)
+        x_hat = x + dt * (d + d_e) / 2
+        target = student(x_hat, s, cond)  # f_theta-(x_hat_n, sigma_n), theta- = stopgrad(theta)
+    pred = student(x, s_hi, cond)
+    c = config.huber_c or 0.00054 * math.sqrt(x0[0].numel())
+    dist = (pred - target).square().flatten(1).sum(1)  # (B,) ||f - f-||^2
+    return (((dist + c * c).sqrt() - c) / (s_hi - s)).mean()
+
+
 def _batches(images: Tensor, labels: Tensor, batch: int, gen: torch.Generator):
     """Endless shuffled minibatches (x0 (B, C, H, W) in [-1, 1], labels (B,))."""
     while True:
@@ -234,14 +315,19 @@ def distill(
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     guided = teacher_fn(teacher)
     grid = get_sigmas("karras", config.student_steps, process=teacher.process)
+    p = teacher.process
+    levels = consistency_levels(config, p.sigma_min, p.sigma_max)
+    weights = level_weights(levels, config)
     batches = _batches(*data, config.batch_size, gen)
     start, losses, step = time.monotonic(), [], 0
     for step in range(1, config.steps + 1):
         x0, labels = next(batches)
         if config.method == "guidance":
             loss = guidance_loss(student, guided, x0, labels, gen, config)
-        else:
+        elif config.method == "progressive":
             loss = progressive_loss(student, guided, x0, labels, gen, config, grid)
+        else:
+            loss = consistency_loss(student, guided, x0, labels, gen, config, levels, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
@@ -284,8 +370,9 @@ def _save(
         sampling = t
     else:
         sampling = SamplingDefaults(
-            sampler=config.sampler, steps=config.student_steps, guidance=t.guidance, grid="karras"
-        )
+            sampler=config.student_sampler, steps=config.student_steps, guidance=t.guidance,
+            grid=config.grid,
+        )  # fmt: skip
     name = config.name or f"{teacher.name}-{config.method}"
     prov = provenance(teacher, config, stats) | {"code_version": code_version(), "created": _now()}
     mc = ModelConfig(

@@ -11,10 +11,14 @@ import torch
 import difforge
 from difforge.core.denoiser import EDMPrecond
 from difforge.core.sigmas import get_sigmas
+from difforge.samplers import sample_heun
 from difforge.training.distill import (
     DistillConfig,
+    consistency_levels,
+    consistency_loss,
     distill,
     guidance_loss,
+    level_weights,
     progressive_loss,
     rho_between,
     student_net,
@@ -51,7 +55,7 @@ def test_zero_init_student_equals_teacher_conditional(teacher_path):
     assert (got - want).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["guidance", "progressive"])
+@pytest.mark.parametrize("method", ["guidance", "progressive", "consistency"])
 def test_one_step_reduces_the_loss(teacher_path, method):
     teacher = difforge.load(teacher_path)
     torch.manual_seed(0)
@@ -68,6 +72,11 @@ def test_one_step_reduces_the_loss(teacher_path, method):
         gen = torch.Generator().manual_seed(1)  # the same sigmas, w and noise every time
         if method == "guidance":
             return guidance_loss(student, guided, x0, labels, gen, cfg)
+        if method == "consistency":
+            levels = consistency_levels(cfg, 0.002, 80.0)
+            return consistency_loss(
+                student, guided, x0, labels, gen, cfg, levels, level_weights(levels, cfg)
+            )
         return progressive_loss(student, guided, x0, labels, gen, cfg, grid)
 
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
@@ -113,6 +122,55 @@ def test_progressive_target_is_k_teacher_euler_steps(teacher_path, substeps):
 
     loss = progressive_loss(Exact(), guided, x0, lab, torch.Generator().manual_seed(3), cfg, grid)
     assert float(loss) < 1e-8
+
+
+def test_consistency_levels_and_ict_weights():
+    cfg = DistillConfig(method="consistency", teacher="t", cd_levels=18)
+    levels = consistency_levels(cfg, 0.002, 80.0)
+    assert levels.dtype == torch.float64 and levels.shape == (18,)
+    torch.testing.assert_close(levels[[0, -1]], torch.tensor([0.002, 80.0], dtype=torch.float64))
+    assert (levels.diff() > 0).all()
+    p = level_weights(levels, cfg)
+    assert p.shape == (17,) and (p > 0).all() and abs(float(p.sum()) - 1) < 1e-12
+    # iCT's log-normal: the most likely pair straddles exp(P_mean) = 0.33, the ends are rare
+    top = int(p.argmax())
+    assert levels[top] <= 2.0 and levels[top + 1] >= 0.1 and p[-1] < p[top] / 20
+
+
+def test_consistency_loss_is_ict_on_one_heun_step(teacher_path):
+    """The loss, replayed: pair n ~ weights, w, noise; x_hat = the samplers' Heun step of the guided
+    teacher from sigma_{n+1} to sigma_n; pseudo-Huber / (sigma_{n+1} - sigma_n)."""
+    teacher = difforge.load(teacher_path)
+    guided = teacher_fn(teacher)
+    cfg = DistillConfig(method="consistency", teacher=str(teacher_path), cd_levels=6)
+    levels = consistency_levels(cfg, 0.002, 80.0)
+    weights = level_weights(levels, cfg)
+    x0, lab = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([4, 5, 6])
+
+    def f(x, sigma, cond):  # a stand-in consistency function, checked in the replay too
+        return x / (1 + sigma.view(-1, 1, 1, 1) ** 2) + cond["guidance"].view(-1, 1, 1, 1)
+
+    f.sigma_data = 0.5
+    got = consistency_loss(
+        f, guided, x0, lab, torch.Generator().manual_seed(5), cfg, levels, weights
+    )
+    gen = torch.Generator().manual_seed(5)
+    n = torch.multinomial(weights, 3, replacement=True, generator=gen)
+    w = 1.0 + 3.0 * torch.rand(3, generator=gen)
+    z = torch.randn(x0.shape, generator=gen)
+    want = []
+    for k in range(3):
+        s_lo, s_hi = float(levels[n[k]]), float(levels[n[k] + 1])
+        x = x0[k : k + 1] + torch.tensor(s_hi).float() * z[k : k + 1]
+        one = lambda xx, sig, c=None, k=k: guided(xx, sig, lab[k : k + 1], w[k : k + 1])  # noqa: E731
+        x_hat = sample_heun(one, x, torch.tensor([s_hi, s_lo], dtype=torch.float64))
+        cond = {"guidance": w[k : k + 1]}
+        diff = f(x, torch.tensor([s_hi]).float(), cond) - f(
+            x_hat, torch.tensor([s_lo]).float(), cond
+        )
+        c = 0.00054 * 8  # sqrt(64)
+        want.append((torch.sqrt(diff.square().sum() + c * c) - c) / (s_hi - s_lo))
+    torch.testing.assert_close(got, torch.stack(want).mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_teacher_fn_is_cfg(teacher_path):
@@ -163,16 +221,41 @@ def test_bad_config_is_refused(teacher_path):
     with pytest.raises(ValueError, match="guidance_range"):
         DistillConfig(method="guidance", teacher=str(teacher_path), guidance_range=(3.0, 1.0))
     with pytest.raises(ValueError, match="method"):
-        DistillConfig(method="consistency", teacher=str(teacher_path))
+        DistillConfig(method="consistent", teacher=str(teacher_path))
+    with pytest.raises(ValueError, match="sampler 'consistency'"):
+        DistillConfig(method="consistency", teacher=str(teacher_path), sampler="euler")
+    with pytest.raises(ValueError, match="karras"):
+        DistillConfig(method="progressive", teacher=str(teacher_path), grid="vp_time")
+    with pytest.raises(ValueError, match="cd_levels"):
+        DistillConfig(method="consistency", teacher=str(teacher_path), cd_levels=1)
+
+
+def test_consistency_student_folder_and_sampling(teacher_path, tmp_path):
+    cfg = DistillConfig(
+        method="consistency", teacher=str(teacher_path), steps=2, batch_size=4, student_steps=2,
+        grid="vp_time_mid", cd_levels=6, ema_halflife_steps=0,
+    )  # fmt: skip
+    student = difforge.load(distill(cfg, tmp_path / "cd", data=tiny_data(8), log=print))
+    s = student.sampling
+    assert (s.sampler, s.steps, s.grid, s.guidance) == ("consistency", 2, "vp_time_mid", 2.0)
+    prov = student.config.provenance
+    assert (
+        prov["distillation"]["method"] == "consistency" and prov["distillation"]["cd_levels"] == 6
+    )
+    assert prov["teacher"]["sha256"] == difforge.load(teacher_path).sha256
+    batch = student.sample(labels=[1, 2], seeds=[5, 6])
+    assert batch.nfe == 2
+    alone = student.sample(labels=[2], seeds=[6])
+    assert torch.equal(alone.images[0], batch.images[1])
 
 
 def test_cli_distill_refuses_bad_input_in_one_line(teacher_path, tmp_path, capsys):
     from difforge.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["distill", "consistency", "--teacher", str(teacher_path), "--out", str(tmp_path)])
+        main(["distill", "consistent", "--teacher", str(teacher_path), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "progressive" in err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "consistency" in err
     with pytest.raises(SystemExit) as e:
         main(["distill", "guidance", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err

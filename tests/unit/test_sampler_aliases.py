@@ -1,4 +1,5 @@
-"""DDIM and DDPM are registered aliases of Euler ancestral (derivation: difforge/samplers/ddim.py).
+"""DDIM, DDPM and consistency sampling are registered aliases of Euler ancestral (derivations:
+difforge/samplers/ddim.py, difforge/samplers/consistency.py).
 
 The bitwise checks pin the aliasing; the VP-space check keeps the derivation honest: DDIM written
 with the paper's symbols (Song et al. 2021, Eq. 12 and 16) in float64 agrees with the alias to
@@ -86,7 +87,41 @@ def test_alias_matches_ddim_in_vp_space(eta):
 
 def test_alias_knobs_and_canonical_list():
     assert sampler_knobs("ddim") == {"eta": 0.0} and sampler_knobs("ddpm") == {}
-    assert set(ALIASES) == {"ddim", "ddpm"} and set(ALIASES.values()) <= set(SAMPLERS)
+    assert sampler_knobs("consistency") == {}
+    assert set(ALIASES) == {"ddim", "ddpm", "consistency"} and set(ALIASES.values()) <= set(
+        SAMPLERS
+    )
     assert not set(ALIASES) & set(canonical_samplers())
     assert set(canonical_samplers()) | set(ALIASES) == set(SAMPLERS)
     assert SweepConfig().samplers == canonical_samplers(), "'all' counts each algorithm once"
+
+
+def test_consistency_is_euler_ancestral_at_infinite_eta():
+    from difforge.samplers import sample_euler_ancestral
+
+    sig = grid()
+    x = PerSampleNoise(SEEDS).draw(SHAPE) * sig[0].item()
+    a = SAMPLERS["consistency"](GMM, x.clone(), sig, noise=PerSampleNoise(SEEDS))
+    b = sample_euler_ancestral(GMM, x.clone(), sig, noise=PerSampleNoise(SEEDS), eta=math.inf)
+    assert torch.equal(a, b)
+
+
+def consistency_reference(x, sigmas, seeds):
+    """Song et al. 2023, Alg. 1 with eps = 0: x0 = f(x, tau_n); x = x0 + tau_{n+1} z."""
+    noise = PerSampleNoise(seeds)
+    s = sigmas.tolist()
+    for t, nxt in itertools.pairwise(s):
+        x0 = GMM(x, torch.full((x.shape[0],), t, dtype=torch.float32))
+        x = x0 + nxt * noise(x0) if nxt > 0 else x0
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_consistency_matches_alg1_written_out(n):
+    sig = get_sigmas("karras", n, 0.002, 80.0)
+    x = PerSampleNoise([9, 8, 7]).draw(SHAPE).double() * sig[0].item()
+    ours = SAMPLERS["consistency"](GMM, x.clone(), sig, noise=PerSampleNoise([9, 8, 7]))
+    ref = consistency_reference(x.clone(), sig, [9, 8, 7])
+    torch.testing.assert_close(ours, ref, atol=1e-9, rtol=1e-9)
+    if n > 1:  # the reference really renoises: without z the result differs
+        assert not torch.allclose(ours, GMM(x, torch.full((3,), 80.0)), atol=1e-3)

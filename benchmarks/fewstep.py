@@ -40,11 +40,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR, write_result
 from difforge.evaluation import evaluate_images, load_feature_extractor
 from difforge.evaluation.against import default_reference
+from difforge.evaluation.features import extract
+from difforge.evaluation.metrics import feature_stats, fid_from_stats
 from difforge.pipeline import Model, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,10 +98,9 @@ def measure(
     grid: str = "karras",
 ) -> dict | None:  # fmt: skip
     """One method's record (cached), or None while some of its chunks are not drawn yet."""
-    on = "" if grid == "karras" else f"@{grid}"  # karras keys stay those of earlier runs
-    key = f"{model.sha256[:16]}-{sampler}-{steps}{on}-w{guidance}-n{args.n}-s{args.seed}"
-    cached = CACHE / f"{key}.json"
-    if cached.exists() and not args.fresh:
+    key = record_key(model.sha256, sampler, steps, grid, guidance, args.n, args.seed)
+    cached, feats = CACHE / f"{key}.json", CACHE / f"{key}.feats.npy"
+    if cached.exists() and not args.fresh and (feats.exists() or args.cached_only):
         return json.loads(cached.read_text())
     files = _draw_chunks(model, key, (sampler, steps, guidance, grid), args)
     if not all(f.exists() for f in files):
@@ -109,6 +111,7 @@ def measure(
     labels = torch.cat([c["labels"] for c in chunks])
     extractor, reference = against
     ev = evaluate_images(images, labels, extractor, reference, seed=args.seed)
+    np.save(feats, extract(extractor.features, images).astype(np.float32))  # for fid_to_teacher
     m, nfe = ev["metrics"], chunks[0]["nfe"]
     rec = {
         "model": path, "name": model.name, "sha256": model.sha256, "sampler": sampler,
@@ -121,6 +124,32 @@ def measure(
     }  # fmt: skip
     cached.write_text(json.dumps(rec, indent=2) + "\n")
     return rec
+
+
+def add_fid_to_teacher(teacher50: dict | None, records: list[dict]) -> None:
+    """Each record's Frechet distance to the 50-step teacher's own images (same seeds, labels and
+    features): how close a student's distribution is to its teacher's. Real-data FID is not that
+    measure: a less guided student scores a lower FID than its teacher (see the README)."""
+    path = teacher50 and CACHE / f"{_key(teacher50)}.feats.npy"
+    if path is None or not path.exists():
+        return
+    mu, sigma = feature_stats(np.load(path).astype(np.float64))
+    for r in records:
+        f = CACHE / f"{_key(r)}.feats.npy"
+        if f.exists():
+            r["fid_to_teacher50"] = fid_from_stats(*feature_stats(np.load(f).astype(np.float64)),
+                                                   mu, sigma)  # fmt: skip
+
+
+def _key(r: dict) -> str:
+    return record_key(r["sha256"], r["sampler"], r["steps"], r.get("grid", "karras"),
+                      r["guidance"], r["n"], r["seed"])  # fmt: skip
+
+
+def record_key(sha256, sampler, steps, grid, guidance, n, seed) -> str:
+    """A method's cache key; karras keys stay those of runs before grids were recorded."""
+    on = "" if grid == "karras" else f"@{grid}"
+    return f"{sha256[:16]}-{sampler}-{steps}{on}-w{guidance}-n{n}-s{seed}"
 
 
 def cached_record(path: str, args) -> dict:
@@ -175,7 +204,8 @@ def _on(r: dict) -> str:
 def _row(r: dict) -> str:
     return (
         f"{r['name']} {r['sampler']}-{r['steps']}{_on(r)}: FID {r['fid']:.2f}, acc {r['label_accuracy']:.3f}"
-        f", {r['forwards_per_image']} fwd, {r['ms_per_image']:.1f} ms"
+        + (f" (to teacher-50 {r['fid_to_teacher50']:.2f})" if "fid_to_teacher50" in r else "")
+        + f", {r['forwards_per_image']} fwd, {r['ms_per_image']:.1f} ms"
     )
 
 
@@ -232,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     s_recs = [r for r in s_recs if r is not None]
     by_steps = {r["steps"]: r for r in t_recs}
+    add_fid_to_teacher(by_steps.get(50), t_recs + s_recs + c_recs)
     verdict = verdicts(by_steps.get(50), by_steps.get(ts.steps), s_recs)
     payload = {"n": args.n, "seed": args.seed, "teacher": t_recs, "students": s_recs}
     payload["targets"] = verdict

@@ -33,3 +33,29 @@ def test_a_cached_record_counts_only_at_the_runs_n_and_seed(tmp_path):
     assert cached_record(str(path), SimpleNamespace(n=1000, seed=0))["fid"] == 58.9
     with pytest.raises(SystemExit, match="n=1000"):
         cached_record(str(path), SimpleNamespace(n=300, seed=0))
+
+
+def test_fid_to_teacher_is_the_distance_to_the_teachers_own_features(tmp_path, monkeypatch):
+    import numpy as np
+
+    import benchmarks.fewstep as fewstep
+
+    monkeypatch.setattr(fewstep, "CACHE", tmp_path)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(400, 8)).astype(np.float32)
+
+    def rec(sha, sampler, steps, grid="karras"):
+        r = {"sha256": sha * 16, "sampler": sampler, "steps": steps, "grid": grid,
+             "guidance": 3.0, "n": 400, "seed": 0}  # fmt: skip
+        return r
+
+    teacher, same, shifted = rec("a", "dpmpp_2m", 50), rec("b", "euler", 1), rec("c", "x", 2, "vp")
+    np.save(tmp_path / f"{fewstep._key(teacher)}.feats.npy", base)
+    np.save(tmp_path / f"{fewstep._key(same)}.feats.npy", base)
+    np.save(tmp_path / f"{fewstep._key(shifted)}.feats.npy", base + 1.0)
+    missing = rec("d", "euler", 4)
+    fewstep.add_fid_to_teacher(teacher, [teacher, same, shifted, missing])
+    assert abs(same["fid_to_teacher50"]) < 1e-6 and abs(teacher["fid_to_teacher50"]) < 1e-6
+    assert shifted["fid_to_teacher50"] == pytest.approx(8.0, rel=1e-3)  # |mean shift|^2 = 8
+    assert "fid_to_teacher50" not in missing
+    fewstep.add_fid_to_teacher(None, [same])  # no teacher point: nothing added, no error

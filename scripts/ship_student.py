@@ -20,9 +20,25 @@ from safetensors.torch import load_file
 from difforge.pipeline import ModelConfig, save_model
 
 
-def _record(fewstep: dict, sha: str, steps: int) -> dict | None:
-    rows = [r for r in fewstep["students"] if r["sha256"] == sha and r["steps"] == steps]
+def _record(fewstep: dict, sha: str, steps: int, grid: str) -> dict | None:
+    """The student's row at its sampling defaults (records before grids were kept are karras)."""
+    rows = [
+        r for r in fewstep["students"]
+        if r["sha256"] == sha and r["steps"] == steps and r.get("grid", "karras") == grid
+    ]  # fmt: skip
     return rows[0] if rows else None
+
+
+def _method(d: dict) -> str:
+    if d["method"] == "consistency":
+        return (
+            f"consistency: {d['cd_levels']} noise levels, one Heun step of the guided teacher "
+            "between neighbours, iCT's pseudo-Huber loss"
+        )
+    return (
+        f"{d['method']}: {d['student_steps']}-step student, {d['teacher_substeps']} teacher "
+        "Euler steps per student step"
+    )
 
 
 def card(
@@ -42,8 +58,7 @@ def card(
         f"| teacher | `{p['teacher']['name']}` `{p['teacher']['sha256']}` |",
         f"| distilled from | `{p['distilled_from']['name']}` `{p['distilled_from']['sha256']}` |",
         f"| lineage (parent first) | {lineage} |",
-        f"| method (last round) | {d['method']}: {d['student_steps']}-step student, "
-        f"{d['teacher_substeps']} teacher Euler steps per student step |",
+        f"| method (last round) | {_method(d)} |",
         f"| training | {d['steps_done']} steps, batch {d['batch_size']}, lr {d['lr']}, EMA "
         f"half-life {d['ema_halflife_steps']} steps, {d['train_seconds']:.0f} s on a shared "
         f"2-core CPU, final loss {d['final_loss']:.4f} |",
@@ -67,8 +82,14 @@ def card(
         *commands,
         "```",
         "",
-        "Training is seeded but was stopped by `--max-minutes` on a shared machine, so a rerun",
-        "stops at another step unless `--steps` is set to the step reached (above).",
+        *(
+            ["Training is seeded and ran all its `--steps` within `--max-minutes`."]
+            if d["steps_done"] == d["steps"]
+            else [
+                "Training is seeded but was stopped by `--max-minutes` on a shared machine, so a",
+                "rerun stops at another step unless `--steps` is set to the step reached (above).",
+            ]
+        ),
         "",
         "## Evaluation",
         "",
@@ -80,20 +101,24 @@ def card(
             f"`benchmarks/fewstep.py`, n = {rec['n']}, seeds {rec['seed']}..."
             f"{rec['seed'] + rec['n'] - 1}, labels i mod 10 (eval_fewstep.json):",
             "",
-            "| method | steps | forwards/image | FID | KID | label accuracy | ms/image |",
-            "|---|---|---|---|---|---|---|",
+            "| method | steps | grid | forwards/image | FID | FID to teacher-50 | KID "
+            "| label accuracy | ms/image |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in fewstep["teacher"] + fewstep["students"]:
+            to_t = f"{r['fid_to_teacher50']:.2f}" if "fid_to_teacher50" in r else "-"
             lines.append(
-                f"| {r['name']} {r['sampler']} | {r['steps']} | {r['forwards_per_image']} | "
-                f"{r['fid']:.2f} | {r['kid']:.1f} | {r['label_accuracy']:.3f} | "
-                f"{r['ms_per_image']:.1f} |"
+                f"| {r['name']} {r['sampler']} | {r['steps']} | {r.get('grid', 'karras')} | "
+                f"{r['forwards_per_image']} | {r['fid']:.2f} | {to_t} | {r['kid']:.1f} | "
+                f"{r['label_accuracy']:.3f} | {r['ms_per_image']:.1f} |"
             )
         lines += [
             "",
             "FID is in difforge's feature space (models/mnist-features) against MNIST train;",
-            "label accuracy is that network's classifier head, which no loss of the distillation",
-            "used. ms/image: one thread on a shared, heavily loaded 2-core CPU (noisy).",
+            "FID to teacher-50 is the Frechet distance to the 50-step teacher's own images (same",
+            "seeds, labels and features): how close the student is to its teacher. Label accuracy",
+            "is the feature network's classifier head, which no loss of the distillation used.",
+            f"ms/image: {rec['threads']} thread(s) on a shared 2-core CPU (noisy).",
         ]
     if note:
         lines += ["", "## Notes", "", note]
@@ -115,15 +140,17 @@ def main() -> None:
     weights = load_file(str(src / "model.safetensors"))
     sha = json.loads((src / "manifest.json").read_text())["files"]["model.safetensors"]
     fewstep = json.loads(Path(args.fewstep).read_text())
-    rec = _record(fewstep, sha, config.sampling.steps)
+    rec = _record(fewstep, sha, config.sampling.steps, config.sampling.grid)
     extra = {}
     if rec is not None:
         report = {
             "num_samples": rec["n"], "model_sha256": sha, "benchmark": "benchmarks/fewstep.py",
-            "metrics": {k: rec[k] for k in ("fid", "kid", "label_accuracy")},
+            "metrics": {
+                k: rec[k] for k in ("fid", "kid", "label_accuracy", "fid_to_teacher50") if k in rec
+            },
             "extractor": rec["extractor"], "reference": rec["reference"],
             "settings": {"seed": rec["seed"], "labels": "i mod 10"},
-            "sampling": {k: rec[k] for k in ("sampler", "steps", "guidance")},
+            "sampling": {k: rec.get(k, "karras") for k in ("sampler", "steps", "guidance", "grid")},
             "nfe": rec["nfe"], "forwards_per_image": rec["forwards_per_image"],
         }  # fmt: skip
         extra["eval_fewstep.json"] = json.dumps(report, indent=2) + "\n"  # in the manifest too

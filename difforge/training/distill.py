@@ -166,6 +166,12 @@ def edm_weight(sigma: Tensor, sigma_data: float, ndim: int) -> Tensor:
     return append_dims(edm_lambda(sigma, sigma_data), ndim)
 
 
+def draw_guidance(config: DistillConfig, b: int, gen: torch.Generator) -> Tensor:
+    """w ~ U[lo, hi] per example (B,): the guidance scales a student learns to take as input."""
+    lo, hi = config.guidance_range
+    return lo + (hi - lo) * torch.rand(b, generator=gen)
+
+
 def guidance_loss(
     student: EDMPrecond,
     teacher: TeacherFn,
@@ -177,8 +183,7 @@ def guidance_loss(
     """Meng et al. 2023 stage one: || D_s(x; sigma, c, w) - D_w(x; sigma, c) ||^2, weighted."""
     b = x0.shape[0]
     sigma = (config.P_mean + config.P_std * torch.randn(b, generator=gen)).exp()  # (B,)
-    lo, hi = config.guidance_range
-    w = lo + (hi - lo) * torch.rand(b, generator=gen)  # (B,)
+    w = draw_guidance(config, b, gen)  # (B,)
     x = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=gen)
     with torch.no_grad():
         target = teacher(x, sigma, labels, w)  # (B, C, H, W)
@@ -209,8 +214,7 @@ def progressive_loss(
     b = x0.shape[0]
     i = torch.randint(0, len(grid) - 1, (b,), generator=gen)
     s, s_next = grid[i].float(), grid[i + 1].float()  # (B,)
-    lo, hi = config.guidance_range
-    w = lo + (hi - lo) * torch.rand(b, generator=gen)  # (B,)
+    w = draw_guidance(config, b, gen)  # (B,)
     nd = x0.ndim
     x = x0 + append_dims(s, nd) * torch.randn(x0.shape, generator=gen)
     k = config.teacher_substeps
@@ -257,8 +261,7 @@ def consistency_loss(
     b, nd = x0.shape[0], x0.ndim
     n = torch.multinomial(weights, b, replacement=True, generator=gen)  # pair (n, n + 1)
     s, s_hi = levels[n].float(), levels[n + 1].float()  # (B,) sigma_n < sigma_{n+1}
-    lo, hi = config.guidance_range
-    w = lo + (hi - lo) * torch.rand(b, generator=gen)  # (B,)
+    w = draw_guidance(config, b, gen)  # (B,)
     cond = {teacher.cond_name: labels, "guidance": w}
     x = x0 + append_dims(s_hi, nd) * torch.randn(x0.shape, generator=gen)  # x_{n+1}
     dt = append_dims(s - s_hi, nd)

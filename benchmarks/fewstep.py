@@ -146,10 +146,15 @@ def _key(r: dict) -> str:
                       r["guidance"], r["n"], r["seed"])  # fmt: skip
 
 
+def grid_suffix(grid: str) -> str:
+    """ "@GRID" in keys and rows; none for karras, so keys and records from before grids were
+    recorded (all karras) stay valid."""
+    return "" if grid == "karras" else f"@{grid}"
+
+
 def record_key(sha256, sampler, steps, grid, guidance, n, seed) -> str:
-    """A method's cache key; karras keys stay those of runs before grids were recorded."""
-    on = "" if grid == "karras" else f"@{grid}"
-    return f"{sha256[:16]}-{sampler}-{steps}{on}-w{guidance}-n{n}-s{seed}"
+    """A method's cache key."""
+    return f"{sha256[:16]}-{sampler}-{steps}{grid_suffix(grid)}-w{guidance}-n{n}-s{seed}"
 
 
 def cached_record(path: str, args) -> dict:
@@ -196,14 +201,9 @@ def verdicts(teacher50: dict | None, teacher20: dict | None, students: list[dict
     return out
 
 
-def _on(r: dict) -> str:
-    grid = r.get("grid", "karras")  # records before grids were recorded are karras
-    return "" if grid == "karras" else f"@{grid}"
-
-
 def _row(r: dict) -> str:
     return (
-        f"{r['name']} {r['sampler']}-{r['steps']}{_on(r)}: FID {r['fid']:.2f}, acc {r['label_accuracy']:.3f}"
+        f"{r['name']} {r['sampler']}-{r['steps']}{grid_suffix(r.get('grid', 'karras'))}: FID {r['fid']:.2f}, acc {r['label_accuracy']:.3f}"
         + (f" (to teacher-50 {r['fid_to_teacher50']:.2f})" if "fid_to_teacher50" in r else "")
         + f", {r['forwards_per_image']} fwd, {r['ms_per_image']:.1f} ms"
     )

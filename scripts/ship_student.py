@@ -150,7 +150,8 @@ def main() -> None:
             },
             "extractor": rec["extractor"], "reference": rec["reference"],
             "settings": {"seed": rec["seed"], "labels": "i mod 10"},
-            "sampling": {k: rec.get(k, "karras") for k in ("sampler", "steps", "guidance", "grid")},
+            "sampling": {k: rec[k] for k in ("sampler", "steps", "guidance")}
+            | {"grid": rec.get("grid", "karras")},  # records before grids were kept: karras
             "nfe": rec["nfe"], "forwards_per_image": rec["forwards_per_image"],
         }  # fmt: skip
         extra["eval_fewstep.json"] = json.dumps(report, indent=2) + "\n"  # in the manifest too

@@ -1,4 +1,5 @@
-"""`difforge distill guidance|progressive|consistency`: train a few-step student (difforge.training.distill)."""
+"""`difforge distill guidance|progressive|consistency`: train a few-step student
+(difforge.training.distill)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Few-step students distilled from a teacher model folder.
 
-Two objectives, one short loop:
+Three objectives, one short loop:
 
 - guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models", Sec. 4.1,
   stage one): a student with a guidance-scale input w (UNetConfig.guidance_embed, zero-initialised,
@@ -30,8 +30,9 @@ Two objectives, one short loop:
   every sampler and route reads; its sampler is `consistency` (Alg. 1, difforge.samplers).
 
 The guidance and progressive losses weight the x0 error by EDM's lambda(sigma) = 1 / c_out^2 (Eq.
-8), i.e. a unit-weighted error on the network's raw output F. The feature net of difforge.evaluation is not used in any
-loss, so label accuracy judged with its classifier head stays independent of training.
+8), i.e. a unit-weighted error on the network's raw output F. The feature net of
+difforge.evaluation is not used in any loss, so label accuracy judged with its classifier head stays
+independent of training.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from torch import Tensor, nn
 from difforge.core.denoiser import EDMPrecond
 from difforge.core.errors import InvalidArgumentError
 from difforge.core.processes import append_dims
-from difforge.core.sigmas import GridKind, get_sigmas
+from difforge.core.sigmas import GridKind, get_sigmas, karras_sigmas
 from difforge.pipeline import (
     Model,
     ModelConfig,
@@ -90,15 +91,13 @@ class DistillConfig(BaseModel):
     # the student's sampling default (what it was trained for): progressive "euler", consistency
     # "consistency" (the default for each when None); guidance keeps the teacher's
     sampler: str | None = None
-    grid: GridKind = (
-        "karras"  # consistency: the sampling grid default (progressive trains on karras)
-    )
+    # consistency: the sampling grid default (progressive trains on karras)
+    grid: GridKind = "karras"
     cd_levels: int = Field(18, ge=2)  # consistency: N levels (Song et al. 2023: 18 on CIFAR-10)
     ict_P_mean: float = -1.1  # consistency: iCT's level weights, ln sigma ~ N(P_mean, P_std^2)
     ict_P_std: float = Field(2.0, gt=0)
-    huber_c: float | None = Field(
-        None, gt=0
-    )  # consistency: pseudo-Huber c; None: 0.00054 sqrt(dim)
+    # consistency: the pseudo-Huber c; None: iCT's 0.00054 sqrt(dim)
+    huber_c: float | None = Field(None, gt=0)
     seed: int = Field(0, ge=0)
     max_minutes: float | None = Field(None, gt=0)  # stop early, saving what was reached
     name: str | None = None  # the student's model name; default: teacher name + method
@@ -120,7 +119,7 @@ class DistillConfig(BaseModel):
 
     @property
     def student_sampler(self) -> str:
-        return self.sampler or {"consistency": "consistency"}.get(self.method, "euler")
+        return self.sampler or ("consistency" if self.method == "consistency" else "euler")
 
 
 def student_net(teacher: Model) -> nn.Module:
@@ -231,11 +230,9 @@ def progressive_loss(
 
 
 def consistency_levels(config: DistillConfig, sigma_min: float, sigma_max: float) -> Tensor:
-    """Song et al. 2023, Sec. 5 (Karras' grid): sigma_i = (sigma_min^(1/rho) + (i - 1) / (N - 1)
-    (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1..N, ascending, float64 (N,)."""
-    i = torch.arange(config.cd_levels, dtype=torch.float64) / (config.cd_levels - 1)
-    lo, hi = sigma_min ** (1 / RHO), sigma_max ** (1 / RHO)
-    return (lo + i * (hi - lo)) ** RHO
+    """Song et al. 2023, Sec. 5: N levels of Karras' grid (core.sigmas.karras_sigmas), ascending,
+    sigma_1 = sigma_min ... sigma_N = sigma_max, float64 (N,)."""
+    return karras_sigmas(config.cd_levels, sigma_min, sigma_max, RHO)[:-1].flip(0)
 
 
 def level_weights(levels: Tensor, config: DistillConfig) -> Tensor:

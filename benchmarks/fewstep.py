@@ -2,7 +2,7 @@
 
     python -m benchmarks.fewstep [--teacher models/mnist-cond] [--n 1000] [--seed 0]
         [--student PATH[:STEPS][@GRID]] ... [--threads 1] [--batch 100] [--fresh]
-        [--context-guidance 2,1]
+        [--context-guidance 2,1] [--name fewstep]
 
 Every method draws the same n images: image i has seed `seed + i` and label i mod 10, at the
 teacher's guidance (3.0) unless a student says otherwise. For each it records FID and KID in
@@ -142,14 +142,14 @@ def add_fid_to_teacher(teacher50: dict | None, records: list[dict]) -> None:
 
 
 def _key(r: dict) -> str:
-    return record_key(r["sha256"], r["sampler"], r["steps"], r.get("grid", "karras"),
-                      r["guidance"], r["n"], r["seed"])  # fmt: skip
+    return record_key(r["sha256"], r["sampler"], r["steps"], r.get("grid"), r["guidance"],
+                      r["n"], r["seed"])  # fmt: skip
 
 
-def grid_suffix(grid: str) -> str:
-    """ "@GRID" in keys and rows; none for karras, so keys and records from before grids were
-    recorded (all karras) stay valid."""
-    return "" if grid == "karras" else f"@{grid}"
+def grid_suffix(grid: str | None) -> str:
+    """ "@GRID" in keys and rows; none for karras or None (a record from before grids were
+    recorded: all karras), so those keys and records stay valid."""
+    return "" if grid in (None, "karras") else f"@{grid}"
 
 
 def record_key(sha256, sampler, steps, grid, guidance, n, seed) -> str:
@@ -203,7 +203,7 @@ def verdicts(teacher50: dict | None, teacher20: dict | None, students: list[dict
 
 def _row(r: dict) -> str:
     return (
-        f"{r['name']} {r['sampler']}-{r['steps']}{grid_suffix(r.get('grid', 'karras'))}: FID {r['fid']:.2f}, acc {r['label_accuracy']:.3f}"
+        f"{r['name']} {r['sampler']}-{r['steps']}{grid_suffix(r.get('grid'))}: FID {r['fid']:.2f}, acc {r['label_accuracy']:.3f}"
         + (f" (to teacher-50 {r['fid_to_teacher50']:.2f})" if "fid_to_teacher50" in r else "")
         + f", {r['forwards_per_image']} fwd, {r['ms_per_image']:.1f} ms"
     )
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context-guidance", default="", help="teacher at these w too (context)")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--cached-only", action="store_true", help="report only methods measured before")
+    p.add_argument("--name", default="fewstep", help="results/NAME.json and the row's benchmark")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     extractor = load_feature_extractor()
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         summary += ". Context (teacher): " + "; ".join(
             f"w={r['guidance']} {_row(r)}" for r in c_recs
         )
-    out = write_result("fewstep", payload, summary)
+    out = write_result(args.name, payload, summary)
     print(summary)
     print(f"wrote {out.relative_to(ROOT)}")
 
